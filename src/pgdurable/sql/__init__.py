@@ -1,0 +1,79 @@
+"""The SQL that pgdurable installs into PostgreSQL, and the installer that applies it.
+
+Each file in ``migrations/`` is one schema version, named ``NNNN_what.sql``. A database
+records the versions it has in ``df._migrations``; ``install`` applies the missing ones in
+order, each in its own transaction, under an advisory lock so two installers never race.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+from importlib import resources
+
+import psycopg
+
+# pg_advisory_lock key for installs: ASCII "PGDI".
+_INSTALL_LOCK = 0x50474449
+_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+
+def migrations() -> list[Migration]:
+    """All migrations shipped with this version of pgdurable, in order."""
+    found = []
+    for entry in resources.files(__package__).joinpath("migrations").iterdir():
+        match = _NAME.match(entry.name)
+        if match:
+            found.append(Migration(int(match.group(1)), entry.name, entry.read_text("utf-8")))
+    return sorted(found, key=lambda m: m.version)
+
+
+def latest_version() -> int:
+    """The schema version this package expects."""
+    return migrations()[-1].version
+
+
+def installed_version(conn: psycopg.Connection[Any]) -> int | None:
+    """The newest migration applied to the connected database, or None if never installed."""
+    row = conn.execute(
+        "SELECT to_regclass('df._migrations') IS NOT NULL AS present"
+    ).fetchone()
+    if not row or not row[0]:  # type: ignore[index]
+        return None
+    row = conn.execute("SELECT max(version) FROM df._migrations").fetchone()
+    return row[0] if row else None  # type: ignore[index,return-value]
+
+
+def install(conn: psycopg.Connection[Any]) -> list[str]:
+    """Apply every missing migration; returns the names applied (empty if up to date).
+
+    Commits any transaction open on ``conn`` and leaves it in autocommit mode.
+    """
+    applied: list[str] = []
+    if not conn.autocommit:
+        conn.commit()
+        conn.autocommit = True
+    conn.execute("SELECT pg_advisory_lock(%s)", (_INSTALL_LOCK,))
+    try:
+        current = installed_version(conn) or 0
+        for migration in migrations():
+            if migration.version <= current:
+                continue
+            with conn.transaction():
+                conn.execute(migration.sql.encode())
+                conn.execute(
+                    "INSERT INTO df._migrations (version, name) VALUES (%s, %s)",
+                    (migration.version, migration.name),
+                )
+            applied.append(migration.name)
+    finally:
+        conn.execute("SELECT pg_advisory_unlock(%s)", (_INSTALL_LOCK,))
+    return applied
