@@ -142,6 +142,13 @@ CREATE TABLE df._runs (
     checkpoints  bigint NOT NULL DEFAULT 0     -- how many checkpoints were committed
 );
 
+-- Monitoring functions run as the caller and read generation/output of the caller's own
+-- instances: df.grant_usage grants SELECT on those columns only, and this policy limits rows
+-- to instances the caller can see in df.instances.
+ALTER TABLE df._runs ENABLE ROW LEVEL SECURITY;
+CREATE POLICY runs_user_isolation ON df._runs FOR SELECT
+    USING (EXISTS (SELECT 1 FROM df.instances i WHERE i.id = instance_id));
+
 -- Work to do. A task is claimable when visible_at has passed: new tasks at once, timers at
 -- their deadline, leased tasks when the lease runs out (a worker that dies simply stops
 -- extending it). Each claim draws a fresh token; only the holder of the current token can
