@@ -1,0 +1,490 @@
+"""The graph interpreter: pure functions from (graph, state, event) to a Transition.
+
+No I/O happens here. The worker feeds events (an instance starts, a step finished, a timer
+fired) and persists what comes back: the new state, node status writes, tasks to run, tasks
+to drop, and the instance outcome. All of it is plain data so it can be stored as JSON and
+tested without a database.
+
+Model. An *activation* is one execution of one node. Activations form a tree mirroring the
+part of the graph that is running; a finished activation reports its outcome to its parent,
+which decides what runs next (spec §7). Outcomes are ``ok`` (with a result), ``fail`` (with
+an error text) or ``brk`` (a df.break unwinding to the nearest loop, with its value).
+
+Named results live in *environments*: JOIN/RACE branches get a copy of the parent's
+environment and merge back when the fork finishes (§7.4). *Executions* give the
+``status_details`` stamps of §9.4: the instance root and every JOIN/RACE branch and nested
+loop have one, with a generation bumped per loop iteration.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .model import UNNAMED_RESULT_TYPES, Graph, Node
+from .substitute import SubstitutionError, substitute_sql
+from .truth import is_true
+
+STATE_FORMAT = 1
+MAX_LOOP_ITERATIONS = 100_000
+# A loop iteration takes at least this long; a quick one waits on a timer before the next,
+# so a loop without a sleep cannot spin (spec §7.7).
+MIN_ITERATION_SECONDS = 1.0
+
+LOOP_LOST_RACE = "Loop branch cancelled after losing RACE"
+BREAK_OUTSIDE_LOOP = (
+    "df.break() was called outside of a loop. df.break() may only be used inside df.loop()."
+)
+LOOP_LIMIT = (
+    f"Loop exceeded maximum iteration count of {MAX_LOOP_ITERATIONS}. "
+    "Use df.break() to exit the loop or restructure the workflow."
+)
+
+OutcomeKind = Literal["ok", "fail", "brk"]
+State = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class NodeWrite:
+    """Stamp a node: ``running`` (result cleared), ``completed`` or ``failed`` with a result."""
+
+    node_id: str
+    status: Literal["running", "completed", "failed"]
+    result: str | None  # JSON text
+    execution_id: str
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """Work for the worker: run a SQL statement, or wake up at ``run_at`` (epoch seconds)."""
+
+    activation: int
+    kind: Literal["sql", "timer"]
+    node_id: str
+    payload: dict[str, Any] | None = None
+    run_at: float | None = None  # None: now
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The instance finished: ``completed`` with the root result, or ``failed`` with an error."""
+
+    status: Literal["completed", "failed"]
+    output: str
+
+
+@dataclass
+class Transition:
+    """Everything one event changed."""
+
+    state: State
+    writes: list[NodeWrite] = field(default_factory=list)
+    tasks: list[TaskSpec] = field(default_factory=list)
+    dropped: list[int] = field(default_factory=list)  # activations whose tasks must go
+    outcome: Outcome | None = None
+
+    @property
+    def generation(self) -> int:
+        """The root execution's generation (iterations of a root loop), for monitoring."""
+        gen: int = self.state["execs"]["0"]["gen"] if self.state.get("execs") else 1
+        return gen
+
+
+# -- public entry points -----------------------------------------------------------------------
+
+
+def start(graph: Graph, variables: dict[str, str], now: float) -> Transition:
+    """Begin executing an instance: activate the root node."""
+    state: State = {
+        "format": STATE_FORMAT,
+        "next": 1,
+        "acts": {},
+        "execs": {"0": {"scope": graph.instance_id, "gen": 1}},
+        "envs": {"0": {}},
+    }
+    run = _Run(graph, state, variables, now)
+    run.activate(graph.root, parent=None, slot=None, exec_id="0", env_id="0")
+    return run.finish_transition()
+
+
+def step_succeeded(
+    graph: Graph, state: State, variables: dict[str, str], activation: int, result: str, now: float
+) -> Transition:
+    """A SQL step's statement ran; ``result`` is its result JSON."""
+    run = _Run(graph, copy.deepcopy(state), variables, now)
+    if run.act(activation) is not None:
+        run.finish(activation, "ok", result)
+    return run.finish_transition()
+
+
+def step_failed(
+    graph: Graph, state: State, variables: dict[str, str], activation: int, error: str, now: float
+) -> Transition:
+    """A step failed with ``error``; the failure propagates (spec §7.1)."""
+    run = _Run(graph, copy.deepcopy(state), variables, now)
+    if run.act(activation) is not None:
+        run.finish(activation, "fail", error)
+    return run.finish_transition()
+
+
+def timer_fired(
+    graph: Graph, state: State, variables: dict[str, str], activation: int, now: float
+) -> Transition:
+    """A timer of ``activation`` is due: a SLEEP ends, or a padded loop iteration begins."""
+    run = _Run(graph, copy.deepcopy(state), variables, now)
+    act = run.act(activation)
+    if act is not None:
+        node = graph[act["node"]]
+        if node.type == "SLEEP":
+            seconds = int(node.query or "0")
+            run.finish(activation, "ok", f'{{"slept": true, "seconds": {seconds}}}')
+        elif node.type == "LOOP" and act.get("phase") == "pad":
+            run.begin_iteration(activation)
+    return run.finish_transition()
+
+
+def fail_instance(state: State | None, error: str) -> Transition:
+    """The instance cannot run at all (e.g. its role is gone): fail it without running nodes."""
+    return Transition(state=state or {}, outcome=Outcome("failed", error))
+
+
+# -- the machinery -----------------------------------------------------------------------------
+
+
+def _compact(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def _parse(text: str) -> Any:
+    """A result string as JSON; text that is not JSON counts as a JSON string (spec §7.1)."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _as_json_text(text: str) -> str:
+    """Text suitable for a jsonb column: the text itself if it is JSON, else a JSON string."""
+    try:
+        json.loads(text)
+    except ValueError:
+        return _compact(text)
+    return text
+
+
+def _break_value(node: Node) -> str:
+    raw = node.config.get("break_value")
+    if raw is None:
+        return "null"
+    if not isinstance(raw, str):
+        return _compact(raw)
+    try:
+        return _compact(json.loads(raw))
+    except ValueError:
+        return _compact(raw)
+
+
+class _Run:
+    """One transition in progress: mutates ``state`` and collects the effects."""
+
+    def __init__(self, graph: Graph, state: State, variables: dict[str, str], now: float):
+        self.graph = graph
+        self.state = state
+        self.variables = variables
+        self.now = now
+        self.out = Transition(state=state)
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+
+    def act(self, aid: int) -> dict[str, Any] | None:
+        found: dict[str, Any] | None = self.state["acts"].get(str(aid))
+        return found
+
+    def _new_id(self) -> int:
+        n: int = self.state["next"]
+        self.state["next"] = n + 1
+        return n
+
+    def _new_exec(self, parent_exec: str, child_root: str) -> str:
+        parent = self.state["execs"][parent_exec]
+        eid = str(self._new_id())
+        scope = f"{parent['scope']}::{parent['gen']}::{child_root}"
+        self.state["execs"][eid] = {"scope": scope, "gen": 1}
+        return eid
+
+    def _new_env(self, copy_of: str) -> str:
+        eid = str(self._new_id())
+        self.state["envs"][eid] = dict(self.state["envs"][copy_of])
+        return eid
+
+    def _stamp(self, exec_id: str) -> str:
+        ex = self.state["execs"][exec_id]
+        return f"{ex['scope']}::{ex['gen']}"
+
+    def _write(self, act: dict[str, Any], status: Any, result: str | None) -> None:
+        self.out.writes.append(NodeWrite(act["node"], status, result, self._stamp(act["exec"])))
+
+    def finish_transition(self) -> Transition:
+        self._collect_garbage()
+        return self.out
+
+    def _collect_garbage(self) -> None:
+        acts = self.state["acts"].values()
+        live_execs = {"0"} | {a["exec"] for a in acts}
+        live_envs = {"0"} | {a["env"] for a in acts}
+        for a in acts:
+            live_execs.update(a.get("branch_execs", ()))
+            live_envs.update(a.get("branch_envs", ()))
+        for key, live in (("execs", live_execs), ("envs", live_envs)):
+            table = self.state[key]
+            for k in [k for k in table if k not in live]:
+                del table[k]
+
+    # -- activation ----------------------------------------------------------------------------
+
+    def activate(
+        self, node_id: str, parent: int | None, slot: Any, exec_id: str, env_id: str
+    ) -> None:
+        """Start executing ``node_id`` as a child of ``parent``."""
+        node = self.graph[node_id]
+        aid = self._new_id()
+        act: dict[str, Any] = {
+            "node": node_id,
+            "parent": parent,
+            "slot": slot,
+            "exec": exec_id,
+            "env": env_id,
+        }
+        self.state["acts"][str(aid)] = act
+        self._write(act, "running", None)
+        handler = getattr(self, f"_start_{node.type.lower()}", None)
+        if handler is None:
+            self.finish(
+                aid, "fail", f"{node.type} steps are not supported by this pgdurable worker yet"
+            )
+        else:
+            handler(aid, act, node)
+
+    def _start_sql(self, aid: int, act: dict[str, Any], node: Node) -> None:
+        try:
+            text = substitute_sql(
+                node.query or "",
+                self.state["envs"][act["env"]],
+                self.variables,
+                self.graph.instance_id,
+                self.graph.label,
+            )
+        except SubstitutionError as exc:
+            self.finish(aid, "fail", str(exc))
+            return
+        self.out.tasks.append(TaskSpec(aid, "sql", node.id, {"sql": text}))
+
+    def _start_sleep(self, aid: int, act: dict[str, Any], node: Node) -> None:
+        seconds = int(node.query or "0")
+        self.out.tasks.append(TaskSpec(aid, "timer", node.id, None, self.now + seconds))
+
+    def _start_break(self, aid: int, act: dict[str, Any], node: Node) -> None:
+        self.finish(aid, "brk", _break_value(node))
+
+    def _start_then(self, aid: int, act: dict[str, Any], node: Node) -> None:
+        assert node.left
+        self.activate(node.left, aid, "left", act["exec"], act["env"])
+
+    def _start_if(self, aid: int, act: dict[str, Any], node: Node) -> None:
+        if node.condition:
+            self.activate(node.condition, aid, "cond", act["exec"], act["env"])
+            return
+        # df.if_rows: branch on a named SQL result without running anything (spec §7.6).
+        name = str(node.config.get("result_name"))
+        env = self.state["envs"][act["env"]]
+        if name not in env:
+            self.finish(aid, "fail", f"df.if_rows: result '{name}' not found")
+            return
+        try:
+            parsed = json.loads(env[name])
+        except ValueError as exc:
+            self.finish(aid, "fail", f"df.if_rows: invalid result JSON: {exc}")
+            return
+        count = parsed.get("row_count") if isinstance(parsed, dict) else None
+        if not isinstance(count, int | float) or isinstance(count, bool):
+            self.finish(
+                aid, "fail", f"df.if_rows: result '{name}' is not a SQL result (missing row_count)"
+            )
+            return
+        self._take_branch(aid, act, node, count > 0)
+
+    def _take_branch(self, aid: int, act: dict[str, Any], node: Node, condition: bool) -> None:
+        branch = node.left if condition else node.right
+        assert branch
+        self.activate(branch, aid, "branch", act["exec"], act["env"])
+
+    def _start_join(self, aid: int, act: dict[str, Any], node: Node) -> None:
+        self._fork(aid, act, node)
+
+    def _start_race(self, aid: int, act: dict[str, Any], node: Node) -> None:
+        self._fork(aid, act, node)
+
+    def _fork(self, aid: int, act: dict[str, Any], node: Node) -> None:
+        branches = node.branches
+        act["branch_execs"] = [self._new_exec(act["exec"], b) for b in branches]
+        act["branch_envs"] = [self._new_env(act["env"]) for _ in branches]
+        act["done"] = [None] * len(branches)
+        for i, branch in enumerate(branches):
+            if self.act(aid) is None:  # an earlier branch already decided a RACE
+                return
+            self.activate(branch, aid, i, act["branch_execs"][i], act["branch_envs"][i])
+
+    def _start_loop(self, aid: int, act: dict[str, Any], node: Node) -> None:
+        parent = self.act(act["parent"]) if act["parent"] is not None else None
+        # A loop at the root of an execution (the instance, or a JOIN/RACE branch) iterates that
+        # execution; any other loop gets an execution of its own (spec §7.7, §9.4).
+        inline = parent is None or self.graph[parent["node"]].type in ("JOIN", "RACE")
+        act["inline"] = inline
+        act["loop_exec"] = act["exec"] if inline else self._new_exec(act["exec"], node.id)
+        act["iter"] = 0
+        if inline:
+            # A root loop starts every iteration with the names it started with (spec §7.4).
+            act["base_env"] = dict(self.state["envs"][act["env"]])
+        self.begin_iteration(aid)
+
+    def begin_iteration(self, aid: int) -> None:
+        """Start the next iteration of loop ``aid``."""
+        act = self.act(aid)
+        assert act is not None
+        node = self.graph[act["node"]]
+        if act["iter"] >= MAX_LOOP_ITERATIONS:
+            self.finish(aid, "fail", LOOP_LIMIT)
+            return
+        act["iter"] += 1
+        act["phase"] = "body"
+        act["started"] = self.now
+        if act["iter"] > 1:
+            self.state["execs"][act["loop_exec"]]["gen"] += 1
+            if act["inline"]:
+                self.state["envs"][act["env"]] = dict(act["base_env"])
+                self._write(act, "running", None)
+        assert node.left
+        self.activate(node.left, aid, "body", act["loop_exec"], act["env"])
+
+    # -- completion ----------------------------------------------------------------------------
+
+    def finish(self, aid: int, kind: OutcomeKind, value: str) -> None:
+        """Activation ``aid`` ended; stamp it, bind its name, and tell its parent."""
+        act = self.state["acts"].pop(str(aid))
+        node = self.graph[act["node"]]
+        if kind == "fail":
+            self._write(act, "failed", _compact(value))
+        else:
+            self._write(act, "completed", _as_json_text(value))
+        if kind == "ok" and node.result_name and node.type not in UNNAMED_RESULT_TYPES:
+            self.state["envs"][act["env"]][node.result_name] = value
+        parent = act["parent"]
+        if parent is None:
+            self._finish_instance(act, kind, value)
+        else:
+            self._child_done(parent, act["slot"], kind, value)
+
+    def _finish_instance(self, act: dict[str, Any], kind: OutcomeKind, value: str) -> None:
+        if kind == "ok":
+            self.out.outcome = Outcome("completed", value)
+        elif kind == "fail":
+            self.out.outcome = Outcome("failed", value)
+        else:
+            self._write(act, "failed", _compact(BREAK_OUTSIDE_LOOP))
+            self.out.outcome = Outcome("failed", BREAK_OUTSIDE_LOOP)
+
+    def _child_done(self, aid: int, slot: Any, kind: OutcomeKind, value: str) -> None:
+        act = self.act(aid)
+        assert act is not None
+        node = self.graph[act["node"]]
+        getattr(self, f"_child_of_{node.type.lower()}")(aid, act, node, slot, kind, value)
+
+    def _child_of_then(
+        self, aid: int, act: dict[str, Any], node: Node, slot: Any, kind: OutcomeKind, value: str
+    ) -> None:
+        if kind == "ok" and slot == "left":
+            assert node.right
+            self.activate(node.right, aid, "right", act["exec"], act["env"])
+        else:
+            self.finish(aid, kind, value)
+
+    def _child_of_if(
+        self, aid: int, act: dict[str, Any], node: Node, slot: Any, kind: OutcomeKind, value: str
+    ) -> None:
+        if kind == "ok" and slot == "cond":
+            self._take_branch(aid, act, node, is_true(value))
+        else:
+            self.finish(aid, kind, value)
+
+    def _child_of_join(
+        self, aid: int, act: dict[str, Any], node: Node, slot: Any, kind: OutcomeKind, value: str
+    ) -> None:
+        act["done"][slot] = [kind, value]
+        if any(d is None for d in act["done"]):
+            return
+        for i, (k, v) in enumerate(act["done"], start=1):
+            if k == "fail":
+                self.finish(aid, "fail", f"JOIN branch {i} failed: {v}")
+                return
+        for env_id in act["branch_envs"]:
+            self.state["envs"][act["env"]].update(self.state["envs"][env_id])
+        for k, v in act["done"]:
+            if k == "brk":
+                self.finish(aid, "brk", v)
+                return
+        self.finish(aid, "ok", _compact([_parse(v) for _, v in act["done"]]))
+
+    def _child_of_race(
+        self, aid: int, act: dict[str, Any], node: Node, slot: Any, kind: OutcomeKind, value: str
+    ) -> None:
+        for loser in [a for a, b in self._children(aid) if b != slot]:
+            self._drop_subtree(loser)
+        if kind == "fail":
+            side = "left" if slot == 0 else "right"
+            self.finish(aid, "fail", f"RACE {side} branch failed: {value}")
+            return
+        self.state["envs"][act["env"]].update(self.state["envs"][act["branch_envs"][slot]])
+        self.finish(aid, kind, value)
+
+    def _child_of_loop(
+        self, aid: int, act: dict[str, Any], node: Node, slot: Any, kind: OutcomeKind, value: str
+    ) -> None:
+        if kind == "fail":
+            self.finish(aid, "fail", value)
+        elif kind == "brk":
+            self.finish(aid, "ok", value)
+        elif slot == "body":
+            act["last"] = value
+            if node.condition:
+                act["phase"] = "cond"
+                self.activate(node.condition, aid, "cond", act["loop_exec"], act["env"])
+            else:
+                self._next_iteration(aid, act)
+        elif is_true(value):
+            self._next_iteration(aid, act)
+        else:
+            self.finish(aid, "ok", act["last"])
+
+    def _next_iteration(self, aid: int, act: dict[str, Any]) -> None:
+        due = act["started"] + MIN_ITERATION_SECONDS
+        if self.now < due:
+            act["phase"] = "pad"
+            self.out.tasks.append(TaskSpec(aid, "timer", act["node"], None, due))
+        else:
+            self.begin_iteration(aid)
+
+    # -- RACE losers ---------------------------------------------------------------------------
+
+    def _children(self, aid: int) -> list[tuple[int, Any]]:
+        return [(int(k), a["slot"]) for k, a in self.state["acts"].items() if a["parent"] == aid]
+
+    def _drop_subtree(self, aid: int) -> None:
+        """Abandon a RACE loser: its activations vanish and their tasks are dropped."""
+        for child, _ in self._children(aid):
+            self._drop_subtree(child)
+        act = self.state["acts"].pop(str(aid))
+        self.out.dropped.append(aid)
+        if self.graph[act["node"]].type == "LOOP":
+            self._write(act, "failed", _compact(LOOP_LOST_RACE))

@@ -1,0 +1,153 @@
+"""The workflow graph as the interpreter sees it: nodes loaded from ``df.nodes`` rows.
+
+``df.start`` has already validated the shape of graphs it wrote, but rows can also be inserted
+by hand, so loading checks again (missing children, cycles, bad configs) and raises
+``GraphError`` with a message the instance can fail with.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+LEAF_TYPES = frozenset(
+    {"SQL", "SLEEP", "WAIT_SCHEDULE", "BREAK", "HTTP", "HTTP_MULTIPART", "SIGNAL"}
+)
+NODE_TYPES = (
+    "SQL",
+    "THEN",
+    "IF",
+    "JOIN",
+    "LOOP",
+    "BREAK",
+    "RACE",
+    "SLEEP",
+    "WAIT_SCHEDULE",
+    "HTTP",
+    "HTTP_MULTIPART",
+    "SIGNAL",
+)
+# Node types whose result is never bound to their |=> name (spec §7.4).
+UNNAMED_RESULT_TYPES = frozenset({"SLEEP", "WAIT_SCHEDULE", "BREAK"})
+
+
+class GraphError(ValueError):
+    """The stored graph cannot be executed."""
+
+
+@dataclass(frozen=True)
+class Node:
+    """One node of a workflow graph."""
+
+    id: str
+    type: str
+    query: str | None = None
+    result_name: str | None = None
+    left: str | None = None
+    right: str | None = None
+    condition: str | None = None  # IF (df.if) and while-LOOP condition child
+    extras: tuple[str, ...] = ()  # JOIN branches beyond left and right (join3)
+    config: Mapping[str, Any] = field(default_factory=dict)  # parsed JSON query, if any
+
+    @property
+    def children(self) -> tuple[str, ...]:
+        """Child ids in the order execution and explain visit them."""
+        kids = [c for c in (self.condition, self.left, self.right) if c]
+        return (*kids, *self.extras)
+
+    @property
+    def branches(self) -> tuple[str, ...]:
+        """JOIN/RACE branch roots in branch order."""
+        assert self.left and self.right
+        return (self.left, self.right, *self.extras)
+
+
+@dataclass(frozen=True)
+class Graph:
+    """An instance's immutable graph."""
+
+    instance_id: str
+    root: str
+    nodes: Mapping[str, Node]
+    label: str | None = None
+
+    def __getitem__(self, node_id: str) -> Node:
+        return self.nodes[node_id]
+
+
+def node_from_row(row: Mapping[str, Any]) -> Node:
+    """Build a Node from a ``df.nodes`` row (a mapping with the table's column names)."""
+    node_type = row["node_type"]
+    query = row.get("query")
+    config: dict[str, Any] = {}
+    if node_type in ("IF", "LOOP", "JOIN", "BREAK") and query is not None:
+        try:
+            parsed = json.loads(query)
+        except ValueError as exc:
+            raise GraphError(f"node {row['id']}: query in {node_type} is not JSON") from exc
+        if not isinstance(parsed, dict):
+            raise GraphError(f"node {row['id']}: query in {node_type} is not a JSON object")
+        config = parsed
+    condition = config.get("condition_node") if node_type in ("IF", "LOOP") else None
+    extras = tuple(config.get("extra_nodes") or ()) if node_type == "JOIN" else ()
+    return Node(
+        id=row["id"],
+        type=node_type,
+        query=query,
+        result_name=row.get("result_name"),
+        left=row.get("left_node"),
+        right=row.get("right_node"),
+        condition=condition,
+        extras=extras,
+        config=config,
+    )
+
+
+def graph_from_rows(
+    instance_id: str, root: str, rows: Iterable[Mapping[str, Any]], label: str | None = None
+) -> Graph:
+    """Assemble and check a Graph from an instance's ``df.nodes`` rows."""
+    nodes = {n.id: n for n in map(node_from_row, rows)}
+    graph = Graph(instance_id=instance_id, root=root, nodes=nodes, label=label)
+    _check(graph)
+    return graph
+
+
+def _check(graph: Graph) -> None:
+    if graph.root not in graph.nodes:
+        raise GraphError(f"root node {graph.root} not found")
+    seen: set[str] = set()
+    stack = [graph.root]
+    while stack:
+        node_id = stack.pop()
+        if node_id in seen:
+            raise GraphError(f"node {node_id} is reachable twice (graphs must be trees)")
+        seen.add(node_id)
+        node = graph.nodes.get(node_id)
+        if node is None:
+            raise GraphError(f"node {node_id} not found")
+        _check_node(node)
+        stack.extend(node.children)
+
+
+def _check_node(node: Node) -> None:
+    t = node.type
+    if t not in NODE_TYPES:
+        raise GraphError(f"Unknown node_type '{t}'. Valid types: {', '.join(NODE_TYPES)}")
+    needs_two = t in ("THEN", "IF", "JOIN", "RACE")
+    if needs_two and not (node.left and node.right):
+        raise GraphError(f"{t} node {node.id} needs left and right children")
+    if t == "LOOP" and not node.left:
+        raise GraphError(f"LOOP node {node.id} needs a body")
+    if t == "IF" and not node.condition and node.config.get("condition_type") is None:
+        raise GraphError(f"IF node {node.id} has no condition")
+    if t == "SLEEP":
+        try:
+            if int(node.query or "") < 0:
+                raise ValueError
+        except ValueError as exc:
+            raise GraphError(f"SLEEP node {node.id}: invalid duration {node.query!r}") from exc
+    if t in LEAF_TYPES and node.query is None:
+        raise GraphError(f"{t} node {node.id} has no query")

@@ -1,0 +1,596 @@
+"""Pure tests of the graph interpreter: no database, no worker.
+
+``Sim`` plays the worker: it keeps the state (round-tripped through JSON, as the store does),
+the outstanding tasks, every node write and the outcome. Tests complete, fail or fire tasks
+by node id and check what the interpreter decided.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from pgdurable.graph import interpreter as interp
+from pgdurable.graph.model import Graph, Node
+
+INSTANCE = "abcd0123"
+
+
+class G:
+    """Builds a graph node by node; ids are n0001, n0002, ... in creation order."""
+
+    def __init__(self) -> None:
+        self.nodes: dict[str, Node] = {}
+
+    def add(self, type_: str, query: str | None = None, **kw: Any) -> str:
+        node_id = f"{len(self.nodes) + 1:08x}"
+        config = kw.pop("config", None) or {}
+        if query and type_ in ("BREAK",):
+            config = json.loads(query)
+        self.nodes[node_id] = Node(node_id, type_, query=query, config=config, **kw)
+        return node_id
+
+    def sql(self, text: str, name: str | None = None) -> str:
+        return self.add("SQL", text, result_name=name)
+
+    def then(self, *steps: str, name: str | None = None) -> str:
+        left = steps[0]
+        for i, right in enumerate(steps[1:], start=2):
+            left = self.add(
+                "THEN", left=left, right=right, result_name=name if i == len(steps) else None
+            )
+        return left
+
+    def join(self, *branches: str, name: str | None = None) -> str:
+        extras = tuple(branches[2:])
+        return self.add(
+            "JOIN",
+            json.dumps({"extra_nodes": list(extras)}) if extras else None,
+            left=branches[0],
+            right=branches[1],
+            extras=extras,
+            result_name=name,
+        )
+
+    def race(self, a: str, b: str) -> str:
+        return self.add("RACE", left=a, right=b)
+
+    def if_(self, cond: str, then: str, else_: str) -> str:
+        return self.add("IF", "{}", left=then, right=else_, condition=cond)
+
+    def if_rows(self, name: str, then: str, else_: str) -> str:
+        cfg = {"condition_type": "result_has_rows", "result_name": name}
+        return self.add("IF", json.dumps(cfg), left=then, right=else_, config=cfg)
+
+    def loop(self, body: str, cond: str | None = None, name: str | None = None) -> str:
+        return self.add("LOOP", None, left=body, condition=cond, result_name=name)
+
+    def brk(self, value: str | None = None) -> str:
+        return self.add("BREAK", json.dumps({"break_value": value}))
+
+    def sleep(self, seconds: int) -> str:
+        return self.add("SLEEP", str(seconds))
+
+    def graph(self, root: str, label: str | None = None) -> Graph:
+        return Graph(INSTANCE, root, self.nodes, label)
+
+
+def rows(*records: dict[str, Any]) -> str:
+    return json.dumps({"rows": list(records), "row_count": len(records)}, separators=(",", ":"))
+
+
+class Sim:
+    """A worker in miniature."""
+
+    def __init__(self, graph: Graph, variables: dict[str, str] | None = None, now: float = 1000):
+        self.graph = graph
+        self.variables = variables or {}
+        self.now = now
+        self.tasks: dict[int, interp.TaskSpec] = {}
+        self.writes: list[interp.NodeWrite] = []
+        self.outcome: interp.Outcome | None = None
+        self.state: dict[str, Any] = {}
+        self._apply(interp.start(graph, self.variables, now))
+
+    def _apply(self, t: interp.Transition) -> None:
+        self.state = json.loads(json.dumps(t.state))  # what the store would keep
+        self.writes += t.writes
+        for aid in t.dropped:
+            self.tasks.pop(aid, None)
+        for task in t.tasks:
+            self.tasks[task.activation] = task
+        if t.outcome:
+            assert self.outcome is None, "an instance finishes once"
+            self.outcome = t.outcome
+            self.tasks.clear()
+        self.generation = t.generation
+
+    def task(self, node_id: str) -> interp.TaskSpec:
+        found = [t for t in self.tasks.values() if t.node_id == node_id]
+        assert found, f"no task for {node_id}; tasks: {self.pending()}"
+        return found[0]
+
+    def pending(self) -> list[str]:
+        return sorted(t.node_id for t in self.tasks.values())
+
+    def sql_of(self, node_id: str) -> str:
+        payload = self.task(node_id).payload
+        assert payload is not None
+        return str(payload["sql"])
+
+    def complete(self, node_id: str, result: str | None = None) -> None:
+        task = self.task(node_id)
+        del self.tasks[task.activation]
+        self._apply(
+            interp.step_succeeded(
+                self.graph, self.state, self.variables, task.activation, result or rows(), self.now
+            )
+        )
+
+    def fail(self, node_id: str, error: str) -> None:
+        task = self.task(node_id)
+        del self.tasks[task.activation]
+        self._apply(
+            interp.step_failed(
+                self.graph, self.state, self.variables, task.activation, error, self.now
+            )
+        )
+
+    def fire(self, node_id: str) -> None:
+        task = self.task(node_id)
+        assert task.kind == "timer"
+        assert task.run_at is not None
+        self.now = max(self.now, task.run_at)
+        del self.tasks[task.activation]
+        self._apply(
+            interp.timer_fired(self.graph, self.state, self.variables, task.activation, self.now)
+        )
+
+    def status(self, node_id: str) -> str | None:
+        found = [w.status for w in self.writes if w.node_id == node_id]
+        return found[-1] if found else None
+
+    def result(self, node_id: str) -> Any:
+        found = [w.result for w in self.writes if w.node_id == node_id]
+        return json.loads(found[-1]) if found and found[-1] else None
+
+    def stamp(self, node_id: str) -> str:
+        return [w.execution_id for w in self.writes if w.node_id == node_id][-1]
+
+
+# -- SQL and THEN --------------------------------------------------------------------------------
+
+
+def test_single_sql_step_completes_with_its_result() -> None:
+    g = G()
+    a = g.sql("SELECT 42 AS answer")
+    sim = Sim(g.graph(a))
+    assert sim.pending() == [a]
+    assert sim.status(a) == "running"
+    assert sim.sql_of(a) == "SELECT 42 AS answer"
+    sim.complete(a, rows({"answer": 42}))
+    assert sim.outcome == interp.Outcome("completed", rows({"answer": 42}))
+    assert sim.status(a) == "completed"
+    assert sim.result(a) == {"rows": [{"answer": 42}], "row_count": 1}
+    assert sim.stamp(a) == f"{INSTANCE}::1"
+
+
+def test_then_runs_right_after_left_and_returns_right_result() -> None:
+    g = G()
+    a, b = g.sql("SELECT 1"), g.sql("SELECT 2")
+    root = g.then(a, b)
+    sim = Sim(g.graph(root))
+    assert sim.pending() == [a]
+    sim.complete(a, rows({"x": 1}))
+    assert sim.pending() == [b]
+    sim.complete(b, rows({"x": 2}))
+    assert sim.outcome and sim.outcome.output == rows({"x": 2})
+    assert sim.result(root) == {"rows": [{"x": 2}], "row_count": 1}
+
+
+def test_failure_stops_the_sequence_and_fails_every_ancestor() -> None:
+    g = G()
+    a, b, c = g.sql("SELECT 1"), g.sql("SELECT broken"), g.sql("SELECT 3")
+    root = g.then(a, b, c)
+    sim = Sim(g.graph(root))
+    sim.complete(a)
+    sim.fail(b, "SQL execution failed: boom")
+    assert sim.outcome == interp.Outcome("failed", "SQL execution failed: boom")
+    assert sim.status(c) is None  # never started
+    for node in (b, root):
+        assert sim.status(node) == "failed"
+        assert sim.result(node) == "SQL execution failed: boom"
+
+
+def test_named_result_is_substituted_into_later_steps() -> None:
+    g = G()
+    a = g.sql("SELECT 7 AS n, 'it''s' AS s", name="x")
+    b = g.sql("SELECT $x + 1, $x.s, {greeting}, {sys_instance_id}, {sys_label}")
+    sim = Sim(g.graph(g.then(a, b), label="lbl"), variables={"greeting": "'hi'"})
+    sim.complete(a, rows({"n": 7, "s": "it's"}))
+    assert sim.sql_of(b) == f"SELECT 7 + 1, 'it''s', 'hi', {INSTANCE}, lbl"
+
+
+def test_substitution_error_fails_the_step_before_it_runs() -> None:
+    g = G()
+    a = g.sql("SELECT 1 WHERE false", name="x")
+    b = g.sql("SELECT $x")
+    sim = Sim(g.graph(g.then(a, b)))
+    sim.complete(a, rows())
+    assert sim.outcome and sim.outcome.status == "failed"
+    assert "has no rows" in sim.outcome.output
+    assert sim.status(b) == "failed"
+
+
+def test_named_then_binds_the_right_result() -> None:
+    g = G()
+    a, b = g.sql("SELECT 1"), g.sql("SELECT 2")
+    named = g.then(a, b, name="t")
+    c = g.sql("SELECT $t")
+    sim = Sim(g.graph(g.then(named, c)))
+    sim.complete(a, rows({"v": 1}))
+    sim.complete(b, rows({"v": 2}))
+    assert sim.sql_of(c) == "SELECT 2"
+
+
+# -- IF ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("condition", "taken"),
+    [
+        (rows({"ok": True}), "then"),
+        (rows({"ok": False}), "else"),
+        (rows(), "else"),
+        (rows({"n": "0.00"}), "else"),
+        (rows({"n": "yes"}), "then"),
+        (rows({"n": None}), "else"),
+    ],
+)
+def test_if_takes_the_branch_the_condition_says(condition: str, taken: str) -> None:
+    g = G()
+    cond, then, else_ = g.sql("SELECT c"), g.sql("SELECT 'then'"), g.sql("SELECT 'else'")
+    root = g.if_(cond, then, else_)
+    sim = Sim(g.graph(root))
+    assert sim.pending() == [cond]
+    sim.complete(cond, condition)
+    expected, other = (then, else_) if taken == "then" else (else_, then)
+    assert sim.pending() == [expected]
+    sim.complete(expected, rows({"branch": taken}))
+    assert sim.status(other) is None
+    assert sim.result(root) == {"rows": [{"branch": taken}], "row_count": 1}
+
+
+def test_if_condition_failure_fails_the_if() -> None:
+    g = G()
+    root = g.if_(g.sql("SELECT x"), g.sql("SELECT 1"), g.sql("SELECT 2"))
+    sim = Sim(g.graph(root))
+    sim.fail(g.graph(root)[root].condition or "", "bad")
+    assert sim.outcome == interp.Outcome("failed", "bad")
+
+
+@pytest.mark.parametrize(
+    ("result", "expect"),
+    [
+        (rows({"a": 1}), "then"),
+        (rows(), "else"),
+        ('{"status":200}', "df.if_rows: result 'r' is not a SQL result (missing row_count)"),
+        ("not json", "df.if_rows: invalid result JSON"),
+    ],
+)
+def test_if_rows_branches_on_row_count(result: str, expect: str) -> None:
+    g = G()
+    a = g.sql("SELECT ...", name="r")
+    then, else_ = g.sql("SELECT 'then'"), g.sql("SELECT 'else'")
+    sim = Sim(g.graph(g.then(a, g.if_rows("r", then, else_))))
+    sim.complete(a, result)
+    if expect in ("then", "else"):
+        assert sim.pending() == [then if expect == "then" else else_]
+    else:
+        assert sim.outcome and sim.outcome.output.startswith(expect)
+
+
+def test_if_rows_with_unknown_name_fails() -> None:
+    g = G()
+    sim = Sim(g.graph(g.if_rows("nope", g.sql("SELECT 1"), g.sql("SELECT 2"))))
+    assert sim.outcome == interp.Outcome("failed", "df.if_rows: result 'nope' not found")
+
+
+# -- JOIN ----------------------------------------------------------------------------------------
+
+
+def test_join_runs_branches_together_and_returns_results_in_branch_order() -> None:
+    g = G()
+    a, b, c = g.sql("SELECT 1"), g.sql("SELECT 2"), g.sleep(5)
+    root = g.join(a, b, c)
+    sim = Sim(g.graph(root))
+    assert sim.pending() == sorted([a, b, c])
+    sim.complete(b, rows({"b": 2}))
+    sim.fire(c)
+    assert sim.outcome is None
+    sim.complete(a, rows({"a": 1}))
+    assert sim.outcome is not None
+    assert json.loads(sim.outcome.output) == [
+        {"rows": [{"a": 1}], "row_count": 1},
+        {"rows": [{"b": 2}], "row_count": 1},
+        {"slept": True, "seconds": 5},
+    ]
+    assert sim.outcome.output.startswith('[{"rows":[{"a":1}]')  # compact
+
+
+def test_join_waits_for_all_then_reports_first_failed_branch() -> None:
+    g = G()
+    a, b, c = g.sql("SELECT 1"), g.sql("SELECT x"), g.sql("SELECT y")
+    root = g.join(a, b, c)
+    sim = Sim(g.graph(root))
+    sim.fail(c, "third")
+    sim.fail(b, "second")
+    assert sim.outcome is None
+    sim.complete(a)
+    assert sim.outcome == interp.Outcome("failed", "JOIN branch 2 failed: second")
+    assert sim.result(root) == "JOIN branch 2 failed: second"
+
+
+def test_join_branches_see_names_from_before_the_fork_but_not_each_other() -> None:
+    g = G()
+    first = g.sql("SELECT 1", name="before")
+    left = g.then(g.sql("SELECT 'l'", name="mine"), g.sql("SELECT $before, $mine"))
+    right = g.sql("SELECT $mine?")
+    after = g.sql("SELECT $mine")
+    root = g.then(first, g.join(left, right), after)
+    sim = Sim(g.graph(root))
+    sim.complete(first, rows({"v": 1}))
+    right_sql = sim.sql_of(right)
+    (left_first,) = [n for n in sim.pending() if n != right]
+    sim.complete(left_first, rows({"v": "l"}))
+    assert right_sql == "SELECT $mine?"  # unknown names are left as they are
+    (left_second,) = [n for n in sim.pending() if n != right]
+    assert sim.sql_of(left_second) == "SELECT 1, 'l'"
+    sim.complete(left_second)
+    sim.complete(right)
+    assert sim.sql_of(after) == "SELECT 'l'"  # merged back after the join
+
+
+def test_join_branches_get_their_own_execution_stamps() -> None:
+    g = G()
+    a, b = g.sql("SELECT 1"), g.sql("SELECT 2")
+    root = g.join(a, b)
+    sim = Sim(g.graph(root))
+    assert sim.stamp(root) == f"{INSTANCE}::1"
+    assert sim.stamp(a) == f"{INSTANCE}::1::{a}::1"
+    assert sim.stamp(b) == f"{INSTANCE}::1::{b}::1"
+
+
+# -- RACE ----------------------------------------------------------------------------------------
+
+
+def test_race_first_finisher_wins_and_loser_tasks_are_dropped() -> None:
+    g = G()
+    slow = g.then(g.sql("SELECT slow"), g.sql("SELECT never"))
+    fast = g.sleep(1)
+    root = g.race(slow, fast)
+    sim = Sim(g.graph(root))
+    assert len(sim.pending()) == 2
+    sim.fire(fast)
+    assert sim.outcome == interp.Outcome("completed", '{"slept": true, "seconds": 1}')
+    assert sim.tasks == {}
+    never = g.graph(root)[slow].right
+    assert sim.status(never or "") is None
+
+
+def test_race_failure_of_first_finisher_fails_the_race() -> None:
+    g = G()
+    a, b = g.sql("SELECT 1"), g.sql("SELECT 2")
+    sim = Sim(g.graph(g.race(a, b)))
+    sim.fail(b, "nope")
+    assert sim.outcome == interp.Outcome("failed", "RACE right branch failed: nope")
+    assert sim.tasks == {}
+
+
+def test_race_losing_loop_is_stamped_failed() -> None:
+    g = G()
+    looping = g.loop(g.sql("SELECT tick"))
+    root = g.race(looping, g.sql("SELECT winner"))
+    sim = Sim(g.graph(root))
+    sim.complete(g.graph(root)[root].right or "")
+    assert sim.status(looping) == "failed"
+    assert sim.result(looping) == interp.LOOP_LOST_RACE
+    assert sim.outcome and sim.outcome.status == "completed"
+
+
+def test_race_decided_during_activation_never_starts_the_other_branch() -> None:
+    g = G()
+    body = g.race(g.brk("out"), g.sql("SELECT never"))
+    looping = g.loop(body)
+    sim = Sim(g.graph(looping))
+    assert sim.outcome == interp.Outcome("completed", '"out"')
+    assert sim.tasks == {}
+
+
+# -- LOOP and BREAK ------------------------------------------------------------------------------
+
+
+def test_loop_iterates_until_break_and_returns_the_break_value() -> None:
+    g = G()
+    work = g.sql("SELECT n", name="r")
+    check = g.if_(g.sql("SELECT $r.n >= 3"), g.brk('{"k": 1}'), g.sql("SELECT 'again'"))
+    looping = g.loop(g.then(work, check))
+    sim = Sim(g.graph(looping))
+    for n in (1, 2, 3):
+        sim.complete(work, rows({"n": n}))
+        cond = g.graph(looping)[check].condition or ""
+        assert sim.sql_of(cond) == f"SELECT {n} >= 3"
+        sim.complete(cond, rows({"?column?": n >= 3}))
+        if n < 3:
+            again = g.graph(looping)[check].right or ""
+            sim.complete(again)
+            assert sim.task(looping).kind == "timer"  # quick iteration padded to 1 s
+            sim.fire(looping)
+            assert sim.generation == n + 1
+            assert sim.stamp(work) == f"{INSTANCE}::{n + 1}"  # re-stamped in the new generation
+    assert sim.outcome == interp.Outcome("completed", '{"k":1}')
+    assert sim.status(looping) == "completed"
+
+
+def test_slow_iteration_is_not_padded() -> None:
+    g = G()
+    body = g.sql("SELECT 1")
+    looping = g.loop(body)
+    sim = Sim(g.graph(looping))
+    sim.now += 5
+    sim.complete(body)
+    assert sim.pending() == [body]
+    assert sim.stamp(body) == f"{INSTANCE}::2"
+
+
+def test_while_loop_stops_when_condition_is_false_with_last_body_result() -> None:
+    g = G()
+    body, cond = g.sql("SELECT n"), g.sql("SELECT more")
+    looping = g.loop(body, cond)
+    sim = Sim(g.graph(looping))
+    sim.complete(body, rows({"n": 1}))
+    sim.complete(cond, rows({"more": True}))
+    sim.fire(looping)
+    sim.complete(body, rows({"n": 2}))
+    sim.complete(cond, rows({"more": False}))
+    assert sim.outcome == interp.Outcome("completed", rows({"n": 2}))
+
+
+def test_root_loop_forgets_names_between_iterations() -> None:
+    g = G()
+    first, second = g.sql("SELECT $x?"), g.sql("SELECT 1", name="x")
+    looping = g.loop(g.then(first, second))
+    sim = Sim(g.graph(looping))
+    assert sim.sql_of(first) == "SELECT $x?"
+    sim.complete(first)
+    sim.complete(second, rows({"v": 5}))
+    sim.fire(looping)
+    assert sim.sql_of(first) == "SELECT $x?"  # unknown again: the map was reset
+
+
+def test_nested_loop_keeps_names_across_iterations_and_break_exits_inner_only() -> None:
+    g = G()
+    counter = g.sql("SELECT $c.n? AS prev", name="c")
+    inner = g.loop(g.then(counter, g.brk("inner")), name="inner_result")
+    after = g.sql("SELECT $inner_result")
+    outer = g.loop(g.then(inner, after))
+    sim = Sim(g.graph(outer))
+    assert sim.sql_of(counter) == "SELECT $c.n? AS prev"
+    sim.complete(counter, rows({"n": 1}))
+    assert sim.status(inner) == "completed"
+    assert sim.sql_of(after) == "SELECT '\"inner\"'"
+    assert sim.stamp(counter) == f"{INSTANCE}::1::{inner}::1"
+    sim.complete(after)
+    sim.fire(outer)
+    assert sim.sql_of(counter) == "SELECT $c.n? AS prev"  # the root loop reset the names
+
+
+def test_break_inside_join_exits_loop_after_all_branches() -> None:
+    g = G()
+    slow = g.sql("SELECT slow")
+    looping = g.loop(g.join(g.brk("b"), slow))
+    sim = Sim(g.graph(looping))
+    assert sim.outcome is None
+    sim.complete(slow)
+    assert sim.outcome == interp.Outcome("completed", '"b"')
+
+
+def test_break_outside_a_loop_fails_the_instance() -> None:
+    g = G()
+    root = g.then(g.sql("SELECT 1"), g.brk())
+    sim = Sim(g.graph(root))
+    sim.complete(g.graph(root)[root].left or "")
+    assert sim.outcome == interp.Outcome("failed", interp.BREAK_OUTSIDE_LOOP)
+    assert sim.status(root) == "failed"
+
+
+@pytest.mark.parametrize(
+    ("value", "encoded"),
+    [(None, "null"), ("done", '"done"'), ('{"a": [1, 2]}', '{"a":[1,2]}'), ("42", "42")],
+)
+def test_break_value_encoding(value: str | None, encoded: str) -> None:
+    g = G()
+    sim = Sim(g.graph(g.loop(g.brk(value))))
+    assert sim.outcome == interp.Outcome("completed", encoded)
+
+
+def test_loop_iteration_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(interp, "MAX_LOOP_ITERATIONS", 3)
+    g = G()
+    body = g.sql("SELECT 1")
+    sim = Sim(g.graph(g.loop(body)))
+    for _ in range(3):
+        sim.now += 2
+        sim.complete(body)
+    assert sim.outcome == interp.Outcome("failed", interp.LOOP_LIMIT)
+
+
+def test_loop_in_join_branch_iterates_its_branch_execution() -> None:
+    g = G()
+    body = g.sql("SELECT 1")
+    looping = g.loop(g.then(body, g.brk()))
+    root = g.join(looping, g.sql("SELECT 2"))
+    sim = Sim(g.graph(root))
+    assert sim.stamp(body) == f"{INSTANCE}::1::{looping}::1"
+
+
+# -- SLEEP and others ----------------------------------------------------------------------------
+
+
+def test_sleep_sets_a_timer_and_results_in_slept_json() -> None:
+    g = G()
+    s = g.sleep(30)
+    sim = Sim(g.graph(s), now=100.0)
+    assert sim.task(s).run_at == 130.0
+    sim.fire(s)
+    assert sim.outcome == interp.Outcome("completed", '{"slept": true, "seconds": 30}')
+
+
+def test_sleep_never_binds_its_name() -> None:
+    g = G()
+    s = g.add("SLEEP", "0", result_name="z")
+    after = g.sql("SELECT $z?")
+    sim = Sim(g.graph(g.then(s, after)))
+    sim.fire(s)
+    assert sim.sql_of(after) == "SELECT $z?"
+
+
+@pytest.mark.parametrize("kind", ["WAIT_SCHEDULE", "SIGNAL", "HTTP", "HTTP_MULTIPART"])
+def test_node_types_of_later_issues_fail_clearly(kind: str) -> None:
+    g = G()
+    sim = Sim(g.graph(g.add(kind, "{}")))
+    assert sim.outcome == interp.Outcome(
+        "failed", f"{kind} steps are not supported by this pgdurable worker yet"
+    )
+
+
+def test_stale_events_are_ignored() -> None:
+    g = G()
+    a = g.sql("SELECT 1")
+    sim = Sim(g.graph(a))
+    t = interp.step_succeeded(sim.graph, sim.state, {}, 999, rows(), sim.now)
+    assert t.writes == [] and t.tasks == [] and t.outcome is None
+
+
+def test_deep_sequence_does_not_exhaust_the_stack() -> None:
+    g = G()
+    steps = [g.sql(f"SELECT {i}") for i in range(257)]
+    root = g.then(*steps)  # 256 nested THEN nodes
+    sim = Sim(g.graph(root))
+    for step in steps:
+        sim.complete(step)
+    assert sim.outcome and sim.outcome.status == "completed"
+
+
+def test_state_stays_small_as_a_loop_runs() -> None:
+    g = G()
+    body = g.sql("SELECT 1", name="x")
+    sim = Sim(g.graph(g.loop(body)))
+    sizes = []
+    for _ in range(50):
+        sim.now += 2
+        sim.complete(body)
+        sizes.append(len(json.dumps(sim.state)))
+    assert max(sizes) - min(sizes) < 16  # only counters grow, by a digit or two
