@@ -1,0 +1,5 @@
+"""``python -m pgdurable`` is the ``pgdurable`` command."""
+
+from .cli import main
+
+main()
