@@ -65,3 +65,41 @@ def conn(dsn: str) -> Iterator[psycopg.Connection[tuple[object, ...]]]:
     """An autocommit superuser connection to the test's database."""
     with psycopg.connect(dsn, autocommit=True) as c:
         yield c
+
+
+class ThreadWorker:
+    """A pgdurable worker running in a background thread of the test process."""
+
+    def __init__(self, dsn: str, **options: object) -> None:
+        import asyncio
+        import threading
+
+        from pgdurable.worker.loop import Worker, WorkerConfig
+
+        self.worker = Worker(WorkerConfig(dsn=dsn, **options))  # type: ignore[arg-type]
+        self.loop = asyncio.new_event_loop()
+        self.error: BaseException | None = None
+
+        def run() -> None:
+            try:
+                self.loop.run_until_complete(self.worker.run())
+            except BaseException as exc:  # surfaced by stop()
+                self.error = exc
+
+        self.thread = threading.Thread(target=run, name="pgdurable-test-worker", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.worker.request_stop)
+        self.thread.join(timeout=60)
+        assert not self.thread.is_alive(), "worker did not stop"
+        if self.error:
+            raise self.error
+
+
+@pytest.fixture
+def worker(dsn: str) -> Iterator[ThreadWorker]:
+    """A worker (concurrency 4) on the test's database, stopped after the test."""
+    w = ThreadWorker(dsn, concurrency=4)
+    yield w
+    w.stop()

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
 from importlib import resources
+from typing import Any
 
 import psycopg
 
@@ -43,13 +43,11 @@ def latest_version() -> int:
 
 def installed_version(conn: psycopg.Connection[Any]) -> int | None:
     """The newest migration applied to the connected database, or None if never installed."""
-    row = conn.execute(
-        "SELECT to_regclass('df._migrations') IS NOT NULL AS present"
-    ).fetchone()
-    if not row or not row[0]:  # type: ignore[index]
+    row = conn.execute("SELECT to_regclass('df._migrations') IS NOT NULL AS present").fetchone()
+    if not row or not row[0]:
         return None
     row = conn.execute("SELECT max(version) FROM df._migrations").fetchone()
-    return row[0] if row else None  # type: ignore[index,return-value]
+    return int(row[0]) if row and row[0] is not None else None
 
 
 def install(conn: psycopg.Connection[Any]) -> list[str]:

@@ -1,0 +1,182 @@
+"""The ``pgdurable`` command: up | install | worker. Thin: parses flags, calls the library."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import psycopg
+from rich.console import Console
+from rich.logging import RichHandler
+
+from . import __version__
+from . import sql as schema
+from .embedded import EmbeddedPostgres, EmbeddedPostgresError, bin_path
+from .worker.loop import Worker, WorkerConfig, WorkerError
+
+console = Console(stderr=True)
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(console=console, show_path=False)],
+    )
+    logging.getLogger("psycopg").setLevel(logging.WARNING)
+
+
+@click.group()
+@click.version_option(__version__, prog_name="pgdurable")
+def main() -> None:
+    """Durable execution inside PostgreSQL."""
+
+
+@main.command()
+@click.option("--dsn", envvar="PGDURABLE_DSN", required=True, help="Database to install into.")
+def install(dsn: str) -> None:
+    """Install or upgrade the df schema in an existing database (idempotent)."""
+    try:
+        with psycopg.connect(dsn, connect_timeout=10) as conn:
+            applied = schema.install(conn)
+    except psycopg.Error as exc:
+        raise click.ClickException(f"install failed: {exc}") from None
+    if applied:
+        console.print(f"applied {len(applied)} migration(s): {', '.join(applied)}")
+    else:
+        console.print(f"schema is up to date (version {schema.latest_version()})")
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _worker_options(f: F) -> F:
+    f = click.option(
+        "--concurrency", default=10, show_default=True, help="Steps run at the same time."
+    )(f)
+    f = click.option(
+        "--single-role",
+        is_flag=True,
+        help="Run every step as the DSN's role (managed Postgres with one password).",
+    )(f)
+    f = click.option("--verbose", "-v", is_flag=True, help="Debug logging.")(f)
+    return f
+
+
+@main.command()
+@click.option("--dsn", envvar="PGDURABLE_DSN", required=True, help="Database to work on.")
+@_worker_options
+def worker(dsn: str, concurrency: int, single_role: bool, verbose: bool) -> None:
+    """Run a worker against an existing database until SIGTERM/SIGINT."""
+    _setup_logging(verbose)
+    config = WorkerConfig(dsn=dsn, concurrency=concurrency, single_role=single_role)
+    _run_worker(config)
+
+
+@main.command()
+@click.option(
+    "--data-dir",
+    default=".pgdurable",
+    show_default=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where the embedded PostgreSQL keeps its data.",
+)
+@click.option("--port", default=54329, show_default=True, help="TCP port on 127.0.0.1.")
+@click.option(
+    "--run",
+    "run_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Once ready, submit the workflow in this SQL file (it returns an id) and show it run.",
+)
+@_worker_options
+def up(
+    data_dir: Path,
+    port: int,
+    run_file: Path | None,
+    concurrency: int,
+    single_role: bool,
+    verbose: bool,
+) -> None:
+    """Start an embedded PostgreSQL with the schema installed, and a worker in the foreground."""
+    _setup_logging(verbose)
+    pg = EmbeddedPostgres(data_dir, port)
+    try:
+        console.print(f"starting PostgreSQL 18 in {pg.data_dir} ...")
+        pg.start()
+    except EmbeddedPostgresError as exc:
+        raise click.ClickException(str(exc)) from None
+    try:
+        dsn = pg.dsn()
+        with psycopg.connect(dsn) as conn:
+            applied = schema.install(conn)
+        if applied:
+            console.print(f"installed schema version {schema.latest_version()}")
+        console.print(
+            f"[bold green]ready[/]: psql '{dsn}'   (psql binary: {bin_path('psql')})",
+            highlight=False,
+        )
+        config = WorkerConfig(dsn=dsn, concurrency=concurrency, single_role=single_role)
+        if run_file:
+            _run_worker(config, demo=lambda: _show_run(dsn, run_file))
+        else:
+            _run_worker(config)
+    finally:
+        console.print("stopping PostgreSQL ...")
+        pg.stop()
+
+
+def _run_worker(config: WorkerConfig, demo: object = None) -> None:
+    """Run a worker until a signal; exit 0 after a clean stop."""
+
+    async def main() -> None:
+        worker = Worker(config)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, worker.request_stop)
+        if callable(demo):
+            loop.run_in_executor(None, demo)
+        await worker.run()
+
+    try:
+        asyncio.run(main())
+    except WorkerError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _show_run(dsn: str, path: Path) -> None:
+    """Submit the workflow in ``path`` and print its nodes' progress until it finishes."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        text = path.read_text()
+        console.print(f"[bold]submitting[/] {path}:\n{text}", highlight=False)
+        row = conn.execute(text).fetchone()
+        assert row is not None
+        instance = row[0]
+        console.print(f"started instance [bold]{instance}[/]")
+        seen: dict[str, str] = {}
+        while True:
+            for node_id, node_type, status in conn.execute(
+                "SELECT id, node_type, status FROM df.nodes WHERE instance_id = %s"
+                " ORDER BY created_at, id",
+                (instance,),
+            ).fetchall():
+                if seen.get(node_id) != status:
+                    seen[node_id] = status
+                    console.print(f"  {node_type:<6} {node_id}  {status}")
+            status = conn.execute("SELECT df.status(%s)", (instance,)).fetchone()
+            if status and status[0] in ("completed", "failed", "cancelled"):
+                result = conn.execute("SELECT df.result(%s)", (instance,)).fetchone()
+                console.print(f"instance {instance} [bold]{status[0]}[/]: {result and result[0]}")
+                console.print("the worker keeps running; press Ctrl-C to stop")
+                return
+            time.sleep(0.2)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,253 @@
+"""Every query the worker runs, in one place.
+
+The worker's own connection (the schema owner) claims tasks, heartbeats and loads graphs.
+Checkpoints go through ``df._checkpoint_begin`` / ``df._checkpoint`` (migration 0005), which
+work on any connection that holds a task's token — the worker's, or a step's connection
+logged in as the submitting role.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from psycopg import AsyncConnection
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from .. import __version__
+from ..graph.interpreter import State, Transition
+from ..graph.model import Graph, graph_from_rows
+
+TASKS_CHANNEL = "pgdurable_tasks"
+CANCEL_CHANNEL = "pgdurable_cancel"
+
+AsyncConn = AsyncConnection[Any]
+
+
+@dataclass(frozen=True)
+class Task:
+    """A claimed unit of work and the instance facts needed to run it."""
+
+    id: int
+    token: uuid.UUID
+    kind: str  # 'start' | 'sql' | 'timer'
+    activation: int
+    node_id: str | None
+    payload: dict[str, Any] | None
+    attempts: int
+    instance_id: str
+    role: str  # submitted_by, as a role name
+    database: str | None
+    label: str | None
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """What df._checkpoint_begin returns: the locked instance's status and interpreter input."""
+
+    instance_status: str
+    state: State | None
+    variables: dict[str, str]
+    now: float
+
+
+_CLAIM = """
+WITH picked AS (
+    SELECT t.id FROM df._tasks t
+     WHERE t.visible_at <= now()
+     ORDER BY t.visible_at
+     LIMIT %(limit)s
+       FOR UPDATE SKIP LOCKED
+), claimed AS (
+    UPDATE df._tasks t
+       SET lease_owner = %(worker)s,
+           token = gen_random_uuid(),
+           visible_at = now() + make_interval(secs => %(lease)s),
+           attempts = t.attempts + 1
+      FROM picked
+     WHERE t.id = picked.id
+    RETURNING t.*
+)
+SELECT c.id, c.token, c.kind, c.activation, c.node_id, c.payload, c.attempts, c.instance_id,
+       i.submitted_by::text AS role, i.database, i.label
+  FROM claimed c JOIN df.instances i ON i.id = c.instance_id
+"""
+
+
+async def claim(conn: AsyncConn, worker: uuid.UUID, limit: int, lease: float) -> list[Task]:
+    """Lease up to ``limit`` due tasks to ``worker`` (FOR UPDATE SKIP LOCKED)."""
+    cur = conn.cursor(row_factory=dict_row)
+    await cur.execute(_CLAIM, {"worker": worker, "limit": limit, "lease": lease})
+    return [Task(**row) for row in await cur.fetchall()]
+
+
+def _followups(rows: list[tuple[Any, ...]], previous: Task) -> list[Task]:
+    """Tasks that df._checkpoint leased to us, as Task objects of the same instance."""
+    return [
+        Task(
+            id=r[0],
+            token=r[1],
+            kind="sql",
+            activation=r[2],
+            node_id=r[3],
+            payload=r[4],
+            attempts=r[5],
+            instance_id=previous.instance_id,
+            role=previous.role,
+            database=previous.database,
+            label=previous.label,
+        )
+        for r in rows
+    ]
+
+
+async def checkpoint_begin(conn: AsyncConn, task: Task) -> Checkpoint | None:
+    """Lock the task's instance; None if the task is no longer ours (roll back then)."""
+    cur = await conn.execute(
+        "SELECT * FROM df._checkpoint_begin(%s, %s)", (task.id, task.token), prepare=False
+    )
+    row = await cur.fetchone()
+    if row is None:
+        return None
+    status, state, variables, now = row
+    return Checkpoint(status, state, variables or {}, now)
+
+
+def change_document(transition: Transition) -> dict[str, Any]:
+    """The p_change argument of df._checkpoint for a transition."""
+    last_write = {w.node_id: w for w in transition.writes}  # one UPDATE per node
+    return {
+        "state": transition.state,
+        "generation": transition.generation,
+        "writes": [
+            {
+                "id": w.node_id,
+                "status": w.status,
+                "result": w.result,
+                "execution_id": w.execution_id,
+            }
+            for w in last_write.values()
+        ],
+        "tasks": [
+            {
+                "activation": t.activation,
+                "kind": t.kind,
+                "node_id": t.node_id,
+                "payload": t.payload,
+                "run_at": t.run_at,
+            }
+            for t in transition.tasks
+        ],
+        "dropped": transition.dropped,
+        "outcome": (
+            {"status": transition.outcome.status, "output": transition.outcome.output}
+            if transition.outcome
+            else None
+        ),
+    }
+
+
+async def checkpoint(
+    conn: AsyncConn,
+    task: Task,
+    transition: Transition,
+    worker: uuid.UUID,
+    claim_limit: int,
+    lease: float,
+) -> list[Task]:
+    """Write a transition and retire ``task``; returns follow-up tasks leased to ``worker``."""
+    cur = await conn.execute(
+        "SELECT * FROM df._checkpoint(%s, %s, %s, %s, %s, %s)",
+        (
+            task.id,
+            task.token,
+            Jsonb(change_document(transition), dumps=_dumps),
+            worker,
+            claim_limit,
+            lease,
+        ),
+        prepare=False,
+    )
+    return _followups(await cur.fetchall(), task)
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+async def load_graph(conn: AsyncConn, instance_id: str) -> tuple[Graph, dict[str, Any]]:
+    """An instance's graph and facts: role existence, superuser-ness, label."""
+    cur = conn.cursor(row_factory=dict_row)
+    await cur.execute(
+        """
+        SELECT i.root_node, i.label, i.submitted_by::text AS role,
+               r.oid IS NOT NULL AS role_exists, coalesce(r.rolsuper, false) AS superuser
+          FROM df.instances i LEFT JOIN pg_roles r ON r.oid = i.submitted_by
+         WHERE i.id = %s
+        """,
+        (instance_id,),
+    )
+    facts = await cur.fetchone()
+    if facts is None:
+        raise LookupError(f"Instance {instance_id} not found")
+    await cur.execute(
+        "SELECT id, node_type, query, result_name, left_node, right_node"
+        " FROM df.nodes WHERE instance_id = %s",
+        (instance_id,),
+    )
+    rows = await cur.fetchall()
+    graph = graph_from_rows(instance_id, facts["root_node"], rows, facts["label"])
+    return graph, facts
+
+
+async def setting(conn: AsyncConn, name: str) -> str | None:
+    """A pg_durable.* setting as this connection sees it (server configuration), or None."""
+    cur = await conn.execute("SELECT current_setting(%s, true)", (name,))
+    row = await cur.fetchone()
+    return row[0] if row and row[0] not in (None, "") else None
+
+
+async def register_worker(conn: AsyncConn, worker: uuid.UUID, concurrency: int) -> None:
+    """Record this worker in df._worker_epoch and mark the engine ready (spec §9.8)."""
+    await conn.execute(
+        """
+        INSERT INTO df._worker_epoch (epoch_id, hostname, pid, concurrency, version)
+        VALUES (%s, %s, %s, %s, %s)
+        """,
+        (worker, socket.gethostname(), os.getpid(), concurrency, __version__),
+    )
+    await conn.execute(
+        """
+        INSERT INTO _duroxide._worker_ready (schema_version) VALUES (1)
+        ON CONFLICT (sentinel) DO NOTHING
+        """
+    )
+
+
+async def heartbeat(conn: AsyncConn, worker: uuid.UUID, task_ids: list[int], lease: float) -> None:
+    """Extend the leases of tasks in flight and show this worker is alive."""
+    if task_ids:
+        await conn.execute(
+            "UPDATE df._tasks SET visible_at = now() + make_interval(secs => %s)"
+            " WHERE lease_owner = %s AND id = ANY(%s)",
+            (lease, worker, task_ids),
+        )
+    await conn.execute(
+        "UPDATE df._worker_epoch SET last_seen_at = now() WHERE epoch_id = %s", (worker,)
+    )
+
+
+async def release(conn: AsyncConn, worker: uuid.UUID) -> None:
+    """Give back every task this worker holds, so others pick them up at once."""
+    await conn.execute(
+        "UPDATE df._tasks SET visible_at = now(), lease_owner = NULL, token = NULL"
+        " WHERE lease_owner = %s",
+        (worker,),
+    )
+    await conn.execute("DELETE FROM df._worker_epoch WHERE epoch_id = %s", (worker,))
+    await conn.execute("SELECT pg_notify(%s, '')", (TASKS_CHANNEL,))

@@ -1,0 +1,324 @@
+"""The worker process: claim tasks, run them concurrently, keep leases alive, stop cleanly.
+
+A worker holds no durable state (DESIGN.md principle 1). It claims due tasks in batches with
+FOR UPDATE SKIP LOCKED, wakes on NOTIFY and otherwise polls every ``poll_interval``. Leases
+are extended while a task runs; a worker that dies stops extending them and another worker
+takes the tasks over when they expire. When the database goes away, in-flight tasks are
+retried with backoff until it is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import uuid
+from dataclasses import dataclass
+
+import psycopg
+from psycopg import AsyncConnection
+from psycopg.conninfo import conninfo_to_dict
+
+from .. import sql as schema
+from .. import store
+from ..store import Task
+from .connections import Connections, is_transient
+from .steps import StepRunner, StepSettings
+
+log = logging.getLogger("pgdurable.worker")
+
+# An internal error (a bug, a poisoned row) on the same task this often fails its instance
+# rather than retrying forever.
+MAX_TASK_ATTEMPTS = 5
+STEP_IDLE_SECONDS = 60.0
+
+
+class WorkerError(Exception):
+    """A problem the operator must fix before the worker can run (bad DSN, old schema...)."""
+
+
+@dataclass
+class WorkerConfig:
+    """How a worker runs. ``poll_interval`` None reads ``pg_durable.poll_interval``."""
+
+    dsn: str
+    concurrency: int = 10
+    lease_seconds: float = 30.0
+    poll_interval: float | None = None
+    single_role: bool = False
+    shutdown_grace: float = 30.0
+
+
+def parse_interval(text: str | None, default: float) -> float:
+    """A PostgreSQL-style duration ('100ms', '2s', '250' = ms) in seconds."""
+    if not text:
+        return default
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|min)?\s*", text)
+    if not match:
+        log.warning("ignoring unparsable duration %r, using %ss", text, default)
+        return default
+    value, unit = float(match.group(1)), match.group(2) or "ms"
+    return value * {"ms": 0.001, "s": 1.0, "min": 60.0}[unit]
+
+
+class Worker:
+    """One worker process's engine. ``await run()`` until ``request_stop()``."""
+
+    def __init__(self, config: WorkerConfig):
+        try:
+            conninfo_to_dict(config.dsn)
+        except psycopg.ProgrammingError as exc:
+            raise WorkerError(f"invalid DSN: {exc}") from None
+        self.config = config
+        self.id = uuid.uuid4()
+        self.conns = Connections(config.dsn, config.concurrency, config.single_role)
+        self.poll_interval = config.poll_interval or 0.1
+        self._runner: StepRunner | None = None
+        self._inflight: dict[int, asyncio.Task[None]] = {}
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """Stop claiming; in-flight steps finish (or are released) and run() returns."""
+        self._stopping.set()
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Connect, then work until asked to stop."""
+        await self._connect()
+        helpers = [
+            asyncio.create_task(self._listen(), name="pgdurable-listen"),
+            asyncio.create_task(self._heartbeat(), name="pgdurable-heartbeat"),
+        ]
+        try:
+            await self._claim_loop()
+        finally:
+            await self._drain()
+            for helper in helpers:
+                helper.cancel()
+            for helper in helpers:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await helper
+            await self.conns.close()
+            log.info("worker %s stopped", self.id)
+
+    async def _connect(self) -> None:
+        """Open the worker pool, retrying while the server is unreachable; check the schema."""
+        delay = 0.5
+        while True:
+            try:
+                async with await AsyncConnection.connect(
+                    self.config.dsn, autocommit=True, connect_timeout=10
+                ) as conn:
+                    await self._check_schema(conn)
+                    settings = await self._read_settings(conn)
+                break
+            except psycopg.Error as exc:
+                if not is_transient(exc):
+                    raise WorkerError(f"cannot connect: {_first_line(exc)}") from None
+                if self._stopping.is_set():
+                    raise WorkerError("stopped before the database became reachable") from None
+                log.warning("database unreachable (%s); retrying in %.1fs", _first_line(exc), delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), delay)
+                delay = min(delay * 2, 10.0)
+        await self.conns.open()
+        self._runner = StepRunner(self.conns, settings)
+        async with self.conns.worker.connection() as conn:
+            await store.register_worker(conn, self.id, self.config.concurrency)
+        log.info(
+            "worker %s ready: concurrency %d, poll every %.0f ms",
+            self.id,
+            self.config.concurrency,
+            self.poll_interval * 1000,
+        )
+
+    async def _check_schema(self, conn: AsyncConnection[tuple[object, ...]]) -> None:
+        cur = await conn.execute(
+            "SELECT CASE WHEN to_regclass('df._migrations') IS NULL THEN NULL"
+            " ELSE (SELECT max(version) FROM df._migrations) END, current_database()"
+        )
+        row = await cur.fetchone()
+        assert row is not None
+        installed, database = row
+        expected = schema.latest_version()
+        if installed is None:
+            raise WorkerError(
+                f'the pgdurable schema is not installed in database "{database}"; '
+                "run: pgdurable install --dsn <DSN>"
+            )
+        assert isinstance(installed, int)
+        if installed < expected:
+            raise WorkerError(
+                f'the pgdurable schema in database "{database}" is version {installed}, '
+                f"older than this worker (version {expected}); run: pgdurable install --dsn <DSN>"
+            )
+        if installed > expected:
+            raise WorkerError(
+                f'the pgdurable schema in database "{database}" is version {installed}, '
+                f"newer than this worker (version {expected}); upgrade pgdurable"
+            )
+
+    async def _read_settings(self, conn: AsyncConnection[tuple[object, ...]]) -> StepSettings:
+        # Read from the worker's own session: server configuration, never a user's SET.
+        superuser = await store.setting(conn, "pg_durable.enable_superuser_instances")
+        if self.config.poll_interval is None:
+            self.poll_interval = parse_interval(
+                await store.setting(conn, "pg_durable.poll_interval"), 0.1
+            )
+        return StepSettings(
+            worker_id=self.id,
+            lease_seconds=self.config.lease_seconds,
+            allow_superuser=(superuser or "off").lower() in ("on", "true", "yes", "1"),
+            single_role=self.config.single_role,
+        )
+
+    # -- claiming ------------------------------------------------------------------------------
+
+    def _free_slots(self) -> int:
+        return max(self.config.concurrency - len(self._inflight), 0)
+
+    async def _claim_loop(self) -> None:
+        delay = 0.5
+        while not self._stopping.is_set():
+            self._wake.clear()
+            free = self._free_slots()
+            if free:
+                try:
+                    async with self.conns.worker.connection() as conn:
+                        tasks = await store.claim(conn, self.id, free, self.config.lease_seconds)
+                    delay = 0.5
+                except Exception as exc:
+                    if not is_transient(exc):
+                        raise
+                    log.warning(
+                        "database unreachable (%s); retrying in %.1fs", _first_line(exc), delay
+                    )
+                    await self._sleep(delay)
+                    delay = min(delay * 2, 10.0)
+                    continue
+                for task in tasks:
+                    self._spawn(task)
+                if len(tasks) == free:
+                    continue  # there may be more: claim again as soon as a slot frees
+            await self._sleep(self.poll_interval)
+
+    async def _sleep(self, seconds: float) -> None:
+        """Wait for a wake-up (NOTIFY, a freed slot, stop) or ``seconds``."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), seconds)
+
+    def _spawn(self, task: Task) -> None:
+        self._inflight[task.id] = asyncio.create_task(
+            self._execute(task), name=f"pgdurable-task-{task.id}"
+        )
+
+    async def _execute(self, task: Task) -> None:
+        assert self._runner is not None
+        followups: list[Task] = []
+        delay = 0.1
+        try:
+            while True:
+                try:
+                    followups = await self._runner.run(task, lambda: self._free_slots() + 1)
+                    break
+                except Exception as exc:
+                    if not is_transient(exc):
+                        await self._internal_error(task, exc)
+                        break
+                    if self._stopping.is_set():
+                        break
+                    log.warning(
+                        "task %s of %s interrupted (%s); retrying in %.1fs",
+                        task.id,
+                        task.instance_id,
+                        _first_line(exc),
+                        delay,
+                    )
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+        finally:
+            for followup in followups:
+                self._spawn(followup)
+            del self._inflight[task.id]
+            self._wake.set()
+
+    async def _internal_error(self, task: Task, exc: Exception) -> None:
+        """A bug or a poisoned row: log it; after repeated attempts fail the instance."""
+        log.error(
+            "task %s of instance %s failed (attempt %d): %r",
+            task.id,
+            task.instance_id,
+            task.attempts,
+            exc,
+            exc_info=exc,
+        )
+        if task.attempts < MAX_TASK_ATTEMPTS or self._runner is None:
+            return  # the lease expires and the task is tried again
+        try:
+            await self._runner.fail(
+                task, f"pgdurable internal error: {_first_line(exc)}", lambda: 0
+            )
+        except Exception:
+            log.exception("could not fail instance %s", task.instance_id)
+
+    # -- background duties ---------------------------------------------------------------------
+
+    async def _listen(self) -> None:
+        """Wake the claim loop on NOTIFY; reconnect when the connection drops."""
+        delay = 0.5
+        while True:
+            try:
+                async with await AsyncConnection.connect(
+                    self.config.dsn, autocommit=True, connect_timeout=10
+                ) as conn:
+                    await conn.execute(f"LISTEN {store.TASKS_CHANNEL}")
+                    await conn.execute(f"LISTEN {store.CANCEL_CHANNEL}")
+                    delay = 0.5
+                    self._wake.set()  # work may have arrived while we were not listening
+                    async for _ in conn.notifies():
+                        self._wake.set()
+            except psycopg.Error as exc:
+                log.debug("listen connection lost (%s); reconnecting", _first_line(exc))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    async def _heartbeat(self) -> None:
+        """Extend leases of in-flight tasks; close step connections nobody used lately."""
+        interval = self.config.lease_seconds / 3
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                async with self.conns.worker.connection() as conn:
+                    await store.heartbeat(
+                        conn, self.id, list(self._inflight), self.config.lease_seconds
+                    )
+                await self.conns.prune(STEP_IDLE_SECONDS)
+            except Exception as exc:
+                log.warning("heartbeat failed: %s", _first_line(exc))
+
+    async def _drain(self) -> None:
+        """Let in-flight tasks finish within the grace period, then release what is left."""
+        if self._inflight:
+            log.info("waiting for %d in-flight task(s)", len(self._inflight))
+            _, pending = await asyncio.wait(
+                list(self._inflight.values()), timeout=self.config.shutdown_grace
+            )
+            for running in pending:
+                running.cancel()
+            for running in pending:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await running
+        try:
+            async with self.conns.worker.connection(timeout=5) as conn:
+                await store.release(conn, self.id)
+        except Exception as exc:
+            log.warning("could not release leases (%s); they expire by themselves", exc)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]

@@ -1,0 +1,264 @@
+"""Running one claimed task: the effect, then the checkpoint.
+
+SQL steps run on a connection logged in as the submitting role, inside a transaction that
+also carries the checkpoint, so the statement takes effect exactly once (DESIGN.md principle
+2). Statements PostgreSQL refuses inside a transaction block (VACUUM, CREATE INDEX
+CONCURRENTLY, procedures that COMMIT) run on their own first and are checkpointed after:
+at-least-once. Timers, instance starts and step failures are checkpointed on the worker's
+own connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+from .. import store
+from ..graph import interpreter
+from ..graph.interpreter import Transition
+from ..graph.model import Graph, GraphError
+from ..store import AsyncConn, Checkpoint, Task
+from .connections import Connections, is_transient
+from .results import UnsupportedColumnType, read_result
+
+log = logging.getLogger("pgdurable.worker")
+
+# SQLSTATEs of statements that cannot run inside a transaction block.
+_NEEDS_OWN_TRANSACTION = {"25001", "2D000"}
+_GRAPH_CACHE_SIZE = 2048
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """What a step runner needs to know about its worker."""
+
+    worker_id: uuid.UUID
+    lease_seconds: float
+    allow_superuser: bool
+    single_role: bool
+
+
+class StepRunner:
+    """Executes tasks; returns the follow-up tasks their checkpoints leased to this worker."""
+
+    def __init__(self, conns: Connections, settings: StepSettings):
+        self.conns = conns
+        self.settings = settings
+        self._graphs: OrderedDict[str, Graph] = OrderedDict()
+
+    async def run(self, task: Task, claim_limit: Callable[[], int]) -> list[Task]:
+        """Run ``task`` to its checkpoint."""
+        if task.kind == "sql":
+            return await self._run_sql(task, claim_limit)
+        if task.kind == "timer":
+
+            async def fire(graph: Graph, cp: Checkpoint) -> Transition:
+                return interpreter.timer_fired(
+                    graph, _state(cp), cp.variables, task.activation, cp.now
+                )
+
+            return await self._advance(task, fire, claim_limit)
+        if task.kind == "start":
+            return await self._advance(task, None, claim_limit)
+        raise ValueError(f"unknown task kind {task.kind!r}")
+
+    async def fail(self, task: Task, error: str, claim_limit: Callable[[], int]) -> list[Task]:
+        """Record that ``task``'s step failed with ``error``."""
+
+        async def failed(graph: Graph, cp: Checkpoint) -> Transition:
+            return interpreter.step_failed(
+                graph, _state(cp), cp.variables, task.activation, error, cp.now
+            )
+
+        return await self._advance(task, failed, claim_limit)
+
+    # -- SQL steps -----------------------------------------------------------------------------
+
+    async def _run_sql(self, task: Task, claim_limit: Callable[[], int]) -> list[Task]:
+        graph = await self._graph(task.instance_id)
+        sql = str((task.payload or {}).get("sql", ""))
+        pool = self.conns.step_pool(task.role, task.database)
+        try:
+            conn = await pool.acquire()
+        except psycopg.Error as exc:
+            if is_transient(exc):
+                raise
+            database = task.database or self.conns.worker_database
+            error = _message(exc)
+            return await self.fail(
+                task,
+                f"Failed to connect to database '{database}' as '{task.role}'. Error: {error}",
+                claim_limit,
+            )
+        reusable = False
+        try:
+            await conn.execute("BEGIN")
+            try:
+                result = await _execute(conn, sql)
+            except psycopg.Error as exc:
+                if is_transient(exc):
+                    raise
+                await conn.execute("ROLLBACK")
+                if exc.sqlstate in _NEEDS_OWN_TRANSACTION:
+                    return await self._run_sql_outside_transaction(
+                        conn, graph, task, sql, claim_limit
+                    )
+                reusable = True
+                error = f"SQL execution failed: error returned from database: {_message(exc)}"
+                return await self.fail(task, error, claim_limit)
+            except UnsupportedColumnType as exc:
+                await conn.execute("ROLLBACK")
+                reusable = True
+                return await self.fail(task, str(exc), claim_limit)
+            followups = await self._checkpoint_step(conn, graph, task, result, claim_limit)
+            await conn.execute("COMMIT" if followups is not None else "ROLLBACK")
+            reusable = True
+            return followups or []
+        finally:
+            await pool.release(conn, reusable)
+
+    async def _run_sql_outside_transaction(
+        self, conn: AsyncConn, graph: Graph, task: Task, sql: str, claim_limit: Callable[[], int]
+    ) -> list[Task]:
+        try:
+            result = await _execute(conn, sql)
+        except psycopg.Error as exc:
+            if is_transient(exc):
+                raise
+            error = f"SQL execution failed: error returned from database: {_message(exc)}"
+            return await self.fail(task, error, claim_limit)
+        except UnsupportedColumnType as exc:
+            return await self.fail(task, str(exc), claim_limit)
+        await conn.execute("BEGIN")
+        followups = await self._checkpoint_step(conn, graph, task, result, claim_limit)
+        await conn.execute("COMMIT" if followups is not None else "ROLLBACK")
+        return followups or []
+
+    async def _checkpoint_step(
+        self, conn: AsyncConn, graph: Graph, task: Task, result: str, claim_limit: Callable[[], int]
+    ) -> list[Task] | None:
+        """Checkpoint a successful statement; None if the task is no longer ours."""
+        cp = await store.checkpoint_begin(conn, task)
+        if cp is None:
+            log.info(
+                "task %s of %s was taken away; rolling back its step", task.id, task.instance_id
+            )
+            return None
+        transition = interpreter.step_succeeded(
+            graph, _state(cp), cp.variables, task.activation, result, cp.now
+        )
+        return await store.checkpoint(
+            conn,
+            task,
+            transition,
+            self.settings.worker_id,
+            claim_limit(),
+            self.settings.lease_seconds,
+        )
+
+    # -- checkpoints on the worker's connection ------------------------------------------------
+
+    async def _advance(
+        self,
+        task: Task,
+        decide: Callable[[Graph, Checkpoint], Awaitable[Transition]] | None,
+        claim_limit: Callable[[], int],
+    ) -> list[Task]:
+        """Lock the instance, compute a transition and checkpoint it, on the worker's connection.
+
+        ``decide`` None means the task starts the instance.
+        """
+        async with self.conns.worker.connection() as conn, conn.transaction():
+            cp = await store.checkpoint_begin(conn, task)
+            if cp is None:
+                return []
+            if decide is None:
+                transition = await self._start(conn, task, cp)
+            else:
+                transition = await decide(await self._graph(task.instance_id, conn), cp)
+            return await store.checkpoint(
+                conn,
+                task,
+                transition,
+                self.settings.worker_id,
+                claim_limit(),
+                self.settings.lease_seconds,
+            )
+
+    async def _start(self, conn: AsyncConn, task: Task, cp: Checkpoint) -> Transition:
+        """Load and admit the instance's graph (spec §7.1), then activate its root."""
+        try:
+            graph, facts = await store.load_graph(conn, task.instance_id)
+        except (GraphError, LookupError) as exc:
+            return interpreter.fail_instance(cp.state, f"Instance {task.instance_id}: {exc}")
+        if not facts["role_exists"]:
+            return interpreter.fail_instance(
+                cp.state,
+                f"Instance {task.instance_id}: submitted_by role no longer exists in pg_roles",
+            )
+        if facts["superuser"] and not self.settings.allow_superuser:
+            return interpreter.fail_instance(
+                cp.state,
+                f"pg_durable blocked instance {task.instance_id}: submitted_by role "
+                f'"{facts["role"]}" is a superuser, but pg_durable.enable_superuser_instances '
+                "is off",
+            )
+        if self.settings.single_role and facts["role"] != self.conns.worker_role:
+            return interpreter.fail_instance(
+                cp.state,
+                f"Instance {task.instance_id}: this pgdurable worker runs in single-role mode "
+                f'as "{self.conns.worker_role}" and cannot run instances submitted by '
+                f'"{facts["role"]}"',
+            )
+        self._remember(graph)
+        return interpreter.start(graph, cp.variables, cp.now)
+
+    # -- graphs --------------------------------------------------------------------------------
+
+    async def _graph(self, instance_id: str, conn: AsyncConn | None = None) -> Graph:
+        """The instance's graph, from the cache or the database (graphs never change)."""
+        graph = self._graphs.get(instance_id)
+        if graph is not None:
+            self._graphs.move_to_end(instance_id)
+            return graph
+        if conn is None:
+            async with self.conns.worker.connection() as own:
+                graph, _ = await store.load_graph(own, instance_id)
+        else:
+            graph, _ = await store.load_graph(conn, instance_id)
+        self._remember(graph)
+        return graph
+
+    def _remember(self, graph: Graph) -> None:
+        self._graphs[graph.instance_id] = graph
+        while len(self._graphs) > _GRAPH_CACHE_SIZE:
+            self._graphs.popitem(last=False)
+
+
+def _state(cp: Checkpoint) -> dict[str, Any]:
+    if cp.state is None:
+        raise RuntimeError("instance state missing: the start task has not run")
+    return cp.state
+
+
+async def _execute(conn: AsyncConn, sql: str) -> str:
+    """Run one statement with the extended protocol; its result JSON (spec §7.2).
+
+    Binary results make psycopg use the extended protocol even without parameters, so
+    several statements in one step are rejected by the server, as in pg_durable.
+    """
+    cur = conn.cursor(binary=True)
+    await cur.execute(sql.encode())
+    return await read_result(cur)
+
+
+def _message(exc: psycopg.Error) -> str:
+    """The server's primary error message (what pg_durable's driver reports)."""
+    primary = exc.diag.message_primary if exc.diag else None
+    return primary or str(exc).strip()
