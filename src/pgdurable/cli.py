@@ -66,6 +66,15 @@ def _worker_options(f: F) -> F:
         is_flag=True,
         help="Run every step as the DSN's role (managed Postgres with one password).",
     )(f)
+    f = click.option(
+        "--lease-seconds",
+        envvar="PGDURABLE_LEASE_SECONDS",
+        default=30.0,
+        show_default=True,
+        type=click.FloatRange(min=0.5),
+        help="How long a claimed step stays reserved without a heartbeat; a dead worker's "
+        "steps are taken over after this.",
+    )(f)
     f = click.option("--verbose", "-v", is_flag=True, help="Debug logging.")(f)
     return f
 
@@ -73,10 +82,14 @@ def _worker_options(f: F) -> F:
 @main.command()
 @click.option("--dsn", envvar="PGDURABLE_DSN", required=True, help="Database to work on.")
 @_worker_options
-def worker(dsn: str, concurrency: int, single_role: bool, verbose: bool) -> None:
+def worker(
+    dsn: str, concurrency: int, single_role: bool, lease_seconds: float, verbose: bool
+) -> None:
     """Run a worker against an existing database until SIGTERM/SIGINT."""
     _setup_logging(verbose)
-    config = WorkerConfig(dsn=dsn, concurrency=concurrency, single_role=single_role)
+    config = WorkerConfig(
+        dsn=dsn, concurrency=concurrency, single_role=single_role, lease_seconds=lease_seconds
+    )
     _run_worker(config)
 
 
@@ -102,6 +115,7 @@ def up(
     run_file: Path | None,
     concurrency: int,
     single_role: bool,
+    lease_seconds: float,
     verbose: bool,
 ) -> None:
     """Start an embedded PostgreSQL with the schema installed, and a worker in the foreground."""
@@ -122,7 +136,9 @@ def up(
             f"[bold green]ready[/]: psql '{dsn}'   (psql binary: {bin_path('psql')})",
             highlight=False,
         )
-        config = WorkerConfig(dsn=dsn, concurrency=concurrency, single_role=single_role)
+        config = WorkerConfig(
+            dsn=dsn, concurrency=concurrency, single_role=single_role, lease_seconds=lease_seconds
+        )
         if run_file:
             _run_worker(config, demo=lambda: _show_run(dsn, run_file))
         else:
