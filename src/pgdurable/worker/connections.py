@@ -17,7 +17,7 @@ from typing import Any
 import psycopg
 from psycopg import AsyncConnection
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from .results import configure_connection
 
@@ -38,7 +38,7 @@ class StepConnectError(Exception):
 
 def is_transient(exc: BaseException) -> bool:
     """True when ``exc`` means the server is unreachable or restarting."""
-    if isinstance(exc, psycopg.pool.PoolTimeout):  # type: ignore[attr-defined]
+    if isinstance(exc, PoolTimeout):
         return True
     if not isinstance(exc, psycopg.Error):
         return isinstance(exc, OSError)
