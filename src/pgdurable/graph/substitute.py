@@ -130,7 +130,7 @@ class _Substitution:
         self.results = names
         self.sql = sql
         # Longest first, so `$ab` is read as `ab` when both `a` and `ab` exist.
-        self.names = sorted((n for n in names if n), key=lambda n: (-len(n), n))
+        self.longest_first = sorted((n for n in names if n), key=lambda n: (-len(n), n))
         self.parsed: dict[str, object] = {}
 
     def run(self, text: str) -> str:
@@ -151,7 +151,7 @@ class _Substitution:
         return "".join(out)
 
     def _parse(self, text: str, at: int) -> _Ref | None:
-        for name in self.names:
+        for name in self.longest_first:
             if text.startswith(name, at):
                 ref = _parse_suffix(text, name, at + len(name))
                 if ref is not None:

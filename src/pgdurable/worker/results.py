@@ -12,7 +12,8 @@ into its final JSON-ready Python value; :func:`read_result` / :func:`read_result
 
 Usage, on a connection passed to :func:`configure_connection` once::
 
-    cur = await conn.execute(sql_bytes, binary=True)  # binary => extended protocol
+    cur = conn.cursor(binary=True)  # binary => extended protocol: one statement only
+    await cur.execute(sql.encode(conn.info.encoding))
     text = await read_result(cur)
 """
 
@@ -69,9 +70,9 @@ class UnsupportedColumnType(Exception):
 _F4 = struct.Struct("!f")
 _F8 = struct.Struct("!d")
 _I4 = struct.Struct("!i")
-_U4 = struct.Struct("!I")
-_F4_INFINITY_BITS = 0x7F800000
 _I8 = struct.Struct("!q")
+_U4 = struct.Struct("!I")  # the bits of a float4
+_F4_INFINITY_BITS = 0x7F800000
 _NUMERIC_HEAD = struct.Struct("!hhHH")
 
 # PostgreSQL's binary epoch is 2000-01-01; "infinity" is the extreme integer of each type.
@@ -351,7 +352,8 @@ def _shortest_float4(value: float) -> float:
 
     Widening gives e.g. 1.100000023841858 where PostgreSQL prints 1.1: the fewest
     significant digits strictly inside the float4's rounding interval (PostgreSQL's Ryu
-    does not use an exact tie with a neighbour), the closest such one to the value (ties to even).
+    never relies on an exact tie with a neighbour), and of those the closest to the value
+    (ties to an even last digit).
     """
     magnitude = abs(value)
     if magnitude == 0:
