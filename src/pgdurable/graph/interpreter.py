@@ -236,6 +236,8 @@ class _Run:
         live_envs = {"0"} | {a["env"] for a in acts}
         for a in acts:
             live_execs.update(a.get("branch_execs", ()))
+            if "loop_exec" in a:  # also while no body activation runs (padding timer)
+                live_execs.add(a["loop_exec"])
             live_envs.update(a.get("branch_envs", ()))
         for key, live in (("execs", live_execs), ("envs", live_envs)):
             table = self.state[key]
