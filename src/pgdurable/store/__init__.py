@@ -54,6 +54,7 @@ class Checkpoint:
     state: State | None
     variables: dict[str, str]
     now: float
+    role_exists: bool
 
 
 _CLAIM = """
@@ -114,8 +115,8 @@ async def checkpoint_begin(conn: AsyncConn, task: Task) -> Checkpoint | None:
     row = await cur.fetchone()
     if row is None:
         return None
-    status, state, variables, now = row
-    return Checkpoint(status, state, variables or {}, now)
+    status, state, variables, now, role_exists = row
+    return Checkpoint(status, state, variables or {}, now, role_exists)
 
 
 def change_document(transition: Transition) -> dict[str, Any]:

@@ -10,6 +10,7 @@ own connection.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
 from collections import OrderedDict
@@ -112,14 +113,13 @@ class StepRunner:
                 reusable = True
                 error = f"SQL execution failed: error returned from database: {_message(exc)}"
                 return await self.fail(task, error, claim_limit)
-            except UnsupportedColumnType as exc:
+            except (UnsupportedColumnType, UnicodeEncodeError) as exc:
                 await conn.execute("ROLLBACK")
                 reusable = True
                 return await self.fail(task, str(exc), claim_limit)
-            followups = await self._checkpoint_step(conn, graph, task, result, claim_limit)
-            await conn.execute("COMMIT" if followups is not None else "ROLLBACK")
+            followups = await self._commit_step(conn, graph, task, result, claim_limit)
             reusable = True
-            return followups or []
+            return followups
         finally:
             await pool.release(conn, reusable)
 
@@ -133,34 +133,51 @@ class StepRunner:
                 raise
             error = f"SQL execution failed: error returned from database: {_message(exc)}"
             return await self.fail(task, error, claim_limit)
-        except UnsupportedColumnType as exc:
+        except (UnsupportedColumnType, UnicodeEncodeError) as exc:
             return await self.fail(task, str(exc), claim_limit)
         await conn.execute("BEGIN")
-        followups = await self._checkpoint_step(conn, graph, task, result, claim_limit)
-        await conn.execute("COMMIT" if followups is not None else "ROLLBACK")
-        return followups or []
+        return await self._commit_step(conn, graph, task, result, claim_limit)
 
-    async def _checkpoint_step(
+    async def _commit_step(
         self, conn: AsyncConn, graph: Graph, task: Task, result: str, claim_limit: Callable[[], int]
-    ) -> list[Task] | None:
-        """Checkpoint a successful statement; None if the task is no longer ours."""
-        cp = await store.checkpoint_begin(conn, task)
-        if cp is None:
-            log.info(
-                "task %s of %s was taken away; rolling back its step", task.id, task.instance_id
+    ) -> list[Task]:
+        """Checkpoint a successful statement in the open transaction and commit both.
+
+        Rolls back instead when the task is no longer ours (taken over, cancelled, a lost
+        RACE) or when the submitting role was dropped meanwhile: a pooled connection may still
+        be logged in as a dropped role, and its statement must not count.
+        """
+        try:
+            cp = await store.checkpoint_begin(conn, task)
+            if cp is None or not cp.role_exists:
+                await conn.execute("ROLLBACK")
+                if cp is None:
+                    log.info(
+                        "task %s of %s was taken away; step rolled back", task.id, task.instance_id
+                    )
+                    return []
+                return await self.fail(
+                    task,
+                    f"Instance {task.instance_id}: submitted_by role no longer exists in pg_roles",
+                    claim_limit,
+                )
+            transition = interpreter.step_succeeded(
+                graph, _state(cp), cp.variables, task.activation, result, cp.now
             )
-            return None
-        transition = interpreter.step_succeeded(
-            graph, _state(cp), cp.variables, task.activation, result, cp.now
-        )
-        return await store.checkpoint(
-            conn,
-            task,
-            transition,
-            self.settings.worker_id,
-            claim_limit(),
-            self.settings.lease_seconds,
-        )
+            followups = await store.checkpoint(
+                conn,
+                task,
+                transition,
+                self.settings.worker_id,
+                claim_limit(),
+                self.settings.lease_seconds,
+            )
+        except BaseException:
+            with contextlib.suppress(psycopg.Error):
+                await conn.execute("ROLLBACK")
+            raise
+        await conn.execute("COMMIT")
+        return followups
 
     # -- checkpoints on the worker's connection ------------------------------------------------
 
@@ -254,7 +271,7 @@ async def _execute(conn: AsyncConn, sql: str) -> str:
     several statements in one step are rejected by the server, as in pg_durable.
     """
     cur = conn.cursor(binary=True)
-    await cur.execute(sql.encode())
+    await cur.execute(sql.encode(conn.info.encoding))
     return await read_result(cur)
 
 

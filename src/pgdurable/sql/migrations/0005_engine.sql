@@ -53,8 +53,11 @@ CREATE TRIGGER instances_cancelled AFTER UPDATE OF status ON df.instances
 -- caller still holds the task. No row back means the task is gone (its instance was cancelled,
 -- or a RACE it belonged to was decided) or its lease was taken over: the caller must roll back.
 -- ---------------------------------------------------------------------------------------------
+-- role_exists is false when the submitter was dropped: a pooled connection may still be logged
+-- in as it, so the step is rolled back and the instance failed instead.
 CREATE FUNCTION df._checkpoint_begin(p_task bigint, p_token uuid)
-RETURNS TABLE (instance_status text, state jsonb, vars jsonb, now double precision)
+RETURNS TABLE (instance_status text, state jsonb, vars jsonb, now double precision,
+               role_exists boolean)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_instance varchar(8);
@@ -69,7 +72,8 @@ BEGIN
         RETURN;
     END IF;
     RETURN QUERY
-        SELECT i.status, r.state, r.vars, extract(epoch FROM clock_timestamp())::float8
+        SELECT i.status, r.state, r.vars, extract(epoch FROM clock_timestamp())::float8,
+               EXISTS (SELECT 1 FROM pg_roles WHERE oid = i.submitted_by)
           FROM df.instances i JOIN df._runs r ON r.instance_id = i.id
          WHERE i.id = v_instance;
 END;
