@@ -594,3 +594,22 @@ def test_state_stays_small_as_a_loop_runs() -> None:
         sim.complete(body)
         sizes.append(len(json.dumps(sim.state)))
     assert max(sizes) - min(sizes) < 16  # only counters grow, by a digit or two
+
+
+def test_nested_loop_iterates_across_its_padding_timer() -> None:
+    g = G()
+    body = g.sql("SELECT n")
+    inner = g.loop(g.then(body, g.if_(g.sql("SELECT done"), g.brk("x"), g.sql("SELECT 1"))))
+    root = g.then(g.sql("SELECT first"), inner)
+    sim = Sim(g.graph(root))
+    sim.complete(g.graph(root)[root].left or "")
+    check = g.graph(root)[g.graph(root)[inner].left or ""].right or ""
+    cond = g.graph(root)[check].condition or ""
+    for n in (1, 2):
+        sim.complete(body, rows({"n": n}))
+        sim.complete(cond, rows({"done": n == 2}))
+        if n == 1:
+            sim.complete(g.graph(root)[check].right or "")
+            sim.fire(inner)  # the inner loop's own execution survives the wait
+            assert sim.stamp(body) == f"{INSTANCE}::1::{inner}::2"
+    assert sim.outcome == interp.Outcome("completed", '"x"')
