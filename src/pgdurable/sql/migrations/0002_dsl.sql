@@ -1,0 +1,356 @@
+-- pgdurable schema, version 2: the graph DSL (spec §3, §4, §5.1).
+--
+-- Every builder returns the JSON text of a graph node (the "Durofut envelope"); nothing is
+-- written until df.start(). The text is compact, keys always in the order node_type,
+-- left_node, right_node, condition_node, extra_nodes, query, result_name, and strings escaped
+-- like serde_json (to_json(text) escapes exactly the same characters). Children are embedded
+-- verbatim: the `json` type (unlike jsonb) keeps each value's original text, so only the top
+-- level of an operand is ever re-serialised.
+--
+-- Builders are VOLATILE (the spec's default) except the operator helpers the spec marks
+-- IMMUTABLE. Node-typed arguments go through df._ensure() (spec §3.3); literal arguments
+-- (df.sql's query, names, break values, sleep seconds) never do.
+
+-- ---------------------------------------------------------------------------------------------
+-- Non-future helpers (spec §3.3 rule 1).
+--
+-- df.setvar/unsetvar/clearvars/await_instance act immediately and return a plain word ('OK',
+-- a status). Used as a workflow step, e.g. `df.setvar('k', 'v') ~> 'SELECT ...'`, that word
+-- would silently become a SQL step. So each of them records in the session setting
+-- df.non_future_helper which helper ran, in which statement (statement_timestamp()), and what
+-- it returned; a builder that then receives exactly that text as a plain-text step in the
+-- same statement refuses it.
+--
+-- The returned text is part of the marker so that legitimate code is not refused: a client
+-- sending `SELECT df.setvar(...); SELECT df.start('SELECT ...')` as one query string, or a
+-- PL/pgSQL block calling df.setvar() and then df.start(), runs every statement with the same
+-- statement_timestamp(). Format: <helper> '|' <epoch of statement start> '|' <returned text>.
+-- ---------------------------------------------------------------------------------------------
+CREATE FUNCTION df._mark_non_future_helper(helper text, returned text) RETURNS void
+LANGUAGE sql VOLATILE AS $$
+    SELECT NULL::void FROM pg_catalog.set_config('df.non_future_helper',
+        helper || '|' || extract(epoch FROM statement_timestamp())::text || '|' || returned,
+        false);
+$$;
+
+-- The helper whose result `step` is, if it was returned earlier in the current statement.
+-- Deliberately STABLE, not IMMUTABLE: the answer depends on the session setting.
+CREATE FUNCTION df._non_future_helper(step text) RETURNS text
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    marker text := current_setting('df.non_future_helper', true);
+    parts  text[];
+BEGIN
+    IF marker IS NULL OR marker = '' THEN
+        RETURN NULL;
+    END IF;
+    -- The returned text may itself contain '|'; helper and timestamp never do.
+    parts := regexp_match(marker, '^([^|]*)\|([^|]*)\|(.*)$', 's');
+    IF parts IS NULL
+       OR parts[2] <> extract(epoch FROM statement_timestamp())::text
+       OR parts[3] <> step THEN
+        RETURN NULL;
+    END IF;
+    RETURN parts[1];
+END;
+$$;
+
+-- ---------------------------------------------------------------------------------------------
+-- Envelope serialisation.
+-- ---------------------------------------------------------------------------------------------
+
+-- The compact envelope text from its parts. Children are envelope texts copied as is (the
+-- caller took them from a `json` value, whose text is the input's); NULL means "absent" and
+-- the key is omitted, as is an empty extra_nodes.
+CREATE FUNCTION df._envelope(
+    node_type text, left_node text, right_node text, condition_node text, extra_nodes text[],
+    query text, result_name text)
+RETURNS text
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT '{"node_type":' || to_json(node_type)::text
+        || coalesce(',"left_node":' || left_node, '')
+        || coalesce(',"right_node":' || right_node, '')
+        || coalesce(',"condition_node":' || condition_node, '')
+        || CASE WHEN cardinality(extra_nodes) > 0
+                THEN ',"extra_nodes":[' || array_to_string(extra_nodes, ',') || ']'
+                ELSE '' END
+        || coalesce(',"query":' || to_json(query)::text, '')
+        || coalesce(',"result_name":' || to_json(result_name)::text, '')
+        || '}';
+$$;
+
+-- Why a node object cannot be read as an envelope, or NULL if it can. Shallow: children must
+-- be objects, but their own insides are checked by df.start() (which reports a path).
+CREATE FUNCTION df._shape_error(node json) RETURNS text
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE
+        WHEN json_typeof(node -> 'left_node') NOT IN ('null', 'object')
+          OR json_typeof(node -> 'right_node') NOT IN ('null', 'object')
+            THEN 'Durofut children must be JSON objects'
+        WHEN json_typeof(node -> 'condition_node') NOT IN ('null', 'object')
+            THEN 'condition_node must be a Durofut JSON object'
+        WHEN json_typeof(node -> 'extra_nodes') NOT IN ('null', 'array')
+            THEN 'extra_nodes must be an array of Durofut JSON objects'
+        WHEN json_typeof(node -> 'extra_nodes') = 'array' AND EXISTS (
+                SELECT 1 FROM json_array_elements(node -> 'extra_nodes') AS e
+                 WHERE json_typeof(e.value) <> 'object')
+            THEN 'extra_nodes entries must be Durofut JSON objects'
+        WHEN json_typeof(node -> 'query') NOT IN ('null', 'string')
+            THEN 'invalid type: query must be a string'
+        WHEN json_typeof(node -> 'result_name') NOT IN ('null', 'string')
+            THEN 'invalid type: result_name must be a string'
+    END;
+$$;
+
+CREATE FUNCTION df._node_types() RETURNS text[]
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT ARRAY['SQL', 'THEN', 'IF', 'JOIN', 'LOOP', 'BREAK', 'RACE', 'SLEEP', 'WAIT_SCHEDULE',
+                 'HTTP', 'HTTP_MULTIPART', 'SIGNAL'];
+$$;
+
+-- ---------------------------------------------------------------------------------------------
+-- df._ensure: normalise a node-typed argument (spec §3.3). Returns the envelope text with its
+-- top level in canonical form; new_name, if given, replaces the result name (df.as).
+-- ---------------------------------------------------------------------------------------------
+CREATE FUNCTION df._ensure(step text, new_name text DEFAULT NULL) RETURNS text
+LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    node   json;
+    helper text;
+    err    text;
+BEGIN
+    IF step IS NULL THEN
+        RETURN NULL;
+    END IF;
+    -- Rule 1 and 4: plain text is a SQL step, unless it is what a non-future helper just
+    -- returned.
+    IF ltrim(step, E' \t\n\r') NOT LIKE '{%' THEN
+        helper := df._non_future_helper(step);
+        IF helper IS NOT NULL THEN
+            RAISE EXCEPTION '% cannot be used as a workflow step. Call % before df.start().',
+                helper, helper USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        RETURN df._envelope('SQL', NULL, NULL, NULL, NULL, step, new_name);
+    END IF;
+
+    BEGIN
+        node := step::json;
+    EXCEPTION WHEN data_exception THEN
+        -- Starts with '{' but is not JSON (e.g. a PL/pgSQL block body): a SQL step.
+        RETURN df._envelope('SQL', NULL, NULL, NULL, NULL, step, new_name);
+    END;
+
+    -- Rule 4: JSON without a string node_type is SQL text too.
+    IF json_typeof(node -> 'node_type') IS DISTINCT FROM 'string' THEN
+        RETURN df._envelope('SQL', NULL, NULL, NULL, NULL, step, new_name);
+    END IF;
+
+    -- Rule 3: it claims to be an envelope but cannot be read as one.
+    err := df._shape_error(node);
+    IF err IS NOT NULL THEN
+        RAISE EXCEPTION 'Invalid Durofut JSON: failed to deserialize workflow step: %', err
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+
+    -- Rule 4: an unknown node type is taken as SQL text (df.start() would reject it).
+    IF NOT (node ->> 'node_type') = ANY (df._node_types()) THEN
+        RETURN df._envelope('SQL', NULL, NULL, NULL, NULL, step, new_name);
+    END IF;
+
+    -- Rule 2.
+    -- Rule 2. JSON null children count as absent, like serde's Option.
+    RETURN df._envelope(
+        node ->> 'node_type',
+        CASE WHEN json_typeof(node -> 'left_node') = 'object'
+             THEN (node -> 'left_node')::text END,
+        CASE WHEN json_typeof(node -> 'right_node') = 'object'
+             THEN (node -> 'right_node')::text END,
+        CASE WHEN json_typeof(node -> 'condition_node') = 'object'
+             THEN (node -> 'condition_node')::text END,
+        CASE WHEN json_typeof(node -> 'extra_nodes') = 'array' THEN ARRAY(
+            SELECT e.value::text
+              FROM json_array_elements(node -> 'extra_nodes') WITH ORDINALITY AS e
+             ORDER BY e.ordinality) END,
+        node ->> 'query',
+        coalesce(new_name, node ->> 'result_name'));
+END;
+$$;
+
+-- ---------------------------------------------------------------------------------------------
+-- Builders (spec §5.1). STRICT where the spec says so: NULL in, NULL out.
+-- ---------------------------------------------------------------------------------------------
+
+-- A SQL step. The query is taken literally, even if it looks like an envelope.
+CREATE FUNCTION df.sql(query text) RETURNS text
+LANGUAGE sql VOLATILE STRICT AS $$
+    SELECT df._envelope('SQL', NULL, NULL, NULL, NULL, query, NULL);
+$$;
+
+-- a, then b.
+CREATE FUNCTION df.seq(a text, b text) RETURNS text
+LANGUAGE sql VOLATILE STRICT AS $$
+    SELECT df._envelope('THEN', df._ensure(a), df._ensure(b), NULL, NULL, NULL, NULL);
+$$;
+
+-- Name fut's result so later steps can use $name.
+CREATE FUNCTION df.as(fut text, name text) RETURNS text
+LANGUAGE plpgsql VOLATILE STRICT AS $$
+BEGIN
+    IF name = '' THEN
+        RAISE EXCEPTION 'df.as: result name cannot be empty'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- Explicit ASCII classes: [[:alpha:]] and \w would accept non-ASCII letters.
+    IF name !~ '^[a-zA-Z_][a-zA-Z0-9_]*$' THEN
+        RAISE EXCEPTION 'df.as: result name ''%'' is not a valid identifier — must match [a-zA-Z_][a-zA-Z0-9_]*',
+            name USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    RETURN df._ensure(fut, name);
+END;
+$$;
+
+-- Both branches in parallel; the result is the array of both results.
+CREATE FUNCTION df.join(a text, b text) RETURNS text
+LANGUAGE sql VOLATILE STRICT AS $$
+    SELECT df._envelope('JOIN', df._ensure(a), df._ensure(b), NULL, NULL, NULL, NULL);
+$$;
+
+-- Three branches in parallel; the third is the JOIN's extra node.
+CREATE FUNCTION df.join3(a text, b text, c text) RETURNS text
+LANGUAGE sql VOLATILE STRICT AS $$
+    SELECT df._envelope('JOIN', df._ensure(a), df._ensure(b), NULL,
+                        ARRAY[df._ensure(c)], NULL, NULL);
+$$;
+
+-- Both branches in parallel; the first to finish decides.
+CREATE FUNCTION df.race(a text, b text) RETURNS text
+LANGUAGE sql VOLATILE STRICT AS $$
+    SELECT df._envelope('RACE', df._ensure(a), df._ensure(b), NULL, NULL, NULL, NULL);
+$$;
+
+-- Run condition; then then_branch if its result is truthy, else else_branch.
+CREATE FUNCTION df.if(condition text, then_branch text, else_branch text) RETURNS text
+LANGUAGE sql VOLATILE STRICT AS $$
+    SELECT df._envelope('IF', df._ensure(then_branch), df._ensure(else_branch),
+                        df._ensure(condition), NULL, NULL, NULL);
+$$;
+
+-- Branch on whether the named result has rows. The name is checked when the IF runs.
+CREATE FUNCTION df.if_rows(result_name text, then_branch text, else_branch text) RETURNS text
+LANGUAGE sql VOLATILE STRICT AS $$
+    SELECT df._envelope('IF', df._ensure(then_branch), df._ensure(else_branch),
+                        NULL, NULL,
+                        '{"condition_type":"result_has_rows","result_name":'
+                            || to_json(result_name)::text || '}',
+                        NULL);
+$$;
+
+-- Repeat body forever (until df.break), or while condition holds after each pass.
+CREATE FUNCTION df.loop(body text, condition text DEFAULT NULL) RETURNS text
+LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    IF body IS NULL THEN
+        RAISE EXCEPTION 'df.loop: body cannot be NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    RETURN df._envelope('LOOP', df._ensure(body), NULL,
+                        df._ensure(condition), NULL, NULL, NULL);
+END;
+$$;
+
+-- Leave the nearest enclosing loop, which completes with value (a literal, never SQL).
+CREATE FUNCTION df.break(value text DEFAULT NULL) RETURNS text
+LANGUAGE sql VOLATILE AS $$
+    SELECT df._envelope('BREAK', NULL, NULL, NULL, NULL,
+                        '{"break_value":' || coalesce(to_json(value)::text, 'null') || '}',
+                        NULL);
+$$;
+
+-- A durable timer.
+CREATE FUNCTION df.sleep(seconds bigint) RETURNS text
+LANGUAGE plpgsql VOLATILE STRICT AS $$
+BEGIN
+    IF seconds < 0 THEN
+        RAISE EXCEPTION 'Sleep duration must be non-negative'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    RETURN df._envelope('SLEEP', NULL, NULL, NULL, NULL, seconds::text, NULL);
+END;
+$$;
+
+-- ---------------------------------------------------------------------------------------------
+-- Operator helpers (spec §4.1), IMMUTABLE as in the original.
+--
+-- With constant operands PostgreSQL evaluates an IMMUTABLE call once while planning. That is
+-- harmless for the non-future-helper check: an operand that is a helper's result is a call
+-- to a VOLATILE function, so the expression is not constant and the check runs at execution,
+-- after the helper has recorded its marker.
+-- ---------------------------------------------------------------------------------------------
+CREATE FUNCTION df.as_op(fut text, name text) RETURNS text
+LANGUAGE sql IMMUTABLE STRICT AS $$
+    SELECT df.as(fut, name);
+$$;
+
+CREATE FUNCTION df.loop_prefix_op(body text) RETURNS text
+LANGUAGE sql IMMUTABLE STRICT AS $$
+    SELECT df.loop(body);
+$$;
+
+-- `condition ?> then_branch` is half an IF; `!>` completes it. The operands are kept as
+-- given; df.if normalises them when the else branch arrives.
+CREATE FUNCTION df.if_then_op(condition text, then_branch text) RETURNS text
+LANGUAGE plpgsql IMMUTABLE STRICT AS $$
+BEGIN
+    RETURN jsonb_build_object('_partial_if', true, 'condition', condition,
+                              'then_branch', then_branch)::text;
+END;
+$$;
+
+CREATE FUNCTION df.if_else_op(partial_if text, else_branch text) RETURNS text
+LANGUAGE plpgsql IMMUTABLE STRICT AS $$
+DECLARE
+    partial jsonb;
+BEGIN
+    BEGIN
+        partial := partial_if::jsonb;
+    EXCEPTION WHEN data_exception THEN
+        partial := NULL;
+    END;
+    IF jsonb_typeof(partial) IS DISTINCT FROM 'object' OR partial ->> '_partial_if' IS NULL THEN
+        RAISE EXCEPTION 'Invalid if-then-else: left side of !> must be a ?> expression'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    RETURN df.if(partial ->> 'condition', partial ->> 'then_branch', else_branch);
+END;
+$$;
+
+-- ---------------------------------------------------------------------------------------------
+-- Operators (spec §4). They live in pg_catalog so that `'a' ~> 'b'` works with any
+-- search_path, as in pg_durable. Creating objects in pg_catalog needs a superuser; on managed
+-- PostgreSQL the installer may not be one, and then the operators go into schema df, where
+-- users reach them with df on their search_path or as OPERATOR(df.~>).
+--
+-- All of them share PostgreSQL's single precedence level for user-defined operators, left
+-- associative (spec §4.2); there is nothing to configure.
+-- ---------------------------------------------------------------------------------------------
+DO $$
+DECLARE
+    ops text := $ops$
+        CREATE OPERATOR @schema@.~> (LEFTARG = text, RIGHTARG = text, FUNCTION = df.seq);
+        CREATE OPERATOR @schema@.|=> (LEFTARG = text, RIGHTARG = text, FUNCTION = df.as_op);
+        CREATE OPERATOR @schema@.& (LEFTARG = text, RIGHTARG = text, FUNCTION = df.join);
+        CREATE OPERATOR @schema@.| (LEFTARG = text, RIGHTARG = text, FUNCTION = df.race);
+        CREATE OPERATOR @schema@.?> (LEFTARG = text, RIGHTARG = text, FUNCTION = df.if_then_op);
+        CREATE OPERATOR @schema@.!> (LEFTARG = text, RIGHTARG = text, FUNCTION = df.if_else_op);
+        CREATE OPERATOR @schema@.@> (RIGHTARG = text, FUNCTION = df.loop_prefix_op);
+    $ops$;
+BEGIN
+    BEGIN
+        EXECUTE replace(ops, '@schema@', 'pg_catalog');
+    EXCEPTION WHEN insufficient_privilege THEN
+        EXECUTE replace(ops, '@schema@', 'df');
+        RAISE NOTICE 'pgdurable: no permission to create the DSL operators in pg_catalog '
+            '(not a superuser?); they were created in schema df. Put df on the search_path '
+            '(SET search_path = "$user", public, df) or write OPERATOR(df.~>).';
+    END;
+END;
+$$;
