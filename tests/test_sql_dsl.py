@@ -7,12 +7,16 @@ the exact error it must raise. Every mismatch of a table is reported at once.
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import psycopg
 import pytest
+
+from pgdurable import sql as installer
+from pgdurable.embedded import EmbeddedPostgres
 
 Conn = psycopg.Connection[tuple[Any, ...]]
 
@@ -632,3 +636,44 @@ def test_non_future_helpers_do_not_poison_other_steps(conn: Conn) -> None:
     )
     # A later statement may use the word 'OK' as (odd) SQL text.
     check(conn, [("'OK' |=> 'n'", envelope(sql_node("OK", "n")))])
+
+
+def test_operators_fall_back_to_schema_df_without_superuser(cluster: EmbeddedPostgres) -> None:
+    """On managed PostgreSQL the installer is no superuser: the operators go into df."""
+    suffix = uuid.uuid4().hex[:8]
+    role, db = f"pgd_installer_{suffix}", f"pgd_managed_{suffix}"
+    with psycopg.connect(cluster.dsn(), autocommit=True) as admin:
+        admin.execute(f"CREATE ROLE {role} LOGIN")
+        admin.execute(f"CREATE DATABASE {db} OWNER {role}")
+    try:
+        notices: list[str] = []
+        with psycopg.connect(cluster.dsn(db, user=role)) as c:
+            c.add_notice_handler(lambda d: notices.append(d.message_primary or ""))
+            installer.install(c)
+            assert any("created in schema df" in n for n in notices), notices
+            operators = c.execute(
+                "SELECT oprnamespace::regnamespace::text, count(*) FROM pg_operator"
+                " WHERE oprcode::regproc::text LIKE 'df.%' GROUP BY 1"
+            ).fetchall()
+            assert operators == [("df", 7)]
+            c.execute("SET search_path = public, df")
+            check(
+                c,
+                [
+                    (
+                        "'SELECT 1' ~> 'SELECT 2'",
+                        f'{{"node_type":"THEN","left_node":{S1},"right_node":{S2}}}',
+                    ),
+                    ("'a' & 'b'", f'{{"node_type":"JOIN","left_node":{A},"right_node":{B}}}'),
+                    ("'a' | 'b'", f'{{"node_type":"RACE","left_node":{A},"right_node":{B}}}'),
+                    ("@> 'b' |=> 'n'", f'{{"node_type":"LOOP","left_node":{B},"result_name":"n"}}'),
+                    ("'c' ?> 't' !> 'e'", value_of(c, "df.if('c', 't', 'e')")),
+                    ("6 & 3", 2),
+                ],
+            )
+            c.execute("SET search_path = public")
+            check(c, [("'a' OPERATOR(df.~>) 'b'", value_of(c, "df.seq('a', 'b')"))])
+    finally:
+        with psycopg.connect(cluster.dsn(), autocommit=True) as admin:
+            admin.execute(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
+            admin.execute(f"DROP ROLE IF EXISTS {role}")

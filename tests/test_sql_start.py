@@ -37,7 +37,7 @@ class Error:
 def outcome(conn: Conn, sql: str, params: Sequence[object] = ()) -> object:
     """The single value `SELECT <sql>` returns, or Error(message) if it raises."""
     try:
-        row = conn.execute(f"SELECT {sql}", params).fetchone()
+        row = conn.execute(f"SELECT {sql}", params or None).fetchone()
     except psycopg.Error as e:
         return Error(e.diag.message_primary or str(e))
     assert row is not None
@@ -60,7 +60,7 @@ def j(node: dict[str, Any]) -> str:
     return json.dumps(node, ensure_ascii=False, separators=(",", ":"))
 
 
-def sql(query: str, **extra: Any) -> dict[str, Any]:
+def sql(query: Any, **extra: Any) -> dict[str, Any]:
     return {"node_type": "SQL", "query": query, **extra}
 
 
@@ -244,7 +244,9 @@ def test_storage_of_every_node_type(su: Conn) -> None:
     # before it, and so on down to the first step at root.left.left.left.left.left.left.
     step = ["root" + ".left" * k + ".right" for k in range(6)][::-1]
     first = "root" + ".left" * 6
-    expected = {"root" + ".left" * k: ("THEN", None, None) for k in range(6)}
+    expected: dict[str, tuple[str, str | None, str | None]] = {
+        "root" + ".left" * k: ("THEN", None, None) for k in range(6)
+    }
     expected |= {
         first: ("IF", j({"condition_node": child_id(f"{first}.condition_node")}), None),
         f"{first}.condition_node": ("SQL", "SELECT c", None),

@@ -36,6 +36,8 @@ RETURNS text
 LANGUAGE plpgsql VOLATILE STRICT AS $$
 DECLARE
     v_status text;
+    -- bigint: timeout_seconds * 10 overflows integer for timeouts of years.
+    v_polls  bigint := timeout_seconds::bigint * 10;
 BEGIN
     IF df._in_workflow() THEN
         RAISE EXCEPTION 'df.await_instance() cannot be called inside a workflow - wait for instances from the client that started them'
@@ -44,7 +46,7 @@ BEGIN
     IF timeout_seconds <= 0 THEN
         RAISE EXCEPTION 'Timeout must be positive' USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    FOR poll IN 1..timeout_seconds::bigint * 10 LOOP
+    LOOP
         SELECT i.status INTO v_status FROM df.instances i WHERE i.id = await_instance.instance_id;
         IF NOT FOUND THEN
             RAISE EXCEPTION 'Instance not found: %', instance_id USING ERRCODE = 'no_data_found';
@@ -55,6 +57,8 @@ BEGIN
             RETURN v_status;
         END IF;
         PERFORM pg_sleep(0.1);
+        v_polls := v_polls - 1;
+        EXIT WHEN v_polls <= 0;
     END LOOP;
     RAISE EXCEPTION 'Timeout after %s waiting for instance % (status: %). Check if background worker is running.',
         timeout_seconds, instance_id, v_status;

@@ -1,0 +1,739 @@
+"""Client functions: status, result, await, cancel, variables, listing, version and grants
+(spec §5.2, §5.3, §5.5, §9.1, §10).
+
+No worker runs here, so instances stay pending; terminal states are set by hand where a test
+needs them.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC
+from typing import Any
+
+import psycopg
+import pytest
+
+import pgdurable
+from pgdurable.embedded import EmbeddedPostgres
+
+Conn = psycopg.Connection[tuple[Any, ...]]
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Error:
+    """The expected outcome of a statement that must fail: its primary message, exactly."""
+
+    message: str
+
+
+def outcome(conn: Conn, sql: str, params: Sequence[object] = ()) -> object:
+    """The single value `SELECT <sql>` returns, or Error(message) if it raises."""
+    try:
+        row = conn.execute(f"SELECT {sql}", params or None).fetchone()
+    except psycopg.Error as e:
+        return Error(e.diag.message_primary or str(e))
+    assert row is not None
+    return row[0]
+
+
+def check(conn: Conn, cases: Sequence[tuple[str, object]]) -> None:
+    """Evaluate every expression and compare it with its expected output."""
+    failures = []
+    for sql, expected in cases:
+        got = outcome(conn, sql)
+        if got != expected:
+            failures.append(f"SELECT {sql}\n    expected: {expected!r}\n    got:      {got!r}")
+    assert not failures, f"{len(failures)} of {len(cases)} cases differ:\n" + "\n".join(failures)
+
+
+def start(conn: Conn, expr: str = "'SELECT 1'", *params: object) -> str:
+    row = conn.execute(f"SELECT df.start({expr})", params).fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def set_status(conn: Conn, instance: str, status: str) -> None:
+    """Pretend a worker moved the instance on (superuser connection)."""
+    conn.execute("UPDATE df.instances SET status = %s WHERE id = %s", (status, instance))
+
+
+def set_root(conn: Conn, instance: str, status: str, result: str | None) -> None:
+    """Pretend a worker finished (or started) the instance's root node."""
+    conn.execute(
+        "UPDATE df.nodes n SET status = %s, result = %s::jsonb FROM df.instances i"
+        " WHERE i.id = %s AND n.instance_id = i.id AND n.id = i.root_node",
+        (status, result, instance),
+    )
+
+
+def notices_of(conn: Conn) -> list[tuple[str, str]]:
+    """Collect (severity, message) of every notice the connection receives from now on."""
+    seen: list[tuple[str, str]] = []
+    conn.add_notice_handler(
+        lambda d: seen.append((d.severity_nonlocalized or "", d.message_primary or ""))
+    )
+    return seen
+
+
+@pytest.fixture
+def su(conn: Conn) -> Conn:
+    """The superuser connection, allowed to start instances."""
+    conn.execute("SET pg_durable.enable_superuser_instances = on")
+    return conn
+
+
+@dataclass
+class Role:
+    name: str
+    conn: Conn
+
+
+RoleFactory = Callable[..., Role]
+
+
+@pytest.fixture
+def make_role(cluster: EmbeddedPostgres, dbname: str, conn: Conn) -> Iterator[RoleFactory]:
+    """Create LOGIN roles with unique names (granted df usage unless grant=False) and a
+    connection as each; drop them and their privileges afterwards."""
+    made: list[Role] = []
+
+    def create(grant: bool = True, name: str | None = None) -> Role:
+        name = name or f"pgd_client_{uuid.uuid4().hex[:10]}"
+        conn.execute(f"CREATE ROLE {quote(name)} LOGIN")
+        if grant:
+            conn.execute("SELECT df.grant_usage(%s)", (name,))
+        role = Role(name, psycopg.connect(cluster.dsn(dbname), user=name, autocommit=True))
+        made.append(role)
+        return role
+
+    yield create
+    for role in made:
+        role.conn.close()
+        conn.execute(f"DROP OWNED BY {quote(role.name)}")
+        conn.execute(f"DROP ROLE {quote(role.name)}")
+
+
+def quote(identifier: str) -> str:
+    return '"' + identifier.replace('"', '""') + '"'
+
+
+# -- status and result ----------------------------------------------------------------------------
+
+
+def test_status_and_result(su: Conn) -> None:
+    pending = start(su, "'SELECT 1', 'my label'")
+    done = start(su)
+    failed = start(su)
+    running = start(su)
+    set_root(su, done, "completed", '{"row_count":1,"rows":[{"answer":42}]}')
+    set_root(su, failed, "failed", '"SQL execution failed: boom"')
+    set_root(su, running, "running", None)
+    set_status(su, done, "completed")
+    set_status(su, failed, "failed")
+    set_status(su, running, "running")
+    check(
+        su,
+        [
+            (f"df.status('{pending}')", "pending"),
+            (f"df.status('{done}')", "completed"),
+            (f"df.status('{failed}')", "failed"),
+            (f"df.status('{running}')", "running"),
+            ("df.status('00000000')", None),
+            ("df.status('my label')", None),
+            ("df.status(NULL)", None),
+            (f"df.result('{pending}')", None),
+            # jsonb text rendering of the root node's result.
+            (f"df.result('{done}')", '{"rows": [{"answer": 42}], "row_count": 1}'),
+            (f"df.result('{failed}')", None),
+            (f"df.result('{running}')", None),
+            ("df.result('00000000')", None),
+            ("df.result(NULL)", None),
+        ],
+    )
+    # Only the root counts: a completed inner node of a cancelled instance gives nothing.
+    cancelled = start(su, "'a' ~> 'b'")
+    su.execute(
+        "UPDATE df.nodes SET status = 'completed', result = '1' WHERE instance_id = %s"
+        " AND id <> (SELECT root_node FROM df.instances WHERE id = %s)",
+        (cancelled, cancelled),
+    )
+    set_status(su, cancelled, "cancelled")
+    check(su, [(f"df.result('{cancelled}')", None)])
+
+
+# -- await ----------------------------------------------------------------------------------------
+
+
+def test_await_instance(su: Conn) -> None:
+    pending = start(su)
+    terminal = {status: start(su) for status in ("completed", "failed", "cancelled")}
+    for status, instance in terminal.items():
+        set_status(su, instance, status)
+    check(
+        su,
+        [
+            (f"df.await_instance('{pending}', 0)", Error("Timeout must be positive")),
+            (f"df.await_instance('{pending}', -5)", Error("Timeout must be positive")),
+            ("df.await_instance('00000000', 1)", Error("Instance not found: 00000000")),
+            ("df.await_instance('0000''\"x', 1)", Error("Instance not found: 0000'\"x")),
+            ("df.await_instance(NULL)", None),
+            *[(f"df.await_instance('{i}')", status) for status, i in terminal.items()],
+            *[(f"df.await_instance('{i}', 1)", status) for status, i in terminal.items()],
+        ],
+    )
+    began = time.monotonic()
+    assert outcome(su, "df.await_instance(%s, 1)", [pending]) == Error(
+        f"Timeout after 1s waiting for instance {pending} (status: pending). "
+        "Check if background worker is running."
+    )
+    assert 0.9 < time.monotonic() - began < 3
+
+
+def test_await_sees_commits_of_other_sessions(su: Conn, dsn: str) -> None:
+    instance = start(su)
+
+    def finish_later() -> None:
+        time.sleep(0.4)
+        with psycopg.connect(dsn, autocommit=True) as other:
+            set_status(other, instance, "completed")
+
+    finisher = threading.Thread(target=finish_later)
+    began = time.monotonic()
+    finisher.start()
+    try:
+        assert outcome(su, "df.await_instance(%s, 10)", [instance]) == "completed"
+    finally:
+        finisher.join()
+    assert time.monotonic() - began < 3
+
+
+def test_await_in_the_starting_transaction_times_out(su: Conn) -> None:
+    with su.transaction():
+        instance = start(su)
+        assert outcome(su, "df.await_instance(%s, 1)", [instance]) == Error(
+            f"Timeout after 1s waiting for instance {instance} (status: pending). "
+            "Check if background worker is running."
+        )
+        raise psycopg.Rollback()
+
+
+def test_wait_for_completion_is_a_deprecated_alias(su: Conn) -> None:
+    instance = start(su)
+    set_status(su, instance, "failed")
+    seen = notices_of(su)
+    assert outcome(su, "df.wait_for_completion(%s)", [instance]) == "failed"
+    assert seen == [
+        ("WARNING", "df.wait_for_completion() is deprecated; use df.await_instance() instead")
+    ]
+    assert outcome(su, "df.wait_for_completion('00000000', 1)") == Error(
+        "Instance not found: 00000000"
+    )
+
+
+def test_in_workflow_refusals(su: Conn) -> None:
+    instance = start(su)
+    su.execute("SELECT df.setvar('kept', 'v')")
+    su.execute("SET df.in_workflow = 'true'")
+    check(
+        su,
+        [
+            (
+                f"df.await_instance('{instance}', 1)",
+                Error(
+                    "df.await_instance() cannot be called inside a workflow - wait for "
+                    "instances from the client that started them"
+                ),
+            ),
+            (
+                "df.setvar('k', 'v')",
+                Error(
+                    "df.setvar() cannot be called inside a workflow - set variables before "
+                    "starting the workflow"
+                ),
+            ),
+            (
+                "df.unsetvar('k')",
+                Error(
+                    "df.unsetvar() cannot be called inside a workflow - manage variables before "
+                    "starting the workflow"
+                ),
+            ),
+            (
+                "df.clearvars()",
+                Error(
+                    "df.clearvars() cannot be called inside a workflow - manage variables before "
+                    "starting the workflow"
+                ),
+            ),
+            # Reading is fine.
+            ("df.getvar('kept')", "v"),
+            (f"df.status('{instance}')", "pending"),
+        ],
+    )
+    su.execute("SET df.in_workflow = 'false'")
+    check(su, [("df.setvar('k', 'v')", "OK")])
+
+
+# -- cancel and run -------------------------------------------------------------------------------
+
+
+def test_cancel(su: Conn) -> None:
+    instance = start(su)
+    su.execute(
+        "UPDATE df.instances SET updated_at = now() - interval '1 hour' WHERE id = %s", (instance,)
+    )
+    done = start(su)
+    set_status(su, done, "completed")
+    check(
+        su,
+        [
+            (f"df.cancel('{instance}')", f"Instance {instance} cancelled: Cancelled by user"),
+            (f"df.status('{instance}')", "cancelled"),
+            (
+                f"(SELECT updated_at > now() - interval '1 minute' AND completed_at IS NULL"
+                f" FROM df.instances WHERE id = '{instance}')",
+                True,
+            ),
+            # Idempotent, and terminal instances keep their status.
+            (f"df.cancel('{instance}', 'again')", f"Instance {instance} cancelled: again"),
+            (f"df.cancel('{done}', 'too late')", f"Instance {done} cancelled: too late"),
+            (f"df.status('{done}')", "completed"),
+            (
+                "df.cancel('00000000')",
+                Error("Instance not found or access denied: 00000000"),
+            ),
+            ("df.cancel(NULL)", None),
+            (f"df.cancel('{instance}', NULL)", None),
+        ],
+    )
+
+
+def test_run_is_a_stub(su: Conn) -> None:
+    check(
+        su,
+        [
+            ("df.run()", "Triggered run for all pending instances"),
+            ("df.run(NULL)", "Triggered run for all pending instances"),
+            ("df.run('abcdef01')", "Triggered run for instance: abcdef01"),
+        ],
+    )
+
+
+# -- variables ------------------------------------------------------------------------------------
+
+
+def test_variables(su: Conn) -> None:
+    odd = 'it\'s "quoted" \\ and 😀\nnewline'
+    check(
+        su,
+        [
+            ("df.getvar('k')", None),
+            ("df.setvar('k', 'one')", "OK"),
+            ("df.getvar('k')", "one"),
+            ("df.setvar('k', 'two')", "OK"),
+            ("df.getvar('k')", "two"),
+            (f"df.setvar('{odd.replace(chr(39), chr(39) * 2)}', 'x')", "OK"),
+            (f"df.getvar('{odd.replace(chr(39), chr(39) * 2)}')", "x"),
+            ("df.setvar('v', 'ünïcödé 🎉')", "OK"),
+            ("df.getvar('v')", "ünïcödé 🎉"),
+            ("df.setvar('n', NULL)", None),
+            ("df.getvar('n')", None),
+            ("df.getvar(NULL)", None),
+            ("(SELECT count(*) FROM df.vars)", 3),
+            ("df.unsetvar('k')", "OK"),
+            ("df.unsetvar('k')", "OK"),
+            ("df.getvar('k')", None),
+            ("df.unsetvar(NULL)", None),
+            ("df.clearvars()", "OK"),
+            ("(SELECT count(*) FROM df.vars)", 0),
+            ("df.clearvars()", "OK"),
+        ],
+    )
+
+
+def test_roles_see_only_their_own_instances_and_variables(su: Conn, make_role: RoleFactory) -> None:
+    alice, bob = make_role(), make_role()
+    theirs = {}
+    for role in (alice, bob):
+        check(
+            role.conn, [(f"df.setvar('k', '{role.name}')", "OK"), ("df.setvar('only', 'x')", "OK")]
+        )
+        theirs[role.name] = start(role.conn, "'SELECT 1', %s", f"label of {role.name}")
+    check(su, [("df.setvar('k', 'superuser')", "OK")])
+    mine = start(su)
+
+    a, b = theirs[alice.name], theirs[bob.name]
+    check(
+        alice.conn,
+        [
+            ("df.getvar('k')", alice.name),
+            ("(SELECT count(*) FROM df.vars)", 2),
+            (f"df.status('{a}')", "pending"),
+            (f"df.status('{b}')", None),
+            (f"df.status('{mine}')", None),
+            (f"df.result('{b}')", None),
+            (f"df.cancel('{b}')", Error(f"Instance not found or access denied: {b}")),
+            (f"df.await_instance('{b}', 1)", Error(f"Instance not found: {b}")),
+            ("(SELECT count(*) FROM df.instances)", 1),
+            ("(SELECT count(*) FROM df.nodes)", 1),
+            (f"(SELECT submitted_by::text FROM df.instances WHERE id = '{a}')", alice.name),
+            (f"(SELECT bool_and(submitted_by::text = '{alice.name}') FROM df.nodes)", True),
+            ("(SELECT array_agg(instance_id) FROM df.list_instances())", [a]),
+            ("df.clearvars()", "OK"),
+        ],
+    )
+    # alice's clearvars touched nothing of bob's, and bob's cancel works on his own instance.
+    check(
+        bob.conn,
+        [
+            ("df.getvar('k')", bob.name),
+            ("df.getvar('only')", "x"),
+            (f"df.cancel('{b}')", f"Instance {b} cancelled: Cancelled by user"),
+        ],
+    )
+    check(su, [(f"df.status('{b}')", "cancelled"), (f"df.status('{a}')", "pending")])
+    # The superuser bypasses RLS for instances, but the variable helpers stay self-scoped.
+    check(
+        su,
+        [
+            ("df.getvar('k')", "superuser"),
+            ("df.getvar('only')", None),
+            ("df.clearvars()", "OK"),
+            ("(SELECT count(*) FROM df.vars WHERE owner = 'postgres'::regrole)", 0),
+            ("(SELECT count(*) FROM df.vars)", 2),
+            ("(SELECT count(*) FROM df.list_instances())", 3),
+            (f"df.status('{a}')", "pending"),
+        ],
+    )
+
+
+def test_unusual_role_names(su: Conn, make_role: RoleFactory) -> None:
+    for name in ('Mixed"Case Role', "it's ünï 😀"):
+        role = make_role(name=name + " " + uuid.uuid4().hex[:6])
+        instance = start(role.conn, "'SELECT 1', %s", "label 'with' \"quotes\" 🎯")
+        check(
+            role.conn,
+            [
+                (f"df.status('{instance}')", "pending"),
+                ("df.setvar('k', 'v')", "OK"),
+                ("df.getvar('k')", "v"),
+                (
+                    f"(SELECT submitted_by = quote_ident(current_user)::regrole"
+                    f" FROM df.instances WHERE id = '{instance}')",
+                    True,
+                ),
+                ("(SELECT label FROM df.list_instances())", "label 'with' \"quotes\" 🎯"),
+                (f"df.cancel('{instance}')", f"Instance {instance} cancelled: Cancelled by user"),
+            ],
+        )
+        check(
+            su,
+            [
+                (
+                    f"(SELECT submitted_by::text FROM df.instances WHERE id = '{instance}')",
+                    quote(role.name),
+                )
+            ],
+        )
+
+
+# -- list_instances -------------------------------------------------------------------------------
+
+
+def test_list_instances(su: Conn, make_role: RoleFactory) -> None:
+    ids = [start(su, "'SELECT 1', %s", f"l{i}") for i in range(4)]
+    # created_at: ids[2] newest; ids[0] and ids[1] tie; ids[3] oldest.
+    for instance, age in zip(ids, (60, 60, 10, 120), strict=True):
+        su.execute(
+            "UPDATE df.instances SET created_at = '2026-01-01 12:00:00+00'::timestamptz"
+            " - make_interval(secs => %s) WHERE id = %s",
+            (age, instance),
+        )
+    set_status(su, ids[1], "completed")
+    su.execute(
+        "INSERT INTO df._runs (instance_id, generation, output) VALUES (%s, 3, 'out')"
+        " ON CONFLICT (instance_id) DO UPDATE SET generation = 3, output = 'out'",
+        (ids[1],),
+    )
+    tie = sorted(ids[:2])
+    newest_first = [ids[2], *tie, ids[3]]
+    rows = su.execute("SELECT * FROM df.list_instances()").fetchall()
+    assert [r[0] for r in rows] == newest_first
+    by_id = {r[0]: r for r in rows}
+    assert by_id[ids[1]] == (
+        ids[1],
+        "l1",
+        "pg_durable::orchestration::execute-function-graph",
+        "completed",
+        3,
+        "out",
+    )
+    assert by_id[ids[0]][1:4] == (
+        "l0",
+        "pg_durable::orchestration::execute-function-graph",
+        "pending",
+    )
+    assert by_id[ids[0]][5] is None
+    columns = [
+        (c.name, c.type_code)
+        for c in su.execute("SELECT * FROM df.list_instances() LIMIT 0").description or []
+    ]
+    assert [name for name, _ in columns] == [
+        "instance_id",
+        "label",
+        "function_name",
+        "status",
+        "execution_count",
+        "output",
+    ]
+    too_many = (
+        "df.list_instances: limit_count ({}) exceeds pg_durable.list_instances_max_limit ({}); "
+        "request fewer rows, or use the paginated df.list_instances overload "
+        "(after_cursor/next_cursor) for large result sets"
+    )
+    check(
+        su,
+        [
+            ("(SELECT array_agg(instance_id) FROM df.list_instances(NULL, 2))", newest_first[:2]),
+            ("(SELECT array_agg(instance_id) FROM df.list_instances('completed'))", [ids[1]]),
+            ("(SELECT count(*) FROM df.list_instances('pending'))", 3),
+            ("(SELECT count(*) FROM df.list_instances('PENDING'))", 0),
+            ("(SELECT count(*) FROM df.list_instances(limit_count => 1000))", 4),
+            (
+                "(SELECT count(*) FROM df.list_instances(NULL, 0))",
+                Error("limit_count must be at least 1"),
+            ),
+            (
+                "(SELECT count(*) FROM df.list_instances(NULL, -1))",
+                Error("limit_count must be at least 1"),
+            ),
+            (
+                "(SELECT count(*) FROM df.list_instances(NULL, 1001))",
+                Error(too_many.format(1001, 1000)),
+            ),
+        ],
+    )
+    su.execute("SET pg_durable.list_instances_max_limit = 3")
+    check(
+        su,
+        [
+            ("(SELECT count(*) FROM df.list_instances(NULL, 3))", 3),
+            ("(SELECT count(*) FROM df.list_instances(NULL, 4))", Error(too_many.format(4, 3))),
+            # The default limit is checked too.
+            ("(SELECT count(*) FROM df.list_instances())", Error(too_many.format(100, 3))),
+        ],
+    )
+    for unusable in ("abc", "0", "-5", "99999999"):
+        su.execute(
+            "SELECT set_config('pg_durable.list_instances_max_limit', %s, false)", (unusable,)
+        )
+        check(su, [("(SELECT count(*) FROM df.list_instances(NULL, 1000))", 4)])
+        check(
+            su,
+            [
+                (
+                    "(SELECT count(*) FROM df.list_instances(NULL, 1001))",
+                    Error(too_many.format(1001, 1000)),
+                )
+            ],
+        )
+    su.execute("SET pg_durable.list_instances_max_limit = 1000000")
+    check(su, [("(SELECT count(*) FROM df.list_instances(NULL, 1000000))", 4)])
+
+    # A role lists its own instances, with the engine columns of its own runs.
+    role = make_role()
+    own = start(role.conn)
+    su.execute("UPDATE df._runs SET generation = 7, output = 'mine' WHERE instance_id = %s", (own,))
+    assert role.conn.execute("SELECT * FROM df.list_instances()").fetchall() == [
+        (own, None, "pg_durable::orchestration::execute-function-graph", "pending", 7, "mine")
+    ]
+
+
+# -- version and misc ------------------------------------------------------------------------------
+
+
+def test_version(su: Conn, make_role: RoleFactory) -> None:
+    version = outcome(su, "df.version()")
+    assert isinstance(version, str)
+    match = re.fullmatch(r"(\S+) \(built (\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ)\)", version)
+    assert match, version
+    assert match.group(1) == pgdurable.__version__
+    installed = su.execute("SELECT max(applied_at) FROM df._migrations").fetchone()[0]  # type: ignore[index]
+    assert match.group(2) == installed.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    # Users have no access to df._migrations, yet may ask for the version.
+    role = make_role()
+    assert outcome(role.conn, "df.version()") == version
+    assert outcome(role.conn, "count(*) FROM df._migrations") == Error(
+        "permission denied for table _migrations"
+    )
+
+
+def test_misc_functions(su: Conn, dbname: str) -> None:
+    check(
+        su,
+        [
+            ("df.duroxide_schema()", "_duroxide"),
+            (
+                "(SELECT provolatile FROM pg_proc"
+                " WHERE oid = 'df.duroxide_schema()'::regprocedure)",
+                "i",
+            ),
+            ("df.target_database()", dbname),
+        ],
+    )
+    su.execute("SET pg_durable.database = 'elsewhere'")
+    check(su, [("df.target_database()", "elsewhere")])
+    su.execute("SET pg_durable.database = ''")
+    check(su, [("df.target_database()", dbname)])
+
+
+# -- privileges -----------------------------------------------------------------------------------
+
+PRIVILEGES = [
+    # (check expression with {r} for the role, granted by grant_usage?)
+    ("has_schema_privilege({r}, 'df', 'USAGE')", True),
+    ("has_table_privilege({r}, 'df.instances', 'SELECT')", True),
+    ("has_column_privilege({r}, 'df.instances', 'status', 'UPDATE')", True),
+    ("has_column_privilege({r}, 'df.instances', 'updated_at', 'UPDATE')", True),
+    ("has_column_privilege({r}, 'df.instances', 'label', 'UPDATE')", False),
+    ("has_column_privilege({r}, 'df.instances', 'submitted_by', 'UPDATE')", False),
+    ("has_column_privilege({r}, 'df.instances', 'submitted_by', 'INSERT')", True),
+    ("has_column_privilege({r}, 'df.instances', 'status', 'INSERT')", False),
+    ("has_table_privilege({r}, 'df.instances', 'DELETE')", False),
+    ("has_table_privilege({r}, 'df.nodes', 'SELECT')", True),
+    ("has_column_privilege({r}, 'df.nodes', 'query', 'INSERT')", True),
+    ("has_column_privilege({r}, 'df.nodes', 'status', 'INSERT')", False),
+    ("has_column_privilege({r}, 'df.nodes', 'result', 'UPDATE')", False),
+    ("has_table_privilege({r}, 'df.nodes', 'DELETE')", False),
+    ("has_table_privilege({r}, 'df.vars', 'SELECT, INSERT, UPDATE, DELETE')", True),
+    ("has_column_privilege({r}, 'df._runs', 'generation', 'SELECT')", True),
+    ("has_column_privilege({r}, 'df._runs', 'output', 'SELECT')", True),
+    ("has_column_privilege({r}, 'df._runs', 'vars', 'SELECT')", False),
+    ("has_column_privilege({r}, 'df._runs', 'state', 'SELECT')", False),
+    ("has_table_privilege({r}, 'df._tasks', 'SELECT')", False),
+    ("has_table_privilege({r}, 'df._worker_epoch', 'SELECT')", False),
+    ("has_table_privilege({r}, 'df._migrations', 'SELECT')", False),
+    ("has_function_privilege({r}, 'df.grant_usage(text,boolean,boolean)', 'EXECUTE')", False),
+    ("has_function_privilege({r}, 'df.revoke_usage(text)', 'EXECUTE')", False),
+]
+
+
+def privileges_of(conn: Conn, role: str) -> list[tuple[str, bool]]:
+    return [(expr, bool(outcome(conn, expr.format(r="%s"), [role]))) for expr, _ in PRIVILEGES]
+
+
+def test_nothing_is_granted_to_public(su: Conn, make_role: RoleFactory) -> None:
+    stranger = make_role(grant=False)
+    assert privileges_of(su, stranger.name) == [(expr, False) for expr, _ in PRIVILEGES]
+    check(
+        stranger.conn,
+        [
+            ("df.status('abcdef01')", Error("permission denied for schema df")),
+            ("df.start('SELECT 1')", Error("permission denied for schema df")),
+            ("df.setvar('k', 'v')", Error("permission denied for schema df")),
+            ("'a' ~> 'b' IS NOT NULL", Error("permission denied for schema df")),
+            ("count(*) FROM df.instances", Error("permission denied for schema df")),
+        ],
+    )
+    check(
+        su,
+        [
+            (
+                "(SELECT count(*) FROM pg_namespace n, aclexplode(n.nspacl) a"
+                " WHERE n.nspname = 'df' AND a.grantee = 0)",
+                0,
+            ),
+            (
+                "(SELECT count(*) FROM information_schema.role_table_grants"
+                " WHERE table_schema = 'df' AND grantee = 'PUBLIC')",
+                0,
+            ),
+            (
+                "(SELECT count(*) FROM information_schema.role_column_grants"
+                " WHERE table_schema = 'df' AND grantee = 'PUBLIC')",
+                0,
+            ),
+        ],
+    )
+
+
+def test_grant_and_revoke_usage(su: Conn, make_role: RoleFactory) -> None:
+    role = make_role(grant=False)
+    seen = notices_of(su)
+    su.execute("SELECT df.grant_usage(%s)", (role.name,))
+    assert privileges_of(su, role.name) == PRIVILEGES
+    # Additive and repeatable.
+    su.execute("SELECT df.grant_usage(%s, true)", (role.name,))
+    assert privileges_of(su, role.name) == PRIVILEGES
+    check(role.conn, [("df.status(df.start('SELECT 1')) ", "pending")])
+    su.execute("SELECT df.revoke_usage(%s)", (role.name,))
+    assert privileges_of(su, role.name) == [(expr, False) for expr, _ in PRIVILEGES]
+    check(role.conn, [("df.status('abcdef01')", Error("permission denied for schema df"))])
+    assert seen == [
+        ("NOTICE", f'pg_durable: granted df usage privileges to "{role.name}"'),
+        ("NOTICE", f'pg_durable: granted df usage privileges to "{role.name}"'),
+        (
+            "NOTICE",
+            f'pg_durable: revoked df usage privileges granted by "postgres" from "{role.name}"',
+        ),
+    ]
+    check(
+        su,
+        [
+            ("df.grant_usage('no_such_role_x')", Error('role "no_such_role_x" does not exist')),
+            ("df.revoke_usage('no_such_role_x')", Error('role "no_such_role_x" does not exist')),
+        ],
+    )
+
+
+def test_grant_usage_with_grant_option(su: Conn, make_role: RoleFactory) -> None:
+    admin, user, other = make_role(grant=False), make_role(grant=False), make_role()
+    su.execute("SELECT df.grant_usage(%s, with_grant => true)", (admin.name,))
+    assert outcome(
+        su,
+        "has_function_privilege(%s, 'df.grant_usage(text,boolean,boolean)', 'EXECUTE')",
+        [admin.name],
+    )
+    # The admin passes usage on, and takes it back again.
+    admin.conn.execute("SELECT df.grant_usage(%s)", (user.name,))
+    assert privileges_of(su, user.name) == PRIVILEGES
+    admin.conn.execute("SELECT df.revoke_usage(%s)", (user.name,))
+    assert privileges_of(su, user.name) == [(expr, False) for expr, _ in PRIVILEGES]
+    # An ordinary user may not.
+    check(
+        other.conn,
+        [
+            (f"df.grant_usage('{user.name}')", Error("permission denied for function grant_usage")),
+            (
+                f"df.revoke_usage('{user.name}')",
+                Error("permission denied for function revoke_usage"),
+            ),
+        ],
+    )
+    # Revoking the admin cascades to what it granted.
+    admin.conn.execute("SELECT df.grant_usage(%s)", (user.name,))
+    su.execute("SELECT df.revoke_usage(%s)", (admin.name,))
+    assert privileges_of(su, admin.name) == [(expr, False) for expr, _ in PRIVILEGES]
+    assert privileges_of(su, user.name) == [(expr, False) for expr, _ in PRIVILEGES]
+
+
+def test_grant_usage_to_public(su: Conn, make_role: RoleFactory) -> None:
+    stranger = make_role(grant=False)
+    seen = notices_of(su)
+    su.execute("SELECT df.grant_usage('public')")
+    check(stranger.conn, [("df.status('abcdef01')", None)])
+    su.execute("SELECT df.revoke_usage('PUBLIC')")
+    check(stranger.conn, [("df.status('abcdef01')", Error("permission denied for schema df"))])
+    assert [m for _, m in seen] == [
+        'pg_durable: granted df usage privileges to "public"',
+        'pg_durable: revoked df usage privileges granted by "postgres" from "PUBLIC"',
+    ]
