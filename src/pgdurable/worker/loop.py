@@ -181,6 +181,10 @@ class Worker:
     def _free_slots(self) -> int:
         return max(self.config.concurrency - len(self._inflight), 0)
 
+    def _followup_limit(self) -> int:
+        """How many next steps a checkpoint may lease to us: none once we are stopping."""
+        return 0 if self._stopping.is_set() else self._free_slots() + 1
+
     async def _claim_loop(self) -> None:
         delay = 0.5
         while not self._stopping.is_set():
@@ -223,7 +227,7 @@ class Worker:
         try:
             while True:
                 try:
-                    followups = await self._runner.run(task, lambda: self._free_slots() + 1)
+                    followups = await self._runner.run(task, self._followup_limit)
                     break
                 except Exception as exc:
                     if not is_transient(exc):
