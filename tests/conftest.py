@@ -103,3 +103,61 @@ def worker(dsn: str) -> Iterator[ThreadWorker]:
     w = ThreadWorker(dsn, concurrency=4)
     yield w
     w.stop()
+
+
+class App:
+    """A non-superuser LOGIN role with df usage, and a connection as it."""
+
+    def __init__(self, cluster: EmbeddedPostgres, dbname: str, role: str):
+        self.role = role
+        self.dsn = cluster.dsn(dbname, user=role)
+        self.conn = psycopg.connect(self.dsn, autocommit=True)
+
+    def start(
+        self, graph_sql: str, params: tuple[object, ...] = (), label: str | None = None
+    ) -> str:
+        """SELECT df.start(<graph_sql>, label) and return the id (params fill graph_sql's %s)."""
+        row = self.conn.execute(f"SELECT df.start({graph_sql}, %s)", (*params, label)).fetchone()
+        assert row is not None
+        return str(row[0])
+
+    def run(self, graph_sql: str, timeout: int = 30) -> tuple[str, str]:
+        """Start a workflow and wait for it; returns (id, status)."""
+        instance = self.start(graph_sql)
+        return instance, self.wait(instance, timeout)
+
+    def wait(self, instance: str, timeout: int = 30) -> str:
+        row = self.conn.execute("SELECT df.await_instance(%s, %s)", (instance, timeout)).fetchone()
+        assert row is not None
+        return str(row[0])
+
+    def result(self, instance: str) -> object:
+        row = self.conn.execute("SELECT df.result(%s)::jsonb", (instance,)).fetchone()
+        assert row is not None
+        return row[0]
+
+    def nodes(self, instance: str) -> list[dict[str, object]]:
+        from psycopg.rows import dict_row
+
+        cur = self.conn.cursor(row_factory=dict_row)
+        cur.execute(
+            "SELECT id, node_type, status, result, status_details, query, result_name"
+            " FROM df.nodes WHERE instance_id = %s",
+            (instance,),
+        )
+        return cur.fetchall()
+
+
+@pytest.fixture
+def app(cluster: EmbeddedPostgres, dbname: str, conn: psycopg.Connection[tuple[object, ...]]):  # type: ignore[no-untyped-def]
+    """A role ``app_<n>`` that may use pgdurable and owns schema ``app`` in the test database."""
+    role = f"app_{os.getpid()}_{next(_counter)}"
+    conn.execute(f"CREATE ROLE {role} LOGIN")
+    conn.execute("SELECT df.grant_usage(%s)", (role,))
+    conn.execute(f"CREATE SCHEMA app AUTHORIZATION {role}")
+    conn.execute(f"ALTER ROLE {role} SET search_path = app, public")
+    a = App(cluster, dbname, role)
+    yield a
+    a.conn.close()
+    conn.execute(f"DROP OWNED BY {role} CASCADE")
+    conn.execute(f"DROP ROLE {role}")
