@@ -30,6 +30,14 @@ from .results import UnsupportedColumnType, read_result
 
 log = logging.getLogger("pgdurable.worker")
 
+# Login refusals that mean "try again later", not "this role cannot log in".
+_SERVER_BUSY = (
+    "too many clients",
+    "the database system is starting up",
+    "the database system is shutting down",
+    "the database system is in recovery mode",
+    "remaining connection slots are reserved",
+)
 # SQLSTATEs of statements that cannot run inside a transaction block.
 _NEEDS_OWN_TRANSACTION = {"25001", "2D000"}
 _GRAPH_CACHE_SIZE = 2048
@@ -88,15 +96,10 @@ class StepRunner:
         try:
             conn = await pool.acquire()
         except psycopg.Error as exc:
-            if is_transient(exc):
+            error = await self._login_failure(task, exc)
+            if error is None:
                 raise
-            database = task.database or self.conns.worker_database
-            error = _message(exc)
-            return await self.fail(
-                task,
-                f"Failed to connect to database '{database}' as '{task.role}'. Error: {error}",
-                claim_limit,
-            )
+            return await self.fail(task, error, claim_limit)
         reusable = False
         try:
             await conn.execute("BEGIN")
@@ -122,6 +125,32 @@ class StepRunner:
             return followups
         finally:
             await pool.release(conn, reusable)
+
+    async def _login_failure(self, task: Task, exc: psycopg.Error) -> str | None:
+        """Why the step's role could not log in, or None if the server itself is unreachable.
+
+        libpq reports a refused login without a SQLSTATE, so the worker asks on its own
+        connection: if the server answers, the failure belongs to the step (a dropped role, a
+        missing database, a role without LOGIN or password) and fails it.
+        """
+        text = _message(exc)
+        if (exc.sqlstate and is_transient(exc)) or any(m in text for m in _SERVER_BUSY):
+            return None
+        try:
+            async with self.conns.worker.connection() as conn:
+                cur = await conn.execute(
+                    "SELECT EXISTS (SELECT 1 FROM df.instances i JOIN pg_roles r"
+                    " ON r.oid = i.submitted_by WHERE i.id = %s)",
+                    (task.instance_id,),
+                )
+                row = await cur.fetchone()
+        except psycopg.Error:
+            return None
+        if row is not None and not row[0]:
+            return f"Instance {task.instance_id}: submitted_by role no longer exists in pg_roles"
+        database = task.database or self.conns.worker_database
+        detail = text.split("FATAL:", 1)[-1].strip()
+        return f"Failed to connect to database '{database}' as '{task.role}'. Error: {detail}"
 
     async def _run_sql_outside_transaction(
         self, conn: AsyncConn, graph: Graph, task: Task, sql: str, claim_limit: Callable[[], int]
