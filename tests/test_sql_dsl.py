@@ -7,6 +7,7 @@ the exact error it must raise. Every mismatch of a table is reported at once.
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -677,3 +678,30 @@ def test_operators_fall_back_to_schema_df_without_superuser(cluster: EmbeddedPos
         with psycopg.connect(cluster.dsn(), autocommit=True) as admin:
             admin.execute(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
             admin.execute(f"DROP ROLE IF EXISTS {role}")
+
+
+def test_building_a_long_chain_step_by_step(conn: Conn) -> None:
+    """Each ~> re-reads its growing left operand once, not once per member: 300 steps stay
+    fast, and every level is embedded verbatim."""
+    began = time.monotonic()
+    got = value_of(
+        conn,
+        """t FROM (
+            WITH RECURSIVE chain (n, t) AS (
+                SELECT 1, df.sql('SELECT 1')
+                UNION ALL
+                SELECT n + 1, t ~> ('SELECT ' || (n + 1)) FROM chain WHERE n < 300
+            )
+            SELECT t FROM chain WHERE n = 300
+        ) c""",
+    )
+    elapsed = time.monotonic() - began
+    expected = sql_node("SELECT 1")
+    for n in range(2, 301):
+        expected = {
+            "node_type": "THEN",
+            "left_node": expected,
+            "right_node": sql_node(f"SELECT {n}"),
+        }
+    assert got == envelope(expected)
+    assert elapsed < 5.0, f"building a 300-step chain took {elapsed:.2f}s"

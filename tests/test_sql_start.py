@@ -673,17 +673,19 @@ def test_node_count_limit_and_speed(su: Conn) -> None:
         (instance,),
     ).fetchone()
     assert ids == (10000, True)
-    # Start and commit (with its deferred foreign-key checks) of the largest graph.
-    assert elapsed < 2.0, f"10,000-node df.start took {elapsed:.2f}s"
-    too_many = outcome(su, "df.start(%s)", [j(balanced(10001))])
-    assert too_many == Error(
+    # Start and commit (with its deferred foreign-key checks) of the largest graph: about
+    # 0.4 s on an idle laptop. The bound is loose for busy CI machines; anything quadratic
+    # in the node count would still blow it by far.
+    assert elapsed < 5.0, f"10,000-node df.start took {elapsed:.2f}s"
+    too_many = Error(
         "Invalid durable function graph: root: Workflow exceeds maximum node count of 10000. "
         "Simplify the workflow or break it into multiple instances."
     )
+    assert outcome(su, "df.start(%s)", [j(balanced(10001))]) == too_many
     # A huge graph is rejected without walking all of it.
     began = time.monotonic()
-    assert isinstance(outcome(su, "df.start(%s)", [j(balanced(60001))]), Error)
-    assert time.monotonic() - began < 2.0
+    assert outcome(su, "df.start(%s)", [j(balanced(60001))]) == too_many
+    assert time.monotonic() - began < 5.0
     assert count_rows(su) == (1, 10000)
 
 

@@ -61,12 +61,13 @@ $$;
 
 -- The compact envelope text from its parts. Children are envelope texts copied as is (the
 -- caller took them from a `json` value, whose text is the input's); NULL means "absent" and
--- the key is omitted, as is an empty extra_nodes.
+-- the key is omitted, as is an empty extra_nodes. STABLE like to_json(), which lets
+-- PostgreSQL inline it into its callers (builders are called a lot while graphs are built).
 CREATE FUNCTION df._envelope(
     node_type text, left_node text, right_node text, condition_node text, extra_nodes text[],
     query text, result_name text)
 RETURNS text
-LANGUAGE sql IMMUTABLE AS $$
+LANGUAGE sql STABLE AS $$
     SELECT '{"node_type":' || to_json(node_type)::text
         || coalesce(',"left_node":' || left_node, '')
         || coalesce(',"right_node":' || right_node, '')
@@ -79,27 +80,40 @@ LANGUAGE sql IMMUTABLE AS $$
         || '}';
 $$;
 
--- Why a node object cannot be read as an envelope, or NULL if it can. Shallow: children must
--- be objects, but their own insides are checked by df.start() (which reports a path).
-CREATE FUNCTION df._shape_error(node json) RETURNS text
-LANGUAGE sql IMMUTABLE AS $$
-    SELECT CASE
-        WHEN json_typeof(node -> 'left_node') NOT IN ('null', 'object')
-          OR json_typeof(node -> 'right_node') NOT IN ('null', 'object')
-            THEN 'Durofut children must be JSON objects'
-        WHEN json_typeof(node -> 'condition_node') NOT IN ('null', 'object')
-            THEN 'condition_node must be a Durofut JSON object'
-        WHEN json_typeof(node -> 'extra_nodes') NOT IN ('null', 'array')
-            THEN 'extra_nodes must be an array of Durofut JSON objects'
-        WHEN json_typeof(node -> 'extra_nodes') = 'array' AND EXISTS (
-                SELECT 1 FROM json_array_elements(node -> 'extra_nodes') AS e
-                 WHERE json_typeof(e.value) <> 'object')
-            THEN 'extra_nodes entries must be Durofut JSON objects'
-        WHEN json_typeof(node -> 'query') NOT IN ('null', 'string')
-            THEN 'invalid type: query must be a string'
-        WHEN json_typeof(node -> 'result_name') NOT IN ('null', 'string')
-            THEN 'invalid type: result_name must be a string'
-    END;
+-- Why a node cannot be read as an envelope, given its members (NULL when absent), or NULL
+-- if it can. Shallow: children must be objects, but their own insides are checked by
+-- df.start(), which reports a path.
+CREATE FUNCTION df._shape_error(
+    left_node json, right_node json, condition_node json, extra_nodes json, query json,
+    result_name json)
+RETURNS text
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    IF json_typeof(left_node) NOT IN ('null', 'object')
+       OR json_typeof(right_node) NOT IN ('null', 'object') THEN
+        RETURN 'Durofut children must be JSON objects';
+    END IF;
+    IF json_typeof(condition_node) NOT IN ('null', 'object') THEN
+        RETURN 'condition_node must be a Durofut JSON object';
+    END IF;
+    IF json_typeof(extra_nodes) NOT IN ('null', 'array') THEN
+        RETURN 'extra_nodes must be an array of Durofut JSON objects';
+    END IF;
+    -- Nested, so that nodes without extra branches never run the subquery.
+    IF json_typeof(extra_nodes) = 'array' THEN
+        IF EXISTS (SELECT 1 FROM json_array_elements(extra_nodes) AS e
+                    WHERE json_typeof(e.value) <> 'object') THEN
+            RETURN 'extra_nodes entries must be Durofut JSON objects';
+        END IF;
+    END IF;
+    IF json_typeof(query) NOT IN ('null', 'string') THEN
+        RETURN 'invalid type: query must be a string';
+    END IF;
+    IF json_typeof(result_name) NOT IN ('null', 'string') THEN
+        RETURN 'invalid type: result_name must be a string';
+    END IF;
+    RETURN NULL;
+END;
 $$;
 
 CREATE FUNCTION df._node_types() RETURNS text[]
@@ -115,14 +129,23 @@ $$;
 CREATE FUNCTION df._ensure(step text, new_name text DEFAULT NULL) RETURNS text
 LANGUAGE plpgsql VOLATILE AS $$
 DECLARE
-    node   json;
-    helper text;
-    err    text;
+    helper     text;
+    err        text;
+    member     text;
+    val        json;
+    m_type     json;     -- the members of the envelope
+    m_left     json;
+    m_right    json;
+    m_cond     json;
+    m_extra    json;
+    m_query    json;
+    m_name     json;
+    extras     text[];
 BEGIN
     IF step IS NULL THEN
         RETURN NULL;
     END IF;
-    -- Rule 1 and 4: plain text is a SQL step, unless it is what a non-future helper just
+    -- Rules 1 and 4: plain text is a SQL step, unless it is what a non-future helper just
     -- returned.
     IF ltrim(step, E' \t\n\r') NOT LIKE '{%' THEN
         helper := df._non_future_helper(step);
@@ -133,46 +156,58 @@ BEGIN
         RETURN df._envelope('SQL', NULL, NULL, NULL, NULL, step, new_name);
     END IF;
 
+    -- One pass over the text picks up the top-level members (the last of duplicates wins,
+    -- as with ->). Each `json` value keeps its exact text; json_typeof() only looks at its
+    -- first token. Reading members one by one with -> would rescan the whole text each time,
+    -- which adds up when graphs are built step by step.
     BEGIN
-        node := step::json;
+        FOR member, val IN SELECT e.key, e.value FROM json_each(step::json) AS e LOOP
+            CASE member
+                WHEN 'node_type' THEN m_type := val;
+                WHEN 'left_node' THEN m_left := val;
+                WHEN 'right_node' THEN m_right := val;
+                WHEN 'condition_node' THEN m_cond := val;
+                WHEN 'extra_nodes' THEN m_extra := val;
+                WHEN 'query' THEN m_query := val;
+                WHEN 'result_name' THEN m_name := val;
+                ELSE NULL;  -- unknown members are ignored
+            END CASE;
+        END LOOP;
     EXCEPTION WHEN data_exception THEN
         -- Starts with '{' but is not JSON (e.g. a PL/pgSQL block body): a SQL step.
         RETURN df._envelope('SQL', NULL, NULL, NULL, NULL, step, new_name);
     END;
 
     -- Rule 4: JSON without a string node_type is SQL text too.
-    IF json_typeof(node -> 'node_type') IS DISTINCT FROM 'string' THEN
+    IF json_typeof(m_type) IS DISTINCT FROM 'string' THEN
         RETURN df._envelope('SQL', NULL, NULL, NULL, NULL, step, new_name);
     END IF;
 
     -- Rule 3: it claims to be an envelope but cannot be read as one.
-    err := df._shape_error(node);
+    err := df._shape_error(m_left, m_right, m_cond, m_extra, m_query, m_name);
     IF err IS NOT NULL THEN
         RAISE EXCEPTION 'Invalid Durofut JSON: failed to deserialize workflow step: %', err
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
 
     -- Rule 4: an unknown node type is taken as SQL text (df.start() would reject it).
-    IF NOT (node ->> 'node_type') = ANY (df._node_types()) THEN
+    IF NOT (m_type #>> '{}') = ANY (df._node_types()) THEN
         RETURN df._envelope('SQL', NULL, NULL, NULL, NULL, step, new_name);
     END IF;
 
-    -- Rule 2.
-    -- Rule 2. JSON null children count as absent, like serde's Option.
+    -- Rule 2. JSON null members count as absent, like serde's Option.
+    IF json_typeof(m_extra) = 'array' THEN
+        SELECT array_agg(e.value::text ORDER BY e.ordinality) INTO extras
+          FROM json_array_elements(m_extra) WITH ORDINALITY AS e;
+    END IF;
     RETURN df._envelope(
-        node ->> 'node_type',
-        CASE WHEN json_typeof(node -> 'left_node') = 'object'
-             THEN (node -> 'left_node')::text END,
-        CASE WHEN json_typeof(node -> 'right_node') = 'object'
-             THEN (node -> 'right_node')::text END,
-        CASE WHEN json_typeof(node -> 'condition_node') = 'object'
-             THEN (node -> 'condition_node')::text END,
-        CASE WHEN json_typeof(node -> 'extra_nodes') = 'array' THEN ARRAY(
-            SELECT e.value::text
-              FROM json_array_elements(node -> 'extra_nodes') WITH ORDINALITY AS e
-             ORDER BY e.ordinality) END,
-        node ->> 'query',
-        coalesce(new_name, node ->> 'result_name'));
+        m_type #>> '{}',
+        CASE WHEN json_typeof(m_left) = 'object' THEN m_left::text END,
+        CASE WHEN json_typeof(m_right) = 'object' THEN m_right::text END,
+        CASE WHEN json_typeof(m_cond) = 'object' THEN m_cond::text END,
+        extras,
+        m_query #>> '{}',
+        coalesce(new_name, m_name #>> '{}'));
 END;
 $$;
 
