@@ -317,6 +317,20 @@ def test_cancel(su: Conn) -> None:
     )
 
 
+def test_cancel_that_cannot_update_reports_the_failure(su: Conn, make_role: RoleFactory) -> None:
+    """Spec §5.2: a failed cancel request is returned as text, and changes nothing."""
+    role = make_role()
+    instance = start(role.conn)
+    su.execute(f"REVOKE UPDATE (status, updated_at) ON df.instances FROM {quote(role.name)}")
+    check(
+        role.conn,
+        [
+            (f"df.cancel('{instance}')", "Failed to cancel: permission denied for table instances"),
+            (f"df.status('{instance}')", "pending"),
+        ],
+    )
+
+
 def test_run_is_a_stub(su: Conn) -> None:
     check(
         su,
