@@ -25,12 +25,17 @@ console = Console(stderr=True)
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(message)s",
-        handlers=[RichHandler(console=console, show_path=False)],
-    )
+    level = logging.DEBUG if verbose else logging.INFO
+    if console.is_terminal:
+        logging.basicConfig(
+            level=level, format="%(message)s", handlers=[RichHandler(console=console)]
+        )
+    else:  # one plain line per record, for journald, docker and friends
+        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # The pool reports every failed connection attempt; the worker already says, once per
+    # retry, that the database is unreachable.
     logging.getLogger("psycopg").setLevel(logging.WARNING)
+    logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
 
 
 @click.group()
@@ -130,22 +135,44 @@ def up(
         dsn = pg.dsn()
         with psycopg.connect(dsn) as conn:
             applied = schema.install(conn)
+            _ensure_app_role(conn)
         if applied:
             console.print(f"installed schema version {schema.latest_version()}")
+        app_dsn = pg.dsn(user=APP_ROLE)
         console.print(
-            f"[bold green]ready[/]: psql '{dsn}'   (psql binary: {bin_path('psql')})",
+            f"[bold green]ready[/]: {bin_path('psql')} '{app_dsn}'\n"
+            f"  (role {APP_ROLE} runs workflows; superuser: '{dsn}')",
             highlight=False,
+            soft_wrap=True,
         )
         config = WorkerConfig(
             dsn=dsn, concurrency=concurrency, single_role=single_role, lease_seconds=lease_seconds
         )
         if run_file:
-            _run_worker(config, demo=lambda: _show_run(dsn, run_file))
+            _run_worker(config, demo=lambda: _show_run(app_dsn, run_file))
         else:
             _run_worker(config)
     finally:
         console.print("stopping PostgreSQL ...")
         pg.stop()
+
+
+APP_ROLE = "app"
+
+
+def _ensure_app_role(conn: psycopg.Connection[Any]) -> None:
+    """The embedded server's application role: LOGIN, no superuser, its own schema ``app``.
+
+    Workflows started by a superuser are refused unless the server allows them, so the
+    embedded set-up gives newcomers an ordinary role to work as, the way production does.
+    """
+    exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (APP_ROLE,)).fetchone()
+    if exists:
+        return
+    conn.execute(f"CREATE ROLE {APP_ROLE} LOGIN")
+    conn.execute(f"CREATE SCHEMA {APP_ROLE} AUTHORIZATION {APP_ROLE}")
+    conn.execute(f"ALTER ROLE {APP_ROLE} SET search_path = {APP_ROLE}, public")
+    conn.execute("SELECT df.grant_usage(%s)", (APP_ROLE,))
 
 
 def _run_worker(config: WorkerConfig, demo: object = None) -> None:
@@ -168,9 +195,16 @@ def _run_worker(config: WorkerConfig, demo: object = None) -> None:
 
 def _show_run(dsn: str, path: Path) -> None:
     """Submit the workflow in ``path`` and print its nodes' progress until it finishes."""
+    try:
+        _watch(dsn, path)
+    except psycopg.Error as exc:
+        console.print(f"[bold red]{path} failed:[/] {exc}", highlight=False, soft_wrap=True)
+
+
+def _watch(dsn: str, path: Path) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
         text = path.read_text()
-        console.print(f"[bold]submitting[/] {path}:\n{text}", highlight=False)
+        console.print(f"[bold]submitting[/] {path}:\n{text}", highlight=False, soft_wrap=True)
         row = conn.execute(text).fetchone()
         assert row is not None
         instance = row[0]
@@ -178,7 +212,8 @@ def _show_run(dsn: str, path: Path) -> None:
         seen: dict[str, str] = {}
         while True:
             for node_id, node_type, status in conn.execute(
-                "SELECT id, node_type, status FROM df.nodes WHERE instance_id = %s"
+                "SELECT id, node_type, status FROM df.nodes"
+                " WHERE instance_id = %s AND node_type <> 'THEN'"
                 " ORDER BY created_at, id",
                 (instance,),
             ).fetchall():
@@ -188,7 +223,11 @@ def _show_run(dsn: str, path: Path) -> None:
             status = conn.execute("SELECT df.status(%s)", (instance,)).fetchone()
             if status and status[0] in ("completed", "failed", "cancelled"):
                 result = conn.execute("SELECT df.result(%s)", (instance,)).fetchone()
-                console.print(f"instance {instance} [bold]{status[0]}[/]: {result and result[0]}")
+                console.print(
+                    f"instance {instance} [bold]{status[0]}[/]: {result and result[0]}",
+                    highlight=False,
+                    soft_wrap=True,
+                )
                 console.print("the worker keeps running; press Ctrl-C to stop")
                 return
             time.sleep(0.2)

@@ -32,6 +32,7 @@ log = logging.getLogger("pgdurable.worker")
 # rather than retrying forever.
 MAX_TASK_ATTEMPTS = 5
 STEP_IDLE_SECONDS = 60.0
+POOL_TIMEOUT = 5.0
 
 
 class WorkerError(Exception):
@@ -192,7 +193,9 @@ class Worker:
             free = self._free_slots()
             if free:
                 try:
-                    async with self.conns.worker.connection() as conn:
+                    # A short pool timeout keeps the loop responsive to stop requests while
+                    # the server is down.
+                    async with self.conns.worker.connection(timeout=POOL_TIMEOUT) as conn:
                         tasks = await store.claim(conn, self.id, free, self.config.lease_seconds)
                     delay = 0.5
                 except Exception as exc:
@@ -296,7 +299,7 @@ class Worker:
         while True:
             await asyncio.sleep(interval)
             try:
-                async with self.conns.worker.connection() as conn:
+                async with self.conns.worker.connection(timeout=POOL_TIMEOUT) as conn:
                     await store.heartbeat(
                         conn, self.id, list(self._inflight), self.config.lease_seconds
                     )
