@@ -1,0 +1,128 @@
+"""The pgdurable command as a user runs it: real processes, real signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psycopg
+
+from pgdurable.embedded import EmbeddedPostgres, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Process:
+    """A pgdurable subprocess whose combined output is collected by a thread."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pgdurable", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=ROOT,
+        )
+        self.output = ""
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.output += line
+
+    def wait_for(self, needle: str, timeout: float = 90) -> str:
+        """The output so far, once it contains ``needle``."""
+        deadline = time.monotonic() + timeout
+        while needle not in self.output:
+            assert self.proc.poll() is None, f"exited early:\n{self.output}"
+            assert time.monotonic() < deadline, f"{needle!r} not seen:\n{self.output}"
+            time.sleep(0.05)
+        return self.output
+
+    def stop(self, sig: int) -> int:
+        """Send ``sig`` and return the exit code."""
+        self.proc.send_signal(sig)
+        code = self.proc.wait(timeout=60)
+        self._reader.join(timeout=5)
+        return code
+
+
+def test_up_runs_a_first_workflow_stops_cleanly_and_reuses_its_data(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    port = str(free_port())
+    proc = Process("up", "--data-dir", str(data), "--port", port, "--run", "examples/hello.sql")
+    try:
+        out = proc.wait_for("the worker keeps running")
+        assert "installed schema version" in out
+        assert f"'postgresql://app@127.0.0.1:{port}/postgres'" in out
+        assert "completed:" in out and '"greetings": 2' in out
+    finally:
+        assert proc.stop(signal.SIGINT) == 0, proc.output
+    assert not (data / "postmaster.pid").exists()  # PostgreSQL was stopped too
+
+    proc = Process("up", "--data-dir", str(data), "--port", port)
+    try:
+        out = proc.wait_for("ready: concurrency")
+        assert "installed schema" not in out  # the same data, already installed
+        with psycopg.connect(f"postgresql://app@127.0.0.1:{port}/postgres") as conn:
+            row = conn.execute("SELECT count(*) FROM df.instances WHERE label = 'hello'")
+            assert row.fetchone() == (1,)
+    finally:
+        assert proc.stop(signal.SIGTERM) == 0, proc.output
+
+
+def test_install_is_idempotent_and_reports_errors(cluster: EmbeddedPostgres) -> None:
+    with psycopg.connect(cluster.dsn(), autocommit=True) as admin:
+        admin.execute("DROP DATABASE IF EXISTS cli_install")
+        admin.execute("CREATE DATABASE cli_install")
+    dsn = cluster.dsn("cli_install")
+    first = subprocess.run(
+        [sys.executable, "-m", "pgdurable", "install", "--dsn", dsn],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert first.returncode == 0, first.stderr
+    assert "applied" in first.stderr
+    again = subprocess.run(
+        [sys.executable, "-m", "pgdurable", "install"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PGDURABLE_DSN": dsn},
+        check=False,
+    )
+    assert again.returncode == 0
+    assert "up to date" in again.stderr
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pgdurable",
+            "install",
+            "--dsn",
+            "postgresql://nobody@127.0.0.1:1/x",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert bad.returncode != 0
+    assert "install failed" in bad.stderr
+
+
+def test_worker_rejects_a_malformed_dsn() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "pgdurable", "worker", "--dsn", "host=x port=notaport bogus"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "invalid DSN" in result.stderr
