@@ -332,3 +332,15 @@ def test_status_details_stamps(app: App, worker: ThreadWorker) -> None:
         if key.startswith("SQL"):
             assert details == {"execution_id": f"{instance}::1::{key[3:]}::1"}
     assert json.dumps(stamps)  # all plain JSON
+
+
+def test_deferred_constraint_violation_at_commit_fails_the_step(
+    app: App, worker: ThreadWorker
+) -> None:
+    app.conn.execute("CREATE TABLE parent (id int PRIMARY KEY)")
+    app.conn.execute("CREATE TABLE child (pid int REFERENCES parent DEFERRABLE INITIALLY DEFERRED)")
+    instance, status = app.run("'INSERT INTO child VALUES (1)'")
+    assert status == "failed"
+    (node,) = app.nodes(instance)
+    assert "violates foreign key constraint" in str(node["result"])
+    assert app.conn.execute("SELECT count(*) FROM child").fetchone() == (0,)

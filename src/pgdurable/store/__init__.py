@@ -87,36 +87,27 @@ async def claim(conn: AsyncConn, worker: uuid.UUID, limit: int, lease: float) ->
     return [Task(**row) for row in await cur.fetchall()]
 
 
-def _followups(rows: list[tuple[Any, ...]], previous: Task) -> list[Task]:
-    """Tasks that df._checkpoint leased to us, as Task objects of the same instance."""
-    return [
-        Task(
-            id=r[0],
-            token=r[1],
-            kind="sql",
-            activation=r[2],
-            node_id=r[3],
-            payload=r[4],
-            attempts=r[5],
-            instance_id=previous.instance_id,
-            role=previous.role,
-            database=previous.database,
-            label=previous.label,
-        )
-        for r in rows
-    ]
+CHECKPOINT_BEGIN = "SELECT * FROM df._checkpoint_begin(%s, %s)"
+CHECKPOINT = "SELECT * FROM df._checkpoint(%s, %s, %s, %s, %s, %s)"
 
 
-async def checkpoint_begin(conn: AsyncConn, task: Task) -> Checkpoint | None:
-    """Lock the task's instance; None if the task is no longer ours (roll back then)."""
-    cur = await conn.execute(
-        "SELECT * FROM df._checkpoint_begin(%s, %s)", (task.id, task.token), prepare=False
-    )
-    row = await cur.fetchone()
+def checkpoint_begin_params(task: Task) -> tuple[Any, ...]:
+    """Parameters of CHECKPOINT_BEGIN for ``task``."""
+    return (task.id, task.token)
+
+
+def checkpoint_from_row(row: tuple[Any, ...] | None) -> Checkpoint | None:
+    """CHECKPOINT_BEGIN's answer; None means the task is no longer ours (roll back then)."""
     if row is None:
         return None
     status, state, variables, now, role_exists = row
     return Checkpoint(status, state, variables or {}, now, role_exists)
+
+
+async def checkpoint_begin(conn: AsyncConn, task: Task) -> Checkpoint | None:
+    """Lock the task's instance; None if the task is no longer ours (roll back then)."""
+    cur = await conn.execute(CHECKPOINT_BEGIN, checkpoint_begin_params(task), prepare=False)
+    return checkpoint_from_row(await cur.fetchone())
 
 
 def change_document(transition: Transition) -> dict[str, Any]:
@@ -153,6 +144,34 @@ def change_document(transition: Transition) -> dict[str, Any]:
     }
 
 
+def checkpoint_params(
+    task: Task, transition: Transition, worker: uuid.UUID, claim_limit: int, lease: float
+) -> tuple[Any, ...]:
+    """Parameters of CHECKPOINT: write ``transition``, retire ``task``, lease follow-ups."""
+    change = Jsonb(change_document(transition), dumps=_dumps)
+    return (task.id, task.token, change, worker, claim_limit, lease)
+
+
+def followups(rows: list[tuple[Any, ...]], previous: Task) -> list[Task]:
+    """CHECKPOINT's answer: the new tasks leased to us, as Task objects of the same instance."""
+    return [
+        Task(
+            id=r[0],
+            token=r[1],
+            kind="sql",
+            activation=r[2],
+            node_id=r[3],
+            payload=r[4],
+            attempts=r[5],
+            instance_id=previous.instance_id,
+            role=previous.role,
+            database=previous.database,
+            label=previous.label,
+        )
+        for r in rows
+    ]
+
+
 async def checkpoint(
     conn: AsyncConn,
     task: Task,
@@ -162,19 +181,9 @@ async def checkpoint(
     lease: float,
 ) -> list[Task]:
     """Write a transition and retire ``task``; returns follow-up tasks leased to ``worker``."""
-    cur = await conn.execute(
-        "SELECT * FROM df._checkpoint(%s, %s, %s, %s, %s, %s)",
-        (
-            task.id,
-            task.token,
-            Jsonb(change_document(transition), dumps=_dumps),
-            worker,
-            claim_limit,
-            lease,
-        ),
-        prepare=False,
-    )
-    return _followups(await cur.fetchall(), task)
+    params = checkpoint_params(task, transition, worker, claim_limit, lease)
+    cur = await conn.execute(CHECKPOINT, params, prepare=False)
+    return followups(await cur.fetchall(), task)
 
 
 def _dumps(value: Any) -> str:

@@ -32,8 +32,21 @@ WORKER_APPLICATION_NAME = "pgdurable:worker"
 _TRANSIENT_STATES = {"57P01", "57P02", "57P03", "53300"}
 
 
-class StepConnectError(Exception):
-    """The step's role could not log in for a reason that will not fix itself."""
+# What DISCARD ALL does, in statements allowed inside a transaction block, so a step resets
+# its session in the transaction that commits it instead of in one more round trip. A step may
+# SET things, SET ROLE to a role it is a member of, create temp tables, LISTEN or take advisory
+# locks; none of that may reach the next step on this connection.
+RESET_SESSION = (
+    "SET SESSION AUTHORIZATION DEFAULT",
+    "RESET ALL",
+    "CLOSE ALL",
+    "UNLISTEN *",
+    "SELECT pg_advisory_unlock_all()",
+    "DISCARD PLANS",
+    "DISCARD TEMP",
+    "DISCARD SEQUENCES",
+    "DEALLOCATE ALL",
+)
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -73,15 +86,15 @@ class StepPool:
         configure_connection(conn)
         return conn
 
-    async def release(self, conn: AsyncConnection[Any], reusable: bool = True) -> None:
-        """Return a connection after a step; it is reset, or closed if it may be broken."""
+    async def release(self, conn: AsyncConnection[Any], reusable: bool, clean: bool) -> None:
+        """Return a connection after a step: kept if ``reusable``, reset unless ``clean``
+        (the step already ran RESET_SESSION in its transaction), closed otherwise."""
         if reusable and not conn.closed and len(self._idle) < self.max_idle:
             try:
-                # A step may SET things, create temp tables or SET ROLE to a role it is a
-                # member of; none of that may leak into the next step.
-                await conn.execute("DISCARD ALL")
+                if not clean:
+                    await conn.execute("DISCARD ALL")
             except psycopg.Error:
-                reusable = False
+                pass
             else:
                 self._idle.append((conn, time.monotonic()))
                 return

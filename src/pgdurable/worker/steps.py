@@ -25,7 +25,7 @@ from ..graph import interpreter
 from ..graph.interpreter import Transition
 from ..graph.model import Graph, GraphError
 from ..store import AsyncConn, Checkpoint, Task
-from .connections import Connections, is_transient
+from .connections import RESET_SESSION, Connections, is_transient
 from .results import UnsupportedColumnType, read_result
 
 log = logging.getLogger("pgdurable.worker")
@@ -90,6 +90,8 @@ class StepRunner:
     # -- SQL steps -----------------------------------------------------------------------------
 
     async def _run_sql(self, task: Task, claim_limit: Callable[[], int]) -> list[Task]:
+        """Statement and checkpoint in one transaction, in two pipelined round trips:
+        [BEGIN, statement, checkpoint_begin] then [checkpoint, session reset, COMMIT]."""
         graph = await self._graph(task.instance_id)
         sql = str((task.payload or {}).get("sql", ""))
         pool = self.conns.step_pool(task.role, task.database)
@@ -100,31 +102,37 @@ class StepRunner:
             if error is None:
                 raise
             return await self.fail(task, error, claim_limit)
-        reusable = False
+        reusable, clean = False, False
         try:
-            await conn.execute("BEGIN")
             try:
-                result = await _execute(conn, sql)
+                async with conn.pipeline() as pipeline:
+                    await conn.execute("BEGIN")
+                    cur = conn.cursor(binary=True)
+                    await cur.execute(sql.encode(conn.info.encoding))
+                    begin = conn.cursor()
+                    await begin.execute(store.CHECKPOINT_BEGIN, store.checkpoint_begin_params(task))
+                    await pipeline.sync()
+                    result = await read_result(cur)
+                    cp = store.checkpoint_from_row(await begin.fetchone())
             except psycopg.Error as exc:
                 if is_transient(exc):
                     raise
                 await conn.execute("ROLLBACK")
+                reusable = True
                 if exc.sqlstate in _NEEDS_OWN_TRANSACTION:
                     return await self._run_sql_outside_transaction(
                         conn, graph, task, sql, claim_limit
                     )
-                reusable = True
-                error = f"SQL execution failed: error returned from database: {_message(exc)}"
-                return await self.fail(task, error, claim_limit)
+                return await self.fail(task, _sql_error(exc), claim_limit)
             except (UnsupportedColumnType, UnicodeEncodeError) as exc:
                 await conn.execute("ROLLBACK")
                 reusable = True
                 return await self.fail(task, str(exc), claim_limit)
-            followups = await self._commit_step(conn, graph, task, result, claim_limit)
+            followups, clean = await self._commit_step(conn, graph, task, result, cp, claim_limit)
             reusable = True
             return followups
         finally:
-            await pool.release(conn, reusable)
+            await pool.release(conn, reusable, clean)
 
     async def _login_failure(self, task: Task, exc: psycopg.Error) -> str | None:
         """Why the step's role could not log in, or None if the server itself is unreachable.
@@ -156,57 +164,68 @@ class StepRunner:
         self, conn: AsyncConn, graph: Graph, task: Task, sql: str, claim_limit: Callable[[], int]
     ) -> list[Task]:
         try:
-            result = await _execute(conn, sql)
+            cur = conn.cursor(binary=True)
+            await cur.execute(sql.encode(conn.info.encoding))
+            result = await read_result(cur)
         except psycopg.Error as exc:
             if is_transient(exc):
                 raise
-            error = f"SQL execution failed: error returned from database: {_message(exc)}"
-            return await self.fail(task, error, claim_limit)
+            return await self.fail(task, _sql_error(exc), claim_limit)
         except (UnsupportedColumnType, UnicodeEncodeError) as exc:
             return await self.fail(task, str(exc), claim_limit)
         await conn.execute("BEGIN")
-        return await self._commit_step(conn, graph, task, result, claim_limit)
+        cp = await store.checkpoint_begin(conn, task)
+        followups, _ = await self._commit_step(conn, graph, task, result, cp, claim_limit)
+        return followups
 
     async def _commit_step(
-        self, conn: AsyncConn, graph: Graph, task: Task, result: str, claim_limit: Callable[[], int]
-    ) -> list[Task]:
+        self,
+        conn: AsyncConn,
+        graph: Graph,
+        task: Task,
+        result: str,
+        cp: Checkpoint | None,
+        claim_limit: Callable[[], int],
+    ) -> tuple[list[Task], bool]:
         """Checkpoint a successful statement in the open transaction and commit both.
 
+        Returns the follow-up tasks, and whether the session was reset in the transaction.
         Rolls back instead when the task is no longer ours (taken over, cancelled, a lost
         RACE) or when the submitting role was dropped meanwhile: a pooled connection may still
-        be logged in as a dropped role, and its statement must not count.
+        be logged in as a dropped role, and its statement must not count. An error at COMMIT
+        (a deferred constraint of the user's) fails the step.
         """
-        try:
-            cp = await store.checkpoint_begin(conn, task)
-            if cp is None or not cp.role_exists:
-                await conn.execute("ROLLBACK")
-                if cp is None:
-                    log.info(
-                        "task %s of %s was taken away; step rolled back", task.id, task.instance_id
-                    )
-                    return []
-                return await self.fail(
-                    task,
-                    f"Instance {task.instance_id}: submitted_by role no longer exists in pg_roles",
-                    claim_limit,
+        if cp is None or not cp.role_exists:
+            await conn.execute("ROLLBACK")
+            if cp is None:
+                log.info(
+                    "task %s of %s was taken away; step rolled back", task.id, task.instance_id
                 )
-            transition = interpreter.step_succeeded(
-                graph, _state(cp), cp.variables, task.activation, result, cp.now
-            )
-            followups = await store.checkpoint(
-                conn,
-                task,
-                transition,
-                self.settings.worker_id,
-                claim_limit(),
-                self.settings.lease_seconds,
-            )
-        except BaseException:
+                return [], False
+            error = f"Instance {task.instance_id}: submitted_by role no longer exists in pg_roles"
+            return await self.fail(task, error, claim_limit), False
+        transition = interpreter.step_succeeded(
+            graph, _state(cp), cp.variables, task.activation, result, cp.now
+        )
+        params = store.checkpoint_params(
+            task, transition, self.settings.worker_id, claim_limit(), self.settings.lease_seconds
+        )
+        try:
+            async with conn.pipeline() as pipeline:
+                checkpoint = conn.cursor()
+                await checkpoint.execute(store.CHECKPOINT, params)
+                for statement in RESET_SESSION:
+                    await conn.execute(statement)
+                await conn.execute("COMMIT")
+                await pipeline.sync()
+                rows = await checkpoint.fetchall()
+        except psycopg.Error as exc:
+            if is_transient(exc):
+                raise
             with contextlib.suppress(psycopg.Error):
                 await conn.execute("ROLLBACK")
-            raise
-        await conn.execute("COMMIT")
-        return followups
+            return await self.fail(task, _sql_error(exc), claim_limit), False
+        return store.followups(rows, task), True
 
     # -- checkpoints on the worker's connection ------------------------------------------------
 
@@ -293,15 +312,8 @@ def _state(cp: Checkpoint) -> dict[str, Any]:
     return cp.state
 
 
-async def _execute(conn: AsyncConn, sql: str) -> str:
-    """Run one statement with the extended protocol; its result JSON (spec §7.2).
-
-    Binary results make psycopg use the extended protocol even without parameters, so
-    several statements in one step are rejected by the server, as in pg_durable.
-    """
-    cur = conn.cursor(binary=True)
-    await cur.execute(sql.encode(conn.info.encoding))
-    return await read_result(cur)
+def _sql_error(exc: psycopg.Error) -> str:
+    return f"SQL execution failed: error returned from database: {_message(exc)}"
 
 
 def _message(exc: psycopg.Error) -> str:
