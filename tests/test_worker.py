@@ -108,3 +108,28 @@ def test_single_role_mode_runs_only_its_own_roles_instances(
         admin.execute(f"DROP ROLE IF EXISTS other_{app.role}")
         admin.execute("DROP ROLE IF EXISTS owner_role")
         admin.close()
+
+
+def test_rows_of_long_dead_workers_are_swept(
+    dsn: str, conn: psycopg.Connection[tuple[object, ...]]
+) -> None:
+    conn.execute(
+        "INSERT INTO df._worker_epoch (epoch_id, last_seen_at)"
+        " VALUES (gen_random_uuid(), now() - interval '1 hour'),"
+        " (gen_random_uuid(), now() - interval '1 minute')"
+    )
+    w = ThreadWorker(dsn, concurrency=1)
+    try:
+        deadline = time.monotonic() + 10
+        query = "SELECT count(*) FROM df._worker_epoch WHERE epoch_id = %s"
+        while conn.execute(query, (w.worker.id,)).fetchone() != (1,):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        rows = conn.execute(
+            "SELECT count(*) FILTER (WHERE last_seen_at < now() - interval '5 minutes'),"
+            " count(*) FROM df._worker_epoch"
+        ).fetchone()
+        assert rows == (0, 2)  # the recent one stays (it may be alive), plus ours
+    finally:
+        w.stop()
+    assert conn.execute("SELECT count(*) FROM df._worker_epoch").fetchone() == (1,)

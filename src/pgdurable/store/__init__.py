@@ -223,7 +223,13 @@ async def setting(conn: AsyncConn, name: str) -> str | None:
 
 
 async def register_worker(conn: AsyncConn, worker: uuid.UUID, concurrency: int) -> None:
-    """Record this worker in df._worker_epoch and mark the engine ready (spec §9.8)."""
+    """Record this worker in df._worker_epoch and mark the engine ready (spec §9.8).
+
+    Rows of workers silent for ten minutes (killed, not stopped) are swept on the way.
+    """
+    await conn.execute(
+        "DELETE FROM df._worker_epoch WHERE last_seen_at < now() - interval '10 minutes'"
+    )
     await conn.execute(
         """
         INSERT INTO df._worker_epoch (epoch_id, hostname, pid, concurrency, version)
