@@ -119,15 +119,20 @@ class StepPool:
 class Connections:
     """The worker's pool for its own queries and the step pools, closed together."""
 
-    def __init__(self, dsn: str, concurrency: int, single_role: bool = False):
+    def __init__(self, dsn: str, concurrency: int, lease_seconds: float, single_role: bool = False):
         self.dsn = dsn
         self.concurrency = concurrency
         self.single_role = single_role
         params = conninfo_to_dict(dsn)
         self.worker_role: str = str(params.get("user") or "")
         self.worker_database: str = str(params.get("dbname") or "")
+        self._dsn_options = str(params.get("options") or "")
+        # A worker that freezes (SIGSTOP, a stalled VM) between the two halves of a checkpoint
+        # would keep its instance locked; the server ends such a session once the lease is
+        # over, so another worker can take the task over.
+        self._idle_timeout_ms = int(lease_seconds * 1000)
         self.worker = AsyncConnectionPool(
-            make_conninfo(dsn, application_name=WORKER_APPLICATION_NAME),
+            make_conninfo(dsn, application_name=WORKER_APPLICATION_NAME, options=self._options()),
             min_size=1,
             max_size=concurrency + 2,
             kwargs={"autocommit": True},
@@ -136,6 +141,11 @@ class Connections:
             name="pgdurable-worker",
         )
         self._steps: dict[tuple[str, str | None], StepPool] = {}
+
+    def _options(self, extra: str = "") -> str:
+        """libpq ``options`` for our connections: the DSN's own, then ours."""
+        ours = f"-c idle_in_transaction_session_timeout={self._idle_timeout_ms} {extra}"
+        return f"{self._dsn_options} {ours}".strip()
 
     async def open(self) -> None:
         """Open the worker pool (waits until the first connection succeeds)."""
@@ -159,7 +169,7 @@ class Connections:
                 dbname=database or self.worker_database,
                 application_name=STEP_APPLICATION_NAME,
                 # Part of the session defaults, so DISCARD ALL between steps keeps it.
-                options="-c df.in_workflow=true",
+                options=self._options("-c df.in_workflow=true"),
             )
             pool = StepPool(conninfo, max_idle=self.concurrency)
             self._steps[key] = pool

@@ -73,7 +73,9 @@ class Worker:
             raise WorkerError(f"invalid DSN: {exc}") from None
         self.config = config
         self.id = uuid.uuid4()
-        self.conns = Connections(config.dsn, config.concurrency, config.single_role)
+        self.conns = Connections(
+            config.dsn, config.concurrency, config.lease_seconds, config.single_role
+        )
         self.poll_interval = config.poll_interval or 0.1
         self._runner: StepRunner | None = None
         self._inflight: dict[int, asyncio.Task[None]] = {}
@@ -139,12 +141,15 @@ class Worker:
 
     async def _check_schema(self, conn: AsyncConnection[tuple[object, ...]]) -> None:
         cur = await conn.execute(
-            "SELECT CASE WHEN to_regclass('df._migrations') IS NULL THEN NULL"
-            " ELSE (SELECT max(version) FROM df._migrations) END, current_database()"
+            "SELECT to_regclass('df._migrations') IS NOT NULL, current_database()"
         )
         row = await cur.fetchone()
         assert row is not None
-        installed, database = row
+        present, database = row
+        installed = None
+        if present:
+            cur = await conn.execute("SELECT max(version) FROM df._migrations")
+            installed = (await cur.fetchone() or (None,))[0]
         expected = schema.latest_version()
         if installed is None:
             raise WorkerError(
@@ -250,7 +255,8 @@ class Worker:
         finally:
             for followup in followups:
                 self._spawn(followup)
-            del self._inflight[task.id]
+            if self._inflight.get(task.id) is asyncio.current_task():
+                del self._inflight[task.id]  # not a newer claim of the same task
             self._wake.set()
 
     async def _internal_error(self, task: Task, exc: Exception) -> None:

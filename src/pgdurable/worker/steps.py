@@ -156,6 +156,13 @@ class StepRunner:
             return None
         if row is not None and not row[0]:
             return f"Instance {task.instance_id}: submitted_by role no longer exists in pg_roles"
+        # The server answers now, but it may just have come back: log in again to find out.
+        pool = self.conns.step_pool(task.role, task.database)
+        try:
+            await pool.release(await pool.acquire(), True, False)
+            return None  # it was the server, not the login: retry the step
+        except psycopg.Error as again:
+            text = _message(again)
         database = task.database or self.conns.worker_database
         detail = text.split("FATAL:", 1)[-1].strip()
         return f"Failed to connect to database '{database}' as '{task.role}'. Error: {detail}"

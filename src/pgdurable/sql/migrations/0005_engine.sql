@@ -62,7 +62,9 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_instance varchar(8);
 BEGIN
-    SELECT t.instance_id INTO v_instance FROM df._tasks t WHERE t.id = p_task;
+    -- A stale token must not even lock the instance: the worker holding it may be frozen
+    -- with this transaction open.
+    SELECT t.instance_id INTO v_instance FROM df._tasks t WHERE t.id = p_task AND t.token = p_token;
     IF NOT FOUND THEN
         RETURN;
     END IF;
