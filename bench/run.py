@@ -130,6 +130,7 @@ class PgbenchResult:
     tps: float
     latency_avg_ms: float
     cpu_ms_postgres_per_tx: float  # PostgreSQL CPU per transaction
+    wal_bytes_per_tx: float
     machine_busy_pct: float
 
 
@@ -405,6 +406,13 @@ class Server:
         """The non-superuser role that submits workflows."""
         return self.pg.dsn(DATABASE, ROLE)
 
+    def wal_lsn(self) -> int:
+        """The current WAL position, in bytes."""
+        with psycopg.connect(self.admin_dsn, autocommit=True) as conn:
+            row = conn.execute("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn").fetchone()
+        assert row is not None
+        return int(row[0])
+
     @property
     def postmaster_pid(self) -> int:
         return int((self.pg.data_dir / "postmaster.pid").read_text().split()[0])
@@ -537,10 +545,12 @@ def run_pgbench(server: Server, base: Path, clients: int, seconds: int) -> Pgben
         str(seconds),
         DATABASE,
     ]
+    wal0 = server.wal_lsn()
     meter = CpuMeter(server.postmaster_pid, [])
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60, check=False)
     time.sleep(0.3)  # let the postmaster reap pgbench's backends (their CPU moves to it)
     cpu = meter.stop()
+    wal1 = server.wal_lsn()
     if done.returncode != 0:
         raise BenchError(f"pgbench failed ({done.returncode}): {done.stderr or done.stdout}")
     out = done.stdout
@@ -558,6 +568,7 @@ def run_pgbench(server: Server, base: Path, clients: int, seconds: int) -> Pgben
         tps=float(tps.group(1)),
         latency_avg_ms=float(lat.group(1)),
         cpu_ms_postgres_per_tx=1000 * cpu["postgres"] / max(transactions, 1),
+        wal_bytes_per_tx=(wal1 - wal0) / max(transactions, 1),
         machine_busy_pct=cpu["busy_pct"],
     )
 
@@ -877,6 +888,7 @@ def print_report(report: Report) -> None:
         "commits/s (tps)",
         "latency avg ms",
         "CPU ms postgres / commit",
+        "WAL bytes / commit",
         "machine busy",
     ):
         base.add_column(col, justify="right")
@@ -888,6 +900,7 @@ def print_report(report: Report) -> None:
             f"{p.tps:,.0f}",
             f"{p.latency_avg_ms:.2f}",
             f"{p.cpu_ms_postgres_per_tx:.3f}",
+            f"{p.wal_bytes_per_tx:.0f}",
             f"{p.machine_busy_pct:.0f}%",
         )
     console.print(base)
