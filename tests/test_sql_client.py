@@ -11,48 +11,18 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC
-from typing import Any
 
 import psycopg
 import pytest
+from sqlcheck import Conn, Error, check, outcome
 
 import pgdurable
 from pgdurable.embedded import EmbeddedPostgres
 
-Conn = psycopg.Connection[tuple[Any, ...]]
-
-
 # -- helpers ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Error:
-    """The expected outcome of a statement that must fail: its primary message, exactly."""
-
-    message: str
-
-
-def outcome(conn: Conn, sql: str, params: Sequence[object] = ()) -> object:
-    """The single value `SELECT <sql>` returns, or Error(message) if it raises."""
-    try:
-        row = conn.execute(f"SELECT {sql}", params or None).fetchone()
-    except psycopg.Error as e:
-        return Error(e.diag.message_primary or str(e))
-    assert row is not None
-    return row[0]
-
-
-def check(conn: Conn, cases: Sequence[tuple[str, object]]) -> None:
-    """Evaluate every expression and compare it with its expected output."""
-    failures = []
-    for sql, expected in cases:
-        got = outcome(conn, sql)
-        if got != expected:
-            failures.append(f"SELECT {sql}\n    expected: {expected!r}\n    got:      {got!r}")
-    assert not failures, f"{len(failures)} of {len(cases)} cases differ:\n" + "\n".join(failures)
 
 
 def start(conn: Conn, expr: str = "'SELECT 1'", *params: object) -> str:

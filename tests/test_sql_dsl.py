@@ -10,53 +10,23 @@ import json
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import psycopg
 import pytest
+from sqlcheck import Conn, Error, check, outcome
 
 from pgdurable import sql as installer
 from pgdurable.embedded import EmbeddedPostgres
 
-Conn = psycopg.Connection[tuple[Any, ...]]
-
-
 # -- helpers ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Error:
-    """The expected outcome of a statement that must fail: its primary message, exactly."""
-
-    message: str
-
-
-def value_of(conn: Conn, sql: str) -> object:
-    """The single value `SELECT <sql>` returns, or Error(message) if it raises."""
-    try:
-        row = conn.execute(f"SELECT {sql}").fetchone()
-    except psycopg.Error as e:
-        return Error(e.diag.message_primary or str(e))
-    assert row is not None
-    return row[0]
-
-
-def check(conn: Conn, cases: Sequence[tuple[str, object]]) -> None:
-    """Evaluate every expression and compare it with its expected output."""
-    failures = []
-    for sql, expected in cases:
-        got = value_of(conn, sql)
-        if got != expected:
-            failures.append(f"SELECT {sql}\n    expected: {expected!r}\n    got:      {got!r}")
-    assert not failures, f"{len(failures)} of {len(cases)} cases differ:\n" + "\n".join(failures)
 
 
 def check_same(conn: Conn, cases: Sequence[tuple[str, str]]) -> None:
     """Each pair of expressions must produce the same text (and not fail)."""
     failures = []
     for left, right in cases:
-        got_left, got_right = value_of(conn, left), value_of(conn, right)
+        got_left, got_right = outcome(conn, left), outcome(conn, right)
         if got_left != got_right or isinstance(got_left, Error):
             failures.append(f"{left}\n    -> {got_left!r}\n{right}\n    -> {got_right!r}")
     assert not failures, f"{len(failures)} of {len(cases)} pairs differ:\n" + "\n".join(failures)
@@ -468,7 +438,7 @@ def test_precedence_as_postgresql_parses_it(conn: Conn) -> None:
         ],
     )
     # The named THEN of the first row: the name lands on the THEN, not on b.
-    assert value_of(conn, "'a' |=> 'n' ~> 'b' |=> 'm'") == envelope(
+    assert outcome(conn, "'a' |=> 'n' ~> 'b' |=> 'm'") == envelope(
         {
             "node_type": "THEN",
             "left_node": sql_node("a", "n"),
@@ -536,7 +506,7 @@ def test_unicode_and_quotes_are_escaped_like_serde_json(conn: Conn) -> None:
     check(conn, cases)
     # Round trip: nesting an escaped envelope keeps the query text intact.
     for text in NASTY:
-        got = value_of(
+        got = outcome(
             conn,
             f"((df.sql({lit(text)}) ~> 'b') ~> 'c')::jsonb #>> '{{left_node,left_node,query}}'",
         )
@@ -668,12 +638,12 @@ def test_operators_fall_back_to_schema_df_without_superuser(cluster: EmbeddedPos
                     ("'a' & 'b'", f'{{"node_type":"JOIN","left_node":{A},"right_node":{B}}}'),
                     ("'a' | 'b'", f'{{"node_type":"RACE","left_node":{A},"right_node":{B}}}'),
                     ("@> 'b' |=> 'n'", f'{{"node_type":"LOOP","left_node":{B},"result_name":"n"}}'),
-                    ("'c' ?> 't' !> 'e'", value_of(c, "df.if('c', 't', 'e')")),
+                    ("'c' ?> 't' !> 'e'", outcome(c, "df.if('c', 't', 'e')")),
                     ("6 & 3", 2),
                 ],
             )
             c.execute("SET search_path = public")
-            check(c, [("'a' OPERATOR(df.~>) 'b'", value_of(c, "df.seq('a', 'b')"))])
+            check(c, [("'a' OPERATOR(df.~>) 'b'", outcome(c, "df.seq('a', 'b')"))])
     finally:
         with psycopg.connect(cluster.dsn(), autocommit=True) as admin:
             admin.execute(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
@@ -684,7 +654,7 @@ def test_building_a_long_chain_step_by_step(conn: Conn) -> None:
     """Each ~> re-reads its growing left operand once, not once per member: 300 steps stay
     fast, and every level is embedded verbatim."""
     began = time.monotonic()
-    got = value_of(
+    got = outcome(
         conn,
         """t FROM (
             WITH RECURSIVE chain (n, t) AS (

@@ -15,33 +15,15 @@ from typing import Any
 
 import psycopg
 import pytest
+from sqlcheck import Conn, Error, outcome
 
 from pgdurable.embedded import EmbeddedPostgres
-
-Conn = psycopg.Connection[tuple[Any, ...]]
 
 TYPES = "SQL, THEN, IF, JOIN, LOOP, BREAK, RACE, SLEEP, WAIT_SCHEDULE, HTTP, HTTP_MULTIPART, SIGNAL"
 HEX8 = re.compile(r"^[0-9a-f]{8}$")
 
 
 # -- helpers ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Error:
-    """The expected outcome of a statement that must fail: its primary message, exactly."""
-
-    message: str
-
-
-def outcome(conn: Conn, sql: str, params: Sequence[object] = ()) -> object:
-    """The single value `SELECT <sql>` returns, or Error(message) if it raises."""
-    try:
-        row = conn.execute(f"SELECT {sql}", params or None).fetchone()
-    except psycopg.Error as e:
-        return Error(e.diag.message_primary or str(e))
-    assert row is not None
-    return row[0]
 
 
 def check_start_errors(conn: Conn, cases: Sequence[tuple[str, str]]) -> None:
