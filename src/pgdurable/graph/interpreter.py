@@ -113,19 +113,28 @@ def step_succeeded(
     graph: Graph, state: State, variables: dict[str, str], activation: int, result: str, now: float
 ) -> Transition:
     """A SQL step's statement ran; ``result`` is its result JSON."""
-    run = _Run(graph, copy.deepcopy(state), variables, now)
-    if run.act(activation) is not None:
-        run.finish(activation, "ok", result)
-    return run.finish_transition()
+    return _leaf_finished(graph, state, variables, activation, "ok", result, now)
 
 
 def step_failed(
     graph: Graph, state: State, variables: dict[str, str], activation: int, error: str, now: float
 ) -> Transition:
     """A step failed with ``error``; the failure propagates (spec §7.1)."""
+    return _leaf_finished(graph, state, variables, activation, "fail", error, now)
+
+
+def _leaf_finished(
+    graph: Graph,
+    state: State,
+    variables: dict[str, str],
+    activation: int,
+    kind: OutcomeKind,
+    value: str,
+    now: float,
+) -> Transition:
     run = _Run(graph, copy.deepcopy(state), variables, now)
-    if run.act(activation) is not None:
-        run.finish(activation, "fail", error)
+    if run.act(activation) is not None:  # else a stale event: the activation is gone
+        run.finish(activation, kind, value)
     return run.finish_transition()
 
 
