@@ -1062,6 +1062,9 @@ def main(argv: list[str] | None = None) -> int:
     if not shapes or not processes:
         parser.error("nothing to run")
 
+    # Ctrl-C and SIGTERM both end the run cleanly (even when started in the background, where
+    # the shell ignores SIGINT).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     stop = threading.Event()
     base = Path(tempfile.mkdtemp(prefix="pgdurable-bench-"))
@@ -1131,6 +1134,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except KeyboardInterrupt:
         console.print("interrupted; stopping")
+        failed = False  # nothing to look into: clean up
         return 130
     except BenchError as exc:
         console.print(f"[bold red]benchmark failed:[/] {exc}", highlight=False)
