@@ -133,3 +133,39 @@ def test_rows_of_long_dead_workers_are_swept(
     finally:
         w.stop()
     assert conn.execute("SELECT count(*) FROM df._worker_epoch").fetchone() == (1,)
+
+
+def test_completed_at_includes_the_last_steps_own_time(app: App, worker: ThreadWorker) -> None:
+    instance, status = app.run("'SELECT pg_sleep(1)::text AS slept'")
+    assert status == "completed"
+    row = app.conn.execute(
+        "SELECT completed_at - created_at >= interval '1 second' FROM df.instances WHERE id = %s",
+        (instance,),
+    ).fetchone()
+    assert row == (True,)
+
+
+def test_a_worker_never_runs_more_steps_than_its_concurrency(app: App, dsn: str) -> None:
+    app.conn.execute("CREATE TABLE spans (a timestamptz, b timestamptz)")
+    app.conn.execute(
+        "CREATE FUNCTION span() RETURNS int LANGUAGE plpgsql AS $$"
+        " DECLARE a timestamptz := clock_timestamp();"
+        " BEGIN PERFORM pg_sleep(0.2); INSERT INTO spans VALUES (a, clock_timestamp());"
+        " RETURN 1; END $$"
+    )
+    w = ThreadWorker(dsn, concurrency=3)
+    try:
+        branches = " & ".join(["'SELECT span()'"] * 8)
+        ids = [app.start(f"({branches}) ~> 'SELECT span()'") for _ in range(4)]
+        for instance in ids:
+            assert app.wait(instance, 60) == "completed"
+    finally:
+        w.stop()
+    row = app.conn.execute(
+        "SELECT max((SELECT count(*) FROM spans o WHERE o.a <= s.a AND s.a < o.b)), count(*)"
+        " FROM spans s"
+    ).fetchone()
+    assert row is not None
+    overlap, total = row
+    assert total == 36
+    assert overlap == 3  # busy, but never more than --concurrency

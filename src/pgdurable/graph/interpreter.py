@@ -18,7 +18,6 @@ loop have one, with a generation bumped per loop iteration.
 
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -132,7 +131,7 @@ def _leaf_finished(
     value: str,
     now: float,
 ) -> Transition:
-    run = _Run(graph, copy.deepcopy(state), variables, now)
+    run = _Run(graph, _copy(state), variables, now)
     if run.act(activation) is not None:  # else a stale event: the activation is gone
         run.finish(activation, kind, value)
     return run.finish_transition()
@@ -142,7 +141,7 @@ def timer_fired(
     graph: Graph, state: State, variables: dict[str, str], activation: int, now: float
 ) -> Transition:
     """A timer of ``activation`` is due: a SLEEP ends, or a padded loop iteration begins."""
-    run = _Run(graph, copy.deepcopy(state), variables, now)
+    run = _Run(graph, _copy(state), variables, now)
     act = run.act(activation)
     if act is not None:
         node = graph[act["node"]]
@@ -160,6 +159,12 @@ def fail_instance(state: State | None, error: str) -> Transition:
 
 
 # -- the machinery -----------------------------------------------------------------------------
+
+
+def _copy(state: State) -> State:
+    """A private copy of a JSON state: the caller's stays untouched (faster than deepcopy)."""
+    copied: State = json.loads(json.dumps(state))
+    return copied
 
 
 def _compact(value: Any) -> str:

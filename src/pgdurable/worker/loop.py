@@ -79,6 +79,7 @@ class Worker:
         self.poll_interval = config.poll_interval or 0.1
         self._runner: StepRunner | None = None
         self._inflight: dict[int, asyncio.Task[None]] = {}
+        self._reserved = 0  # slots promised to a claim or a checkpoint in flight
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
 
@@ -185,11 +186,8 @@ class Worker:
     # -- claiming ------------------------------------------------------------------------------
 
     def _free_slots(self) -> int:
-        return max(self.config.concurrency - len(self._inflight), 0)
-
-    def _followup_limit(self) -> int:
-        """How many next steps a checkpoint may lease to us: none once we are stopping."""
-        return 0 if self._stopping.is_set() else self._free_slots() + 1
+        """Slots neither running a task nor promised to a claim or checkpoint in flight."""
+        return max(self.config.concurrency - len(self._inflight) - self._reserved, 0)
 
     async def _claim_loop(self) -> None:
         delay = 0.5
@@ -197,6 +195,7 @@ class Worker:
             self._wake.clear()
             free = self._free_slots()
             if free:
+                self._reserved += free  # checkpoints finishing meanwhile must not take these
                 try:
                     # A short pool timeout keeps the loop responsive to stop requests while
                     # the server is down.
@@ -204,14 +203,19 @@ class Worker:
                         tasks = await store.claim(conn, self.id, free, self.config.lease_seconds)
                     delay = 0.5
                 except Exception as exc:
-                    if not is_transient(exc):
-                        raise
-                    log.warning(
-                        "database unreachable (%s); retrying in %.1fs", _first_line(exc), delay
-                    )
+                    if is_transient(exc):
+                        log.warning(
+                            "database unreachable (%s); retrying in %.1fs",
+                            _first_line(exc),
+                            delay,
+                        )
+                    else:  # e.g. a deadlock with an administrator's statement: try again
+                        log.error("claiming failed: %r; retrying in %.1fs", exc, delay)
                     await self._sleep(delay)
                     delay = min(delay * 2, 10.0)
                     continue
+                finally:
+                    self._reserved -= free
                 for task in tasks:
                     self._spawn(task)
                 if len(tasks) == free:
@@ -231,11 +235,22 @@ class Worker:
     async def _execute(self, task: Task) -> None:
         assert self._runner is not None
         followups: list[Task] = []
+        reserved = 0
+
+        def followup_limit() -> int:
+            """Reserve slots for the next steps this task's checkpoint may lease to us: its
+            own slot, plus free ones (none once we are stopping)."""
+            nonlocal reserved
+            self._reserved -= reserved
+            reserved = 0 if self._stopping.is_set() else self._free_slots()
+            self._reserved += reserved
+            return 0 if self._stopping.is_set() else reserved + 1
+
         delay = 0.1
         try:
             while True:
                 try:
-                    followups = await self._runner.run(task, self._followup_limit)
+                    followups = await self._runner.run(task, followup_limit)
                     break
                 except Exception as exc:
                     if not is_transient(exc):
@@ -253,11 +268,13 @@ class Worker:
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 5.0)
         finally:
+            self._reserved -= reserved
             for followup in followups:
                 self._spawn(followup)
             if self._inflight.get(task.id) is asyncio.current_task():
                 del self._inflight[task.id]  # not a newer claim of the same task
-            self._wake.set()
+            if not followups:
+                self._wake.set()  # a slot is free; when a next step took it, nothing changed
 
     async def _internal_error(self, task: Task, exc: Exception) -> None:
         """A bug or a poisoned row: log it; after repeated attempts fail the instance."""

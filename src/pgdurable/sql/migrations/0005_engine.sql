@@ -10,6 +10,9 @@
 -- never sees (it is sent as a bind parameter after the statement ran).
 --
 -- Lock order, everywhere: the df.instances row, then df._tasks rows.
+--
+-- Times written here use clock_timestamp(): a step's transaction began before its statement
+-- ran, perhaps long ago, and now() would date its results (and leases) that far back.
 
 -- ---------------------------------------------------------------------------------------------
 -- df.start() inserts the instance row; this trigger creates its engine state, snapshots the
@@ -118,7 +121,7 @@ BEGIN
        SET status = w.status,
            result = w.result::jsonb,
            status_details = jsonb_build_object('execution_id', w.execution_id),
-           updated_at = now()
+           updated_at = clock_timestamp()
       FROM jsonb_to_recordset(p_change -> 'writes')
            AS w(id varchar(8), status text, result text, execution_id text)
      WHERE n.instance_id = v_instance AND n.id = w.id;
@@ -133,14 +136,15 @@ BEGIN
     IF v_outcome IS NOT NULL THEN
         UPDATE df.instances i
            SET status = v_outcome ->> 'status',
-               updated_at = now(),
-               completed_at = CASE WHEN v_outcome ->> 'status' = 'completed' THEN now() END
+               updated_at = clock_timestamp(),
+               completed_at = CASE WHEN v_outcome ->> 'status' = 'completed'
+                                   THEN clock_timestamp() END
          WHERE i.id = v_instance AND i.status NOT IN ('completed', 'failed', 'cancelled');
         DELETE FROM df._tasks t WHERE t.instance_id = v_instance;
         RETURN;
     END IF;
 
-    UPDATE df.instances i SET status = 'running', updated_at = now()
+    UPDATE df.instances i SET status = 'running', updated_at = clock_timestamp()
      WHERE i.id = v_instance AND i.status = 'pending';
 
     DELETE FROM df._tasks t
@@ -161,8 +165,9 @@ BEGIN
                (instance_id, activation, kind, node_id, payload, visible_at, lease_owner,
                 token, attempts)
         SELECT v_instance, n.activation, n.kind, n.node_id, n.payload,
-               CASE WHEN n.claimed THEN now() + make_interval(secs => p_lease_seconds)
-                    WHEN n.run_at IS NULL THEN now()
+               CASE WHEN n.claimed
+                    THEN clock_timestamp() + make_interval(secs => p_lease_seconds)
+                    WHEN n.run_at IS NULL THEN clock_timestamp()
                     ELSE to_timestamp(n.run_at) END,
                CASE WHEN n.claimed THEN p_worker END,
                CASE WHEN n.claimed THEN gen_random_uuid() END,
