@@ -56,6 +56,8 @@ class EmbeddedPostgres:
     data_dir: Path
     port: int
     settings: dict[str, str] = field(default_factory=dict)
+    # Another PostgreSQL's programs (e.g. /usr/lib/postgresql/15/bin) instead of the wheel's.
+    bin_dir: Path = POSTGRES_BIN_PATH
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).expanduser().resolve()
@@ -117,7 +119,7 @@ class EmbeddedPostgres:
     @property
     def running(self) -> bool:
         result = subprocess.run(
-            [str(bin_path("pg_ctl")), "-D", str(self.data_dir), "status"],
+            [str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir), "status"],
             capture_output=True,
             text=True,
             user=self._run_as,
@@ -159,7 +161,7 @@ class EmbeddedPostgres:
 
     def _run(self, program: str, *args: str) -> None:
         result = subprocess.run(
-            [str(bin_path(program)), *args],
+            [str(self.bin_dir / program), *args],
             capture_output=True,
             text=True,
             user=self._run_as,
