@@ -309,12 +309,22 @@ class Worker:
                     await conn.execute(f"LISTEN {store.CANCEL_CHANNEL}")
                     delay = 0.5
                     self._wake.set()  # work may have arrived while we were not listening
-                    async for _ in conn.notifies():
-                        self._wake.set()
+                    async for notice in conn.notifies():
+                        if notice.channel == store.CANCEL_CHANNEL:
+                            self._cancel(notice.payload)
+                        else:
+                            self._wake.set()
             except psycopg.Error as exc:
                 log.debug("listen connection lost (%s); reconnecting", _first_line(exc))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
+
+    def _cancel(self, payload: str) -> None:
+        """A NOTIFY on the cancel channel: ``<instance>`` or ``<instance>:<activation>``."""
+        if self._runner is None:
+            return
+        instance, _, activation = payload.partition(":")
+        self._runner.cancel(instance, int(activation) if activation.isdigit() else None)
 
     async def _heartbeat(self) -> None:
         """Extend leases of in-flight tasks; close step connections nobody used lately."""

@@ -10,6 +10,7 @@ own connection.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import uuid
@@ -43,6 +44,22 @@ _NEEDS_OWN_TRANSACTION = {"25001", "2D000"}
 _GRAPH_CACHE_SIZE = 2048
 
 
+@dataclass
+class _Running:
+    """A step statement in flight, and the cancel request sent to it, if any."""
+
+    task: Task
+    conn: AsyncConn
+    cancelling: asyncio.Future[None] | None = None
+
+
+async def _cancel_request(conn: AsyncConn) -> None:
+    try:
+        await conn.cancel_safe()
+    except psycopg.Error as exc:  # the statement may be over already; nothing to do
+        log.debug("cancel request failed: %s", exc)
+
+
 @dataclass(frozen=True)
 class StepSettings:
     """What a step runner needs to know about its worker."""
@@ -60,6 +77,7 @@ class StepRunner:
         self.conns = conns
         self.settings = settings
         self._graphs: OrderedDict[str, Graph] = OrderedDict()
+        self._statements: dict[int, _Running] = {}  # task id -> its statement in flight
 
     async def run(self, task: Task, claim_limit: Callable[[], int]) -> list[Task]:
         """Run ``task`` to its checkpoint."""
@@ -105,15 +123,7 @@ class StepRunner:
         reusable, clean = False, False
         try:
             try:
-                async with conn.pipeline() as pipeline:
-                    await conn.execute("BEGIN")
-                    cur = conn.cursor(binary=True)
-                    await cur.execute(sql.encode(conn.info.encoding))
-                    begin = conn.cursor()
-                    await begin.execute(store.CHECKPOINT_BEGIN, store.checkpoint_begin_params(task))
-                    await pipeline.sync()
-                    result = await read_result(cur)
-                    cp = store.checkpoint_from_row(await begin.fetchone())
+                result, cp = await self._run_statement(conn, task, sql)
             except psycopg.Error as exc:
                 if is_transient(exc):
                     raise
@@ -133,6 +143,50 @@ class StepRunner:
             return followups
         finally:
             await pool.release(conn, reusable, clean)
+
+    async def _run_statement(
+        self, conn: AsyncConn, task: Task, sql: str
+    ) -> tuple[str, Checkpoint | None]:
+        """The first round trip of a step: BEGIN, the statement, df._checkpoint_begin.
+
+        While it runs, ``cancel`` may interrupt it. Before the connection is used again, any
+        cancel request sent meanwhile must have reached the server, so that it cannot hit
+        a later statement on this connection instead (the server ignores a cancel that
+        arrives while it waits for the next command).
+        """
+        running = _Running(task, conn)
+        self._statements[task.id] = running
+        try:
+            async with conn.pipeline() as pipeline:
+                await conn.execute("BEGIN")
+                cur = conn.cursor(binary=True)
+                await cur.execute(sql.encode(conn.info.encoding))
+                begin = conn.cursor()
+                await begin.execute(store.CHECKPOINT_BEGIN, store.checkpoint_begin_params(task))
+                await pipeline.sync()
+                result = await read_result(cur)
+                return result, store.checkpoint_from_row(await begin.fetchone())
+        finally:
+            if self._statements.get(task.id) is running:
+                del self._statements[task.id]
+            if running.cancelling is not None:
+                await asyncio.wait([running.cancelling])
+
+    def cancel(self, instance_id: str, activation: int | None = None) -> int:
+        """Interrupt the statements in flight of an instance (or of one of its activations)
+        whose tasks were withdrawn: a cancelled instance, a RACE loser. Their checkpoints
+        then find the task gone. Returns how many were interrupted."""
+        count = 0
+        for running in self._statements.values():
+            task = running.task
+            if task.instance_id != instance_id or running.cancelling is not None:
+                continue
+            if activation is None or task.activation == activation:
+                running.cancelling = asyncio.ensure_future(_cancel_request(running.conn))
+                count += 1
+        if count:
+            log.info("cancelling %d statement(s) of instance %s", count, instance_id)
+        return count
 
     async def _login_failure(self, task: Task, exc: psycopg.Error) -> str | None:
         """Why the step's role could not log in, or None if the server itself is unreachable.

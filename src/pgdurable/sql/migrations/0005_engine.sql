@@ -37,7 +37,7 @@ CREATE TRIGGER instances_created AFTER INSERT ON df.instances
     FOR EACH ROW EXECUTE FUNCTION df._instance_created();
 
 -- df.cancel() sets status 'cancelled': drop the instance's queued work at once, and tell
--- workers (the payload is the instance id) so they can abandon steps in flight.
+-- workers (the payload is the instance id) to cancel its statements in flight.
 CREATE FUNCTION df._instance_cancelled() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
@@ -140,16 +140,31 @@ BEGIN
                completed_at = CASE WHEN v_outcome ->> 'status' = 'completed'
                                    THEN clock_timestamp() END
          WHERE i.id = v_instance AND i.status NOT IN ('completed', 'failed', 'cancelled');
-        DELETE FROM df._tasks t WHERE t.instance_id = v_instance;
+        -- Whatever still runs (the loser of a deciding RACE) is cancelled.
+        WITH gone AS (
+            DELETE FROM df._tasks t WHERE t.instance_id = v_instance RETURNING t.activation
+        )
+        SELECT count(pg_notify('pgdurable_cancel', v_instance || ':' || g.activation))
+          INTO v_unclaimed
+          FROM gone g;
         RETURN;
     END IF;
 
     UPDATE df.instances i SET status = 'running', updated_at = clock_timestamp()
      WHERE i.id = v_instance AND i.status = 'pending';
 
-    DELETE FROM df._tasks t
-     WHERE t.instance_id = v_instance
-       AND t.activation = ANY (ARRAY(SELECT jsonb_array_elements_text(p_change -> 'dropped'))::int[]);
+    -- Abandoned work (RACE losers): its tasks go, and a worker running one of their
+    -- statements is told to cancel it (delivered only if this transaction commits).
+    WITH dropped AS (
+        DELETE FROM df._tasks t
+         WHERE t.instance_id = v_instance
+           AND t.activation = ANY (
+               ARRAY(SELECT jsonb_array_elements_text(p_change -> 'dropped'))::int[])
+        RETURNING t.activation
+    )
+    SELECT count(pg_notify('pgdurable_cancel', v_instance || ':' || d.activation))
+      INTO v_unclaimed
+      FROM dropped d;
 
     RETURN QUERY
     WITH new_task AS (
