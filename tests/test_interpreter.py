@@ -7,6 +7,7 @@ by node id and check what the interpreter decided.
 
 from __future__ import annotations
 
+import itertools
 import json
 from typing import Any
 
@@ -557,7 +558,7 @@ def test_sleep_never_binds_its_name() -> None:
     assert sim.sql_of(after) == "SELECT $z?"
 
 
-@pytest.mark.parametrize("kind", ["WAIT_SCHEDULE", "SIGNAL", "HTTP", "HTTP_MULTIPART"])
+@pytest.mark.parametrize("kind", ["HTTP", "HTTP_MULTIPART"])
 def test_node_types_of_later_issues_fail_clearly(kind: str) -> None:
     g = G()
     sim = Sim(g.graph(g.add(kind, "{}")))
@@ -613,3 +614,86 @@ def test_nested_loop_iterates_across_its_padding_timer() -> None:
             sim.fire(inner)  # the inner loop's own execution survives the wait
             assert sim.stamp(body) == f"{INSTANCE}::1::{inner}::2"
     assert sim.outcome == interp.Outcome("completed", '"x"')
+
+
+# -- waits: signals and schedules ---------------------------------------------------------------
+
+
+def test_signal_wait_creates_a_wait_task_with_its_deadline() -> None:
+    g = G()
+    w = g.add(
+        "SIGNAL",
+        '{"signal_name":"go","timeout_seconds":30}',
+        config={"signal_name": "go", "timeout_seconds": 30},
+    )
+    sim = Sim(g.graph(w), now=100.0)
+    task = sim.task(w)
+    assert (task.kind, task.run_at, task.payload) == (
+        "signal",
+        130.0,
+        {"signal_name": "go", "deadline": 130.0},
+    )
+
+
+def test_signal_received_and_timed_out_results() -> None:
+    g = G()
+    cfg = {"signal_name": "go", "timeout_seconds": None}
+    a = g.add("SIGNAL", json.dumps(cfg), config=cfg, result_name="s")
+    b = g.add("SIGNAL", json.dumps(cfg), config=cfg)
+    after = g.sql("SELECT $s.data, $s.timed_out")
+    sim = Sim(g.graph(g.then(g.then(a, b), after)))
+    task = sim.task(a)
+    assert task.run_at is None  # no timeout: waits for ever
+    del sim.tasks[task.activation]
+    sim._apply(interp.signal_received(sim.graph, sim.state, {}, task.activation, {"ok": 1}, 5))
+    assert sim.result(a) == {"signal_name": "go", "timed_out": False, "data": {"ok": 1}}
+    task = sim.task(b)
+    del sim.tasks[task.activation]
+    sim._apply(interp.signal_timed_out(sim.graph, sim.state, {}, task.activation, 9))
+    assert sim.result(b) == {"signal_name": "go", "timed_out": True, "data": None}
+    assert sim.sql_of(after) == "SELECT '{\"ok\":1}', false"
+
+
+def test_stale_signal_events_are_ignored() -> None:
+    g = G()
+    a = g.sql("SELECT 1")
+    sim = Sim(g.graph(a))
+    t = interp.signal_received(sim.graph, sim.state, {}, 999, None, sim.now)
+    assert t.writes == [] and t.tasks == [] and t.outcome is None
+
+
+def test_wait_schedule_sleeps_until_the_next_tick() -> None:
+    g = G()
+    cfg = {"cron_expr": "*/5 * * * *"}
+    w = g.add("WAIT_SCHEDULE", json.dumps(cfg), config=cfg, result_name="ignored")
+    after = g.sql("SELECT $ignored?")
+    start = 1767225630.0  # 2026-01-01T00:00:30Z
+    sim = Sim(g.graph(g.then(w, after)), now=start)
+    assert sim.task(w).run_at == 1767225900.0  # 00:05:00
+    sim.fire(w)
+    assert sim.result(w) == {"scheduled": True}
+    assert sim.sql_of(after) == "SELECT $ignored?"  # WAIT_SCHEDULE never binds its name
+
+
+def test_wait_schedule_with_a_bad_expression_fails_the_step() -> None:
+    g = G()
+    cfg = {"cron_expr": "61 * * * *"}
+    sim = Sim(g.graph(g.add("WAIT_SCHEDULE", json.dumps(cfg), config=cfg)))
+    assert sim.outcome is not None and sim.outcome.status == "failed"
+    assert sim.outcome.output.startswith("Invalid cron expression '61 * * * *': ")
+
+
+def test_schedule_loop_keeps_its_cadence_without_drift() -> None:
+    g = G()
+    cfg = {"cron_expr": "*/5 * * * *"}
+    w = g.add("WAIT_SCHEDULE", json.dumps(cfg), config=cfg)
+    work = g.sql("SELECT 1")
+    looping = g.loop(g.then(w, work))
+    sim = Sim(g.graph(looping), now=1767225630.0)
+    ticks = []
+    for _ in range(5):
+        ticks.append(sim.task(w).run_at)
+        sim.fire(w)
+        sim.now += 7  # the work takes a while (so no 1 s padding); the ticks must not shift
+        sim.complete(work)
+    assert [b - a for a, b in itertools.pairwise(ticks)] == [300.0] * 4

@@ -22,6 +22,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .cron import cron_error, next_tick
 from .model import UNNAMED_RESULT_TYPES, Graph, Node
 from .substitute import SubstitutionError, substitute_sql
 from .truth import is_true
@@ -57,13 +58,14 @@ class NodeWrite:
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """Work for the worker: run a SQL statement, or wake up at ``run_at`` (epoch seconds)."""
+    """Work for the worker: run a SQL statement, wake up at ``run_at`` (epoch seconds), or
+    wait for a signal until ``run_at``."""
 
     activation: int
-    kind: Literal["sql", "timer"]
+    kind: Literal["sql", "timer", "signal"]
     node_id: str
     payload: dict[str, Any] | None = None
-    run_at: float | None = None  # None: now
+    run_at: float | None = None  # None: now (a signal wait: no deadline)
 
 
 @dataclass(frozen=True)
@@ -148,9 +150,34 @@ def timer_fired(
         if node.type == "SLEEP":
             seconds = int(node.query or "0")
             run.finish(activation, "ok", f'{{"slept": true, "seconds": {seconds}}}')
+        elif node.type == "WAIT_SCHEDULE":
+            run.finish(activation, "ok", '{"scheduled": true}')
         elif node.type == "LOOP" and act.get("phase") == "pad":
             run.begin_iteration(activation)
     return run.finish_transition()
+
+
+def signal_received(
+    graph: Graph, state: State, variables: dict[str, str], activation: int, data: Any, now: float
+) -> Transition:
+    """The SIGNAL wait of ``activation`` consumed a signal carrying ``data`` (parsed JSON)."""
+    result = {"signal_name": _signal_name(graph, state, activation), "timed_out": False}
+    result["data"] = data
+    return _leaf_finished(graph, state, variables, activation, "ok", _compact(result), now)
+
+
+def signal_timed_out(
+    graph: Graph, state: State, variables: dict[str, str], activation: int, now: float
+) -> Transition:
+    """The SIGNAL wait of ``activation`` reached its timeout with no signal."""
+    result = {"signal_name": _signal_name(graph, state, activation), "timed_out": True}
+    result["data"] = None
+    return _leaf_finished(graph, state, variables, activation, "ok", _compact(result), now)
+
+
+def _signal_name(graph: Graph, state: State, activation: int) -> Any:
+    act = state["acts"].get(str(activation))
+    return graph[act["node"]].config.get("signal_name") if act else None
 
 
 def fail_instance(state: State | None, error: str) -> Transition:
@@ -300,6 +327,24 @@ class _Run:
     def _start_sleep(self, aid: int, act: dict[str, Any], node: Node) -> None:
         seconds = int(node.query or "0")
         self.out.tasks.append(TaskSpec(aid, "timer", node.id, None, self.now + seconds))
+
+    def _start_wait_schedule(self, aid: int, act: dict[str, Any], node: Node) -> None:
+        # The next tick is computed now, when the wait starts, from the database clock (UTC);
+        # a tick missed while no worker ran fires once, late (docs/schedules.md).
+        expr = str(node.config.get("cron_expr", ""))
+        error = cron_error(expr)
+        if error is not None:
+            self.finish(aid, "fail", f"Invalid cron expression '{expr}': {error}")
+            return
+        tick = next_tick(expr, self.now)
+        self.out.tasks.append(TaskSpec(aid, "timer", node.id, None, tick))
+
+    def _start_signal(self, aid: int, act: dict[str, Any], node: Node) -> None:
+        name = node.config.get("signal_name")
+        timeout = node.config.get("timeout_seconds")
+        deadline = self.now + float(timeout) if timeout else None
+        payload = {"signal_name": name, "deadline": deadline}
+        self.out.tasks.append(TaskSpec(aid, "signal", node.id, payload, deadline))
 
     def _start_break(self, aid: int, act: dict[str, Any], node: Node) -> None:
         self.finish(aid, "brk", _break_value(node))

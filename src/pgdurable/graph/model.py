@@ -82,7 +82,10 @@ def node_from_row(row: Mapping[str, Any]) -> Node:
     node_type = row["node_type"]
     query = row.get("query")
     config: dict[str, Any] = {}
-    if node_type in ("IF", "LOOP", "JOIN", "BREAK") and query is not None:
+    if (
+        node_type in ("IF", "LOOP", "JOIN", "BREAK", "WAIT_SCHEDULE", "SIGNAL")
+        and query is not None
+    ):
         try:
             parsed = json.loads(query)
         except ValueError as exc:

@@ -190,6 +190,32 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
+async def consume_signal(conn: AsyncConn, task: Task, name: str) -> tuple[bool, Any]:
+    """Take the oldest unconsumed signal ``name`` of the task's instance: (found, its data).
+
+    Called in the checkpoint transaction, under the instance lock that df.signal also takes,
+    so a signal is either seen here or wakes the re-armed wait afterwards (migration 0007).
+    """
+    cur = await conn.execute(
+        "SELECT d IS NOT NULL, d FROM df._consume_signal(%s, %s, %s) AS d",
+        (task.instance_id, name, task.activation),
+    )
+    row = await cur.fetchone()
+    assert row is not None
+    return bool(row[0]), row[1]
+
+
+async def rearm(conn: AsyncConn, task: Task) -> None:
+    """Put a signal wait back to sleep until its deadline (or for ever) and free its lease."""
+    deadline = (task.payload or {}).get("deadline")
+    await conn.execute(
+        "UPDATE df._tasks SET lease_owner = NULL, token = NULL,"
+        " visible_at = coalesce(to_timestamp(%s), 'infinity')"
+        " WHERE id = %s AND token = %s",
+        (deadline, task.id, task.token),
+    )
+
+
 async def load_graph(conn: AsyncConn, instance_id: str) -> tuple[Graph, dict[str, Any]]:
     """An instance's graph and facts: role existence, superuser-ness, label."""
     cur = conn.cursor(row_factory=dict_row)

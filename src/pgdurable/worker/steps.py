@@ -44,6 +44,10 @@ _NEEDS_OWN_TRANSACTION = {"25001", "2D000"}
 _GRAPH_CACHE_SIZE = 2048
 
 
+# How a task on the worker's connection turns into a transition (None: not yet).
+Decision = Callable[[AsyncConn, Graph, Checkpoint], Awaitable[Transition | None]]
+
+
 @dataclass
 class _Running:
     """A step statement in flight, and the cancel request sent to it, if any."""
@@ -85,12 +89,14 @@ class StepRunner:
             return await self._run_sql(task, claim_limit)
         if task.kind == "timer":
 
-            async def fire(graph: Graph, cp: Checkpoint) -> Transition:
+            async def fire(conn: AsyncConn, graph: Graph, cp: Checkpoint) -> Transition:
                 return interpreter.timer_fired(
                     graph, _state(cp), cp.variables, task.activation, cp.now
                 )
 
             return await self._advance(task, fire, claim_limit)
+        if task.kind == "signal":
+            return await self._advance(task, self._signal_wait(task), claim_limit)
         if task.kind == "start":
             return await self._advance(task, None, claim_limit)
         raise ValueError(f"unknown task kind {task.kind!r}")
@@ -98,7 +104,7 @@ class StepRunner:
     async def fail(self, task: Task, error: str, claim_limit: Callable[[], int]) -> list[Task]:
         """Record that ``task``'s step failed with ``error``."""
 
-        async def failed(graph: Graph, cp: Checkpoint) -> Transition:
+        async def failed(conn: AsyncConn, graph: Graph, cp: Checkpoint) -> Transition:
             return interpreter.step_failed(
                 graph, _state(cp), cp.variables, task.activation, error, cp.now
             )
@@ -290,15 +296,36 @@ class StepRunner:
 
     # -- checkpoints on the worker's connection ------------------------------------------------
 
+    def _signal_wait(self, task: Task) -> Decision:
+        """A SIGNAL wait's task came due: a signal arrived, or its deadline passed."""
+        payload = task.payload or {}
+
+        async def wait(conn: AsyncConn, graph: Graph, cp: Checkpoint) -> Transition | None:
+            name = str(payload.get("signal_name"))
+            received, data = await store.consume_signal(conn, task, name)
+            if received:
+                return interpreter.signal_received(
+                    graph, _state(cp), cp.variables, task.activation, data, cp.now
+                )
+            deadline = payload.get("deadline")
+            if deadline is not None and cp.now >= float(deadline):
+                return interpreter.signal_timed_out(
+                    graph, _state(cp), cp.variables, task.activation, cp.now
+                )
+            return None  # woken early (the signal went to another wait): wait on
+
+        return wait
+
     async def _advance(
         self,
         task: Task,
-        decide: Callable[[Graph, Checkpoint], Awaitable[Transition]] | None,
+        decide: Decision | None,
         claim_limit: Callable[[], int],
     ) -> list[Task]:
         """Lock the instance, compute a transition and checkpoint it, on the worker's connection.
 
-        ``decide`` None means the task starts the instance.
+        ``decide`` None means the task starts the instance; ``decide`` returning None means
+        there is nothing to do yet: the task goes back to waiting.
         """
         async with self.conns.worker.connection() as conn, conn.transaction():
             cp = await store.checkpoint_begin(conn, task)
@@ -307,7 +334,12 @@ class StepRunner:
             if decide is None:
                 transition = await self._start(conn, task, cp)
             else:
-                transition = await decide(await self._graph(task.instance_id, conn), cp)
+                graph = await self._graph(task.instance_id, conn)
+                decided = await decide(conn, graph, cp)
+                if decided is None:
+                    await store.rearm(conn, task)
+                    return []
+                transition = decided
             return await store.checkpoint(
                 conn,
                 task,

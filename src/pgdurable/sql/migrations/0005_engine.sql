@@ -182,6 +182,16 @@ BEGIN
         SELECT v_instance, n.activation, n.kind, n.node_id, n.payload,
                CASE WHEN n.claimed
                     THEN clock_timestamp() + make_interval(secs => p_lease_seconds)
+                    -- A signal wait is due at once if its signal is already buffered, else at
+                    -- its deadline (or never); df.signal wakes it (df._signals: migration 7).
+                    WHEN n.kind = 'signal'
+                    THEN CASE WHEN EXISTS (
+                                  SELECT 1 FROM df._signals s
+                                   WHERE s.instance_id = v_instance
+                                     AND s.name = n.payload ->> 'signal_name'
+                                     AND s.consumed_at IS NULL)
+                              THEN clock_timestamp()
+                              ELSE coalesce(to_timestamp(n.run_at), 'infinity') END
                     WHEN n.run_at IS NULL THEN clock_timestamp()
                     ELSE to_timestamp(n.run_at) END,
                CASE WHEN n.claimed THEN p_worker END,
@@ -196,8 +206,8 @@ BEGIN
 
     -- Wake idle workers only for work nobody holds yet; timers are found by polling.
     SELECT count(*) INTO v_unclaimed
-      FROM jsonb_to_recordset(p_change -> 'tasks') AS n(run_at double precision)
-     WHERE n.run_at IS NULL;
+      FROM jsonb_to_recordset(p_change -> 'tasks') AS n(kind text, run_at double precision)
+     WHERE n.kind = 'sql' AND n.run_at IS NULL;
     IF v_unclaimed > p_claim THEN
         PERFORM pg_notify('pgdurable_tasks', '');
     END IF;
