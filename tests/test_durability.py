@@ -573,6 +573,39 @@ def test_sleep_deadline_survives_worker_restarts(env: Env, workers: Workers) -> 
     assert short_at <= restarted + 3, "an overdue timer did not fire when a worker came back"
 
 
+def test_signal_waits_survive_kill9(env: Env, workers: Workers) -> None:
+    """A signal sent while the only worker is dead (killed during the wait) is received by the
+    next worker; a wait whose timeout passes meanwhile times out; each step exactly once."""
+    a = workers.start(env.dsn, concurrency=2, lease_seconds=2)
+    a.wait_ready()
+    got_id = start(env.app, seq("df.wait_for_signal('go', 60)", effect(1)), "signal")
+    late_id = start(env.app, seq("df.wait_for_signal('never', 2)", effect(1)), "timeout")
+    ids = [got_id, late_id]
+    wait_for(
+        "both waits to be armed",
+        lambda: env.admin.execute(
+            "SELECT count(*) = 2 FROM df._tasks WHERE kind = 'signal' AND instance_id = ANY(%s)",
+            (ids,),
+        ).fetchone()[0],  # type: ignore[index]
+        timeout=20,
+    )
+    a.kill()
+    env.app.execute("SELECT df.signal(%s, 'go', '\"while dead\"')", (got_id,))
+    time.sleep(2.5)  # the second wait's deadline passes with no worker
+    workers.start(env.dsn, concurrency=2, lease_seconds=2).wait_ready()
+    wait_completed(env.admin, ids, timeout=30, app=env.app)
+    assert_exactly_once(env.admin, {got_id: {1}, late_id: {1}})
+    results = dict(
+        env.admin.execute(
+            "SELECT instance_id, result FROM df.nodes WHERE node_type = 'SIGNAL'"
+            " AND instance_id = ANY(%s)",
+            (ids,),
+        ).fetchall()
+    )
+    assert results[got_id] == {"signal_name": "go", "timed_out": False, "data": "while dead"}
+    assert results[late_id] == {"signal_name": "never", "timed_out": True, "data": None}
+
+
 # -- 7. start-up problems and clean shutdown -------------------------------------------------
 
 
