@@ -180,6 +180,11 @@ def _signal_name(graph: Graph, state: State, activation: int) -> Any:
     return graph[act["node"]].config.get("signal_name") if act else None
 
 
+def is_waiting(state: State | None, activation: int) -> bool:
+    """Whether ``activation`` still exists, i.e. a task of it is still wanted."""
+    return bool(state) and str(activation) in state["acts"]  # type: ignore[index]
+
+
 def fail_instance(state: State | None, error: str) -> Transition:
     """The instance cannot run at all (e.g. its role is gone): fail it without running nodes."""
     return Transition(state=state or {}, outcome=Outcome("failed", error))
@@ -268,6 +273,10 @@ class _Run:
         self.out.writes.append(NodeWrite(act["node"], status, result, self._stamp(act["exec"])))
 
     def finish_transition(self) -> Transition:
+        # A RACE decided while its branches were still starting dropped activations that
+        # had already asked for work; that work must never be queued.
+        live = self.state["acts"]
+        self.out.tasks = [t for t in self.out.tasks if str(t.activation) in live]
         self._collect_garbage()
         return self.out
 

@@ -152,5 +152,14 @@ def _check_node(node: Node) -> None:
                 raise ValueError
         except ValueError as exc:
             raise GraphError(f"SLEEP node {node.id}: invalid duration {node.query!r}") from exc
+    if t == "SIGNAL":
+        timeout = node.config.get("timeout_seconds")
+        if not isinstance(node.config.get("signal_name"), str) or not (
+            timeout is None
+            or (isinstance(timeout, int | float) and not isinstance(timeout, bool) and timeout > 0)
+        ):
+            raise GraphError(f"SIGNAL node {node.id}: invalid config {node.query!r}")
+    if t == "WAIT_SCHEDULE" and not isinstance(node.config.get("cron_expr"), str):
+        raise GraphError(f"WAIT_SCHEDULE node {node.id}: invalid config {node.query!r}")
     if t in LEAF_TYPES and node.query is None:
         raise GraphError(f"{t} node {node.id} has no query")

@@ -144,7 +144,12 @@ class Connections:
 
     def _options(self, extra: str = "") -> str:
         """libpq ``options`` for our connections: the DSN's own, then ours."""
-        ours = f"-c idle_in_transaction_session_timeout={self._idle_timeout_ms} {extra}"
+        # READ COMMITTED whatever the role's default: a checkpoint must see (and lock) rows
+        # other checkpoints committed while it waited, or a signal could be missed.
+        ours = (
+            f"-c idle_in_transaction_session_timeout={self._idle_timeout_ms}"
+            f" -c default_transaction_isolation=read\\ committed {extra}"
+        )
         return f"{self._dsn_options} {ours}".strip()
 
     async def open(self) -> None:

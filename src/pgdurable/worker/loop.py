@@ -33,6 +33,8 @@ log = logging.getLogger("pgdurable.worker")
 MAX_TASK_ATTEMPTS = 5
 STEP_IDLE_SECONDS = 60.0
 POOL_TIMEOUT = 5.0
+# A step that loses its connection this often while the server is up fails.
+MAX_HEALTHY_RETRIES = 3
 
 
 class WorkerError(Exception):
@@ -247,6 +249,7 @@ class Worker:
             return 0 if self._stopping.is_set() else reserved + 1
 
         delay = 0.1
+        healthy_failures = 0
         try:
             while True:
                 try:
@@ -258,6 +261,18 @@ class Worker:
                         break
                     if self._stopping.is_set():
                         break
+                    if await self._server_healthy():
+                        # The server is fine, so the step itself loses its connection (it
+                        # terminates its own session, or crashes its backend): fail it.
+                        healthy_failures += 1
+                        if healthy_failures >= MAX_HEALTHY_RETRIES:
+                            followups = await self._runner.fail(
+                                task,
+                                "SQL execution failed: the step's connection was lost "
+                                f"{healthy_failures} times: {_first_line(exc)}",
+                                followup_limit,
+                            )
+                            break
                     log.warning(
                         "task %s of %s interrupted (%s); retrying in %.1fs",
                         task.id,
@@ -275,6 +290,15 @@ class Worker:
                 del self._inflight[task.id]  # not a newer claim of the same task
             if not followups:
                 self._wake.set()  # a slot is free; when a next step took it, nothing changed
+
+    async def _server_healthy(self) -> bool:
+        """Whether the worker's own connection works right now."""
+        try:
+            async with self.conns.worker.connection(timeout=POOL_TIMEOUT) as conn:
+                await conn.execute("SELECT 1")
+        except Exception:
+            return False
+        return True
 
     async def _internal_error(self, task: Task, exc: Exception) -> None:
         """A bug or a poisoned row: log it; after repeated attempts fail the instance."""

@@ -50,11 +50,16 @@ Decision = Callable[[AsyncConn, Graph, Checkpoint], Awaitable[Transition | None]
 
 @dataclass
 class _Running:
-    """A step statement in flight, and the cancel request sent to it, if any."""
+    """A step statement about to run or in flight, and the cancel request sent to it."""
 
     task: Task
-    conn: AsyncConn
+    conn: AsyncConn | None = None  # None while the step's connection is being opened
+    cancel_early: bool = False  # withdrawn before its statement was sent
     cancelling: asyncio.Future[None] | None = None
+
+
+class _Withdrawn(Exception):
+    """The task was withdrawn (cancel, lost RACE) before its statement started."""
 
 
 async def _cancel_request(conn: AsyncConn) -> None:
@@ -105,6 +110,8 @@ class StepRunner:
         """Record that ``task``'s step failed with ``error``."""
 
         async def failed(conn: AsyncConn, graph: Graph, cp: Checkpoint) -> Transition:
+            if cp.state is None:  # the instance never started (its start task failed)
+                return interpreter.fail_instance(None, error)
             return interpreter.step_failed(
                 graph, _state(cp), cp.variables, task.activation, error, cp.now
             )
@@ -119,17 +126,25 @@ class StepRunner:
         graph = await self._graph(task.instance_id)
         sql = str((task.payload or {}).get("sql", ""))
         pool = self.conns.step_pool(task.role, task.database)
+        self._statements[task.id] = _Running(task)  # so a cancel meanwhile is not missed
         try:
             conn = await pool.acquire()
         except psycopg.Error as exc:
+            self._statements.pop(task.id, None)
             error = await self._login_failure(task, exc)
             if error is None:
                 raise
             return await self.fail(task, error, claim_limit)
+        except BaseException:
+            self._statements.pop(task.id, None)
+            raise
         reusable, clean = False, False
         try:
             try:
                 result, cp = await self._run_statement(conn, task, sql)
+            except _Withdrawn:
+                reusable, clean = True, True  # nothing was sent
+                return []
             except psycopg.Error as exc:
                 if is_transient(exc):
                     raise
@@ -160,11 +175,15 @@ class StepRunner:
         a later statement on this connection instead (the server ignores a cancel that
         arrives while it waits for the next command).
         """
-        running = _Running(task, conn)
-        self._statements[task.id] = running
+        running = self._statements.setdefault(task.id, _Running(task))
+        running.conn = conn
         try:
+            if running.cancel_early:
+                raise _Withdrawn()
             async with conn.pipeline() as pipeline:
-                await conn.execute("BEGIN")
+                # READ COMMITTED whatever the role's default: the checkpoint must see, and
+                # lock, rows that other checkpoints committed after the statement began.
+                await conn.execute("BEGIN ISOLATION LEVEL READ COMMITTED")
                 cur = conn.cursor(binary=True)
                 await cur.execute(sql.encode(conn.info.encoding))
                 begin = conn.cursor()
@@ -188,7 +207,10 @@ class StepRunner:
             if task.instance_id != instance_id or running.cancelling is not None:
                 continue
             if activation is None or task.activation == activation:
-                running.cancelling = asyncio.ensure_future(_cancel_request(running.conn))
+                if running.conn is None:  # still logging in: do not start at all
+                    running.cancel_early = True
+                else:
+                    running.cancelling = asyncio.ensure_future(_cancel_request(running.conn))
                 count += 1
         if count:
             log.info("cancelling %d statement(s) of instance %s", count, instance_id)
@@ -240,7 +262,7 @@ class StepRunner:
             return await self.fail(task, _sql_error(exc), claim_limit)
         except (UnsupportedColumnType, UnicodeEncodeError) as exc:
             return await self.fail(task, str(exc), claim_limit)
-        await conn.execute("BEGIN")
+        await conn.execute("BEGIN ISOLATION LEVEL READ COMMITTED")
         cp = await store.checkpoint_begin(conn, task)
         followups, _ = await self._commit_step(conn, graph, task, result, cp, claim_limit)
         return followups
@@ -301,6 +323,8 @@ class StepRunner:
         payload = task.payload or {}
 
         async def wait(conn: AsyncConn, graph: Graph, cp: Checkpoint) -> Transition | None:
+            if not interpreter.is_waiting(cp.state, task.activation):
+                return Transition(state=_state(cp))  # a stale wait: just retire its task
             name = str(payload.get("signal_name"))
             received, data = await store.consume_signal(conn, task, name)
             if received:
