@@ -274,9 +274,13 @@ async def register_worker(conn: AsyncConn, worker: uuid.UUID, concurrency: int) 
 async def heartbeat(conn: AsyncConn, worker: uuid.UUID, task_ids: list[int], lease: float) -> None:
     """Extend the leases of tasks in flight and show this worker is alive."""
     if task_ids:
+        # Rows in id order, skipping those a checkpoint or df.cancel holds (they are being
+        # retired): no lock-order deadlock with either.
         await conn.execute(
-            "UPDATE df._tasks SET visible_at = now() + make_interval(secs => %s)"
-            " WHERE lease_owner = %s AND id = ANY(%s)",
+            "UPDATE df._tasks t SET visible_at = now() + make_interval(secs => %s)"
+            " FROM (SELECT id FROM df._tasks WHERE lease_owner = %s AND id = ANY(%s)"
+            "       ORDER BY id FOR UPDATE SKIP LOCKED) held"
+            " WHERE t.id = held.id",
             (lease, worker, task_ids),
         )
     await conn.execute(
