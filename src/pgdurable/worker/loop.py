@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -368,14 +369,17 @@ class Worker:
         """Let in-flight tasks finish within the grace period, then release what is left."""
         if self._inflight:
             log.info("waiting for %d in-flight task(s)", len(self._inflight))
-            _, pending = await asyncio.wait(
-                list(self._inflight.values()), timeout=self.config.shutdown_grace
-            )
-            for running in pending:
-                running.cancel()
-            for running in pending:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await running
+        deadline = time.monotonic() + self.config.shutdown_grace
+        # A checkpoint that was already under way may still hand us a next step: wait for
+        # those too, until nothing runs or the grace period is over.
+        while self._inflight and (left := deadline - time.monotonic()) > 0:
+            await asyncio.wait(list(self._inflight.values()), timeout=left)
+        pending = list(self._inflight.values())
+        for running in pending:
+            running.cancel()
+        for running in pending:
+            with contextlib.suppress(asyncio.CancelledError):
+                await running
         try:
             async with self.conns.worker.connection(timeout=5) as conn:
                 await store.release(conn, self.id)
