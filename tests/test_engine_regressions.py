@@ -137,6 +137,15 @@ def test_a_malformed_wait_config_fails_the_instance(
 # -- cancels that arrive before the statement starts ----------------------------------------------
 
 
+def cancel_leftover_sleeps(conn: psycopg.Connection) -> int:
+    """Cancel step statements still sleeping (pg_sleep(20)); 1 if there were any, else 0."""
+    row = conn.execute(
+        "SELECT count(pg_cancel_backend(pid)) FROM pg_stat_activity"
+        " WHERE query LIKE 'SELECT pg_sleep(20)%%' AND state = 'active'"
+    ).fetchone()
+    return 1 if row and row[0] else 0
+
+
 def test_race_loser_logging_in_is_not_left_running(
     app: App, conn: psycopg.Connection, dsn: str
 ) -> None:
@@ -147,16 +156,7 @@ def test_race_loser_logging_in_is_not_left_running(
             _instance, status = app.run("'SELECT pg_sleep(20) AS slow' | 'SELECT 1 AS fast'")
             assert status == "completed"
             time.sleep(0.5)
-            active = conn.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep(20)%%'"
-                " AND state = 'active'"
-            ).fetchone()
-            if active and active[0]:
-                missed += 1
-                conn.execute(
-                    "SELECT pg_cancel_backend(pid) FROM pg_stat_activity"
-                    " WHERE query LIKE 'SELECT pg_sleep(20)%%' AND state = 'active'"
-                )
+            missed += cancel_leftover_sleeps(conn)
         finally:
             w.stop()
     assert missed == 0
@@ -176,18 +176,10 @@ def test_cancel_while_the_step_logs_in_is_not_lost(
                 "SELECT status FROM df.nodes WHERE instance_id = %s", (instance,)
             ).fetchone() != ("running",):
                 assert time.monotonic() < deadline
+                time.sleep(0.02)
             app.conn.execute("SELECT df.cancel(%s)", (instance,))
             time.sleep(0.5)
-            active = conn.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep(20)%%'"
-                " AND state = 'active'"
-            ).fetchone()
-            if active and active[0]:
-                missed += 1
-                conn.execute(
-                    "SELECT pg_cancel_backend(pid) FROM pg_stat_activity"
-                    " WHERE query LIKE 'SELECT pg_sleep(20)%%' AND state = 'active'"
-                )
+            missed += cancel_leftover_sleeps(conn)
         finally:
             w.stop()
     assert missed == 0

@@ -107,6 +107,7 @@ DECLARE
     v_instance varchar(8);
     v_outcome  jsonb := nullif(p_change -> 'outcome', 'null'::jsonb);
     v_unclaimed integer;
+    v_cancelled integer;  -- tasks withdrawn whose workers were told to cancel them
 BEGIN
     DELETE FROM df._tasks t WHERE t.id = p_task AND t.token = p_token
     RETURNING t.instance_id INTO v_instance;
@@ -145,7 +146,7 @@ BEGIN
             DELETE FROM df._tasks t WHERE t.instance_id = v_instance RETURNING t.activation
         )
         SELECT count(pg_notify('pgdurable_cancel', v_instance || ':' || g.activation))
-          INTO v_unclaimed
+          INTO v_cancelled
           FROM gone g;
         RETURN;
     END IF;
@@ -163,7 +164,7 @@ BEGIN
         RETURNING t.activation
     )
     SELECT count(pg_notify('pgdurable_cancel', v_instance || ':' || d.activation))
-      INTO v_unclaimed
+      INTO v_cancelled
       FROM dropped d;
 
     RETURN QUERY
