@@ -38,6 +38,7 @@ from durability_harness import (
     effect_counts,
     full_workflow,
     join,
+    lit,
     loop_with_break,
     orphaned_tasks,
     race,
@@ -48,6 +49,7 @@ from durability_harness import (
     wait_completed,
     wait_for,
 )
+from httpserver import LocalHttpServer
 
 from pgdurable import sql
 from pgdurable.embedded import EmbeddedPostgres, free_port
@@ -604,6 +606,119 @@ def test_signal_waits_survive_kill9(env: Env, workers: Workers) -> None:
     )
     assert results[got_id] == {"signal_name": "go", "timed_out": False, "data": "while dead"}
     assert results[late_id] == {"signal_name": "never", "timed_out": True, "data": None}
+
+
+# -- 6b. retries and timeouts ------------------------------------------------------------------
+
+
+def _flaky_until(seconds: float, step: int) -> str:
+    """A SQL step that fails (division by zero) until ``seconds`` after its instance was
+    created, then inserts the effect (instance, step)."""
+    return lit(
+        "INSERT INTO public.effects (instance, step) SELECT id, "
+        f"{step} FROM df.instances WHERE id = '{{sys_instance_id}}' AND 1 / (CASE WHEN "
+        f"clock_timestamp() < created_at + make_interval(secs => {seconds}) THEN 0 ELSE 1 END) = 1"
+    )
+
+
+def _hangs_until(seconds: float) -> str:
+    """A SQL step that sleeps a minute until ``seconds`` after its instance was created."""
+    return lit(
+        "SELECT pg_sleep(CASE WHEN clock_timestamp() < created_at + make_interval(secs => "
+        f"{seconds}) THEN 60 ELSE 0 END) FROM df.instances WHERE id = '{{sys_instance_id}}'"
+    )
+
+
+def _retry_workflows(app: Conn, n: int) -> dict[str, set[int]]:
+    """Instances whose first step is retried until ~3 s in, and instances whose first step
+    hangs and is timed out (and retried) until ~3 s in; each then takes one more effect."""
+    expected: dict[str, set[int]] = {}
+    for k in range(n):
+        retried = seq(f"df.retry({_flaky_until(3, 1)}, 30, 0.5, 0.5)", effect(2))
+        timed_out = seq(
+            f"df.retry(df.timeout({_hangs_until(3)}, 1), 30, 0.2, 0.2, ARRAY['timeout'])",
+            effect(1),
+        )
+        expected[start(app, retried, f"retry-{k}")] = {1, 2}
+        expected[start(app, timed_out, f"timeout-{k}")] = {1}
+    return expected
+
+
+def _histories(admin: Conn, ids: list[str]) -> dict[str, list[str]]:
+    return {
+        i: (e or "").splitlines()
+        for i, e in admin.execute(
+            "SELECT instance_id, error FROM df.nodes WHERE node_type = 'RETRY'"
+            " AND instance_id = ANY(%s)",
+            (ids,),
+        ).fetchall()
+    }
+
+
+def test_retries_and_timeouts_survive_kill9(env: Env, workers: Workers) -> None:
+    """Workers killed during backoffs, timed-out statements and timeout timers: every
+    instance still completes, each effect exactly once, and each retry keeps its history."""
+    a = workers.start(env.dsn, concurrency=4, lease_seconds=2)
+    a.wait_ready()
+    expected = _retry_workflows(env.app, 4)
+    ids = list(expected)
+    time.sleep(1.2)  # mid-backoff and mid-timeout
+    a.kill()
+    b = workers.start(env.dsn, concurrency=4, lease_seconds=2)
+    b.wait_ready()
+    time.sleep(0.8)
+    b.kill()
+    time.sleep(0.5)
+    workers.start(env.dsn, concurrency=4, lease_seconds=2).wait_ready()
+    wait_completed(env.admin, ids, timeout=60, app=env.app)
+    assert_exactly_once(env.admin, expected)
+    for instance, history in _histories(env.admin, ids).items():
+        assert history, f"{instance}: no failed attempt recorded"
+        assert all(line.startswith("attempt ") for line in history), history
+
+
+def test_retries_and_timeouts_survive_postgres_restarts(
+    private_pg: PrivateCluster, workers: Workers
+) -> None:
+    """PostgreSQL stopped with ``-m immediate`` twice while instances back off and time out:
+    the same worker carries on and every effect happens exactly once."""
+    pg = private_pg.pg
+    db = private_pg.new_database()
+    with private_pg.app(db) as app:
+        expected = _retry_workflows(app, 4)
+    ids = list(expected)
+    worker = workers.start(pg.dsn(db), concurrency=4, lease_seconds=2)
+    worker.wait_ready()
+    for pause in (1.0, 1.0):
+        time.sleep(pause)
+        pg.stop("immediate")
+        time.sleep(1.0)
+        pg.start()
+    with private_pg.admin(db) as admin:
+        wait_completed(admin, ids, timeout=60)
+        assert_exactly_once(admin, expected)
+        assert all(_histories(admin, ids).values())
+    assert worker.alive()
+    assert "Traceback" not in worker.log()
+
+
+def test_http_step_is_resent_with_the_same_key_after_kill9(env: Env, workers: Workers) -> None:
+    """A worker killed while its request is in flight: the next worker sends it again, with
+    the same Idempotency-Key (at least once), and the step after it runs exactly once."""
+    env.admin.execute("SELECT df.grant_usage(%s, true)", (env.role,))
+    allow = ["--http-allow-network", "127.0.0.1/32"]
+    with LocalHttpServer() as server:
+        server.reply("/slow", body="done", delay=2.0)
+        a = workers.start(env.dsn, extra=allow)
+        a.wait_ready()
+        instance = start(env.app, seq(f"df.http('{server.url('/slow')}', 'POST')", effect(1)))
+        wait_for("the request to arrive", lambda: len(server.hits("/slow")) == 1, timeout=20)
+        a.kill()
+        workers.start(env.dsn, extra=allow).wait_ready()
+        wait_completed(env.admin, [instance], timeout=30, app=env.app)
+        assert_exactly_once(env.admin, {instance: {1}})
+        first, again = server.hits("/slow")
+        assert first.header("Idempotency-Key") == again.header("Idempotency-Key") is not None
 
 
 # -- 7. start-up problems and clean shutdown -------------------------------------------------

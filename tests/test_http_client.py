@@ -22,7 +22,7 @@ import pytest
 from httpserver import LocalHttpServer
 
 from pgdurable import __version__
-from pgdurable.worker.egress import Blocked, EgressPolicy, check_url, parse_policy, resolve
+from pgdurable.worker.egress import Blocked, EgressPolicy, check_url, resolve
 from pgdurable.worker.http import (
     HttpOutcome,
     MultipartPart,
@@ -217,8 +217,8 @@ def test_literal_addresses_checked_without_lookup() -> None:
     assert check_url("http://127.0.0.2/", EgressPolicy(allow_all=True)) == "127.0.0.2"
 
 
-def test_parse_policy() -> None:
-    policy = parse_policy(
+def test_policy_entries_are_normalized_and_validated() -> None:
+    policy = EgressPolicy(
         allowed_hosts="Example.com, .Sub.org *.wild.net",
         allowed_networks=["10.0.0.0/8,127.0.0.1", "::1/128"],
         max_redirects=3,
@@ -227,12 +227,12 @@ def test_parse_policy() -> None:
     assert policy.allowed_networks == ("10.0.0.0/8", "127.0.0.1", "::1/128")
     assert policy.max_redirects == 3 and policy.enabled and not policy.allow_all
     with pytest.raises(ValueError, match=r"invalid allowed network '10\.0\.0\.1/8': .*host bits"):
-        parse_policy(allowed_networks="10.0.0.1/8")
+        EgressPolicy(allowed_networks="10.0.0.1/8")
     with pytest.raises(ValueError, match="invalid allowed network 'nonsense'"):
-        parse_policy(allowed_networks="nonsense")
+        EgressPolicy(allowed_networks="nonsense")
     with pytest.raises(ValueError, match=r"invalid allowed host 'https://x\.com'"):
-        parse_policy(allowed_hosts="https://x.com")
-    assert parse_policy() == EgressPolicy()
+        EgressPolicy(allowed_hosts="https://x.com")
+    assert EgressPolicy() == EgressPolicy()
     # the dataclass itself normalizes and validates too
     direct = EgressPolicy(allowed_hosts=["A.com"], allowed_networks=["::1/128"])  # type: ignore[arg-type]
     assert (direct.allowed_hosts, direct.allowed_networks) == (("a.com",), ("::1/128",))

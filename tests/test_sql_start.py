@@ -19,7 +19,10 @@ from sqlcheck import Conn, Error, outcome
 
 from pgdurable.embedded import EmbeddedPostgres
 
-TYPES = "SQL, THEN, IF, JOIN, LOOP, BREAK, RACE, SLEEP, WAIT_SCHEDULE, HTTP, HTTP_MULTIPART, SIGNAL"
+TYPES = (
+    "SQL, THEN, IF, JOIN, LOOP, BREAK, RACE, SLEEP, WAIT_SCHEDULE, HTTP, HTTP_MULTIPART, SIGNAL, "
+    "RETRY, TIMEOUT"
+)
 HEX8 = re.compile(r"^[0-9a-f]{8}$")
 
 

@@ -19,6 +19,7 @@ from rich.logging import RichHandler
 from . import __version__
 from . import sql as schema
 from .embedded import EmbeddedPostgres, EmbeddedPostgresError, bin_path
+from .worker.egress import EgressPolicy
 from .worker.loop import Worker, WorkerConfig, WorkerError
 
 console = Console(stderr=True)
@@ -81,21 +82,89 @@ def _worker_options(f: F) -> F:
         "steps are taken over after this.",
     )(f)
     f = click.option("--verbose", "-v", is_flag=True, help="Debug logging.")(f)
+    return _egress_options(f)
+
+
+def _egress_options(f: F) -> F:
+    """The operator's HTTP egress policy (docs/http.md); users cannot change it from SQL."""
+    f = click.option(
+        "--http-disable",
+        envvar="PGDURABLE_HTTP_DISABLE",
+        is_flag=True,
+        help="Refuse every HTTP step.",
+    )(f)
+    f = click.option(
+        "--http-allow-all",
+        envvar="PGDURABLE_HTTP_ALLOW_ALL",
+        is_flag=True,
+        help="No host or address checks at all (private networks included).",
+    )(f)
+    f = click.option(
+        "--http-allow-host",
+        "http_allow_hosts",
+        envvar="PGDURABLE_HTTP_ALLOW_HOSTS",
+        multiple=True,
+        metavar="SUFFIX",
+        help="Only these hosts and their subdomains (repeat, or comma-separate); default: "
+        "any public host.",
+    )(f)
+    f = click.option(
+        "--http-allow-network",
+        "http_allow_networks",
+        envvar="PGDURABLE_HTTP_ALLOW_NETWORKS",
+        multiple=True,
+        metavar="CIDR",
+        help="Private addresses HTTP steps may reach anyway, e.g. 10.1.2.0/24 (repeat, or "
+        "comma-separate).",
+    )(f)
+    f = click.option(
+        "--http-max-response-bytes",
+        envvar="PGDURABLE_HTTP_MAX_RESPONSE_BYTES",
+        default=10 * 1024 * 1024,
+        show_default=True,
+        type=click.IntRange(min=1),
+        help="Larger responses fail the step.",
+    )(f)
+    f = click.option(
+        "--http-max-redirects",
+        envvar="PGDURABLE_HTTP_MAX_REDIRECTS",
+        default=0,
+        show_default=True,
+        type=click.IntRange(min=0),
+        help="Redirects to follow, each checked against the policy (0: return the 3xx).",
+    )(f)
     return f
+
+
+def _config(dsn: str, options: dict[str, Any]) -> WorkerConfig:
+    """A WorkerConfig from the options of _worker_options."""
+    try:
+        egress = EgressPolicy(
+            enabled=not options["http_disable"],
+            allow_all=options["http_allow_all"],
+            allowed_hosts=options["http_allow_hosts"],
+            allowed_networks=options["http_allow_networks"],
+            max_response_bytes=options["http_max_response_bytes"],
+            max_redirects=options["http_max_redirects"],
+        )
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    return WorkerConfig(
+        dsn=dsn,
+        concurrency=options["concurrency"],
+        single_role=options["single_role"],
+        lease_seconds=options["lease_seconds"],
+        egress=egress,
+    )
 
 
 @main.command()
 @click.option("--dsn", envvar="PGDURABLE_DSN", required=True, help="Database to work on.")
 @_worker_options
-def worker(
-    dsn: str, concurrency: int, single_role: bool, lease_seconds: float, verbose: bool
-) -> None:
+def worker(dsn: str, verbose: bool, **options: Any) -> None:
     """Run a worker against an existing database until SIGTERM/SIGINT."""
     _setup_logging(verbose)
-    config = WorkerConfig(
-        dsn=dsn, concurrency=concurrency, single_role=single_role, lease_seconds=lease_seconds
-    )
-    _run_worker(config)
+    _run_worker(_config(dsn, options))
 
 
 @main.command()
@@ -118,10 +187,8 @@ def up(
     data_dir: Path,
     port: int,
     run_file: Path | None,
-    concurrency: int,
-    single_role: bool,
-    lease_seconds: float,
     verbose: bool,
+    **options: Any,
 ) -> None:
     """Start an embedded PostgreSQL with the schema installed, and a worker in the foreground."""
     _setup_logging(verbose)
@@ -145,9 +212,7 @@ def up(
             highlight=False,
             soft_wrap=True,
         )
-        config = WorkerConfig(
-            dsn=dsn, concurrency=concurrency, single_role=single_role, lease_seconds=lease_seconds
-        )
+        config = _config(dsn, options)
         if run_file:
             _run_worker(config, demo=lambda: _show_run(app_dsn, run_file))
         else:

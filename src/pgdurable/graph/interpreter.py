@@ -18,11 +18,13 @@ loop have one, with a generation bumped per loop iteration.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .cron import cron_error, next_tick
+from .http_request import build_request, idempotency_key
 from .model import UNNAMED_RESULT_TYPES, Graph, Node
 from .substitute import SubstitutionError, substitute_sql
 from .truth import is_true
@@ -42,27 +44,42 @@ LOOP_LIMIT = (
     "Use df.break() to exit the loop or restructure the workflow."
 )
 
+TIMED_OUT = "Timed out after {seconds}s (df.timeout)"
+CANCELLED_BY_TIMEOUT = "Cancelled: the enclosing df.timeout expired after {seconds}s"
+
+# The failure classes a df.retry 'http' entry stands for: transient ones only, never a
+# request the policy blocked or a malformed one.
+HTTP_TRANSIENT = frozenset({"http_5xx", "http_timeout", "http_connection", "http_request"})
+
+# SQLSTATE of a statement cancelled by statement_timeout (or a cancel request).
+QUERY_CANCELED = "57014"
+
 OutcomeKind = Literal["ok", "fail", "brk"]
 State = dict[str, Any]
 
 
 @dataclass(frozen=True)
 class NodeWrite:
-    """Stamp a node: ``running`` (result cleared), ``completed`` or ``failed`` with a result."""
+    """Stamp a node: ``running`` (result cleared), ``completed`` or ``failed`` with a result.
+
+    ``error`` changes the node's error column (a df.retry's attempt history): ``("set",
+    text)`` replaces it, ``("append", line)`` adds a line; None leaves it alone.
+    """
 
     node_id: str
     status: Literal["running", "completed", "failed"]
     result: str | None  # JSON text
     execution_id: str
+    error: tuple[Literal["set", "append"], str] | None = None
 
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """Work for the worker: run a SQL statement, wake up at ``run_at`` (epoch seconds), or
-    wait for a signal until ``run_at``."""
+    """Work for the worker: run a SQL statement or an HTTP request, wake up at ``run_at``
+    (epoch seconds), or wait for a signal until ``run_at``."""
 
     activation: int
-    kind: Literal["sql", "timer", "signal"]
+    kind: Literal["sql", "http", "timer", "signal"]
     node_id: str
     payload: dict[str, Any] | None = None
     run_at: float | None = None  # None: now (a signal wait: no deadline)
@@ -118,10 +135,17 @@ def step_succeeded(
 
 
 def step_failed(
-    graph: Graph, state: State, variables: dict[str, str], activation: int, error: str, now: float
+    graph: Graph,
+    state: State,
+    variables: dict[str, str],
+    activation: int,
+    error: str,
+    now: float,
+    code: str | None = None,
 ) -> Transition:
-    """A step failed with ``error``; the failure propagates (spec §7.1)."""
-    return _leaf_finished(graph, state, variables, activation, "fail", error, now)
+    """A step failed with ``error``; the failure propagates (spec §7.1). ``code`` classifies
+    it for df.retry: a SQLSTATE, or one of the ``http_*`` classes of HTTP steps."""
+    return _leaf_finished(graph, state, variables, activation, "fail", error, now, code)
 
 
 def _leaf_finished(
@@ -132,17 +156,19 @@ def _leaf_finished(
     kind: OutcomeKind,
     value: str,
     now: float,
+    code: str | None = None,
 ) -> Transition:
     run = _Run(graph, _copy(state), variables, now)
     if run.act(activation) is not None:  # else a stale event: the activation is gone
-        run.finish(activation, kind, value)
+        run.finish(activation, kind, value, code)
     return run.finish_transition()
 
 
 def timer_fired(
     graph: Graph, state: State, variables: dict[str, str], activation: int, now: float
 ) -> Transition:
-    """A timer of ``activation`` is due: a SLEEP ends, or a padded loop iteration begins."""
+    """A timer of ``activation`` is due: a SLEEP ends, a padded loop iteration begins, a
+    df.retry backoff is over, or a df.timeout expires."""
     run = _Run(graph, _copy(state), variables, now)
     act = run.act(activation)
     if act is not None:
@@ -154,6 +180,10 @@ def timer_fired(
             run.finish(activation, "ok", '{"scheduled": true}')
         elif node.type == "LOOP" and act.get("phase") == "pad":
             run.begin_iteration(activation)
+        elif node.type == "RETRY" and act.get("phase") == "backoff":
+            run.begin_attempt(activation)
+        elif node.type == "TIMEOUT":
+            run.time_out(activation)
     return run.finish_transition()
 
 
@@ -220,6 +250,44 @@ def _as_json_text(text: str) -> str:
     return text
 
 
+def _number_text(value: Any) -> str:
+    """A number as a person writes it: 10, 0.5 (not 10.0)."""
+    number = float(value)
+    return str(int(number)) if number.is_integer() else str(number)
+
+
+def retryable(code: str | None, retry_on: Any) -> bool:
+    """Whether a failure classified ``code`` is retried by a df.retry whose ``retry_on`` is
+    given (None: every failure is). Entries are SQLSTATE codes ('40001'), SQLSTATE classes
+    ('40'), 'http' (any transient HTTP failure), an ``http_*`` class, or 'timeout' (a
+    df.timeout or HTTP timeout)."""
+    if retry_on is None:
+        return True
+    if code is None:
+        return False
+    for entry in retry_on:
+        if entry == code or (entry == "http" and code in HTTP_TRANSIENT):
+            return True
+        if entry == "timeout" and code in ("timeout", "http_timeout"):
+            return True
+        if len(entry) == 2 and len(code) == 5 and code.startswith(entry):
+            return True
+    return False
+
+
+def backoff_delay(config: Any, attempt: int, seed: str) -> float:
+    """Seconds to wait after failed ``attempt`` (1-based): exponential from backoff_seconds,
+    capped at max_backoff_seconds, with "equal jitter" (between half and all of it). The
+    jitter comes from a hash of ``seed`` and the attempt so the interpreter stays pure and
+    instances that failed together do not retry together."""
+    base = float(config.get("backoff_seconds", 1))
+    cap = float(config.get("max_backoff_seconds", 60))
+    delay = min(cap, base * 2.0 ** min(attempt - 1, 60))
+    digest = hashlib.sha256(f"{seed}:{attempt}".encode()).digest()
+    fraction = int.from_bytes(digest[:8], "big") / 2.0**64
+    return delay * (0.5 + 0.5 * fraction)
+
+
 def _break_value(node: Node) -> str:
     raw = node.config.get("break_value")
     if raw is None:
@@ -269,8 +337,15 @@ class _Run:
         ex = self.state["execs"][exec_id]
         return f"{ex['scope']}::{ex['gen']}"
 
-    def _write(self, act: dict[str, Any], status: Any, result: str | None) -> None:
-        self.out.writes.append(NodeWrite(act["node"], status, result, self._stamp(act["exec"])))
+    def _write(
+        self,
+        act: dict[str, Any],
+        status: Any,
+        result: str | None,
+        error: tuple[Literal["set", "append"], str] | None = None,
+    ) -> None:
+        stamp = self._stamp(act["exec"])
+        self.out.writes.append(NodeWrite(act["node"], status, result, stamp, error))
 
     def finish_transition(self) -> Transition:
         # A RACE decided while its branches were still starting dropped activations that
@@ -331,7 +406,41 @@ class _Run:
         except SubstitutionError as exc:
             self.finish(aid, "fail", str(exc))
             return
-        self.out.tasks.append(TaskSpec(aid, "sql", node.id, {"sql": text}))
+        payload: dict[str, Any] = {"sql": text}
+        self._add_deadline(act, payload)
+        self.out.tasks.append(TaskSpec(aid, "sql", node.id, payload))
+
+    def _start_http(self, aid: int, act: dict[str, Any], node: Node) -> None:
+        key = idempotency_key(self._stamp(act["exec"]), node.id)
+        try:
+            payload = build_request(
+                node,
+                self.state["envs"][act["env"]],
+                self.variables,
+                self.graph.instance_id,
+                self.graph.label,
+                key,
+            )
+        except SubstitutionError as exc:
+            self.finish(aid, "fail", str(exc))
+            return
+        self._add_deadline(act, payload)
+        self.out.tasks.append(TaskSpec(aid, "http", node.id, payload))
+
+    _start_http_multipart = _start_http
+
+    def _add_deadline(self, act: dict[str, Any], payload: dict[str, Any]) -> None:
+        """Tell the worker when the nearest enclosing df.timeout expires, so a statement or
+        request cannot outlive it even if the cancel that the timeout sends is lost."""
+        deadlines = []
+        parent = act["parent"]
+        while parent is not None:
+            ancestor = self.state["acts"][str(parent)]
+            if "deadline" in ancestor:
+                deadlines.append(ancestor["deadline"])
+            parent = ancestor["parent"]
+        if deadlines:
+            payload["deadline"] = min(deadlines)
 
     def _start_sleep(self, aid: int, act: dict[str, Any], node: Node) -> None:
         seconds = int(node.query or "0")
@@ -357,6 +466,37 @@ class _Run:
 
     def _start_break(self, aid: int, act: dict[str, Any], node: Node) -> None:
         self.finish(aid, "brk", _break_value(node))
+
+    def _start_retry(self, aid: int, act: dict[str, Any], node: Node) -> None:
+        act["attempt"] = 0
+        self._write(act, "running", None, ("set", ""))  # a new execution: a new history
+        self.begin_attempt(aid)
+
+    def begin_attempt(self, aid: int) -> None:
+        """Run the next attempt of df.retry ``aid``."""
+        act = self.act(aid)
+        assert act is not None
+        act["attempt"] += 1
+        act["phase"] = "body"
+        body = self.graph[act["node"]].left
+        assert body
+        self.activate(body, aid, "body", act["exec"], act["env"])
+
+    def _start_timeout(self, aid: int, act: dict[str, Any], node: Node) -> None:
+        act["deadline"] = self.now + float(node.config["timeout_seconds"])
+        self.out.tasks.append(TaskSpec(aid, "timer", node.id, None, act["deadline"]))
+        assert node.left
+        self.activate(node.left, aid, "body", act["exec"], act["env"])
+
+    def time_out(self, aid: int) -> None:
+        """df.timeout ``aid`` expired before its step finished: abandon the step."""
+        act = self.act(aid)
+        assert act is not None
+        seconds = _number_text(self.graph[act["node"]].config["timeout_seconds"])
+        for child, _ in self._children(aid):
+            self._drop_subtree(child, CANCELLED_BY_TIMEOUT.format(seconds=seconds))
+        self.out.dropped.append(aid)  # its timer, unless that is what fired
+        self.finish(aid, "fail", TIMED_OUT.format(seconds=seconds), "timeout")
 
     def _start_then(self, aid: int, act: dict[str, Any], node: Node) -> None:
         assert node.left
@@ -440,8 +580,9 @@ class _Run:
 
     # -- completion ----------------------------------------------------------------------------
 
-    def finish(self, aid: int, kind: OutcomeKind, value: str) -> None:
-        """Activation ``aid`` ended; stamp it, bind its name, and tell its parent."""
+    def finish(self, aid: int, kind: OutcomeKind, value: str, code: str | None = None) -> None:
+        """Activation ``aid`` ended; stamp it, bind its name, and tell its parent. ``code``
+        classifies a failure (see step_failed)."""
         act = self.state["acts"].pop(str(aid))
         node = self.graph[act["node"]]
         if kind == "fail":
@@ -454,7 +595,7 @@ class _Run:
         if parent is None:
             self._finish_instance(act, kind, value)
         else:
-            self._child_done(parent, act["slot"], kind, value)
+            self._child_done(parent, act["slot"], kind, value, code)
 
     def _finish_instance(self, act: dict[str, Any], kind: OutcomeKind, value: str) -> None:
         if kind == "ok":
@@ -465,64 +606,102 @@ class _Run:
             self._write(act, "failed", _compact(BREAK_OUTSIDE_LOOP))
             self.out.outcome = Outcome("failed", BREAK_OUTSIDE_LOOP)
 
-    def _child_done(self, aid: int, slot: Any, kind: OutcomeKind, value: str) -> None:
+    def _child_done(
+        self, aid: int, slot: Any, kind: OutcomeKind, value: str, code: str | None
+    ) -> None:
         act = self.act(aid)
         assert act is not None
         node = self.graph[act["node"]]
-        getattr(self, f"_child_of_{node.type.lower()}")(aid, act, node, slot, kind, value)
+        getattr(self, f"_child_of_{node.type.lower()}")(aid, act, node, slot, kind, value, code)
 
     def _child_of_then(
-        self, aid: int, act: dict[str, Any], node: Node, slot: Any, kind: OutcomeKind, value: str
+        self,
+        aid: int,
+        act: dict[str, Any],
+        node: Node,
+        slot: Any,
+        kind: OutcomeKind,
+        value: str,
+        code: str | None,
     ) -> None:
         if kind == "ok" and slot == "left":
             assert node.right
             self.activate(node.right, aid, "right", act["exec"], act["env"])
         else:
-            self.finish(aid, kind, value)
+            self.finish(aid, kind, value, code)
 
     def _child_of_if(
-        self, aid: int, act: dict[str, Any], node: Node, slot: Any, kind: OutcomeKind, value: str
+        self,
+        aid: int,
+        act: dict[str, Any],
+        node: Node,
+        slot: Any,
+        kind: OutcomeKind,
+        value: str,
+        code: str | None,
     ) -> None:
         if kind == "ok" and slot == "cond":
             self._take_branch(aid, act, node, is_true(value))
         else:
-            self.finish(aid, kind, value)
+            self.finish(aid, kind, value, code)
 
     def _child_of_join(
-        self, aid: int, act: dict[str, Any], node: Node, slot: Any, kind: OutcomeKind, value: str
+        self,
+        aid: int,
+        act: dict[str, Any],
+        node: Node,
+        slot: Any,
+        kind: OutcomeKind,
+        value: str,
+        code: str | None,
     ) -> None:
-        act["done"][slot] = [kind, value]
+        act["done"][slot] = [kind, value, code]
         if any(d is None for d in act["done"]):
             return
-        for i, (k, v) in enumerate(act["done"], start=1):
+        # Entries of states written before failure codes existed have two elements.
+        for i, (k, v, *c) in enumerate(act["done"], start=1):
             if k == "fail":
-                self.finish(aid, "fail", f"JOIN branch {i} failed: {v}")
+                self.finish(aid, "fail", f"JOIN branch {i} failed: {v}", c[0] if c else None)
                 return
         for env_id in act["branch_envs"]:
             self.state["envs"][act["env"]].update(self.state["envs"][env_id])
-        for k, v in act["done"]:
+        for k, v, *_ in act["done"]:
             if k == "brk":
                 self.finish(aid, "brk", v)
                 return
-        self.finish(aid, "ok", _compact([_parse(v) for _, v in act["done"]]))
+        self.finish(aid, "ok", _compact([_parse(d[1]) for d in act["done"]]))
 
     def _child_of_race(
-        self, aid: int, act: dict[str, Any], node: Node, slot: Any, kind: OutcomeKind, value: str
+        self,
+        aid: int,
+        act: dict[str, Any],
+        node: Node,
+        slot: Any,
+        kind: OutcomeKind,
+        value: str,
+        code: str | None,
     ) -> None:
         for loser in [a for a, b in self._children(aid) if b != slot]:
             self._drop_subtree(loser)
         if kind == "fail":
             side = "left" if slot == 0 else "right"
-            self.finish(aid, "fail", f"RACE {side} branch failed: {value}")
+            self.finish(aid, "fail", f"RACE {side} branch failed: {value}", code)
             return
         self.state["envs"][act["env"]].update(self.state["envs"][act["branch_envs"][slot]])
         self.finish(aid, kind, value)
 
     def _child_of_loop(
-        self, aid: int, act: dict[str, Any], node: Node, slot: Any, kind: OutcomeKind, value: str
+        self,
+        aid: int,
+        act: dict[str, Any],
+        node: Node,
+        slot: Any,
+        kind: OutcomeKind,
+        value: str,
+        code: str | None,
     ) -> None:
         if kind == "fail":
-            self.finish(aid, "fail", value)
+            self.finish(aid, "fail", value, code)
         elif kind == "brk":
             self.finish(aid, "ok", value)
         elif slot == "body":
@@ -545,16 +724,61 @@ class _Run:
         else:
             self.begin_iteration(aid)
 
+    def _child_of_retry(
+        self,
+        aid: int,
+        act: dict[str, Any],
+        node: Node,
+        slot: Any,
+        kind: OutcomeKind,
+        value: str,
+        code: str | None,
+    ) -> None:
+        if kind != "fail":
+            self.finish(aid, kind, value, code)
+            return
+        attempt = int(act["attempt"])
+        self._write(act, "running", None, ("append", f"attempt {attempt}: {value}"))
+        if attempt >= int(node.config["max_attempts"]) or not retryable(
+            code, node.config.get("retry_on")
+        ):
+            self.finish(aid, kind, value, code)
+            return
+        act["phase"] = "backoff"
+        delay = backoff_delay(node.config, attempt, f"{self._stamp(act['exec'])}:{node.id}")
+        self.out.tasks.append(TaskSpec(aid, "timer", node.id, None, self.now + delay))
+
+    def _child_of_timeout(
+        self,
+        aid: int,
+        act: dict[str, Any],
+        node: Node,
+        slot: Any,
+        kind: OutcomeKind,
+        value: str,
+        code: str | None,
+    ) -> None:
+        if kind == "fail" and code == QUERY_CANCELED and self.now >= act["deadline"]:
+            # The statement_timeout backstop (see _add_deadline) beat the timer: same outcome.
+            self.time_out(aid)
+            return
+        self.out.dropped.append(aid)  # the step finished in time: its timer goes
+        self.finish(aid, kind, value, code)
+
     # -- RACE losers ---------------------------------------------------------------------------
 
     def _children(self, aid: int) -> list[tuple[int, Any]]:
         return [(int(k), a["slot"]) for k, a in self.state["acts"].items() if a["parent"] == aid]
 
-    def _drop_subtree(self, aid: int) -> None:
-        """Abandon a RACE loser: its activations vanish and their tasks are dropped."""
+    def _drop_subtree(self, aid: int, reason: str | None = None) -> None:
+        """Abandon a RACE loser (or a step a df.timeout gave up on, ``reason`` saying so):
+        its activations vanish and their tasks are dropped. RACE losers are left for
+        monitoring to infer, except loops; timed-out nodes are stamped failed."""
         for child, _ in self._children(aid):
-            self._drop_subtree(child)
+            self._drop_subtree(child, reason)
         act = self.state["acts"].pop(str(aid))
         self.out.dropped.append(aid)
-        if self.graph[act["node"]].type == "LOOP":
+        if reason is not None:
+            self._write(act, "failed", _compact(reason))
+        elif self.graph[act["node"]].type == "LOOP":
             self._write(act, "failed", _compact(LOOP_LOST_RACE))

@@ -28,6 +28,24 @@ NODE_TYPES = (
     "HTTP",
     "HTTP_MULTIPART",
     "SIGNAL",
+    # pgdurable's own wrappers (migration 0008): a step's retry policy and its time limit.
+    "RETRY",
+    "TIMEOUT",
+)
+# Node types whose query is a JSON config object.
+CONFIG_TYPES = frozenset(
+    {
+        "IF",
+        "LOOP",
+        "JOIN",
+        "BREAK",
+        "WAIT_SCHEDULE",
+        "SIGNAL",
+        "HTTP",
+        "HTTP_MULTIPART",
+        "RETRY",
+        "TIMEOUT",
+    }
 )
 # Node types whose result is never bound to their |=> name (spec §7.4).
 UNNAMED_RESULT_TYPES = frozenset({"SLEEP", "WAIT_SCHEDULE", "BREAK"})
@@ -82,10 +100,7 @@ def node_from_row(row: Mapping[str, Any]) -> Node:
     node_type = row["node_type"]
     query = row.get("query")
     config: dict[str, Any] = {}
-    if (
-        node_type in ("IF", "LOOP", "JOIN", "BREAK", "WAIT_SCHEDULE", "SIGNAL")
-        and query is not None
-    ):
+    if node_type in CONFIG_TYPES and query is not None:
         try:
             parsed = json.loads(query)
         except ValueError as exc:
@@ -142,8 +157,8 @@ def _check_node(node: Node) -> None:
     needs_two = t in ("THEN", "IF", "JOIN", "RACE")
     if needs_two and not (node.left and node.right):
         raise GraphError(f"{t} node {node.id} needs left and right children")
-    if t == "LOOP" and not node.left:
-        raise GraphError(f"LOOP node {node.id} needs a body")
+    if t in ("LOOP", "RETRY", "TIMEOUT") and not node.left:
+        raise GraphError(f"{t} node {node.id} needs a body")
     if t == "IF" and not node.condition and node.config.get("condition_type") is None:
         raise GraphError(f"IF node {node.id} has no condition")
     if t == "SLEEP":
@@ -155,11 +170,46 @@ def _check_node(node: Node) -> None:
     if t == "SIGNAL":
         timeout = node.config.get("timeout_seconds")
         if not isinstance(node.config.get("signal_name"), str) or not (
-            timeout is None
-            or (isinstance(timeout, int | float) and not isinstance(timeout, bool) and timeout > 0)
+            timeout is None or _positive(timeout)
         ):
             raise GraphError(f"SIGNAL node {node.id}: invalid config {node.query!r}")
     if t == "WAIT_SCHEDULE" and not isinstance(node.config.get("cron_expr"), str):
         raise GraphError(f"WAIT_SCHEDULE node {node.id}: invalid config {node.query!r}")
+    if t in ("HTTP", "HTTP_MULTIPART") and not (
+        isinstance(node.config.get("url"), str) and isinstance(node.config.get("method"), str)
+    ):
+        raise GraphError(f"{t} node {node.id}: invalid config {node.query!r}")
+    if t == "RETRY" and not _valid_retry(node.config):
+        raise GraphError(f"RETRY node {node.id}: invalid config {node.query!r}")
+    if t == "TIMEOUT" and not _positive(node.config.get("timeout_seconds")):
+        raise GraphError(f"TIMEOUT node {node.id}: invalid config {node.query!r}")
     if t in LEAF_TYPES and node.query is None:
         raise GraphError(f"{t} node {node.id} has no query")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _positive(value: Any) -> bool:
+    return _number(value) and value > 0
+
+
+def _valid_retry(config: Mapping[str, Any]) -> bool:
+    attempts = config.get("max_attempts")
+    backoff = config.get("backoff_seconds", 1)  # the defaults of df.retry
+    cap = config.get("max_backoff_seconds", 60)
+    retry_on = config.get("retry_on")
+    return (
+        isinstance(attempts, int)
+        and not isinstance(attempts, bool)
+        and attempts >= 1
+        and _number(backoff)
+        and _number(cap)
+        and backoff >= 0
+        and cap >= 0
+        and (
+            retry_on is None
+            or (isinstance(retry_on, list) and all(isinstance(c, str) for c in retry_on))
+        )
+    )

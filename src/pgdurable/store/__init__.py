@@ -20,7 +20,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from .. import __version__
-from ..graph.interpreter import State, Transition
+from ..graph.interpreter import NodeWrite, State, Transition
 from ..graph.model import Graph, graph_from_rows
 
 TASKS_CHANNEL = "pgdurable_tasks"
@@ -35,7 +35,7 @@ class Task:
 
     id: int
     token: uuid.UUID
-    kind: str  # 'start' | 'sql' | 'timer'
+    kind: str  # 'start' | 'sql' | 'http' | 'timer' | 'signal'
     activation: int
     node_id: str | None
     payload: dict[str, Any] | None
@@ -112,19 +112,27 @@ async def checkpoint_begin(conn: AsyncConn, task: Task) -> Checkpoint | None:
 
 def change_document(transition: Transition) -> dict[str, Any]:
     """The p_change argument of df._checkpoint for a transition."""
-    last_write = {w.node_id: w for w in transition.writes}  # one UPDATE per node
+    by_node: dict[str, list[NodeWrite]] = {}
+    for w in transition.writes:  # one UPDATE per node: its last write, errors folded
+        by_node.setdefault(w.node_id, []).append(w)
+    writes = []
+    for node_id, node_writes in by_node.items():
+        last = node_writes[-1]
+        error_op, error = _fold_errors(node_writes)
+        writes.append(
+            {
+                "id": node_id,
+                "status": last.status,
+                "result": last.result,
+                "execution_id": last.execution_id,
+                "error_op": error_op,
+                "error": error,
+            }
+        )
     return {
         "state": transition.state,
         "generation": transition.generation,
-        "writes": [
-            {
-                "id": w.node_id,
-                "status": w.status,
-                "result": w.result,
-                "execution_id": w.execution_id,
-            }
-            for w in last_write.values()
-        ],
+        "writes": writes,
         "tasks": [
             {
                 "activation": t.activation,
@@ -144,6 +152,22 @@ def change_document(transition: Transition) -> dict[str, Any]:
     }
 
 
+def _fold_errors(writes: list[NodeWrite]) -> tuple[str | None, str | None]:
+    """The net effect of a node's error changes within one transition."""
+    op: str | None = None
+    lines: list[str] = []
+    for w in writes:
+        if w.error is None:
+            continue
+        kind, text = w.error
+        if kind == "set":
+            op, lines = "set", [text] if text else []
+        else:
+            op = op or "append"
+            lines.append(text)
+    return op, "\n".join(lines) if op else None
+
+
 def checkpoint_params(
     task: Task, transition: Transition, worker: uuid.UUID, claim_limit: int, lease: float
 ) -> tuple[Any, ...]:
@@ -158,7 +182,7 @@ def followups(rows: list[tuple[Any, ...]], previous: Task) -> list[Task]:
         Task(
             id=r[0],
             token=r[1],
-            kind="sql",
+            kind=r[6],
             activation=r[2],
             node_id=r[3],
             payload=r[4],

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import httpx
 
-__all__ = ["Blocked", "EgressPolicy", "check_url", "parse_policy", "resolve"]
+__all__ = ["Blocked", "EgressPolicy", "check_url", "resolve"]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -65,30 +65,6 @@ class EgressPolicy:
 
 class Blocked(Exception):
     """A request the policy refuses; str(exc) is the error text."""
-
-
-def parse_policy(
-    *,
-    enabled: bool = True,
-    allow_all: bool = False,
-    allowed_hosts: str | Iterable[str] | None = None,
-    allowed_networks: str | Iterable[str] | None = None,
-    max_response_bytes: int = 10 * 1024 * 1024,
-    max_redirects: int = 0,
-) -> EgressPolicy:
-    """Build a policy from CLI/environment strings.
-
-    ``allowed_hosts`` and ``allowed_networks`` are comma- or whitespace-separated lists (or
-    iterables of such strings). Raises ValueError with a message naming the bad entry.
-    """
-    return EgressPolicy(
-        enabled=enabled,
-        allow_all=allow_all,
-        allowed_hosts=_split(allowed_hosts),
-        allowed_networks=_split(allowed_networks),
-        max_response_bytes=max_response_bytes,
-        max_redirects=max_redirects,
-    )
 
 
 def check_url(url: str, policy: EgressPolicy) -> str:

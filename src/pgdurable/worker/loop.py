@@ -15,7 +15,7 @@ import logging
 import re
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import psycopg
 from psycopg import AsyncConnection
@@ -25,6 +25,7 @@ from .. import sql as schema
 from .. import store
 from ..store import Task
 from .connections import Connections, is_transient
+from .egress import EgressPolicy
 from .steps import StepRunner, StepSettings
 
 log = logging.getLogger("pgdurable.worker")
@@ -52,6 +53,7 @@ class WorkerConfig:
     poll_interval: float | None = None
     single_role: bool = False
     shutdown_grace: float = 30.0
+    egress: EgressPolicy = field(default_factory=EgressPolicy)
 
 
 def parse_interval(text: str | None, default: float) -> float:
@@ -184,6 +186,7 @@ class Worker:
             lease_seconds=self.config.lease_seconds,
             allow_superuser=(superuser or "off").lower() in ("on", "true", "yes", "1"),
             single_role=self.config.single_role,
+            egress=self.config.egress,
         )
 
     # -- claiming ------------------------------------------------------------------------------

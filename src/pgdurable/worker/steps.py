@@ -4,8 +4,9 @@ SQL steps run on a connection logged in as the submitting role, inside a transac
 also carries the checkpoint, so the statement takes effect exactly once (DESIGN.md principle
 2). Statements PostgreSQL refuses inside a transaction block (VACUUM, CREATE INDEX
 CONCURRENTLY, procedures that COMMIT) run on their own first and are checkpointed after:
-at-least-once. Timers, instance starts and step failures are checkpointed on the worker's
-own connection.
+at-least-once. HTTP steps are at-least-once as well: the request is sent, then its response
+is checkpointed. Timers, instance starts, HTTP responses and step failures are checkpointed
+on the worker's own connection.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
@@ -26,7 +28,9 @@ from ..graph import interpreter
 from ..graph.interpreter import Transition
 from ..graph.model import Graph, GraphError
 from ..store import AsyncConn, Checkpoint, Task
+from . import http
 from .connections import RESET_SESSION, Connections, is_transient
+from .egress import EgressPolicy
 from .results import UnsupportedColumnType, read_result
 
 log = logging.getLogger("pgdurable.worker")
@@ -42,6 +46,14 @@ _SERVER_BUSY = (
 # SQLSTATEs of statements that cannot run inside a transaction block.
 _NEEDS_OWN_TRANSACTION = {"25001", "2D000"}
 _GRAPH_CACHE_SIZE = 2048
+# A statement under a df.timeout gets a statement_timeout this much past the deadline: the
+# timeout's own timer cancels it first; this is the backstop if that cancel is lost.
+_DEADLINE_GRACE_SECONDS = 1.0
+# The function whose EXECUTE privilege an HTTP node's submitter needs (spec §7.11).
+_HTTP_FUNCTIONS = {
+    "HTTP": ("df.http()", "df.http(text,text,text,jsonb,integer)"),
+    "HTTP_MULTIPART": ("df.http_multipart()", "df.http_multipart(text,text,jsonb,jsonb,integer)"),
+}
 
 
 # How a task on the worker's connection turns into a transition (None: not yet).
@@ -77,6 +89,7 @@ class StepSettings:
     lease_seconds: float
     allow_superuser: bool
     single_role: bool
+    egress: EgressPolicy = field(default_factory=EgressPolicy)
 
 
 class StepRunner:
@@ -87,11 +100,14 @@ class StepRunner:
         self.settings = settings
         self._graphs: OrderedDict[str, Graph] = OrderedDict()
         self._statements: dict[int, _Running] = {}  # task id -> its statement in flight
+        self._requests: dict[int, tuple[Task, asyncio.Future[http.HttpOutcome]]] = {}
 
     async def run(self, task: Task, claim_limit: Callable[[], int]) -> list[Task]:
         """Run ``task`` to its checkpoint."""
         if task.kind == "sql":
             return await self._run_sql(task, claim_limit)
+        if task.kind == "http":
+            return await self._run_http(task, claim_limit)
         if task.kind == "timer":
 
             async def fire(conn: AsyncConn, graph: Graph, cp: Checkpoint) -> Transition:
@@ -106,14 +122,21 @@ class StepRunner:
             return await self._advance(task, None, claim_limit)
         raise ValueError(f"unknown task kind {task.kind!r}")
 
-    async def fail(self, task: Task, error: str, claim_limit: Callable[[], int]) -> list[Task]:
-        """Record that ``task``'s step failed with ``error``."""
+    async def fail(
+        self,
+        task: Task,
+        error: str,
+        claim_limit: Callable[[], int],
+        code: str | None = None,
+    ) -> list[Task]:
+        """Record that ``task``'s step failed with ``error`` (``code``: its class, for
+        df.retry: a SQLSTATE or an ``http_*`` class)."""
 
         async def failed(conn: AsyncConn, graph: Graph, cp: Checkpoint) -> Transition:
             if cp.state is None:  # the instance never started (its start task failed)
                 return interpreter.fail_instance(None, error)
             return interpreter.step_failed(
-                graph, _state(cp), cp.variables, task.activation, error, cp.now
+                graph, _state(cp), cp.variables, task.activation, error, cp.now, code
             )
 
         return await self._advance(task, failed, claim_limit)
@@ -154,7 +177,7 @@ class StepRunner:
                     return await self._run_sql_outside_transaction(
                         conn, graph, task, sql, claim_limit
                     )
-                return await self.fail(task, _sql_error(exc), claim_limit)
+                return await self.fail(task, _sql_error(exc), claim_limit, exc.sqlstate)
             except (UnsupportedColumnType, UnicodeEncodeError) as exc:
                 await conn.execute("ROLLBACK")
                 reusable = True
@@ -184,6 +207,10 @@ class StepRunner:
                 # READ COMMITTED whatever the role's default: the checkpoint must see, and
                 # lock, rows that other checkpoints committed after the statement began.
                 await conn.execute("BEGIN ISOLATION LEVEL READ COMMITTED")
+                deadline = (task.payload or {}).get("deadline")
+                if deadline is not None:
+                    left = float(deadline) - time.time() + _DEADLINE_GRACE_SECONDS
+                    await conn.execute(f"SET LOCAL statement_timeout = {max(int(left * 1000), 1)}")
                 cur = conn.cursor(binary=True)
                 await cur.execute(sql.encode(conn.info.encoding))
                 begin = conn.cursor()
@@ -202,6 +229,11 @@ class StepRunner:
         whose tasks were withdrawn: a cancelled instance, a RACE loser. Their checkpoints
         then find the task gone. Returns how many were interrupted."""
         count = 0
+        for request_task, request in self._requests.values():
+            if request_task.instance_id == instance_id and (
+                activation is None or request_task.activation == activation
+            ):
+                count += request.cancel()
         for running in self._statements.values():
             task = running.task
             if task.instance_id != instance_id or running.cancelling is not None:
@@ -213,7 +245,7 @@ class StepRunner:
                     running.cancelling = asyncio.ensure_future(_cancel_request(running.conn))
                 count += 1
         if count:
-            log.info("cancelling %d statement(s) of instance %s", count, instance_id)
+            log.info("cancelling %d step(s) of instance %s", count, instance_id)
         return count
 
     async def _login_failure(self, task: Task, exc: psycopg.Error) -> str | None:
@@ -259,7 +291,7 @@ class StepRunner:
         except psycopg.Error as exc:
             if is_transient(exc):
                 raise
-            return await self.fail(task, _sql_error(exc), claim_limit)
+            return await self.fail(task, _sql_error(exc), claim_limit, exc.sqlstate)
         except (UnsupportedColumnType, UnicodeEncodeError) as exc:
             return await self.fail(task, str(exc), claim_limit)
         await conn.execute("BEGIN ISOLATION LEVEL READ COMMITTED")
@@ -313,8 +345,76 @@ class StepRunner:
                 raise
             with contextlib.suppress(psycopg.Error):
                 await conn.execute("ROLLBACK")
-            return await self.fail(task, _sql_error(exc), claim_limit), False
+            return await self.fail(task, _sql_error(exc), claim_limit, exc.sqlstate), False
         return store.followups(rows, task), True
+
+    # -- HTTP steps ----------------------------------------------------------------------------
+
+    async def _run_http(self, task: Task, claim_limit: Callable[[], int]) -> list[Task]:
+        """Send the request (unless the submitter may not), then checkpoint the response.
+
+        A crash between the two sends it again, with the same Idempotency-Key. A cancel (of
+        the instance, or of a lost RACE or an expired df.timeout) abandons the request.
+        """
+        payload = dict(task.payload or {})
+        refusal = await self._http_refusal(task, str(payload.get("type", "HTTP")))
+        if refusal is not None:
+            return await self.fail(task, refusal, claim_limit, "http_blocked")
+        deadline = payload.get("deadline")
+        if deadline is not None:  # the backstop of an enclosing df.timeout, as for SQL
+            left = float(deadline) - time.time() + _DEADLINE_GRACE_SECONDS
+            payload["timeout_seconds"] = max(min(float(payload["timeout_seconds"]), left), 0.001)
+        request = asyncio.ensure_future(http.perform(payload, self.settings.egress))
+        self._requests[task.id] = (task, request)
+        try:
+            outcome = await asyncio.shield(request)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                request.cancel()
+                raise  # the worker itself is stopping
+            log.info("HTTP step of %s withdrawn; request abandoned", task.instance_id)
+            return []
+        finally:
+            self._requests.pop(task.id, None)
+
+        async def record(conn: AsyncConn, graph: Graph, cp: Checkpoint) -> Transition:
+            if outcome.succeeded:
+                return interpreter.step_succeeded(
+                    graph, _state(cp), cp.variables, task.activation, outcome.value, cp.now
+                )
+            return interpreter.step_failed(
+                graph,
+                _state(cp),
+                cp.variables,
+                task.activation,
+                outcome.value,
+                cp.now,
+                outcome.code,
+            )
+
+        return await self._advance(task, record, claim_limit)
+
+    async def _http_refusal(self, task: Task, node_type: str) -> str | None:
+        """Why the submitter may not send this request, checked on every run (spec §7.11):
+        revoking EXECUTE on df.http stops running workflows too."""
+        name, signature = _HTTP_FUNCTIONS.get(node_type, _HTTP_FUNCTIONS["HTTP"])
+        async with self.conns.worker.connection() as conn:
+            cur = await conn.execute(
+                "SELECT r.rolsuper OR has_function_privilege(r.oid, %s, 'EXECUTE')"
+                " FROM df.instances i JOIN pg_roles r ON r.oid = i.submitted_by"
+                " WHERE i.id = %s",
+                (signature, task.instance_id),
+            )
+            row = await cur.fetchone()
+        if row is None:
+            return f"Instance {task.instance_id}: submitted_by role no longer exists in pg_roles"
+        if row[0]:
+            return None
+        return (
+            f"Blocked: role '{task.role}' does not have EXECUTE privilege on {name}. Grant "
+            f"EXECUTE ON FUNCTION {signature} TO {task.role} to allow HTTP requests."
+        )
 
     # -- checkpoints on the worker's connection ------------------------------------------------
 

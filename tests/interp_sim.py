@@ -1,0 +1,155 @@
+"""A worker in miniature for pure interpreter tests: ``G`` builds graphs node by node and
+``Sim`` keeps the state (round-tripped through JSON, as the store does), the outstanding
+tasks, every node write and the outcome."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pgdurable.graph import interpreter as interp
+from pgdurable.graph.model import Graph, Node
+
+INSTANCE = "abcd0123"
+
+
+class G:
+    """Builds a graph node by node; ids are n0001, n0002, ... in creation order."""
+
+    def __init__(self) -> None:
+        self.nodes: dict[str, Node] = {}
+
+    def add(self, type_: str, query: str | None = None, **kw: Any) -> str:
+        node_id = f"{len(self.nodes) + 1:08x}"
+        config = kw.pop("config", None) or {}
+        if query and type_ in ("BREAK",):
+            config = json.loads(query)
+        self.nodes[node_id] = Node(node_id, type_, query=query, config=config, **kw)
+        return node_id
+
+    def sql(self, text: str, name: str | None = None) -> str:
+        return self.add("SQL", text, result_name=name)
+
+    def then(self, *steps: str, name: str | None = None) -> str:
+        left = steps[0]
+        for i, right in enumerate(steps[1:], start=2):
+            left = self.add(
+                "THEN", left=left, right=right, result_name=name if i == len(steps) else None
+            )
+        return left
+
+    def join(self, *branches: str, name: str | None = None) -> str:
+        extras = tuple(branches[2:])
+        return self.add(
+            "JOIN",
+            json.dumps({"extra_nodes": list(extras)}) if extras else None,
+            left=branches[0],
+            right=branches[1],
+            extras=extras,
+            result_name=name,
+        )
+
+    def race(self, a: str, b: str) -> str:
+        return self.add("RACE", left=a, right=b)
+
+    def if_(self, cond: str, then: str, else_: str) -> str:
+        return self.add("IF", "{}", left=then, right=else_, condition=cond)
+
+    def if_rows(self, name: str, then: str, else_: str) -> str:
+        cfg = {"condition_type": "result_has_rows", "result_name": name}
+        return self.add("IF", json.dumps(cfg), left=then, right=else_, config=cfg)
+
+    def loop(self, body: str, cond: str | None = None, name: str | None = None) -> str:
+        return self.add("LOOP", None, left=body, condition=cond, result_name=name)
+
+    def brk(self, value: str | None = None) -> str:
+        return self.add("BREAK", json.dumps({"break_value": value}))
+
+    def sleep(self, seconds: int) -> str:
+        return self.add("SLEEP", str(seconds))
+
+    def graph(self, root: str, label: str | None = None) -> Graph:
+        return Graph(INSTANCE, root, self.nodes, label)
+
+
+def rows(*records: dict[str, Any]) -> str:
+    return json.dumps({"rows": list(records), "row_count": len(records)}, separators=(",", ":"))
+
+
+class Sim:
+    """A worker in miniature."""
+
+    def __init__(self, graph: Graph, variables: dict[str, str] | None = None, now: float = 1000):
+        self.graph = graph
+        self.variables = variables or {}
+        self.now = now
+        self.tasks: dict[int, interp.TaskSpec] = {}
+        self.writes: list[interp.NodeWrite] = []
+        self.outcome: interp.Outcome | None = None
+        self.state: dict[str, Any] = {}
+        self._apply(interp.start(graph, self.variables, now))
+
+    def _apply(self, t: interp.Transition) -> None:
+        self.state = json.loads(json.dumps(t.state))  # what the store would keep
+        self.writes += t.writes
+        for aid in t.dropped:
+            self.tasks.pop(aid, None)
+        for task in t.tasks:
+            self.tasks[task.activation] = task
+        if t.outcome:
+            assert self.outcome is None, "an instance finishes once"
+            self.outcome = t.outcome
+            self.tasks.clear()
+        self.generation = t.generation
+
+    def task(self, node_id: str) -> interp.TaskSpec:
+        found = [t for t in self.tasks.values() if t.node_id == node_id]
+        assert found, f"no task for {node_id}; tasks: {self.pending()}"
+        return found[0]
+
+    def pending(self) -> list[str]:
+        return sorted(t.node_id for t in self.tasks.values())
+
+    def sql_of(self, node_id: str) -> str:
+        payload = self.task(node_id).payload
+        assert payload is not None
+        return str(payload["sql"])
+
+    def complete(self, node_id: str, result: str | None = None) -> None:
+        task = self.task(node_id)
+        del self.tasks[task.activation]
+        self._apply(
+            interp.step_succeeded(
+                self.graph, self.state, self.variables, task.activation, result or rows(), self.now
+            )
+        )
+
+    def fail(self, node_id: str, error: str, code: str | None = None) -> None:
+        task = self.task(node_id)
+        del self.tasks[task.activation]
+        self._apply(
+            interp.step_failed(
+                self.graph, self.state, self.variables, task.activation, error, self.now, code
+            )
+        )
+
+    def fire(self, node_id: str) -> None:
+        task = self.task(node_id)
+        assert task.kind == "timer"
+        assert task.run_at is not None
+        self.now = max(self.now, task.run_at)
+        del self.tasks[task.activation]
+        self._apply(
+            interp.timer_fired(self.graph, self.state, self.variables, task.activation, self.now)
+        )
+
+    def status(self, node_id: str) -> str | None:
+        found = [w.status for w in self.writes if w.node_id == node_id]
+        return found[-1] if found else None
+
+    def result(self, node_id: str) -> Any:
+        found = [w.result for w in self.writes if w.node_id == node_id]
+        return json.loads(found[-1]) if found and found[-1] else None
+
+    def stamp(self, node_id: str) -> str:
+        return [w.execution_id for w in self.writes if w.node_id == node_id][-1]
