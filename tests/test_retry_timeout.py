@@ -196,3 +196,20 @@ def test_cancel_during_a_backoff_stops_the_retries(app: App, worker: ThreadWorke
     assert app.wait(instance) == "cancelled"
     time.sleep(0.5)
     assert tries(app) == 1
+
+
+def test_a_long_timeout_neither_breaks_nor_loosens_statement_limits(
+    app: App, worker: ThreadWorker, conn: object
+) -> None:
+    # (Set first: pooled connections keep the settings they logged in with.)
+    conn.execute(f"ALTER ROLE {app.role} SET statement_timeout = '500ms'")  # type: ignore[attr-defined]
+    # 30 days is beyond statement_timeout's range in milliseconds: the backstop is capped.
+    instance, status = app.run("df.timeout('SELECT 1 AS one', 2592000)")
+    assert (status, app.result(instance)) == ("completed", {"rows": [{"one": 1}], "row_count": 1})
+    # A centuries-long timeout is a timer a century away, not an error.
+    _, status = app.run("df.timeout(df.sleep(0), 1e13)")
+    assert status == "completed"
+    # The role's own statement_timeout still applies inside a df.timeout.
+    instance, status = app.run("df.timeout('SELECT pg_sleep(2)', 60)")
+    assert status == "failed"
+    assert "canceling statement due to statement timeout" in str(failure(app, instance))

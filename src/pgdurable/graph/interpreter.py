@@ -51,8 +51,12 @@ CANCELLED_BY_TIMEOUT = "Cancelled: the enclosing df.timeout expired after {secon
 # request the policy blocked or a malformed one.
 HTTP_TRANSIENT = frozenset({"http_5xx", "http_timeout", "http_connection", "http_request"})
 
-# SQLSTATE of a statement cancelled by statement_timeout (or a cancel request).
-QUERY_CANCELED = "57014"
+# Failures of a step that its df.timeout's backstop causes: a statement cancelled by
+# statement_timeout (SQLSTATE 57014), an HTTP request cut short.
+_BACKSTOPS = frozenset({"57014", "http_timeout"})
+# Timers further away than this (a century) are set at this distance: PostgreSQL's
+# timestamps end in the year 294276.
+MAX_WAIT_SECONDS = 100 * 365 * 86400.0
 
 OutcomeKind = Literal["ok", "fail", "brk"]
 State = dict[str, Any]
@@ -282,7 +286,7 @@ def backoff_delay(config: Any, attempt: int, seed: str) -> float:
     instances that failed together do not retry together."""
     base = float(config.get("backoff_seconds", 1))
     cap = float(config.get("max_backoff_seconds", 60))
-    delay = min(cap, base * 2.0 ** min(attempt - 1, 60))
+    delay = min(cap, base * 2.0 ** min(attempt - 1, 60), MAX_WAIT_SECONDS)
     digest = hashlib.sha256(f"{seed}:{attempt}".encode()).digest()
     fraction = int.from_bytes(digest[:8], "big") / 2.0**64
     return delay * (0.5 + 0.5 * fraction)
@@ -443,7 +447,7 @@ class _Run:
             payload["deadline"] = min(deadlines)
 
     def _start_sleep(self, aid: int, act: dict[str, Any], node: Node) -> None:
-        seconds = int(node.query or "0")
+        seconds = min(int(node.query or "0"), MAX_WAIT_SECONDS)
         self.out.tasks.append(TaskSpec(aid, "timer", node.id, None, self.now + seconds))
 
     def _start_wait_schedule(self, aid: int, act: dict[str, Any], node: Node) -> None:
@@ -483,7 +487,7 @@ class _Run:
         self.activate(body, aid, "body", act["exec"], act["env"])
 
     def _start_timeout(self, aid: int, act: dict[str, Any], node: Node) -> None:
-        act["deadline"] = self.now + float(node.config["timeout_seconds"])
+        act["deadline"] = self.now + min(float(node.config["timeout_seconds"]), MAX_WAIT_SECONDS)
         self.out.tasks.append(TaskSpec(aid, "timer", node.id, None, act["deadline"]))
         assert node.left
         self.activate(node.left, aid, "body", act["exec"], act["env"])
@@ -758,8 +762,8 @@ class _Run:
         value: str,
         code: str | None,
     ) -> None:
-        if kind == "fail" and code == QUERY_CANCELED and self.now >= act["deadline"]:
-            # The statement_timeout backstop (see _add_deadline) beat the timer: same outcome.
+        if kind == "fail" and code in _BACKSTOPS and self.now >= act["deadline"]:
+            # The backstop (see _add_deadline) beat the timer: the same outcome.
             self.time_out(aid)
             return
         self.out.dropped.append(aid)  # the step finished in time: its timer goes

@@ -88,6 +88,17 @@ async def claim(conn: AsyncConn, worker: uuid.UUID, limit: int, lease: float) ->
 
 
 CHECKPOINT_BEGIN = "SELECT * FROM df._checkpoint_begin(%s, %s)"
+
+# The statement_timeout backstop of a step under a df.timeout: the deadline (epoch seconds,
+# the database clock) plus a grace, never looser than the role's own statement_timeout, and
+# within the setting's range.
+LIMIT_STATEMENT = """
+SELECT set_config('statement_timeout', greatest(1, least(
+           2147483647,
+           ((%s::float8 - extract(epoch FROM clock_timestamp())) * 1000)::bigint,
+           (SELECT nullif(setting::bigint, 0) FROM pg_settings WHERE name = 'statement_timeout')
+       ))::text, true)
+"""
 CHECKPOINT = "SELECT * FROM df._checkpoint(%s, %s, %s, %s, %s, %s)"
 
 

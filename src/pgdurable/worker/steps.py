@@ -209,8 +209,8 @@ class StepRunner:
                 await conn.execute("BEGIN ISOLATION LEVEL READ COMMITTED")
                 deadline = (task.payload or {}).get("deadline")
                 if deadline is not None:
-                    left = float(deadline) - time.time() + _DEADLINE_GRACE_SECONDS
-                    await conn.execute(f"SET LOCAL statement_timeout = {max(int(left * 1000), 1)}")
+                    limit = float(deadline) + _DEADLINE_GRACE_SECONDS
+                    await conn.execute(store.LIMIT_STATEMENT, (limit,))
                 cur = conn.cursor(binary=True)
                 await cur.execute(sql.encode(conn.info.encoding))
                 begin = conn.cursor()
@@ -356,15 +356,9 @@ class StepRunner:
         A crash between the two sends it again, with the same Idempotency-Key. A cancel (of
         the instance, or of a lost RACE or an expired df.timeout) abandons the request.
         """
-        payload = dict(task.payload or {})
-        refusal = await self._http_refusal(task, str(payload.get("type", "HTTP")))
-        if refusal is not None:
-            return await self.fail(task, refusal, claim_limit, "http_blocked")
-        deadline = payload.get("deadline")
-        if deadline is not None:  # the backstop of an enclosing df.timeout, as for SQL
-            left = float(deadline) - time.time() + _DEADLINE_GRACE_SECONDS
-            payload["timeout_seconds"] = max(min(float(payload["timeout_seconds"]), left), 0.001)
-        request = asyncio.ensure_future(http.perform(payload, self.settings.egress))
+        # Registered before its first await, so that a cancel arriving at any point (even
+        # during the privilege check) is not missed.
+        request = asyncio.ensure_future(self._send_http(task))
         self._requests[task.id] = (task, request)
         try:
             outcome = await asyncio.shield(request)
@@ -395,26 +389,41 @@ class StepRunner:
 
         return await self._advance(task, record, claim_limit)
 
-    async def _http_refusal(self, task: Task, node_type: str) -> str | None:
+    async def _send_http(self, task: Task) -> http.HttpOutcome:
+        """Check the submitter's privilege, then perform the request (spec §7.11)."""
+        payload = dict(task.payload or {})
+        refusal, db_now = await self._http_refusal(task, str(payload.get("type", "HTTP")))
+        if refusal is not None:
+            return http.HttpOutcome(False, refusal, "http_blocked")
+        deadline, timeout = payload.get("deadline"), payload.get("timeout_seconds")
+        if isinstance(deadline, int | float) and isinstance(timeout, int | float):
+            # The backstop of an enclosing df.timeout, as for SQL, on the database clock.
+            left = float(deadline) + _DEADLINE_GRACE_SECONDS - db_now
+            payload["timeout_seconds"] = max(min(float(timeout), left), 0.001)
+        return await http.perform(payload, self.settings.egress)
+
+    async def _http_refusal(self, task: Task, node_type: str) -> tuple[str | None, float]:
         """Why the submitter may not send this request, checked on every run (spec §7.11):
-        revoking EXECUTE on df.http stops running workflows too."""
+        revoking EXECUTE on df.http stops running workflows too. Also the database clock."""
         name, signature = _HTTP_FUNCTIONS.get(node_type, _HTTP_FUNCTIONS["HTTP"])
         async with self.conns.worker.connection() as conn:
             cur = await conn.execute(
-                "SELECT r.rolsuper OR has_function_privilege(r.oid, %s, 'EXECUTE')"
+                "SELECT r.rolsuper OR has_function_privilege(r.oid, %s, 'EXECUTE'),"
+                " extract(epoch FROM clock_timestamp())::float8"
                 " FROM df.instances i JOIN pg_roles r ON r.oid = i.submitted_by"
                 " WHERE i.id = %s",
                 (signature, task.instance_id),
             )
             row = await cur.fetchone()
         if row is None:
-            return f"Instance {task.instance_id}: submitted_by role no longer exists in pg_roles"
+            gone = f"Instance {task.instance_id}: submitted_by role no longer exists in pg_roles"
+            return gone, time.time()
         if row[0]:
-            return None
+            return None, float(row[1])
         return (
             f"Blocked: role '{task.role}' does not have EXECUTE privilege on {name}. Grant "
             f"EXECUTE ON FUNCTION {signature} TO {task.role} to allow HTTP requests."
-        )
+        ), float(row[1])
 
     # -- checkpoints on the worker's connection ------------------------------------------------
 
