@@ -136,6 +136,16 @@ class App:
         assert row is not None
         return row[0]
 
+    def failure(self, instance: str) -> object:
+        """The error a failed instance failed with (its root node's result)."""
+        row = self.conn.execute(
+            "SELECT n.result FROM df.instances i JOIN df.nodes n ON n.instance_id = i.id"
+            " AND n.id = i.root_node WHERE i.id = %s AND n.status = 'failed'",
+            (instance,),
+        ).fetchone()
+        assert row is not None, f"instance {instance} has not failed"
+        return row[0]
+
     def nodes(self, instance: str) -> list[dict[str, object]]:
         from psycopg.rows import dict_row
 

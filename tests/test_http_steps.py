@@ -45,16 +45,6 @@ def local_worker(dsn: str, request: pytest.FixtureRequest) -> ThreadWorker:
     return start_worker(dsn, request)
 
 
-def failure(app: App, instance: str) -> object:
-    row = app.conn.execute(
-        "SELECT n.result FROM df.instances i JOIN df.nodes n"
-        " ON n.instance_id = i.id AND n.id = i.root_node WHERE i.id = %s",
-        (instance,),
-    ).fetchone()
-    assert row is not None
-    return row[0]
-
-
 def http(url: str, method: str = "GET", *rest: str) -> str:
     args = ", ".join([f"'{url}'", f"'{method}'", *rest])
     return f"df.http({args})"
@@ -114,9 +104,7 @@ def test_4xx_succeeds_with_ok_false_and_5xx_fails_with_a_preview(
     assert http_app.result(instance)["ok"] is False  # type: ignore[index]
     instance, status = http_app.run(http(server.url("/broken")))
     assert status == "failed"
-    assert (
-        failure(http_app, instance) == f"HTTP GET {server.url('/broken')} returned 503: try later"
-    )
+    assert http_app.failure(instance) == f"HTTP GET {server.url('/broken')} returned 503: try later"
 
 
 def test_retry_resends_with_the_same_idempotency_key(
@@ -145,7 +133,7 @@ def test_a_hanging_server_times_out(
     began = time.monotonic()
     instance, status = http_app.run(http(server.url("/hang"), "GET", "NULL", "NULL", "1"))
     assert status == "failed"
-    assert failure(http_app, instance) == f"HTTP timeout after 1s: {server.url('/hang')}"
+    assert http_app.failure(instance) == f"HTTP timeout after 1s: {server.url('/hang')}"
     assert time.monotonic() - began < 10
 
 
@@ -155,7 +143,7 @@ def test_df_timeout_and_cancel_abandon_a_request_in_flight(
     server.hang("/hang")
     began = time.monotonic()
     instance, status = http_app.run(f"df.timeout({http(server.url('/hang'))}, 1)")
-    assert (status, failure(http_app, instance)) == ("failed", "Timed out after 1s (df.timeout)")
+    assert (status, http_app.failure(instance)) == ("failed", "Timed out after 1s (df.timeout)")
     assert time.monotonic() - began < 10
     instance = http_app.start(http(server.url("/hang")))
     deadline = time.monotonic() + 15
@@ -178,11 +166,11 @@ def test_garbage_and_huge_responses_fail_the_step(
     server.huge("/huge", 100_000)
     instance, status = http_app.run(http(server.url("/garbage")))
     assert status == "failed"
-    assert str(failure(http_app, instance)).startswith(
+    assert str(http_app.failure(instance)).startswith(
         f"HTTP request failed: {server.url('/garbage')} - "
     )
     instance, status = http_app.run(http(server.url("/huge")))
-    assert (status, failure(http_app, instance)) == (
+    assert (status, http_app.failure(instance)) == (
         "failed",
         f"HTTP response too large: {server.url('/huge')} - more than 1000 bytes",
     )
@@ -195,12 +183,12 @@ def test_default_policy_blocks_loopback_and_redirects_to_it(
     server.reply("/secret", body="internal")
     instance, status = http_app.run(http(server.url("/secret")))
     assert status == "failed"
-    assert failure(http_app, instance) == (
+    assert http_app.failure(instance) == (
         "Blocked: the resolved IP address for '127.0.0.1' is in a restricted range. df.http() "
         "cannot access private or internal network addresses."
     )
     instance, status = http_app.run(http("http://localhost:1/x"))
-    assert str(failure(http_app, instance)).startswith(
+    assert str(http_app.failure(instance)).startswith(
         "Blocked: the resolved IP address for 'localhost'"
     )
     assert server.hits("/secret") == []
@@ -226,7 +214,7 @@ def test_followed_redirects_are_checked_against_the_policy(
     server.reply("/ok", body="here")
     instance, status = http_app.run(http(server.url("/go")))
     assert status == "failed"
-    assert str(failure(http_app, instance)).startswith(
+    assert str(http_app.failure(instance)).startswith(
         "Blocked: the resolved IP address for '169.254.169.254' is in a restricted range."
     )
     instance, status = http_app.run(http(server.url("/local")))
@@ -240,7 +228,7 @@ def test_a_worker_with_http_disabled_blocks_every_request(
     start_worker(dsn, request, enabled=False)
     instance, status = http_app.run(http("https://example.com/"))
     assert status == "failed"
-    assert failure(http_app, instance) == (
+    assert http_app.failure(instance) == (
         "Blocked: outbound HTTP requests are disabled by this worker's egress policy "
         "(pgdurable worker --http-disable)."
     )
@@ -253,7 +241,7 @@ def test_revoking_execute_stops_running_workflows_at_their_next_request(
     instance = http_app.start(f"df.sleep(1) ~> {http(server.url('/ok'))}")
     conn.execute(f"SELECT df.revoke_usage('{http_app.role}'), df.grant_usage('{http_app.role}')")
     assert http_app.wait(instance) == "failed"
-    assert failure(http_app, instance) == (
+    assert http_app.failure(instance) == (
         f"Blocked: role '{http_app.role}' does not have EXECUTE privilege on df.http(). Grant "
         f"EXECUTE ON FUNCTION df.http(text,text,text,jsonb,integer) TO {http_app.role} to allow "
         "HTTP requests."

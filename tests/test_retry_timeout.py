@@ -49,17 +49,6 @@ def node(app: App, instance: str, node_type: str) -> dict[str, object]:
     return {"status": row[0], "result": row[1], "error": row[2]}
 
 
-def failure(app: App, instance: str) -> object:
-    """The error a failed instance failed with (its root node's result)."""
-    row = app.conn.execute(
-        "SELECT n.result FROM df.instances i JOIN df.nodes n"
-        " ON n.instance_id = i.id AND n.id = i.root_node WHERE i.id = %s AND n.status = 'failed'",
-        (instance,),
-    ).fetchone()
-    assert row is not None
-    return row[0]
-
-
 DIVISION = "SQL execution failed: error returned from database: division by zero"
 
 
@@ -81,7 +70,7 @@ def test_retries_give_up_after_max_attempts_with_the_last_error(
     setup(app)
     instance, status = app.run(f"df.retry({flaky(99)}, 3, 0.1)")
     assert status == "failed"
-    assert failure(app, instance) == DIVISION
+    assert app.failure(instance) == DIVISION
     assert tries(app) == 3 and effects(app) == []
     assert node(app, instance, "RETRY")["error"] == "\n".join(
         f"attempt {i}: {DIVISION}" for i in (1, 2, 3)
@@ -127,7 +116,7 @@ def test_timeout_cancels_a_long_statement_and_rolls_it_back(app: App, worker: Th
     )
     elapsed = time.monotonic() - began
     assert status == "failed"
-    assert failure(app, instance) == "Timed out after 1s (df.timeout)"
+    assert app.failure(instance) == "Timed out after 1s (df.timeout)"
     assert 1.0 <= elapsed < 10
     assert effects(app) == []
     sql = node(app, instance, "SQL")
@@ -145,9 +134,9 @@ def test_timeout_cancels_a_long_statement_and_rolls_it_back(app: App, worker: Th
 def test_timeout_of_a_wait_and_of_a_sleep(app: App, worker: ThreadWorker) -> None:
     instance, status = app.run("df.timeout(df.wait_for_signal('never'), 1)")
     assert status == "failed"
-    assert failure(app, instance) == "Timed out after 1s (df.timeout)"
+    assert app.failure(instance) == "Timed out after 1s (df.timeout)"
     instance, status = app.run("df.timeout(df.sleep(3600), 0.5) ~> 'SELECT 1'")
-    assert (status, failure(app, instance)) == ("failed", "Timed out after 0.5s (df.timeout)")
+    assert (status, app.failure(instance)) == ("failed", "Timed out after 0.5s (df.timeout)")
 
 
 def test_a_step_finishing_in_time_leaves_no_timer_behind(
@@ -181,7 +170,7 @@ def test_a_workflow_deadline_is_a_timeout_around_the_whole_graph(
 ) -> None:
     instance, status = app.run("df.timeout(@> ('SELECT 1' ~> df.sleep(1)), 2)")
     assert status == "failed"
-    assert failure(app, instance) == "Timed out after 2s (df.timeout)"
+    assert app.failure(instance) == "Timed out after 2s (df.timeout)"
     assert node(app, instance, "LOOP")["status"] == "failed"
 
 
@@ -212,4 +201,4 @@ def test_a_long_timeout_neither_breaks_nor_loosens_statement_limits(
     # The role's own statement_timeout still applies inside a df.timeout.
     instance, status = app.run("df.timeout('SELECT pg_sleep(2)', 60)")
     assert status == "failed"
-    assert "canceling statement due to statement timeout" in str(failure(app, instance))
+    assert "canceling statement due to statement timeout" in str(app.failure(instance))

@@ -304,6 +304,17 @@ def _break_value(node: Node) -> str:
         return _compact(raw)
 
 
+@dataclass(frozen=True)
+class _Ended:
+    """How a child activation ended, as its parent's ``_child_of_<type>`` handler sees it:
+    in which slot of the parent, with which outcome, value and failure code."""
+
+    slot: Any
+    kind: OutcomeKind
+    value: str
+    code: str | None
+
+
 class _Run:
     """One transition in progress: mutates ``state`` and collects the effects."""
 
@@ -616,50 +627,24 @@ class _Run:
         act = self.act(aid)
         assert act is not None
         node = self.graph[act["node"]]
-        getattr(self, f"_child_of_{node.type.lower()}")(aid, act, node, slot, kind, value, code)
+        ended = _Ended(slot, kind, value, code)
+        getattr(self, f"_child_of_{node.type.lower()}")(aid, act, node, ended)
 
-    def _child_of_then(
-        self,
-        aid: int,
-        act: dict[str, Any],
-        node: Node,
-        slot: Any,
-        kind: OutcomeKind,
-        value: str,
-        code: str | None,
-    ) -> None:
-        if kind == "ok" and slot == "left":
+    def _child_of_then(self, aid: int, act: dict[str, Any], node: Node, end: _Ended) -> None:
+        if end.kind == "ok" and end.slot == "left":
             assert node.right
             self.activate(node.right, aid, "right", act["exec"], act["env"])
         else:
-            self.finish(aid, kind, value, code)
+            self.finish(aid, end.kind, end.value, end.code)
 
-    def _child_of_if(
-        self,
-        aid: int,
-        act: dict[str, Any],
-        node: Node,
-        slot: Any,
-        kind: OutcomeKind,
-        value: str,
-        code: str | None,
-    ) -> None:
-        if kind == "ok" and slot == "cond":
-            self._take_branch(aid, act, node, is_true(value))
+    def _child_of_if(self, aid: int, act: dict[str, Any], node: Node, end: _Ended) -> None:
+        if end.kind == "ok" and end.slot == "cond":
+            self._take_branch(aid, act, node, is_true(end.value))
         else:
-            self.finish(aid, kind, value, code)
+            self.finish(aid, end.kind, end.value, end.code)
 
-    def _child_of_join(
-        self,
-        aid: int,
-        act: dict[str, Any],
-        node: Node,
-        slot: Any,
-        kind: OutcomeKind,
-        value: str,
-        code: str | None,
-    ) -> None:
-        act["done"][slot] = [kind, value, code]
+    def _child_of_join(self, aid: int, act: dict[str, Any], node: Node, end: _Ended) -> None:
+        act["done"][end.slot] = [end.kind, end.value, end.code]
         if any(d is None for d in act["done"]):
             return
         # Entries of states written before failure codes existed have two elements.
@@ -675,47 +660,29 @@ class _Run:
                 return
         self.finish(aid, "ok", _compact([_parse(d[1]) for d in act["done"]]))
 
-    def _child_of_race(
-        self,
-        aid: int,
-        act: dict[str, Any],
-        node: Node,
-        slot: Any,
-        kind: OutcomeKind,
-        value: str,
-        code: str | None,
-    ) -> None:
-        for loser in [a for a, b in self._children(aid) if b != slot]:
+    def _child_of_race(self, aid: int, act: dict[str, Any], node: Node, end: _Ended) -> None:
+        for loser in [a for a, b in self._children(aid) if b != end.slot]:
             self._drop_subtree(loser)
-        if kind == "fail":
-            side = "left" if slot == 0 else "right"
-            self.finish(aid, "fail", f"RACE {side} branch failed: {value}", code)
+        if end.kind == "fail":
+            side = "left" if end.slot == 0 else "right"
+            self.finish(aid, "fail", f"RACE {side} branch failed: {end.value}", end.code)
             return
-        self.state["envs"][act["env"]].update(self.state["envs"][act["branch_envs"][slot]])
-        self.finish(aid, kind, value)
+        self.state["envs"][act["env"]].update(self.state["envs"][act["branch_envs"][end.slot]])
+        self.finish(aid, end.kind, end.value)
 
-    def _child_of_loop(
-        self,
-        aid: int,
-        act: dict[str, Any],
-        node: Node,
-        slot: Any,
-        kind: OutcomeKind,
-        value: str,
-        code: str | None,
-    ) -> None:
-        if kind == "fail":
-            self.finish(aid, "fail", value, code)
-        elif kind == "brk":
-            self.finish(aid, "ok", value)
-        elif slot == "body":
-            act["last"] = value
+    def _child_of_loop(self, aid: int, act: dict[str, Any], node: Node, end: _Ended) -> None:
+        if end.kind == "fail":
+            self.finish(aid, "fail", end.value, end.code)
+        elif end.kind == "brk":
+            self.finish(aid, "ok", end.value)
+        elif end.slot == "body":
+            act["last"] = end.value
             if node.condition:
                 act["phase"] = "cond"
                 self.activate(node.condition, aid, "cond", act["loop_exec"], act["env"])
             else:
                 self._next_iteration(aid, act)
-        elif is_true(value):
+        elif is_true(end.value):
             self._next_iteration(aid, act)
         else:
             self.finish(aid, "ok", act["last"])
@@ -728,46 +695,28 @@ class _Run:
         else:
             self.begin_iteration(aid)
 
-    def _child_of_retry(
-        self,
-        aid: int,
-        act: dict[str, Any],
-        node: Node,
-        slot: Any,
-        kind: OutcomeKind,
-        value: str,
-        code: str | None,
-    ) -> None:
-        if kind != "fail":
-            self.finish(aid, kind, value, code)
+    def _child_of_retry(self, aid: int, act: dict[str, Any], node: Node, end: _Ended) -> None:
+        if end.kind != "fail":
+            self.finish(aid, end.kind, end.value, end.code)
             return
         attempt = int(act["attempt"])
-        self._write(act, "running", None, ("append", f"attempt {attempt}: {value}"))
+        self._write(act, "running", None, ("append", f"attempt {attempt}: {end.value}"))
         if attempt >= int(node.config["max_attempts"]) or not retryable(
-            code, node.config.get("retry_on")
+            end.code, node.config.get("retry_on")
         ):
-            self.finish(aid, kind, value, code)
+            self.finish(aid, end.kind, end.value, end.code)
             return
         act["phase"] = "backoff"
         delay = backoff_delay(node.config, attempt, f"{self._stamp(act['exec'])}:{node.id}")
         self.out.tasks.append(TaskSpec(aid, "timer", node.id, None, self.now + delay))
 
-    def _child_of_timeout(
-        self,
-        aid: int,
-        act: dict[str, Any],
-        node: Node,
-        slot: Any,
-        kind: OutcomeKind,
-        value: str,
-        code: str | None,
-    ) -> None:
-        if kind == "fail" and code in _BACKSTOPS and self.now >= act["deadline"]:
+    def _child_of_timeout(self, aid: int, act: dict[str, Any], node: Node, end: _Ended) -> None:
+        if end.kind == "fail" and end.code in _BACKSTOPS and self.now >= act["deadline"]:
             # The backstop (see _add_deadline) beat the timer: the same outcome.
             self.time_out(aid)
             return
         self.out.dropped.append(aid)  # the step finished in time: its timer goes
-        self.finish(aid, kind, value, code)
+        self.finish(aid, end.kind, end.value, end.code)
 
     # -- RACE losers ---------------------------------------------------------------------------
 
