@@ -608,6 +608,8 @@ PRIVILEGES = [
     ("has_table_privilege({r}, 'df._migrations', 'SELECT')", False),
     ("has_function_privilege({r}, 'df.grant_usage(text,boolean,boolean)', 'EXECUTE')", False),
     ("has_function_privilege({r}, 'df.revoke_usage(text)', 'EXECUTE')", False),
+    ("has_function_privilege({r}, 'df.metrics()', 'EXECUTE')", False),
+    ("has_function_privilege({r}, 'df.refresh_grants()', 'EXECUTE')", False),
 ]
 
 
@@ -721,3 +723,215 @@ def test_grant_usage_to_public(su: Conn, make_role: RoleFactory) -> None:
         'pg_durable: granted df usage privileges to "public"',
         'pg_durable: revoked df usage privileges granted by "postgres" from "PUBLIC"',
     ]
+
+
+HTTP = "df.http(text,text,text,jsonb,integer)"
+
+
+def test_delegated_admins_cannot_widen_http_access(su: Conn, make_role: RoleFactory) -> None:
+    admin, user = make_role(grant=False), make_role(grant=False)
+    su.execute("SELECT df.grant_usage(%s, with_grant => true)", (admin.name,))
+    refused = Error(
+        f'pg_durable: "{admin.name}" cannot grant HTTP access: it does not hold EXECUTE on'
+        f" {HTTP} WITH GRANT OPTION"
+    )
+    check(admin.conn, [(f"df.grant_usage('{user.name}', include_http => true)", refused)])
+    # Holding df.http without the grant option is not enough either (PostgreSQL would only
+    # warn and grant nothing), and nothing at all was granted by the refused calls.
+    su.execute("SELECT df.grant_usage(%s, include_http => true)", (admin.name,))
+    check(admin.conn, [(f"df.grant_usage('{user.name}', include_http => true)", refused)])
+    assert privileges_of(su, user.name) == [(expr, False) for expr, _ in PRIVILEGES]
+    assert not outcome(su, f"has_function_privilege(%s, '{HTTP}', 'EXECUTE')", [user.name])
+    # An admin made with both may pass HTTP on.
+    su.execute("SELECT df.grant_usage(%s, true, true)", (admin.name,))
+    admin.conn.execute("SELECT df.grant_usage(%s, include_http => true)", (user.name,))
+    assert outcome(su, f"has_function_privilege(%s, '{HTTP}', 'EXECUTE')", [user.name])
+    # A plain user cannot grant at all, and the error says why.
+    other = make_role()
+    check(
+        other.conn,
+        [(f"df.grant_usage('{user.name}')", Error("permission denied for function grant_usage"))],
+    )
+
+
+def test_metrics_only_by_explicit_grant(su: Conn, make_role: RoleFactory) -> None:
+    user, admin = make_role(), make_role(grant=False)
+    su.execute("SELECT df.grant_usage(%s, with_grant => true)", (admin.name,))
+    start(user.conn)
+    done = start(user.conn)
+    set_status(su, done, "completed")
+    start(su)
+    columns = (
+        "total_instances, running_instances, completed_instances, failed_instances,"
+        " total_executions, total_events"
+    )
+    check(
+        user.conn,
+        [
+            (
+                f"(SELECT row({columns}) FROM df.metrics())",
+                Error("permission denied for function metrics"),
+            )
+        ],
+    )
+    # System-wide: the admin counts instances it cannot see.
+    row = admin.conn.execute(f"SELECT {columns} FROM df.metrics()").fetchone()
+    assert row == (3, 2, 1, 0, 3, 0)
+    check(admin.conn, [("(SELECT count(*) FROM df.instances)", 0)])
+    # GRANT EXECUTE is the other explicit way.
+    su.execute(f"GRANT EXECUTE ON FUNCTION df.metrics() TO {quote(user.name)}")
+    assert user.conn.execute("SELECT total_instances FROM df.metrics()").fetchone() == (3,)
+
+
+def grants_on(conn: Conn, table: str, column: str, role: str) -> list[tuple[str, bool]]:
+    """(grantor, grantable) of the column privileges ``role`` holds on ``table.column``."""
+    rows = conn.execute(
+        "SELECT g.rolname, a.is_grantable"
+        "  FROM pg_attribute att, aclexplode(att.attacl) a, pg_roles g"
+        " WHERE att.attrelid = %s::regclass AND att.attname = %s"
+        "   AND a.grantee = %s::regrole AND g.oid = a.grantor ORDER BY 1",
+        (table, column, quote(role)),
+    ).fetchall()
+    return [(str(g), bool(o)) for g, o in rows]
+
+
+def test_refresh_grants_renews_every_grant_from_its_grantor(
+    su: Conn, make_role: RoleFactory
+) -> None:
+    """After an upgrade, roles granted usage earlier get what the new version grants."""
+    admin, user, web = make_role(grant=False), make_role(grant=False), make_role(grant=False)
+    su.execute("SELECT df.grant_usage(%s, include_http => true, with_grant => true)", (admin.name,))
+    su.execute("SELECT df.grant_usage(%s, include_http => true)", (web.name,))
+    admin.conn.execute("SELECT df.grant_usage(%s)", (user.name,))
+    # What an older version did not grant (migrations 7 and 10 added these).
+    su.execute(f"REVOKE EXECUTE ON FUNCTION df.metrics() FROM {quote(admin.name)} CASCADE")
+    su.execute(f"REVOKE INSERT (instance_id) ON df._signals FROM {quote(web.name)}")
+    admin.conn.execute(f"REVOKE INSERT (instance_id) ON df._signals FROM {quote(user.name)}")
+    assert grants_on(su, "df._signals", "instance_id", user.name) == []
+
+    seen = notices_of(su)
+    su.execute("SELECT df.refresh_grants()")
+    assert sorted(seen) == sorted(
+        ("NOTICE", f'pg_durable: granted df usage privileges to "{r.name}"')
+        for r in (admin, web, user)
+    )
+    assert outcome(
+        su, "has_function_privilege(%s, 'df.metrics()', 'EXECUTE WITH GRANT OPTION')", [admin.name]
+    )
+    # Each grant comes back from its own grantor, so that grantor's revoke still removes it.
+    assert grants_on(su, "df._signals", "instance_id", web.name) == [("postgres", False)]
+    assert grants_on(su, "df._signals", "instance_id", user.name) == [(admin.name, False)]
+    assert outcome(su, f"has_function_privilege(%s, '{HTTP}', 'EXECUTE')", [web.name])
+    assert not outcome(su, f"has_function_privilege(%s, '{HTTP}', 'EXECUTE')", [user.name])
+    assert not outcome(su, "has_function_privilege(%s, 'df.metrics()', 'EXECUTE')", [web.name])
+    admin.conn.execute("SELECT df.revoke_usage(%s)", (user.name,))
+    assert privileges_of(su, user.name) == [(expr, False) for expr, _ in PRIVILEGES]
+
+
+def test_refresh_grants_names_the_grantor_it_cannot_act_for(
+    su: Conn, make_role: RoleFactory
+) -> None:
+    admin, user, operator = make_role(grant=False), make_role(grant=False), make_role(grant=False)
+    su.execute("SELECT df.grant_usage(%s, with_grant => true)", (admin.name,))
+    admin.conn.execute("SELECT df.grant_usage(%s)", (user.name,))
+    su.execute(f"GRANT EXECUTE ON FUNCTION df.refresh_grants() TO {quote(operator.name)}")
+    su.execute(f"GRANT USAGE ON SCHEMA df TO {quote(operator.name)}")
+    seen = notices_of(operator.conn)
+    operator.conn.execute("SELECT df.refresh_grants()")
+    assert (
+        "NOTICE",
+        f'pg_durable: "{user.name}" was granted df usage by "{admin.name}", who must run'
+        f" SELECT df.grant_usage('{user.name}', f, f) again to grant what this version adds",
+    ) in seen
+    # It granted nothing in anybody's name.
+    assert grants_on(su, "df._signals", "instance_id", user.name) == [(admin.name, False)]
+
+
+# -- tenancy beyond row-level security ------------------------------------------------------------
+
+
+def test_users_may_only_cancel_their_instances(su: Conn, make_role: RoleFactory) -> None:
+    user = make_role()
+    running, done = start(user.conn), start(user.conn)
+    set_status(su, running, "running")
+    set_status(su, done, "completed")
+
+    def update(instance: str, status: str) -> object:
+        try:
+            user.conn.execute(
+                "UPDATE df.instances SET status = %s WHERE id = %s", (status, instance)
+            )
+        except psycopg.Error as e:
+            return Error(e.diag.message_primary or "")
+        return None
+
+    for status in ("completed", "failed", "pending"):
+        assert update(running, status) == Error(
+            f"permission denied to change the status of instance {running} from running to {status}"
+        )
+    for status in ("running", "cancelled"):
+        assert update(done, status) == Error(
+            f"permission denied to change the status of instance {done} from completed to {status}"
+        )
+    assert update(running, "running") is None
+    check(su, [(f"df.status('{running}')", "running"), (f"df.status('{done}')", "completed")])
+    assert update(running, "cancelled") is None
+    check(su, [(f"df.status('{running}')", "cancelled")])
+
+
+def test_bypassrls_roles_cannot_act_for_others(su: Conn, make_role: RoleFactory) -> None:
+    """BYPASSRLS lets a role read every row; it must not let it write in another's name."""
+    victim, intruder = make_role(), make_role()
+    su.execute(f"ALTER ROLE {quote(intruder.name)} BYPASSRLS")
+    check(victim.conn, [("df.setvar('table', 'accounts')", "OK")])
+    theirs = start(victim.conn)
+    forged = Error(
+        f"permission denied: submitted_by of a row in df.instances must be the current role"
+        f' "{intruder.name}"'
+    )
+
+    def run(sql: str, params: tuple[object, ...] = ()) -> object:
+        try:
+            intruder.conn.execute(sql, params)
+        except psycopg.Error as e:
+            return Error(e.diag.message_primary or "")
+        return None
+
+    for who in (victim.name, "postgres"):
+        assert (
+            run(
+                "INSERT INTO df.instances (id, root_node, submitted_by) VALUES"
+                " ('0000abcd', '0000abce', %s::regrole)",
+                (quote(who),),
+            )
+            == forged
+        )
+    owner_error = Error(
+        f'permission denied: owner of a row in df.vars must be the current role "{intruder.name}"'
+    )
+    assert (
+        run(
+            "INSERT INTO df.vars (name, value, owner) VALUES ('x', 'y', %s::regrole)",
+            (quote(victim.name),),
+        )
+        == owner_error
+    )
+    assert run("UPDATE df.vars SET value = 'accounts; DROP TABLE t'") == owner_error
+    assert run("DELETE FROM df.vars") == owner_error
+    check(
+        intruder.conn,
+        [
+            (
+                f"df.signal('{theirs}', 'go')",
+                Error(f"Instance not found or access denied: {theirs}"),
+            ),
+            (
+                f"df.cancel('{theirs}') LIKE 'Failed to cancel: permission denied to change the"
+                f" status of instance {theirs}%'",
+                True,
+            ),
+            # Reading is what BYPASSRLS is for.
+            (f"df.status('{theirs}')", "pending"),
+        ],
+    )
+    check(victim.conn, [("df.getvar('table')", "accounts"), (f"df.status('{theirs}')", "pending")])

@@ -51,6 +51,9 @@ def install(dsn: str) -> None:
     """Install or upgrade the df schema in an existing database (idempotent)."""
     try:
         with psycopg.connect(dsn, connect_timeout=10) as conn:
+            # An upgrade says in NOTICEs which roles it granted new privileges to, and which
+            # delegated administrators must grant them again.
+            conn.add_notice_handler(lambda d: console.print(f"notice: {d.message_primary}"))
             applied = schema.install(conn)
     except psycopg.Error as exc:
         raise click.ClickException(f"install failed: {exc}") from None
