@@ -247,3 +247,105 @@ def test_role_dropped_mid_run_fails_the_instance(
     ).fetchall()
     assert errors
     assert all("no longer exists" in e[0] or "does not exist" in e[0] for e in errors), errors
+
+
+def test_security_definer_functions_behave_as_postgresql_defines(
+    cluster,
+    dbname: str,
+    app: App,
+    worker: ThreadWorker,
+    conn: psycopg.Connection[tuple[object, ...]],
+) -> None:  # type: ignore[no-untyped-def]
+    """Inside a SECURITY DEFINER function current_user is its owner: a step gets the owner's
+    privileges only within the function, and df.start there submits as the owner."""
+    conn.execute("CREATE ROLE definer_owner LOGIN")
+    try:
+        conn.execute("SELECT df.grant_usage('definer_owner')")
+        conn.execute("CREATE TABLE public.secret (v text)")
+        conn.execute("INSERT INTO public.secret VALUES ('owner only')")
+        conn.execute("GRANT SELECT ON public.secret TO definer_owner")
+        conn.execute(
+            "CREATE FUNCTION public.peek() RETURNS text LANGUAGE sql SECURITY DEFINER"
+            " SET search_path = pg_catalog AS $$ SELECT v FROM public.secret $$"
+        )
+        conn.execute(
+            "CREATE FUNCTION public.launch() RETURNS text LANGUAGE sql SECURITY DEFINER"
+            " SET search_path = pg_catalog"
+            " AS $$ SELECT df.start('SELECT current_user::text AS cu') $$"
+        )
+        conn.execute("ALTER FUNCTION public.peek() OWNER TO definer_owner")
+        conn.execute("ALTER FUNCTION public.launch() OWNER TO definer_owner")
+        conn.execute(f"GRANT EXECUTE ON FUNCTION public.peek(), public.launch() TO {app.role}")
+
+        instance, status = app.run(
+            "'SELECT public.peek() AS v, current_user::text AS cu'"
+            " ~> 'SELECT count(*) FROM public.secret'"
+        )
+        assert status == "failed"
+        assert "permission denied for table secret" in error_of(app, instance)
+        first = next(n for n in app.nodes(instance) if n["status"] == "completed")
+        assert first["result"]["rows"] == [{"v": "owner only", "cu": app.role}]  # type: ignore[index]
+
+        row = app.conn.execute("SELECT public.launch()").fetchone()
+        assert row is not None
+        launched = str(row[0])
+        assert wait_status(conn, launched) == "completed"
+        assert conn.execute(
+            "SELECT i.submitted_by::text, n.result -> 'rows' FROM df.instances i"
+            " JOIN df.nodes n ON n.id = i.root_node AND n.instance_id = i.id WHERE i.id = %s",
+            (launched,),
+        ).fetchone() == ("definer_owner", [{"cu": "definer_owner"}])
+        # The caller cannot see it: it is the owner's instance.
+        assert app.conn.execute("SELECT df.status(%s)", (launched,)).fetchone() == (None,)
+    finally:
+        conn.execute("DROP OWNED BY definer_owner CASCADE")
+        conn.execute("DROP ROLE definer_owner")
+
+
+def test_role_names_that_need_quoting_run_end_to_end(
+    cluster, dbname: str, conn: psycopg.Connection[tuple[object, ...]], worker: ThreadWorker
+) -> None:  # type: ignore[no-untyped-def]
+    name = 'Odd "Name" ünï'
+    quoted = '"Odd ""Name"" ünï"'
+    conn.execute(f"CREATE ROLE {quoted} LOGIN")
+    try:
+        conn.execute("SELECT df.grant_usage(%s)", (name,))
+        with psycopg.connect(cluster.dsn(dbname), user=name, autocommit=True) as c:
+            c.execute("SELECT df.setvar('who', 'me')")
+            row = c.execute(
+                "SELECT df.start('SELECT current_user::text AS cu, ''{who}'' AS v')"
+            ).fetchone()
+            assert row is not None
+            instance = str(row[0])
+            assert wait_status(conn, instance) == "completed", conn.execute(
+                "SELECT output FROM df._runs WHERE instance_id = %s", (instance,)
+            ).fetchone()
+            result = c.execute("SELECT df.result(%s)::jsonb", (instance,)).fetchone()
+        assert result is not None
+        assert result[0]["rows"] == [{"cu": name, "v": "me"}]
+    finally:
+        conn.execute(f"DROP OWNED BY {quoted} CASCADE")
+        conn.execute(f"DROP ROLE {quoted}")
+
+
+def test_group_roles_without_login_cannot_submit(
+    app: App, conn: psycopg.Connection[tuple[object, ...]]
+) -> None:
+    """A role may confer privileges through membership but cannot submit: no worker can log
+    in as it. SET ROLE to it is refused at start with a clear error."""
+    conn.execute("CREATE ROLE app_group NOLOGIN")
+    try:
+        conn.execute("SELECT df.grant_usage('app_group')")
+        conn.execute(f"GRANT app_group TO {app.role}")
+        app.conn.execute("SET ROLE app_group")
+        with pytest.raises(psycopg.Error) as err:
+            app.conn.execute("SELECT df.start('SELECT 1')")
+        assert err.value.diag.message_primary == (
+            'current_user "app_group" does not have LOGIN privilege. The background worker must'
+            " connect as this role to execute SQL. Grant LOGIN to this role or call df.start()"
+            " as a role with LOGIN."
+        )
+        app.conn.execute("RESET ROLE")
+    finally:
+        conn.execute("DROP OWNED BY app_group CASCADE")
+        conn.execute("DROP ROLE app_group")

@@ -75,8 +75,11 @@ WITH picked AS (
     RETURNING t.*
 )
 SELECT c.id, c.token, c.kind, c.activation, c.node_id, c.payload, c.attempts, c.instance_id,
-       i.submitted_by::text AS role, i.database, i.label
+       coalesce(r.rolname, i.submitted_by::text) AS role, i.database, i.label
   FROM claimed c JOIN df.instances i ON i.id = c.instance_id
+  -- The login name, not regrole's text, which quotes names like "Odd Name". A dropped role
+  -- leaves its number, which fails the login as it should.
+  LEFT JOIN pg_roles r ON r.oid = i.submitted_by
 """
 
 
@@ -256,7 +259,7 @@ async def load_graph(conn: AsyncConn, instance_id: str) -> tuple[Graph, dict[str
     cur = conn.cursor(row_factory=dict_row)
     await cur.execute(
         """
-        SELECT i.root_node, i.label, i.submitted_by::text AS role,
+        SELECT i.root_node, i.label, coalesce(r.rolname, i.submitted_by::text) AS role,
                r.oid IS NOT NULL AS role_exists, coalesce(r.rolsuper, false) AS superuser
           FROM df.instances i LEFT JOIN pg_roles r ON r.oid = i.submitted_by
          WHERE i.id = %s
