@@ -675,10 +675,16 @@ def test_node_count_limit_and_speed(su: Conn) -> None:
 
 
 def test_transaction_mode(su: Conn) -> None:
-    not_yet = "df.start(): transaction_mode => 'new' is not supported yet by this pgdurable version"
+    # 'new' (tests/test_new_transaction.py) starts on a loopback session, which does not see
+    # this session's SET pg_durable.enable_superuser_instances: superusers are refused there.
+    new_refused = (
+        "df.start() on new transaction failed: pg_durable: superuser instances are disabled. "
+        'current_user "postgres" is a superuser, but pg_durable.enable_superuser_instances is '
+        "off. Set pg_durable.enable_superuser_instances = on to allow this."
+    )
     cases: list[tuple[str, object]] = [
-        ("df.start('SELECT 1', transaction_mode => 'new')", Error(not_yet)),
-        ("df.start('SELECT 1', transaction_mode => 'NEW')", Error(not_yet)),
+        ("df.start('SELECT 1', transaction_mode => 'new')", Error(new_refused)),
+        ("df.start('SELECT 1', transaction_mode => 'NEW')", Error(new_refused)),
         (
             "df.start('SELECT 1', transaction_mode => 'bogus')",
             Error("invalid transaction_mode \"bogus\" for df.start(): expected 'caller' or 'new'"),

@@ -1,0 +1,465 @@
+-- pgdurable schema, version 11: df.start(..., transaction_mode => 'new') (spec §6.2).
+--
+-- 'new' starts the instance in a transaction of its own, which commits whatever the caller's
+-- transaction does afterwards. PL/pgSQL cannot commit part of its caller's transaction, so the
+-- start runs on a second connection to this database (the "loopback"), opened with the dblink
+-- contrib extension, and that connection runs an ordinary df.start in caller mode and commits.
+--
+-- Security (DESIGN.md principle 3: SQL runs as the role that submitted it, no escalation):
+--
+--   * The loopback logs in as the caller's session_user: the identity the caller logged in
+--     with, which SET ROLE does not change and only a superuser can change. It then does
+--     SET ROLE to the caller's current_user, so `SET ROLE app; SELECT df.start(...)` submits
+--     as app exactly as in caller mode. PostgreSQL checks that SET ROLE against the login
+--     role's memberships, so the loopback can only act as a role the caller's own session
+--     could become: nothing the caller passes in can widen that.
+--   * Only superusers may open dblink connections without a password, so the connection is
+--     opened by dblink_connect_u inside a SECURITY DEFINER function owned by the schema
+--     owner. Its connection string is built from server settings (socket directory, port),
+--     the current database and session_user; the caller chooses none of them.
+--   * The graph, label and database travel to the loopback as quoted literals (format %L),
+--     the role name as a quoted identifier (%I): no text the caller passes is ever parsed
+--     as SQL.
+--
+-- dblink is installed, when it is not there yet and the installer may (a superuser), into a
+-- schema of its own that PUBLIC has no USAGE on: users cannot reach dblink through schema df
+-- or public. An existing dblink is used wherever it is (the schema is looked up at each call,
+-- and called through EXECUTE so that this file does not depend on dblink being installed).
+-- Without dblink, the migration still succeeds and 'new' explains what is missing.
+
+-- ---------------------------------------------------------------------------------------------
+-- dblink, if it can be had.
+-- ---------------------------------------------------------------------------------------------
+DO $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_catalog.pg_extension e WHERE e.extname = 'dblink') THEN
+        RETURN;  -- already installed by an administrator: used where it is
+    END IF;
+    -- dblink is not a trusted extension: only a superuser can create it.
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles r
+                    WHERE r.rolname = current_user AND r.rolsuper)
+       OR NOT EXISTS (SELECT 1 FROM pg_catalog.pg_available_extensions a
+                       WHERE a.name = 'dblink') THEN
+        RAISE NOTICE 'pgdurable: dblink is not installed, so df.start(..., transaction_mode => ''new'') is unavailable until an administrator runs CREATE EXTENSION dblink';
+        RETURN;
+    END IF;
+    -- A broken package (control file without the library) must not fail the whole install.
+    BEGIN
+        CREATE SCHEMA IF NOT EXISTS _pgdurable_dblink;
+        REVOKE ALL ON SCHEMA _pgdurable_dblink FROM PUBLIC;
+        COMMENT ON SCHEMA _pgdurable_dblink IS
+            'dblink for pgdurable''s df.start(..., transaction_mode => ''new''); not for users';
+        CREATE EXTENSION dblink SCHEMA _pgdurable_dblink;
+    EXCEPTION WHEN OTHERS THEN
+        RAISE NOTICE 'pgdurable: could not install dblink (%), so df.start(..., transaction_mode => ''new'') is unavailable', SQLERRM;
+    END;
+END;
+$$;
+
+-- ---------------------------------------------------------------------------------------------
+-- Settings
+-- ---------------------------------------------------------------------------------------------
+
+-- An integer pg_durable.* setting, or its default when unset or outside [lo, hi]. These are
+-- placeholder settings (no extension registers them), hence the lenient parsing, as in
+-- df._list_instances_max_limit.
+CREATE FUNCTION df._int_setting(name text, fallback integer, lo integer, hi integer)
+RETURNS integer
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    s text := btrim(coalesce(current_setting(name, true), ''));
+BEGIN
+    IF s ~ '^[0-9]{1,7}$' AND s::integer BETWEEN lo AND hi THEN
+        RETURN s::integer;
+    END IF;
+    RETURN fallback;
+END;
+$$;
+
+-- ---------------------------------------------------------------------------------------------
+-- The loopback connection
+-- ---------------------------------------------------------------------------------------------
+
+-- A value for a libpq connection string: single-quoted, with \ and ' escaped. E'' strings,
+-- which mean the same whatever the caller's standard_conforming_strings.
+CREATE FUNCTION df._conninfo_value(value text) RETURNS text
+LANGUAGE sql IMMUTABLE STRICT AS $$
+    SELECT E'\'' || replace(replace(value, E'\\', E'\\\\'), E'\'', E'\\\'') || E'\'';
+$$;
+
+-- Close the loopback connection if it is open, cancelling a statement it may still run (the
+-- caller was interrupted while waiting for it). Never fails: it runs on error paths, which
+-- must report the original error.
+CREATE FUNCTION df._close_loopback(dblink_schema text, conn text, cancel boolean)
+RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    open text[];
+BEGIN
+    EXECUTE format('SELECT %I.dblink_get_connections()', dblink_schema) INTO open;
+    IF conn = ANY (coalesce(open, '{}')) THEN
+        IF cancel THEN
+            EXECUTE format('SELECT %I.dblink_cancel_query($1)', dblink_schema) USING conn;
+        END IF;
+        EXECUTE format('SELECT %I.dblink_disconnect($1)', dblink_schema) USING conn;
+    END IF;
+EXCEPTION WHEN OTHERS THEN
+    RAISE WARNING 'pgdurable: could not close the transaction_mode => ''new'' loopback connection: %',
+        SQLERRM;
+END;
+$$;
+
+-- Only df._start_in_new_transaction (running as the schema owner) needs it.
+REVOKE ALL ON FUNCTION df._close_loopback(text, text, boolean) FROM PUBLIC;
+
+-- ---------------------------------------------------------------------------------------------
+-- df._start_in_new_transaction: df.start(fut, label, database) on a loopback connection that
+-- logs in as session_user, does SET ROLE role, and commits on its own (spec §6.2). df.start
+-- calls it with role = its current_user.
+--
+-- Anyone with USAGE on schema df may call it directly, with any role name: the loopback's
+-- SET ROLE then fails unless the caller's login role may become that role, and nothing is
+-- written. SECURITY DEFINER only so that dblink_connect_u (superuser-only: it needs no
+-- password) may be used; nothing in here runs the caller's text.
+-- ---------------------------------------------------------------------------------------------
+CREATE FUNCTION df._start_in_new_transaction(
+    fut text, label text, database text, role text)
+RETURNS text
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    -- Advisory lock class of the launch slots: ASCII "PGDF", as in pg_durable.
+    c_lock_class constant integer := 1346982470;
+    -- dblink connections are per backend; this name is reserved for this function.
+    c_conn       constant text := 'pg_durable:new-transaction';
+    -- Fixed by the spec: the loopback's own limits.
+    c_timeout_ms constant integer := 30000;
+    v_login      text := session_user;
+    v_can_login  boolean;
+    v_max        integer := df._int_setting('pg_durable.max_new_transaction_starts', 2, 1, 1000);
+    v_wait_s     integer := df._int_setting('pg_durable.new_transaction_start_timeout', 5, 1, 3600);
+    v_deadline   timestamptz;
+    v_schema     text;
+    v_sockets    text[];
+    v_host       text;
+    v_conninfo   text;
+    v_slot       integer;
+    v_phase      text := 'slot';  -- slot, connect, role, start: what an error interrupted
+    v_id         text;
+    v_state      text;
+    v_message    text;
+    v_detail     text;
+    v_hint       text;
+    v_context    text;
+    v_remote     boolean;
+    v_busy       integer;
+    v_nap        double precision := 0.0005;  -- seconds, doubling up to 50 ms
+BEGIN
+    -- 1. A workflow step's own df.start already commits with the step; a start that survives
+    --    the step's rollback would be repeated each time the step is retried.
+    IF df._in_workflow() THEN
+        RAISE EXCEPTION 'df.start() with transaction_mode => ''new'' cannot be called inside a workflow - a workflow step''s df.start already commits with the step; use the default transaction_mode'
+            USING ERRCODE = 'feature_not_supported';
+    END IF;
+
+    -- 2. The submitting role must be able to log in (workers log in as it), as in caller mode.
+    SELECT r.rolcanlogin INTO v_can_login FROM pg_catalog.pg_roles r WHERE r.rolname = role;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'role "%" does not exist', role USING ERRCODE = 'undefined_object';
+    END IF;
+    IF NOT v_can_login THEN
+        RAISE EXCEPTION 'current_user "%" does not have LOGIN privilege. The background worker must connect as this role to execute SQL. Grant LOGIN to this role or call df.start() as a role with LOGIN.',
+            role USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    IF fut IS NULL THEN
+        RAISE EXCEPTION 'df.start(): fut cannot be NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+
+    -- dblink, and the right to use its password-less connect as this function's owner.
+    SELECT n.nspname INTO v_schema
+      FROM pg_catalog.pg_extension e JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace
+     WHERE e.extname = 'dblink';
+    IF v_schema IS NULL THEN
+        RAISE EXCEPTION 'df.start(): transaction_mode => ''new'' needs the dblink extension; ask an administrator to run CREATE EXTENSION dblink'
+            USING ERRCODE = 'feature_not_supported',
+                  HINT = 'pgdurable opens a second connection to this database with dblink to '
+                         'commit the start on its own. Install dblink into a schema that '
+                         'PUBLIC has no USAGE on, e.g. CREATE SCHEMA _pgdurable_dblink; '
+                         'CREATE EXTENSION dblink SCHEMA _pgdurable_dblink.';
+    END IF;
+    IF NOT has_schema_privilege(v_schema, 'USAGE')
+       OR NOT has_function_privilege(
+               format('%I.dblink_connect_u(text, text)', v_schema), 'EXECUTE') THEN
+        RAISE EXCEPTION 'df.start(): transaction_mode => ''new'' needs USAGE on schema % and EXECUTE on %.dblink_connect_u(text, text) for the pgdurable schema owner "%"; ask an administrator to grant them',
+            quote_ident(v_schema), quote_ident(v_schema), current_user
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+
+    -- Where the loopback connects: this server's first Unix socket directory (entries may be
+    -- double-quoted), else TCP on localhost; always this port and database.
+    v_sockets := regexp_match(coalesce(current_setting('unix_socket_directories', true), ''),
+                              '^[[:space:]]*(?:"((?:[^"]|"")*)"|([^,]*))');
+    v_host := coalesce(replace(v_sockets[1], '""', '"'), btrim(v_sockets[2]));
+    v_host := coalesce(nullif(v_host, ''), 'localhost');
+    v_conninfo := format(
+        'host=%s port=%s dbname=%s user=%s application_name=%s connect_timeout=10',
+        df._conninfo_value(v_host), df._conninfo_value(current_setting('port')),
+        df._conninfo_value(current_database()), df._conninfo_value(v_login),
+        df._conninfo_value('pg_durable:backend:new-transaction'));
+
+    BEGIN
+        -- 3. Admission control across sessions: a session-level advisory lock per launch slot.
+        --    Session-level so that it is held only while this call runs, not until the
+        --    caller's transaction ends; released below on every path.
+        v_deadline := clock_timestamp() + make_interval(secs => v_wait_s);
+        LOOP
+            FOR s IN 0 .. v_max - 1 LOOP
+                IF pg_try_advisory_lock(c_lock_class, s) THEN
+                    v_slot := s;
+                    EXIT;
+                END IF;
+            END LOOP;
+            EXIT WHEN v_slot IS NOT NULL;
+            IF clock_timestamp() >= v_deadline THEN
+                RAISE EXCEPTION 'pg_durable: transaction_mode => ''new'' launch limit reached (max_new_transaction_starts=%). Timed out after %s waiting for a launch slot before opening the loopback session.',
+                    v_max, v_wait_s USING ERRCODE = 'too_many_connections';
+            END IF;
+            PERFORM pg_sleep(0.1);
+        END LOOP;
+
+        -- 4. The loopback. A connection left over by an interrupted call is closed first.
+        v_phase := 'connect';
+        PERFORM df._close_loopback(v_schema, c_conn, false);
+        EXECUTE format('SELECT %I.dblink_connect_u($1, $2)', v_schema) USING c_conn, v_conninfo;
+
+        v_phase := 'role';
+        IF role IS DISTINCT FROM v_login THEN
+            EXECUTE format('SELECT %I.dblink_exec($1, $2)', v_schema)
+                USING c_conn, format('SET ROLE %I', role);
+        END IF;
+
+        v_phase := 'start';
+        EXECUTE format('SELECT %I.dblink_exec($1, $2)', v_schema)
+            USING c_conn, format('SET df.in_workflow = ''false''; SET lock_timeout = %s; '
+                                 'SET statement_timeout = %s', c_timeout_ms, c_timeout_ms);
+        -- Caller mode on the loopback; it commits when the statement ends (autocommit). Sent
+        -- asynchronously and waited for in pg_sleep, which a cancel or the caller's
+        -- statement_timeout interrupts (a synchronous dblink() call is not interruptible
+        -- before PostgreSQL 17); the loopback's statement is then cancelled below.
+        EXECUTE format('SELECT %I.dblink_send_query($1, $2)', v_schema)
+            USING c_conn, format('SELECT df.start(%L::text, %L::text, %L::text)',
+                                 fut, label, database);
+        LOOP
+            EXECUTE format('SELECT %I.dblink_is_busy($1)', v_schema) INTO v_busy USING c_conn;
+            EXIT WHEN v_busy = 0;
+            PERFORM pg_sleep(v_nap);
+            v_nap := least(v_nap * 2, 0.05);
+        END LOOP;
+        EXECUTE format('SELECT t.id FROM %I.dblink_get_result($1) AS t (id text)', v_schema)
+            INTO v_id USING c_conn;
+
+        PERFORM df._close_loopback(v_schema, c_conn, false);
+        PERFORM pg_advisory_unlock(c_lock_class, v_slot);
+    EXCEPTION WHEN OTHERS OR query_canceled THEN
+        GET STACKED DIAGNOSTICS v_state = RETURNED_SQLSTATE, v_message = MESSAGE_TEXT,
+                                v_detail = PG_EXCEPTION_DETAIL, v_hint = PG_EXCEPTION_HINT,
+                                v_context = PG_EXCEPTION_CONTEXT;
+        -- An error the loopback reported: dblink re-raises it here with the remote SQLSTATE
+        -- and this context. Anything else (say, a cancel of the caller's own statement) was
+        -- raised here and goes on unchanged.
+        v_remote := coalesce(
+            v_context LIKE '%on dblink connection named "' || c_conn || '"%', false);
+        IF v_phase <> 'slot' THEN
+            -- A statement the caller stopped waiting for is cancelled on the loopback too.
+            PERFORM df._close_loopback(v_schema, c_conn, v_phase = 'start' AND NOT v_remote);
+        END IF;
+        IF v_slot IS NOT NULL THEN
+            PERFORM pg_advisory_unlock(c_lock_class, v_slot);
+        END IF;
+
+        IF v_phase = 'connect' AND v_state LIKE '08%' THEN
+            -- libpq's reason is in the detail ("connection to server ... failed: FATAL: ...").
+            v_message := format(
+                'df.start(): transaction_mode => ''new'' could not open its loopback connection '
+                'as role "%s": %s',
+                v_login, coalesce(nullif(btrim(v_detail, E' \n'), ''), v_message));
+            v_detail := '';
+            v_hint := format(
+                'The loopback logs in to this server (host %s, port %s) as your session user, '
+                'without a password. Allow that login in pg_hba.conf (trust, or peer with a '
+                'user map, on the local socket), or give the server''s operating-system user '
+                'a password file (~/.pgpass or PGPASSFILE) with this role''s password.',
+                v_host, current_setting('port'));
+        ELSIF v_phase = 'role' AND v_remote THEN
+            v_message := format(
+                'df.start(): transaction_mode => ''new'' cannot submit as role "%s": the '
+                'loopback logs in as your session user "%s", which may not SET ROLE to it (%s)',
+                role, v_login, v_message);
+            v_hint := 'Inside a SECURITY DEFINER function df.start() submits as the '
+                      'function''s owner; with transaction_mode => ''new'' the role you '
+                      'logged in as must be allowed to SET ROLE to that owner. Use the default '
+                      'transaction_mode there.';
+        ELSIF v_phase = 'start' AND v_remote AND v_state IN ('55P03', '57014') THEN
+            v_message := format(
+                'pg_durable: transaction_mode => ''new'' launch hit %s after %sms in the '
+                'loopback session: %s',
+                CASE v_state WHEN '55P03' THEN 'lock_timeout' ELSE 'statement_timeout' END,
+                c_timeout_ms, v_message);
+            -- Both limits are 30 s, and the statement's starts first: a lock wait usually
+            -- ends as a statement_timeout.
+            v_hint := 'The loopback is a session of its own: if the calling transaction holds '
+                      'a lock the start needs (e.g. on a df table), the loopback waits for it '
+                      'while the calling transaction waits for the loopback.';
+        ELSIF v_phase = 'start' AND v_remote THEN
+            -- Validation errors and the like, readable as they came.
+            v_message := 'df.start() on new transaction failed: ' || v_message;
+        ELSE
+            RAISE;
+        END IF;
+        -- RAISE prints DETAIL and HINT lines even when they are empty.
+        IF v_detail <> '' AND v_hint <> '' THEN
+            RAISE EXCEPTION USING ERRCODE = v_state, MESSAGE = v_message, DETAIL = v_detail,
+                                  HINT = v_hint;
+        ELSIF v_detail <> '' THEN
+            RAISE EXCEPTION USING ERRCODE = v_state, MESSAGE = v_message, DETAIL = v_detail;
+        ELSIF v_hint <> '' THEN
+            RAISE EXCEPTION USING ERRCODE = v_state, MESSAGE = v_message, HINT = v_hint;
+        END IF;
+        RAISE EXCEPTION USING ERRCODE = v_state, MESSAGE = v_message;
+    END;
+    RETURN v_id;
+END;
+$$;
+
+-- ---------------------------------------------------------------------------------------------
+-- df.start: 0003's body, with transaction_mode => 'new' handed to the function above.
+-- ---------------------------------------------------------------------------------------------
+CREATE OR REPLACE FUNCTION df.start(
+    fut text, label text DEFAULT NULL, database text DEFAULT NULL,
+    transaction_mode text DEFAULT 'caller')
+RETURNS text
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER AS $$
+DECLARE
+    -- Parameters copied so that statements below never confuse them with column names.
+    v_label    text := label;
+    v_database text := database;
+    v_mode     text := lower(coalesce(transaction_mode, 'caller'));
+    v_parsed   json;
+    v_root     jsonb;
+    v_type     text;
+    v_err      text;
+    v_helper   text;
+    v_role     regrole;
+    v_login    boolean;
+    v_super    boolean;
+    v_check    record;
+    v_root_id  text := df._random_node_id();
+    v_id       text;
+    v_got      text;
+BEGIN
+    IF v_mode = 'new' THEN
+        -- current_user, not session_user: the effective role submits, as in caller mode.
+        RETURN df._start_in_new_transaction(fut, v_label, v_database, current_user::text);
+    ELSIF v_mode <> 'caller' THEN
+        RAISE EXCEPTION 'invalid transaction_mode "%" for df.start(): expected ''caller'' or ''new''',
+            transaction_mode USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF fut IS NULL THEN
+        RAISE EXCEPTION 'df.start(): fut cannot be NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+
+    -- 1. Strict parse: plain text, or JSON without a string node_type, is one SQL step; an
+    --    envelope must have a known type and a readable top level.
+    IF ltrim(fut, E' \t\n\r') LIKE '{%' THEN
+        BEGIN
+            v_parsed := fut::json;
+        EXCEPTION WHEN data_exception THEN
+            v_parsed := NULL;
+        END;
+    END IF;
+    IF json_typeof(v_parsed -> 'node_type') = 'string' THEN
+        v_type := v_parsed ->> 'node_type';
+        IF NOT v_type = ANY (df._node_types()) THEN
+            RAISE EXCEPTION 'Invalid durable function: Unknown node_type ''%''. Valid types: %',
+                v_type, array_to_string(df._node_types(), ', ')
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        v_err := df._shape_error(v_parsed -> 'left_node', v_parsed -> 'right_node',
+                                 v_parsed -> 'condition_node', v_parsed -> 'extra_nodes',
+                                 v_parsed -> 'query', v_parsed -> 'result_name');
+        IF v_err IS NOT NULL THEN
+            RAISE EXCEPTION 'Invalid durable function: Malformed Durofut JSON with node_type ''%'': %',
+                v_type, v_err USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        v_root := fut::jsonb;
+    ELSE
+        IF v_parsed IS NULL THEN
+            v_helper := df._non_future_helper(fut);
+            IF v_helper IS NOT NULL THEN
+                RAISE EXCEPTION 'Invalid durable function: % cannot be used as a workflow step. Call % before df.start().',
+                    v_helper, v_helper USING ERRCODE = 'invalid_parameter_value';
+            END IF;
+        END IF;
+        v_root := jsonb_build_object('node_type', 'SQL', 'query', fut);
+    END IF;
+
+    -- 2. The target database.
+    IF v_database IS NOT NULL
+       AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_database d WHERE d.datname = v_database) THEN
+        RAISE EXCEPTION 'database "%" does not exist', v_database
+            USING ERRCODE = 'invalid_catalog_name';
+    END IF;
+
+    -- 3. Identity: workers log in as this role to run the instance's SQL.
+    v_role := quote_ident(current_user)::regrole;
+    SELECT r.rolcanlogin, r.rolsuper INTO v_login, v_super
+      FROM pg_catalog.pg_roles r WHERE r.oid = v_role;
+    IF NOT v_login THEN
+        RAISE EXCEPTION 'current_user "%" does not have LOGIN privilege. The background worker must connect as this role to execute SQL. Grant LOGIN to this role or call df.start() as a role with LOGIN.',
+            current_user USING ERRCODE = 'insufficient_privilege';
+    END IF;
+
+    -- 4. Superuser guard (spec §10.4); workers check again when they load the instance.
+    IF v_super AND lower(coalesce(
+            current_setting('pg_durable.enable_superuser_instances', true), 'off'))
+            NOT IN ('on', 'true', '1', 'yes') THEN
+        RAISE EXCEPTION 'pg_durable: superuser instances are disabled. current_user "%" is a superuser, but pg_durable.enable_superuser_instances is off. Set pg_durable.enable_superuser_instances = on to allow this.',
+            current_user USING ERRCODE = 'insufficient_privilege';
+    END IF;
+
+    -- 5. Validate the whole graph before writing anything.
+    v_check := df._graph_error(v_root);
+    IF v_check.node_count > 10000 THEN
+        RAISE EXCEPTION 'Invalid durable function graph: root: Workflow exceeds maximum node count of 10000. Simplify the workflow or break it into multiple instances.'
+            USING ERRCODE = 'program_limit_exceeded';
+    END IF;
+    IF v_check.err IS NOT NULL THEN
+        RAISE EXCEPTION 'Invalid durable function graph: %: %', v_check.path, v_check.err
+            USING ERRCODE = CASE WHEN v_check.err LIKE 'Graph exceeds%'
+                                 THEN 'program_limit_exceeded' ELSE 'invalid_parameter_value' END;
+    END IF;
+
+    -- 6. The instance row, under a fresh id. ON CONFLICT sees every row, also those RLS hides.
+    FOR attempt IN 1..10 LOOP
+        v_id := df._random_id();
+        INSERT INTO df.instances AS i (id, label, root_node, submitted_by, database)
+        VALUES (v_id, v_label, v_root_id, v_role, v_database)
+        ON CONFLICT (id) DO NOTHING
+        RETURNING i.id INTO v_got;
+        EXIT WHEN v_got IS NOT NULL;
+    END LOOP;
+    IF v_got IS NULL THEN
+        RAISE EXCEPTION 'Failed to create instance: exhausted 10 attempts to generate a collision-free ID';
+    END IF;
+
+    -- 7. The nodes. Node ids are drawn per node; in the rare case two collide (about 1 in 90
+    --    for a 10,000-node graph) nothing was written and the ids are drawn again.
+    FOR attempt IN 1..10 LOOP
+        EXIT WHEN df._insert_nodes(v_root, v_id, v_root_id, v_role, v_database);
+        IF attempt = 10 THEN
+            RAISE EXCEPTION 'Failed to create instance: exhausted 10 attempts to generate collision-free node IDs';
+        END IF;
+    END LOOP;
+
+    RETURN v_id;
+END;
+$$;
