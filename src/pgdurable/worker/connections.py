@@ -6,6 +6,10 @@ worker proves it is that role is libpq's business: trust or peer on a local sock
 embedded server), or a password from a passfile (PGPASSFILE / ~/.pgpass) on managed
 PostgreSQL. In single-role mode every step uses the worker's own credentials, and only
 instances submitted by that role are run.
+
+Idle step connections to the worker's own database are kept for a while (a step costs no
+login); those to any other database are closed after about a second, because an idle
+session in a database makes a plain DROP DATABASE of it fail.
 """
 
 from __future__ import annotations
@@ -70,57 +74,86 @@ class StepPool:
     database), so step connections are opened in the caller and only idle ones are kept.
     """
 
-    def __init__(self, conninfo: str, max_idle: int):
+    def __init__(self, conninfo: str, max_idle: int, idle_seconds: float):
         self.conninfo = conninfo
         self.max_idle = max_idle
+        self.idle_seconds = idle_seconds  # how long an idle connection is kept
+        self.in_use = 0  # connections handed out (or being opened) and not released yet
         self._idle: list[tuple[AsyncConnection[Any], float]] = []
+
+    @property
+    def unused(self) -> bool:
+        """True when the pool holds no connection and has none handed out."""
+        return not self._idle and not self.in_use
 
     async def acquire(self) -> AsyncConnection[Any]:
         """An idle connection, or a new one (raises the server's error if login fails)."""
         while self._idle:
             conn, _ = self._idle.pop()
             if not conn.closed:
+                self.in_use += 1
                 return conn
-        conn = await AsyncConnection.connect(
-            self.conninfo, autocommit=True, prepare_threshold=None, connect_timeout=30
-        )
-        configure_connection(conn)
+        # Counted before the login is awaited, so that the pool is not forgotten meanwhile:
+        # a connection released into a forgotten pool would never be closed.
+        self.in_use += 1
+        try:
+            conn = await AsyncConnection.connect(
+                self.conninfo, autocommit=True, prepare_threshold=None, connect_timeout=30
+            )
+            configure_connection(conn)
+        except BaseException:
+            self.in_use -= 1
+            raise
         return conn
 
     async def release(self, conn: AsyncConnection[Any], reusable: bool, clean: bool) -> None:
         """Return a connection after a step: kept if ``reusable``, reset unless ``clean``
         (the step already ran RESET_SESSION in its transaction), closed otherwise."""
-        if reusable and not conn.closed and len(self._idle) < self.max_idle:
-            try:
-                if not clean:
-                    await conn.execute("DISCARD ALL")
-            except psycopg.Error:
-                pass
-            else:
-                self._idle.append((conn, time.monotonic()))
-                return
-        await conn.close()
+        try:
+            if reusable and not conn.closed and len(self._idle) < self.max_idle:
+                try:
+                    if not clean:
+                        await conn.execute("DISCARD ALL")
+                except psycopg.Error:
+                    pass
+                else:
+                    self._idle.append((conn, time.monotonic()))
+                    return
+            await conn.close()
+        finally:
+            self.in_use -= 1
 
-    async def prune(self, idle_seconds: float) -> None:
-        """Close connections idle for longer than ``idle_seconds``."""
-        cutoff = time.monotonic() - idle_seconds
-        keep = []
-        for conn, since in self._idle:
-            if since < cutoff:
-                await conn.close()
-            else:
-                keep.append((conn, since))
-        self._idle = keep
+    def take_expired(self, now: float) -> list[AsyncConnection[Any]]:
+        """Remove and return the connections idle for longer than ``idle_seconds``.
+
+        Synchronous, so a connection released while the expired ones are being closed is
+        neither lost nor closed by mistake.
+        """
+        cutoff = now - self.idle_seconds
+        expired = [conn for conn, since in self._idle if since < cutoff]
+        if expired:
+            self._idle = [(conn, since) for conn, since in self._idle if since >= cutoff]
+        return expired
 
     async def close(self) -> None:
         """Close every idle connection."""
-        await self.prune(-1)
+        idle, self._idle = self._idle, []
+        for conn, _ in idle:
+            await conn.close()
 
 
 class Connections:
     """The worker's pool for its own queries and the step pools, closed together."""
 
-    def __init__(self, dsn: str, concurrency: int, lease_seconds: float, single_role: bool = False):
+    def __init__(
+        self,
+        dsn: str,
+        concurrency: int,
+        lease_seconds: float,
+        single_role: bool = False,
+        idle_seconds: float = 60.0,
+        other_idle_seconds: float = 1.0,
+    ):
         self.dsn = dsn
         self.concurrency = concurrency
         self.single_role = single_role
@@ -141,6 +174,9 @@ class Connections:
             name="pgdurable-worker",
         )
         self._steps: dict[tuple[str, str | None], StepPool] = {}
+        # How long idle step connections are kept: to the worker's database, and to others.
+        self.idle_seconds = idle_seconds
+        self.other_idle_seconds = other_idle_seconds
 
     def _options(self, extra: str = "") -> str:
         """libpq ``options`` for our connections: the DSN's own, then ours."""
@@ -155,15 +191,31 @@ class Connections:
     async def open(self) -> None:
         """Open the worker pool (waits until the first connection succeeds)."""
         await self.worker.open(wait=True, timeout=30)
+        # The DSN may name no database (libpq then picks PGDATABASE or the user's name): ask,
+        # so that steps of instances without a database log in to this one, not to a
+        # database named after their role.
+        async with self.worker.connection() as conn:
+            cur = await conn.execute("SELECT current_database()")
+            row = await cur.fetchone()
+        if row is not None:
+            self.worker_database = str(row[0])
 
     async def close(self) -> None:
         """Close every pool."""
-        for pool in self._steps.values():
+        pools, self._steps = list(self._steps.values()), {}
+        for pool in pools:
             await pool.close()
         await self.worker.close()
 
+    def is_own_database(self, database: str | None) -> bool:
+        """True when steps of an instance with this ``database`` run in the worker's database,
+        the one where the df schema (and so the checkpoint) is."""
+        return database is None or database == self.worker_database
+
     def step_pool(self, role: str, database: str | None) -> StepPool:
         """Connections logged in as ``role`` to ``database`` (None: the worker's database)."""
+        if self.is_own_database(database):
+            database = None  # one pool, whether the instance names this database or not
         key = (role, database)
         pool = self._steps.get(key)
         if pool is None:
@@ -176,11 +228,24 @@ class Connections:
                 # Part of the session defaults, so DISCARD ALL between steps keeps it.
                 options=self._options("-c df.in_workflow=true"),
             )
-            pool = StepPool(conninfo, max_idle=self.concurrency)
+            idle = self.idle_seconds if database is None else self.other_idle_seconds
+            pool = StepPool(conninfo, max_idle=self.concurrency, idle_seconds=idle)
             self._steps[key] = pool
         return pool
 
-    async def prune(self, idle_seconds: float) -> None:
-        """Close step connections idle for longer than ``idle_seconds``."""
-        for pool in self._steps.values():
-            await pool.prune(idle_seconds)
+    async def prune(self) -> None:
+        """Close step connections idle for longer than their pool's ``idle_seconds``, and
+        forget pools left with nothing: a pool per (role, database) ever seen would otherwise
+        pile up, e.g. for databases that were dropped."""
+        now = time.monotonic()
+        expired: list[AsyncConnection[Any]] = []
+        # Collected without awaiting, so steps may take and return connections meanwhile.
+        for key, pool in list(self._steps.items()):
+            expired += pool.take_expired(now)
+            if pool.unused:
+                del self._steps[key]
+        for conn in expired:
+            try:
+                await conn.close()
+            except Exception as exc:  # the others must still be closed
+                log.warning("could not close an idle step connection: %s", exc)

@@ -33,7 +33,12 @@ log = logging.getLogger("pgdurable.worker")
 # An internal error (a bug, a poisoned row) on the same task this often fails its instance
 # rather than retrying forever.
 MAX_TASK_ATTEMPTS = 5
+# Idle step connections to the worker's own database are kept this long; to any other
+# database only briefly, since an idle session there makes a plain DROP DATABASE fail (it
+# waits 5 s for other sessions to leave). Pruned every PRUNE_INTERVAL.
 STEP_IDLE_SECONDS = 60.0
+OTHER_DATABASE_IDLE_SECONDS = 1.0
+PRUNE_INTERVAL = 0.25
 POOL_TIMEOUT = 5.0
 # A step that loses its connection this often while the server is up fails.
 MAX_HEALTHY_RETRIES = 3
@@ -79,7 +84,12 @@ class Worker:
         self.config = config
         self.id = uuid.uuid4()
         self.conns = Connections(
-            config.dsn, config.concurrency, config.lease_seconds, config.single_role
+            config.dsn,
+            config.concurrency,
+            config.lease_seconds,
+            config.single_role,
+            idle_seconds=STEP_IDLE_SECONDS,
+            other_idle_seconds=OTHER_DATABASE_IDLE_SECONDS,
         )
         self.poll_interval = config.poll_interval or 0.1
         self._runner: StepRunner | None = None
@@ -101,6 +111,7 @@ class Worker:
         helpers = [
             asyncio.create_task(self._listen(), name="pgdurable-listen"),
             asyncio.create_task(self._heartbeat(), name="pgdurable-heartbeat"),
+            asyncio.create_task(self._prune(), name="pgdurable-prune"),
         ]
         try:
             await self._claim_loop()
@@ -355,7 +366,7 @@ class Worker:
         self._runner.cancel(instance, int(activation) if activation.isdigit() else None)
 
     async def _heartbeat(self) -> None:
-        """Extend leases of in-flight tasks; close step connections nobody used lately."""
+        """Extend leases of in-flight tasks."""
         interval = self.config.lease_seconds / 3
         while True:
             await asyncio.sleep(interval)
@@ -364,9 +375,17 @@ class Worker:
                     await store.heartbeat(
                         conn, self.id, list(self._inflight), self.config.lease_seconds
                     )
-                await self.conns.prune(STEP_IDLE_SECONDS)
             except Exception as exc:
                 log.warning("heartbeat failed: %s", _first_line(exc))
+
+    async def _prune(self) -> None:
+        """Close step connections nobody used lately (no I/O but closing them)."""
+        while True:
+            await asyncio.sleep(PRUNE_INTERVAL)
+            try:
+                await self.conns.prune()
+            except Exception as exc:  # keep pruning: a leftover session blocks DROP DATABASE
+                log.warning("closing idle step connections failed: %s", _first_line(exc))
 
     async def _drain(self) -> None:
         """Let in-flight tasks finish within the grace period, then release what is left."""
