@@ -310,6 +310,24 @@ def test_statement_in_flight_delays_the_drop_until_it_ends(
     assert rows(app, instance) == [{"slept": "done"}]
 
 
+def test_cancel_interrupts_and_rolls_back_a_statement_there(
+    app: App, worker: ThreadWorker, other: Other, conn: Conn
+) -> None:
+    instance = start_in(
+        app,
+        other.name,
+        "'WITH i AS (INSERT INTO public.items VALUES (9) RETURNING id)"
+        " SELECT pg_sleep(60)::text AS s FROM i'",
+    )
+    wait_until(lambda: "active" in {state for _, state in sessions(conn, other.name)})
+    app.conn.execute("SELECT df.cancel(%s)", (instance,))
+    wait_until(lambda: "active" not in {state for _, state in sessions(conn, other.name)}, 5)
+    assert app.wait(instance) == "cancelled"
+    with other.connect() as c:
+        assert c.execute("SELECT count(*) FROM public.items").fetchone() == (0,)
+    drop_database(conn, other.name)  # its connection is gone soon after
+
+
 # -- a database dropped while an instance runs ---------------------------------------------------
 
 
