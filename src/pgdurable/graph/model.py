@@ -34,6 +34,11 @@ NODE_TYPES = (
     "TIMEOUT",
 )
 # Node types whose query is a JSON config object.
+MAX_NODES = 10_000
+"""The most nodes a graph may have (df.start's limit)."""
+MAX_DEPTH = 256
+"""The deepest a node may sit below the root (df.start's limit)."""
+
 CONFIG_TYPES = frozenset(
     {
         "IF",
@@ -135,20 +140,32 @@ def graph_from_rows(
 
 
 def _check(graph: Graph) -> None:
+    # Rows written by hand skip df.start's checks, so its limits are applied again here: the
+    # interpreter recurses along the tree and must never meet a deeper one.
     if graph.root not in graph.nodes:
         raise GraphError(f"root node {graph.root} not found")
+    if len(graph.nodes) > MAX_NODES:
+        raise GraphError(
+            f"Workflow exceeds maximum node count of {MAX_NODES}. Simplify the workflow or"
+            " break it into multiple instances."
+        )
     seen: set[str] = set()
-    stack = [graph.root]
+    stack = [(graph.root, 0)]
     while stack:
-        node_id = stack.pop()
+        node_id, depth = stack.pop()
         if node_id in seen:
             raise GraphError(f"node {node_id} is reachable twice (graphs must be trees)")
+        if depth > MAX_DEPTH:
+            raise GraphError(
+                f"Graph exceeds maximum nesting depth of {MAX_DEPTH}. Simplify the workflow or"
+                " break it into multiple instances."
+            )
         seen.add(node_id)
         node = graph.nodes.get(node_id)
         if node is None:
             raise GraphError(f"node {node_id} not found")
         _check_node(node)
-        stack.extend(node.children)
+        stack.extend((child, depth + 1) for child in node.children)
 
 
 def _check_node(node: Node) -> None:

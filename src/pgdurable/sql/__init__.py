@@ -8,6 +8,7 @@ order, each in its own transaction, under an advisory lock so two installers nev
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -50,6 +51,28 @@ def installed_version(conn: psycopg.Connection[Any]) -> int | None:
     return int(row[0]) if row and row[0] is not None else None
 
 
+def _lock_installs(conn: psycopg.Connection[Any], timeout: float = 60) -> None:
+    """Take the install lock, or say who holds it. Any role can take an advisory lock, so a
+    session that never lets go must not make an install hang forever."""
+    deadline = time.monotonic() + timeout
+    while True:
+        row = conn.execute("SELECT pg_try_advisory_lock(%s)", (_INSTALL_LOCK,)).fetchone()
+        if row and row[0]:
+            return
+        if time.monotonic() >= deadline:
+            holders = conn.execute(
+                "SELECT string_agg(l.pid::text, ', ') FROM pg_locks l, pg_database d"
+                " WHERE l.locktype = 'advisory' AND l.classid = 0 AND l.objid = %s"
+                "   AND l.objsubid = 1 AND l.database = d.oid AND d.datname = current_database()",
+                (_INSTALL_LOCK,),
+            ).fetchone()
+            raise psycopg.OperationalError(
+                f"another session holds pgdurable's install lock (advisory lock {_INSTALL_LOCK},"
+                f" backend pid {holders[0] if holders else '?'}); gave up after {timeout:g} s"
+            )
+        time.sleep(0.2)
+
+
 def install(conn: psycopg.Connection[Any]) -> list[str]:
     """Apply every missing migration; returns the names applied (empty if up to date).
 
@@ -59,7 +82,7 @@ def install(conn: psycopg.Connection[Any]) -> list[str]:
     if not conn.autocommit:
         conn.commit()
         conn.autocommit = True
-    conn.execute("SELECT pg_advisory_lock(%s)", (_INSTALL_LOCK,))
+    _lock_installs(conn)
     try:
         current = installed_version(conn) or 0
         for migration in migrations():
