@@ -1111,3 +1111,90 @@ def test_a_hand_built_http_node_is_refused_at_run_time(
             f"Blocked: role '{attacker.name}' does not have EXECUTE privilege on df."
         )
         assert server.hits("/exfiltrate") == []
+
+
+# -- holes closed after the first review -------------------------------------------------------
+
+
+def test_notify_on_the_cancel_channel_cannot_kill_another_roles_step(
+    conn: Conn, tenants: TenantFactory, worker: ThreadWorker
+) -> None:
+    victim = tenants()
+    stranger = tenants(grant=False)  # not even a pgdurable user: CONNECT is enough
+    instance = victim.start("%s", ("SELECT pg_sleep(1.5) AS slept",))
+    wait_running_statement(conn, victim.name, "pg_sleep(1.5)")
+    stranger.conn.execute("SELECT pg_notify('pgdurable_cancel', %s)", (instance,))
+    assert wait_terminal(conn, instance) == "completed", output_of(conn, instance)
+
+
+def test_named_results_stay_literals_when_backslashes_escape(
+    conn: Conn, tenants: TenantFactory, worker: ThreadWorker
+) -> None:
+    victim, attacker = tenants(), tenants()
+    # A legacy application's setting, for the role (or ALTER DATABASE ... SET).
+    conn.execute(f"ALTER ROLE {victim.name} SET standard_conforming_strings = off")
+    conn.execute("CREATE TABLE public.inbox (v text)")
+    conn.execute(f"GRANT INSERT ON public.inbox TO {attacker.name}")
+    conn.execute(f"GRANT SELECT ON public.inbox TO {victim.name}")
+    payload = "\\' , current_user AS injected --"
+    attacker.conn.execute("INSERT INTO public.inbox VALUES (%s)", (payload,))
+    instance = run(
+        conn, victim, "%s |=> 'r' ~> %s", ("SELECT v FROM public.inbox", "SELECT $r AS v")
+    )
+    assert status_of(conn, instance) == "completed", output_of(conn, instance)
+    assert rows_of(conn, instance) == [{"v": payload}]
+
+
+def test_a_hand_made_graph_deeper_than_df_start_allows_fails_cleanly(
+    conn: Conn, tenants: TenantFactory, dsn: str, request: pytest.FixtureRequest
+) -> None:
+    attacker = tenants()
+    w = ThreadWorker(dsn, concurrency=2, lease_seconds=2)
+    request.addfinalizer(w.stop)
+    depth = 3000  # df.start refuses more than 256 levels
+    thens = [node_id() for _ in range(depth)]
+    rights = [node_id() for _ in range(depth)]
+    bottom = node_id()
+    nodes: list[tuple[str, str, str | None, str | None, str | None]] = [
+        (thens[i], "THEN", None, thens[i + 1] if i + 1 < depth else bottom, rights[i])
+        for i in range(depth)
+    ]
+    nodes += [(r, "SQL", "SELECT 1", None, None) for r in rights]
+    nodes.append((bottom, "SQL", SQL_LEAF, None, None))
+    instance = forge_graph(attacker, nodes)
+    assert wait_terminal(conn, instance, timeout=5) == "failed"
+    assert "depth" in output_of(conn, instance)
+
+
+def test_a_renamed_role_does_not_lend_its_pooled_connections_to_a_new_role_of_that_name(
+    cluster: EmbeddedPostgres, dbname: str, conn: Conn, worker: ThreadWorker
+) -> None:
+    name, old = f"t_{uuid.uuid4().hex[:10]}", f"t_{uuid.uuid4().hex[:10]}"
+    conn.execute(f"CREATE ROLE {name} LOGIN")
+    conn.execute("SELECT df.grant_usage(%s)", (name,))
+    conn.execute("CREATE TABLE public.payroll (salary int)")
+    conn.execute(f"GRANT SELECT ON public.payroll TO {name}")
+    try:
+        with psycopg.connect(cluster.dsn(dbname, user=name), autocommit=True) as c:
+            first = Tenant(name, c)
+            warm = run(conn, first, "'SELECT 1'")  # leaves a pooled connection as the role
+            assert status_of(conn, warm) == "completed"
+        # An administrator renames the role and gives the name to somebody new.
+        conn.execute(f"ALTER ROLE {name} RENAME TO {old}")
+        conn.execute(f"CREATE ROLE {name} LOGIN")
+        conn.execute("SELECT df.grant_usage(%s)", (name,))
+        with psycopg.connect(cluster.dsn(dbname, user=name), autocommit=True) as c:
+            newcomer = Tenant(name, c)
+            instance = run(
+                conn,
+                newcomer,
+                "%s",
+                ("SELECT session_user::text AS su, (SELECT count(*) FROM public.payroll) AS n",),
+            )
+        # The step must run as the new role (no access to payroll), not as the renamed one.
+        assert status_of(conn, instance) == "failed", output_of(conn, instance)
+        assert "permission denied for table payroll" in output_of(conn, instance)
+    finally:
+        for role in (name, old):
+            conn.execute(f"DROP OWNED BY {role}")
+            conn.execute(f"DROP ROLE {role}")

@@ -113,7 +113,7 @@ def pooled_databases(worker: ThreadWorker) -> set[str | None]:
     """The databases the worker keeps step pools for (read on the worker's own loop)."""
 
     async def keys() -> set[str | None]:
-        return {database for _, database in worker.worker.conns._steps}
+        return {key[-1] for key in worker.worker.conns._steps}
 
     return asyncio.run_coroutine_threadsafe(keys(), worker.loop).result(timeout=5)
 
@@ -122,18 +122,9 @@ def connect_error(database: str, role: str, detail: str) -> str:
     return f"Failed to connect to database '{database}' as '{role}'. Error: {detail}"
 
 
-# A step in another database cannot write its checkpoint on its own connection (the df
-# schema is not there): worker/steps.py must write it on the worker's connection. Until it
-# does, every such step fails with 'schema "df" does not exist'.
-needs_checkpoint_elsewhere = pytest.mark.xfail(
-    strict=True, reason="steps.py still checkpoints on the step's connection"
-)
-
-
 # -- steps run in the other database -------------------------------------------------------------
 
 
-@needs_checkpoint_elsewhere
 def test_steps_run_in_the_other_database(
     app: App, worker: ThreadWorker, other: Other, conn: Conn
 ) -> None:
@@ -188,7 +179,6 @@ def test_naming_the_worker_database_is_the_same_as_none(
     assert pooled_databases(worker) == {None}
 
 
-@needs_checkpoint_elsewhere
 def test_failures_in_the_other_database(app: App, worker: ThreadWorker, other: Other) -> None:
     instance, status = run_in(app, other.name, "'SELECT * FROM no_such_table'")
     assert status == "failed"
@@ -212,7 +202,6 @@ def test_failures_in_the_other_database(app: App, worker: ThreadWorker, other: O
         assert c.execute("SELECT count(*) FROM public.once").fetchone() == (1,)
 
 
-@needs_checkpoint_elsewhere
 def test_statement_outside_a_transaction_in_the_other_database(
     app: App, worker: ThreadWorker, other: Other
 ) -> None:
@@ -240,7 +229,6 @@ def test_unknown_database_is_rejected_at_start(app: App, worker: ThreadWorker) -
     assert app.conn.execute("SELECT count(*) FROM df.instances").fetchone() == (0,)
 
 
-@needs_checkpoint_elsewhere
 def test_database_names_that_need_quoting(
     app: App, worker: ThreadWorker, conn: Conn, cluster: EmbeddedPostgres, dbname: str
 ) -> None:
@@ -260,7 +248,6 @@ def test_database_names_that_need_quoting(
 # -- connections to the other database -----------------------------------------------------------
 
 
-@needs_checkpoint_elsewhere
 def test_plain_drop_database_succeeds_right_after_an_instance(
     app: App, worker: ThreadWorker, other: Other, conn: Conn
 ) -> None:
@@ -280,7 +267,6 @@ def test_plain_drop_database_succeeds_right_after_an_instance(
     wait_until(lambda: other.name not in pooled_databases(worker))
 
 
-@needs_checkpoint_elsewhere
 def test_own_database_connections_stay_pooled(
     app: App, worker: ThreadWorker, other: Other, conn: Conn, dbname: str
 ) -> None:
@@ -298,7 +284,6 @@ def test_own_database_connections_stay_pooled(
     assert rows(app, again)[0]["pid"] == own_pid
 
 
-@needs_checkpoint_elsewhere
 def test_statement_in_flight_delays_the_drop_until_it_ends(
     app: App, worker: ThreadWorker, other: Other, conn: Conn
 ) -> None:
@@ -364,7 +349,6 @@ def test_database_dropped_while_waiting_for_a_signal(
     assert status == "completed"
 
 
-@needs_checkpoint_elsewhere
 def test_database_dropped_during_a_sleep(
     app: App, worker: ThreadWorker, other: Other, conn: Conn, cluster: EmbeddedPostgres
 ) -> None:
@@ -404,7 +388,6 @@ def test_a_role_needs_connect_on_the_other_database(
     assert status == "completed"
 
 
-@needs_checkpoint_elsewhere
 def test_a_role_granted_connect_runs_there_as_itself(
     app: App, worker: ThreadWorker, other: Other, conn: Conn
 ) -> None:

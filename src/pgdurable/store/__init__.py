@@ -18,6 +18,7 @@ from typing import Any
 from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
 
 from .. import __version__
 from ..graph.interpreter import NodeWrite, State, Transition
@@ -42,6 +43,7 @@ class Task:
     attempts: int
     instance_id: str
     role: str  # submitted_by, as a role name
+    role_oid: int  # and as the role's oid, which a rename or a drop and re-create tells apart
     database: str | None
     label: str | None
 
@@ -75,7 +77,8 @@ WITH picked AS (
     RETURNING t.*
 )
 SELECT c.id, c.token, c.kind, c.activation, c.node_id, c.payload, c.attempts, c.instance_id,
-       coalesce(r.rolname, i.submitted_by::text) AS role, i.database, i.label
+       coalesce(r.rolname, i.submitted_by::text) AS role, i.submitted_by::oid AS role_oid,
+       i.database, i.label
   FROM claimed c JOIN df.instances i ON i.id = c.instance_id
   -- The login name, not regrole's text, which quotes names like "Odd Name". A dropped role
   -- leaves its number, which fails the login as it should.
@@ -122,6 +125,18 @@ async def checkpoint_begin(conn: AsyncConn, task: Task) -> Checkpoint | None:
     """Lock the task's instance; None if the task is no longer ours (roll back then)."""
     cur = await conn.execute(CHECKPOINT_BEGIN, checkpoint_begin_params(task), prepare=False)
     return checkpoint_from_row(await cur.fetchone())
+
+
+async def tasks_still_held(pool: AsyncConnectionPool[Any], tasks: list[Task]) -> set[int]:
+    """The ids of ``tasks`` still in df._tasks under the token they were claimed with."""
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT t.id FROM df._tasks t"
+            "  JOIN unnest(%s::bigint[], %s::uuid[]) AS c (id, token)"
+            "    ON t.id = c.id AND t.token = c.token",
+            ([t.id for t in tasks], [t.token for t in tasks]),
+        )
+        return {row[0] for row in await cur.fetchall()}
 
 
 def change_document(transition: Transition) -> dict[str, Any]:
@@ -203,6 +218,7 @@ def followups(rows: list[tuple[Any, ...]], previous: Task) -> list[Task]:
             attempts=r[5],
             instance_id=previous.instance_id,
             role=previous.role,
+            role_oid=previous.role_oid,
             database=previous.database,
             label=previous.label,
         )

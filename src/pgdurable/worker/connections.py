@@ -173,7 +173,7 @@ class Connections:
             open=False,
             name="pgdurable-worker",
         )
-        self._steps: dict[tuple[str, str | None], StepPool] = {}
+        self._steps: dict[tuple[int, str, str | None], StepPool] = {}
         # How long idle step connections are kept: to the worker's database, and to others.
         self.idle_seconds = idle_seconds
         self.other_idle_seconds = other_idle_seconds
@@ -212,11 +212,13 @@ class Connections:
         the one where the df schema (and so the checkpoint) is."""
         return database is None or database == self.worker_database
 
-    def step_pool(self, role: str, database: str | None) -> StepPool:
+    def step_pool(self, role: str, role_oid: int, database: str | None) -> StepPool:
         """Connections logged in as ``role`` to ``database`` (None: the worker's database)."""
         if self.is_own_database(database):
             database = None  # one pool, whether the instance names this database or not
-        key = (role, database)
+        # Keyed by oid too: after ALTER ROLE alice RENAME TO old_alice and CREATE ROLE alice,
+        # the new alice must not get connections still logged in as old_alice.
+        key = (role_oid, role, database)
         pool = self._steps.get(key)
         if pool is None:
             user = self.worker_role if self.single_role else role
@@ -226,7 +228,12 @@ class Connections:
                 dbname=database or self.worker_database,
                 application_name=STEP_APPLICATION_NAME,
                 # Part of the session defaults, so DISCARD ALL between steps keeps it.
-                options=self._options("-c df.in_workflow=true"),
+                # standard_conforming_strings and client_encoding fixed whatever the role's or
+                # database's defaults: substituted literals are quoted for exactly these.
+                options=self._options(
+                    "-c df.in_workflow=true -c standard_conforming_strings=on"
+                    " -c client_encoding=UTF8"
+                ),
             )
             idle = self.idle_seconds if database is None else self.other_idle_seconds
             pool = StepPool(conninfo, max_idle=self.concurrency, idle_seconds=idle)

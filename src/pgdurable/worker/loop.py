@@ -93,6 +93,7 @@ class Worker:
         )
         self.poll_interval = config.poll_interval or 0.1
         self._runner: StepRunner | None = None
+        self._cancels: set[asyncio.Task[int]] = set()  # cancels checking which tasks went
         self._inflight: dict[int, asyncio.Task[None]] = {}
         self._reserved = 0  # slots promised to a claim or a checkpoint in flight
         self._wake = asyncio.Event()
@@ -363,7 +364,17 @@ class Worker:
         if self._runner is None:
             return
         instance, _, activation = payload.partition(":")
-        self._runner.cancel(instance, int(activation) if activation.isdigit() else None)
+        cancel = asyncio.create_task(
+            self._runner.cancel(instance, int(activation) if activation.isdigit() else None)
+        )
+        self._cancels.add(cancel)
+        cancel.add_done_callback(self._cancel_done)
+
+    def _cancel_done(self, cancel: asyncio.Task[int]) -> None:
+        self._cancels.discard(cancel)
+        if not cancel.cancelled() and cancel.exception() is not None:
+            # The lease, the checkpoint's token check and df.timeout still stop the step.
+            log.warning("could not cancel withdrawn steps: %s", cancel.exception())
 
     async def _heartbeat(self) -> None:
         """Extend leases of in-flight tasks."""

@@ -7,6 +7,10 @@ CONCURRENTLY, procedures that COMMIT) run on their own first and are checkpointe
 at-least-once. HTTP steps are at-least-once as well: the request is sent, then its response
 is checkpointed. Timers, instance starts, HTTP responses and step failures are checkpointed
 on the worker's own connection.
+
+A SQL step of an instance started with ``database => 'other'`` runs in that database, where
+the df schema is not: its transaction commits just before the checkpoint, written on the
+worker's connection (at least once; see ``_commit_elsewhere``).
 """
 
 from __future__ import annotations
@@ -148,7 +152,8 @@ class StepRunner:
         [BEGIN, statement, checkpoint_begin] then [checkpoint, session reset, COMMIT]."""
         graph = await self._graph(task.instance_id)
         sql = str((task.payload or {}).get("sql", ""))
-        pool = self.conns.step_pool(task.role, task.database)
+        pool = self.conns.step_pool(task.role, task.role_oid, task.database)
+        elsewhere = not self.conns.is_own_database(task.database)
         self._statements[task.id] = _Running(task)  # so a cancel meanwhile is not missed
         try:
             conn = await pool.acquire()
@@ -164,7 +169,7 @@ class StepRunner:
         reusable, clean = False, False
         try:
             try:
-                result, cp = await self._run_statement(conn, task, sql)
+                result, cp = await self._run_statement(conn, task, sql, not elsewhere)
             except _Withdrawn:
                 reusable, clean = True, True  # nothing was sent
                 return []
@@ -175,23 +180,31 @@ class StepRunner:
                 reusable = True
                 if exc.sqlstate in _NEEDS_OWN_TRANSACTION:
                     return await self._run_sql_outside_transaction(
-                        conn, graph, task, sql, claim_limit
+                        conn, graph, task, sql, claim_limit, elsewhere
                     )
                 return await self.fail(task, _sql_error(exc), claim_limit, exc.sqlstate)
             except (UnsupportedColumnType, UnicodeEncodeError) as exc:
                 await conn.execute("ROLLBACK")
                 reusable = True
                 return await self.fail(task, str(exc), claim_limit)
-            followups, clean = await self._commit_step(conn, graph, task, result, cp, claim_limit)
+            if elsewhere:
+                followups, clean = await self._commit_elsewhere(
+                    conn, graph, task, result, claim_limit
+                )
+            else:
+                followups, clean = await self._commit_step(
+                    conn, graph, task, result, cp, claim_limit
+                )
             reusable = True
             return followups
         finally:
             await pool.release(conn, reusable, clean)
 
     async def _run_statement(
-        self, conn: AsyncConn, task: Task, sql: str
+        self, conn: AsyncConn, task: Task, sql: str, checkpoint: bool = True
     ) -> tuple[str, Checkpoint | None]:
-        """The first round trip of a step: BEGIN, the statement, df._checkpoint_begin.
+        """The first round trip of a step: BEGIN, the statement, df._checkpoint_begin (unless
+        not ``checkpoint``: the step runs in a database without the df schema).
 
         While it runs, ``cancel`` may interrupt it. Before the connection is used again, any
         cancel request sent meanwhile must have reached the server, so that it cannot hit
@@ -214,9 +227,12 @@ class StepRunner:
                 cur = conn.cursor(binary=True)
                 await cur.execute(sql.encode(conn.info.encoding))
                 begin = conn.cursor()
-                await begin.execute(store.CHECKPOINT_BEGIN, store.checkpoint_begin_params(task))
+                if checkpoint:
+                    await begin.execute(store.CHECKPOINT_BEGIN, store.checkpoint_begin_params(task))
                 await pipeline.sync()
                 result = await read_result(cur)
+                if not checkpoint:
+                    return result, None
                 return result, store.checkpoint_from_row(await begin.fetchone())
         finally:
             if self._statements.get(task.id) is running:
@@ -224,26 +240,40 @@ class StepRunner:
             if running.cancelling is not None:
                 await asyncio.wait([running.cancelling])
 
-    def cancel(self, instance_id: str, activation: int | None = None) -> int:
-        """Interrupt the statements in flight of an instance (or of one of its activations)
-        whose tasks were withdrawn: a cancelled instance, a RACE loser. Their checkpoints
-        then find the task gone. Returns how many were interrupted."""
+    async def cancel(self, instance_id: str, activation: int | None = None) -> int:
+        """Interrupt the statements and requests in flight of an instance (or of one of its
+        activations) whose tasks were withdrawn: a cancelled instance, a RACE loser, an
+        expired df.timeout. Their checkpoints then find the task gone. Returns how many were
+        interrupted.
+
+        The cancel channel's NOTIFY only says where to look: any role may send one. So only
+        tasks that really left df._tasks (or were claimed again, with another token) are
+        interrupted.
+        """
+
+        def wanted(task: Task) -> bool:
+            return task.instance_id == instance_id and (
+                activation is None or task.activation == activation
+            )
+
+        candidates = [t for t, _ in self._requests.values() if wanted(t)]
+        candidates += [r.task for r in self._statements.values() if wanted(r.task)]
+        if not candidates:
+            return 0
+        held = await store.tasks_still_held(self.conns.worker, candidates)
         count = 0
-        for request_task, request in self._requests.values():
-            if request_task.instance_id == instance_id and (
-                activation is None or request_task.activation == activation
-            ):
+        for request_task, request in list(self._requests.values()):
+            if wanted(request_task) and request_task.id not in held:
                 count += request.cancel()
-        for running in self._statements.values():
+        for running in list(self._statements.values()):
             task = running.task
-            if task.instance_id != instance_id or running.cancelling is not None:
+            if not wanted(task) or task.id in held or running.cancelling is not None:
                 continue
-            if activation is None or task.activation == activation:
-                if running.conn is None:  # still logging in: do not start at all
-                    running.cancel_early = True
-                else:
-                    running.cancelling = asyncio.ensure_future(_cancel_request(running.conn))
-                count += 1
+            if running.conn is None:  # still logging in: do not start at all
+                running.cancel_early = True
+            else:
+                running.cancelling = asyncio.ensure_future(_cancel_request(running.conn))
+            count += 1
         if count:
             log.info("cancelling %d step(s) of instance %s", count, instance_id)
         return count
@@ -271,7 +301,7 @@ class StepRunner:
         if row is not None and not row[0]:
             return f"Instance {task.instance_id}: submitted_by role no longer exists in pg_roles"
         # The server answers now, but it may just have come back: log in again to find out.
-        pool = self.conns.step_pool(task.role, task.database)
+        pool = self.conns.step_pool(task.role, task.role_oid, task.database)
         try:
             await pool.release(await pool.acquire(), True, False)
             return None  # it was the server, not the login: retry the step
@@ -282,7 +312,13 @@ class StepRunner:
         return f"Failed to connect to database '{database}' as '{task.role}'. Error: {detail}"
 
     async def _run_sql_outside_transaction(
-        self, conn: AsyncConn, graph: Graph, task: Task, sql: str, claim_limit: Callable[[], int]
+        self,
+        conn: AsyncConn,
+        graph: Graph,
+        task: Task,
+        sql: str,
+        claim_limit: Callable[[], int],
+        elsewhere: bool = False,
     ) -> list[Task]:
         try:
             cur = conn.cursor(binary=True)
@@ -294,6 +330,14 @@ class StepRunner:
             return await self.fail(task, _sql_error(exc), claim_limit, exc.sqlstate)
         except (UnsupportedColumnType, UnicodeEncodeError) as exc:
             return await self.fail(task, str(exc), claim_limit)
+        if elsewhere:  # no df schema on this connection: checkpoint on the worker's
+
+            async def succeeded(own: AsyncConn, graph: Graph, cp: Checkpoint) -> Transition:
+                return interpreter.step_succeeded(
+                    graph, _state(cp), cp.variables, task.activation, result, cp.now
+                )
+
+            return await self._advance(task, succeeded, claim_limit)
         await conn.execute("BEGIN ISOLATION LEVEL READ COMMITTED")
         cp = await store.checkpoint_begin(conn, task)
         followups, _ = await self._commit_step(conn, graph, task, result, cp, claim_limit)
@@ -347,6 +391,68 @@ class StepRunner:
                 await conn.execute("ROLLBACK")
             return await self.fail(task, _sql_error(exc), claim_limit, exc.sqlstate), False
         return store.followups(rows, task), True
+
+    async def _commit_elsewhere(
+        self,
+        conn: AsyncConn,
+        graph: Graph,
+        task: Task,
+        result: str,
+        claim_limit: Callable[[], int],
+    ) -> tuple[list[Task], bool]:
+        """Checkpoint a successful statement that ran in another database, and commit both.
+
+        No transaction spans two databases (two-phase commit needs max_prepared_transactions,
+        off by default and on most managed services), so: the checkpoint is written on the
+        worker's connection, holding the instance lock and checking the token; then the step
+        commits; then the checkpoint. A task taken away or a role dropped meanwhile still rolls
+        the step back, and an error at the step's COMMIT fails it with the checkpoint undone.
+        Only a crash or a lost connection between the two commits runs the step again: these
+        steps take effect at least once. Returns what ``_commit_step`` returns.
+        """
+        cp: Checkpoint | None = None
+        commit_error: psycopg.Error | None = None
+        followups: list[Task] = []
+        async with self.conns.worker.connection() as own, own.transaction():
+            cp = await store.checkpoint_begin(own, task)
+            if cp is None or not cp.role_exists:
+                await conn.execute("ROLLBACK")
+                raise psycopg.Rollback()
+            transition = interpreter.step_succeeded(
+                graph, _state(cp), cp.variables, task.activation, result, cp.now
+            )
+            followups = await store.checkpoint(
+                own,
+                task,
+                transition,
+                self.settings.worker_id,
+                claim_limit(),
+                self.settings.lease_seconds,
+            )
+            try:
+                async with conn.pipeline():
+                    for statement in RESET_SESSION:
+                        await conn.execute(statement)
+                    await conn.execute("COMMIT")
+            except psycopg.Error as exc:
+                if is_transient(exc):
+                    raise  # committed or not, we cannot know: the task is retried
+                with contextlib.suppress(psycopg.Error):
+                    await conn.execute("ROLLBACK")
+                commit_error = exc
+                raise psycopg.Rollback() from None
+        if cp is None:
+            log.info("task %s of %s was taken away; step rolled back", task.id, task.instance_id)
+            return [], False
+        if not cp.role_exists:
+            error = f"Instance {task.instance_id}: submitted_by role no longer exists in pg_roles"
+            return await self.fail(task, error, claim_limit), False
+        if commit_error is not None:
+            failed = await self.fail(
+                task, _sql_error(commit_error), claim_limit, commit_error.sqlstate
+            )
+            return failed, False
+        return followups, True
 
     # -- HTTP steps ----------------------------------------------------------------------------
 
