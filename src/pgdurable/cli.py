@@ -84,6 +84,22 @@ def _worker_options(f: F) -> F:
         help="How long a claimed step stays reserved without a heartbeat; a dead worker's "
         "steps are taken over after this.",
     )(f)
+    f = click.option(
+        "--reconcile-interval",
+        envvar="PGDURABLE_RECONCILE_INTERVAL",
+        type=click.FloatRange(min=0, max=86400),
+        default=None,
+        help="Seconds between purges of finished instances past retention; 0 disables them "
+        "[default: pg_durable.reconcile_interval, else 300].",
+    )(f)
+    f = click.option(
+        "--purge-batch-size",
+        envvar="PGDURABLE_PURGE_BATCH_SIZE",
+        type=click.IntRange(min=1),
+        default=500,
+        show_default=True,
+        help="Finished instances removed per purge transaction.",
+    )(f)
     f = click.option("--verbose", "-v", is_flag=True, help="Debug logging.")(f)
     return _egress_options(f)
 
@@ -158,6 +174,8 @@ def _config(dsn: str, options: dict[str, Any]) -> WorkerConfig:
         single_role=options["single_role"],
         lease_seconds=options["lease_seconds"],
         egress=egress,
+        reconcile_interval=options["reconcile_interval"],
+        purge_batch_size=options["purge_batch_size"],
     )
 
 

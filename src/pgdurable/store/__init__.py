@@ -13,6 +13,7 @@ import os
 import socket
 import uuid
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from psycopg import AsyncConnection
@@ -46,6 +47,9 @@ class Task:
     role_oid: int  # and as the role's oid, which a rename or a drop and re-create tells apart
     database: str | None
     label: str | None
+    # When the instance was created: with its id, it tells apart an instance from a later one
+    # that got the same id after the first was purged (ids are 32 random bits).
+    created_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -78,7 +82,7 @@ WITH picked AS (
 )
 SELECT c.id, c.token, c.kind, c.activation, c.node_id, c.payload, c.attempts, c.instance_id,
        coalesce(r.rolname, i.submitted_by::text) AS role, i.submitted_by::oid AS role_oid,
-       i.database, i.label
+       i.database, i.label, i.created_at
   FROM claimed c JOIN df.instances i ON i.id = c.instance_id
   -- The login name, not regrole's text, which quotes names like "Odd Name". A dropped role
   -- leaves its number, which fails the login as it should.
@@ -221,6 +225,7 @@ def followups(rows: list[tuple[Any, ...]], previous: Task) -> list[Task]:
             role_oid=previous.role_oid,
             database=previous.database,
             label=previous.label,
+            created_at=previous.created_at,
         )
         for r in rows
     ]
@@ -271,11 +276,12 @@ async def rearm(conn: AsyncConn, task: Task) -> None:
 
 
 async def load_graph(conn: AsyncConn, instance_id: str) -> tuple[Graph, dict[str, Any]]:
-    """An instance's graph and facts: role existence, superuser-ness, label."""
+    """An instance's graph and facts: role existence, superuser-ness, label, created_at."""
     cur = conn.cursor(row_factory=dict_row)
     await cur.execute(
         """
-        SELECT i.root_node, i.label, coalesce(r.rolname, i.submitted_by::text) AS role,
+        SELECT i.root_node, i.label, i.created_at,
+               coalesce(r.rolname, i.submitted_by::text) AS role,
                r.oid IS NOT NULL AS role_exists, coalesce(r.rolsuper, false) AS superuser
           FROM df.instances i LEFT JOIN pg_roles r ON r.oid = i.submitted_by
          WHERE i.id = %s
@@ -300,6 +306,16 @@ async def setting(conn: AsyncConn, name: str) -> str | None:
     cur = await conn.execute("SELECT current_setting(%s, true)", (name,))
     row = await cur.fetchone()
     return row[0] if row and row[0] not in (None, "") else None
+
+
+async def purge_finished(conn: AsyncConn, retention_days: int, keep: int, batch: int) -> int | None:
+    """Remove one batch of finished instances past retention (migration 0014), in a transaction
+    of its own; how many it removed, or None if another session is purging right now."""
+    cur = await conn.execute(
+        "SELECT df._purge_finished(%s, %s, %s)", (retention_days, keep, batch), prepare=False
+    )
+    row = await cur.fetchone()
+    return None if row is None or row[0] is None else int(row[0])
 
 
 async def register_worker(conn: AsyncConn, worker: uuid.UUID, concurrency: int) -> None:

@@ -23,7 +23,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from .. import sql as schema
 from .. import store
-from ..store import Task
+from ..store import AsyncConn, Task
 from .connections import Connections, is_transient
 from .egress import EgressPolicy
 from .steps import StepRunner, StepSettings
@@ -42,6 +42,12 @@ PRUNE_INTERVAL = 0.25
 POOL_TIMEOUT = 5.0
 # A step that loses its connection this often while the server is up fails.
 MAX_HEALTHY_RETRIES = 3
+# Retention (spec §9.7, migration 0014): the defaults of its settings. The spec's
+# reconcile_interval default is 3600 s; pgdurable purges every 5 minutes, in smaller bites.
+RECONCILE_INTERVAL = 300.0
+RETENTION_DAYS = 30
+RETENTION_MAX_INSTANCES = 10_000
+PURGE_BATCH_SIZE = 500
 
 
 class WorkerError(Exception):
@@ -50,7 +56,8 @@ class WorkerError(Exception):
 
 @dataclass
 class WorkerConfig:
-    """How a worker runs. ``poll_interval`` None reads ``pg_durable.poll_interval``."""
+    """How a worker runs. ``poll_interval`` None reads ``pg_durable.poll_interval``,
+    ``reconcile_interval`` None ``pg_durable.reconcile_interval`` (seconds; 0: no purges)."""
 
     dsn: str
     concurrency: int = 10
@@ -59,18 +66,65 @@ class WorkerConfig:
     single_role: bool = False
     shutdown_grace: float = 30.0
     egress: EgressPolicy = field(default_factory=EgressPolicy)
+    reconcile_interval: float | None = None
+    purge_batch_size: int = PURGE_BATCH_SIZE
 
 
-def parse_interval(text: str | None, default: float) -> float:
-    """A PostgreSQL-style duration ('100ms', '2s', '250' = ms) in seconds."""
+def parse_interval(text: str | None, default: float, unit: str = "ms") -> float:
+    """A PostgreSQL-style duration ('100ms', '2s', '250' = ``unit``) in seconds."""
     if not text:
         return default
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|min)?\s*", text)
     if not match:
         log.warning("ignoring unparsable duration %r, using %ss", text, default)
         return default
-    value, unit = float(match.group(1)), match.group(2) or "ms"
-    return value * {"ms": 0.001, "s": 1.0, "min": 60.0}[unit]
+    value = float(match.group(1))
+    return value * {"ms": 0.001, "s": 1.0, "min": 60.0}[match.group(2) or unit]
+
+
+@dataclass(frozen=True)
+class Retention:
+    """Which finished instances a purge removes (spec §9.7, §11)."""
+
+    days: int = RETENTION_DAYS  # finished longer ago than this (0: all of them)
+    max_instances: int = RETENTION_MAX_INSTANCES  # and beyond the newest this many (0: no cap)
+
+
+def _count_setting(text: str | None, name: str, default: int, maximum: int) -> int:
+    """A non-negative integer setting; unset or invalid gives ``default`` (invalid: warned)."""
+    if text is None:
+        return default
+    try:
+        value = int(text.strip())
+    except ValueError:
+        value = -1
+    if not 0 <= value <= maximum:
+        log.warning("ignoring %s = %r (want 0 to %d), using %d", name, text, maximum, default)
+        return default
+    return value
+
+
+async def read_retention(conn: AsyncConn) -> Retention:
+    """``pg_durable.retention_days`` and ``pg_durable.retention_max_instances`` as the worker's
+    own session sees them (server configuration, never a user's SET)."""
+    days = await store.setting(conn, "pg_durable.retention_days")
+    cap = await store.setting(conn, "pg_durable.retention_max_instances")
+    return Retention(
+        days=_count_setting(days, "pg_durable.retention_days", RETENTION_DAYS, 36500),
+        max_instances=_count_setting(
+            cap, "pg_durable.retention_max_instances", RETENTION_MAX_INSTANCES, 2**31 - 1
+        ),
+    )
+
+
+async def read_reconcile_interval(conn: AsyncConn) -> float:
+    """``pg_durable.reconcile_interval`` in seconds ('300', '300s', '5min'); 0 disables."""
+    text = await store.setting(conn, "pg_durable.reconcile_interval")
+    seconds = parse_interval(text, RECONCILE_INTERVAL, unit="s")
+    if seconds > 86400:
+        log.warning("ignoring pg_durable.reconcile_interval = %r (want 0 to 86400 s)", text)
+        return RECONCILE_INTERVAL
+    return seconds
 
 
 class Worker:
@@ -113,6 +167,7 @@ class Worker:
             asyncio.create_task(self._listen(), name="pgdurable-listen"),
             asyncio.create_task(self._heartbeat(), name="pgdurable-heartbeat"),
             asyncio.create_task(self._prune(), name="pgdurable-prune"),
+            asyncio.create_task(self._retention(), name="pgdurable-retention"),
         ]
         try:
             await self._claim_loop()
@@ -397,6 +452,49 @@ class Worker:
                 await self.conns.prune()
             except Exception as exc:  # keep pruning: a leftover session blocks DROP DATABASE
                 log.warning("closing idle step connections failed: %s", _first_line(exc))
+
+    async def _retention(self) -> None:
+        """Every reconcile interval (the first one after start), remove finished instances
+        past retention, a batch per transaction, until a batch is not full. Only one worker
+        purges at a time: the others find the purge row locked and skip their pass."""
+        interval = self.config.reconcile_interval
+        if interval is None:
+            try:
+                async with self.conns.worker.connection(timeout=POOL_TIMEOUT) as conn:
+                    interval = await read_reconcile_interval(conn)
+            except Exception as exc:
+                log.warning("could not read pg_durable.reconcile_interval: %s", _first_line(exc))
+                interval = RECONCILE_INTERVAL
+        if interval <= 0:
+            log.info("retention disabled (reconcile interval 0)")
+            return
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self._purge()
+            except Exception as exc:  # a database outage, a lock timeout: next pass
+                log.warning("purging finished instances failed: %s", _first_line(exc))
+
+    async def _purge(self) -> int:
+        """One retention pass; returns how many instances it removed."""
+        removed = 0
+        batch = self.config.purge_batch_size
+        async with self.conns.worker.connection(timeout=POOL_TIMEOUT) as conn:
+            retention = await read_retention(conn)
+        while not self._stopping.is_set():
+            # A connection per batch: a long pass does not hold one the claim loop needs.
+            async with self.conns.worker.connection(timeout=POOL_TIMEOUT) as conn:
+                count = await store.purge_finished(
+                    conn, retention.days, retention.max_instances, batch
+                )
+            if count is None:  # another worker is purging
+                break
+            removed += count
+            if count < batch:
+                break
+        if removed:
+            log.info("removed %d finished instance(s) past retention", removed)
+        return removed
 
     async def _drain(self) -> None:
         """Let in-flight tasks finish within the grace period, then release what is left."""

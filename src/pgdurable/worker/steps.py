@@ -23,6 +23,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -102,7 +103,7 @@ class StepRunner:
     def __init__(self, conns: Connections, settings: StepSettings):
         self.conns = conns
         self.settings = settings
-        self._graphs: OrderedDict[str, Graph] = OrderedDict()
+        self._graphs: OrderedDict[tuple[str, datetime | None], Graph] = OrderedDict()
         self._statements: dict[int, _Running] = {}  # task id -> its statement in flight
         self._requests: dict[int, tuple[Task, asyncio.Future[http.HttpOutcome]]] = {}
 
@@ -150,7 +151,7 @@ class StepRunner:
     async def _run_sql(self, task: Task, claim_limit: Callable[[], int]) -> list[Task]:
         """Statement and checkpoint in one transaction, in two pipelined round trips:
         [BEGIN, statement, checkpoint_begin] then [checkpoint, session reset, COMMIT]."""
-        graph = await self._graph(task.instance_id)
+        graph = await self._graph(task)
         sql = str((task.payload or {}).get("sql", ""))
         pool = self.conns.step_pool(task.role, task.role_oid, task.database)
         elsewhere = not self.conns.is_own_database(task.database)
@@ -573,7 +574,7 @@ class StepRunner:
             if decide is None:
                 transition = await self._start(conn, task, cp)
             else:
-                graph = await self._graph(task.instance_id, conn)
+                graph = await self._graph(task, conn)
                 decided = await decide(conn, graph, cp)
                 if decided is None:
                     await store.rearm(conn, task)
@@ -613,27 +614,35 @@ class StepRunner:
                 f'as "{self.conns.worker_role}" and cannot run instances submitted by '
                 f'"{facts["role"]}"',
             )
-        self._remember(graph)
+        self._remember(graph, facts["created_at"])
         return interpreter.start(graph, cp.variables, cp.now)
 
     # -- graphs --------------------------------------------------------------------------------
 
-    async def _graph(self, instance_id: str, conn: AsyncConn | None = None) -> Graph:
-        """The instance's graph, from the cache or the database (graphs never change)."""
-        graph = self._graphs.get(instance_id)
+    async def _graph(self, task: Task, conn: AsyncConn | None = None) -> Graph:
+        """The task's instance's graph, from the cache or the database (graphs never change).
+
+        Cached by instance id and creation time: once retention purged an instance, a new one
+        may get its id, and must never be run with the old one's graph.
+        """
+        key = (task.instance_id, task.created_at)
+        graph = self._graphs.get(key)
         if graph is not None:
-            self._graphs.move_to_end(instance_id)
+            self._graphs.move_to_end(key)
             return graph
         if conn is None:
             async with self.conns.worker.connection() as own:
-                graph, _ = await store.load_graph(own, instance_id)
+                graph, facts = await store.load_graph(own, task.instance_id)
         else:
-            graph, _ = await store.load_graph(conn, instance_id)
-        self._remember(graph)
+            graph, facts = await store.load_graph(conn, task.instance_id)
+        # Under the creation time just read: if the task's instance was purged and its id taken
+        # since the claim, this is the newcomer's graph, and the task's checkpoint will find
+        # the task gone.
+        self._remember(graph, facts["created_at"])
         return graph
 
-    def _remember(self, graph: Graph) -> None:
-        self._graphs[graph.instance_id] = graph
+    def _remember(self, graph: Graph, created_at: datetime | None) -> None:
+        self._graphs[(graph.instance_id, created_at)] = graph
         while len(self._graphs) > _GRAPH_CACHE_SIZE:
             self._graphs.popitem(last=False)
 

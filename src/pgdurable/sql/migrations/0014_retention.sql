@@ -1,0 +1,186 @@
+-- pgdurable schema, version 14: retention of finished instances, and storage that does not
+-- bloat (spec §9.7; docs/engine.md, "Storage and retention").
+--
+-- Finished instances (completed, failed, cancelled) are removed once they have been finished
+-- longer than pg_durable.retention_days, or once they fall outside the newest
+-- pg_durable.retention_max_instances finished ones. The worker calls df._purge_finished
+-- every pg_durable.reconcile_interval seconds, with the settings it read on its own session,
+-- until a call removes less than a full batch. Each call is one short transaction that
+-- removes at most one batch of instances, skips rows anyone holds, and never waits for a
+-- lock: running work is never blocked by a purge.
+--
+-- How old is a finished instance? Not updated_at: its owner may write that column (spec
+-- §10.1, df.cancel needs it), so a user could date an instance into the future and keep it
+-- for ever. completed_at is set only for completed instances (spec §2.2), and created_at of
+-- a failed or cancelled one can be much older than its end. So the engine records the moment
+-- an instance became terminal in df._runs.finished_at, which users cannot write.
+
+-- ---------------------------------------------------------------------------------------------
+-- When each instance finished.
+-- ---------------------------------------------------------------------------------------------
+ALTER TABLE df._runs ADD COLUMN finished_at timestamptz;  -- NULL while pending or running
+
+-- Instances that finished before this version: the best trustworthy time is the spec's,
+-- completed_at or else created_at (a failed or cancelled instance then ages from its start).
+UPDATE df._runs r
+   SET finished_at = coalesce(i.completed_at, i.created_at, clock_timestamp())
+  FROM df.instances i
+ WHERE i.id = r.instance_id AND i.status IN ('completed', 'failed', 'cancelled');
+
+-- Oldest finished first, for the purge; newest first, for the count limit. Partial: running
+-- instances are not in it, so a checkpoint's update of their df._runs row stays HOT.
+CREATE INDEX runs_finished_idx ON df._runs (finished_at, instance_id)
+    WHERE finished_at IS NOT NULL;
+
+-- Terminal statuses never change again (migration 10 holds users to cancelling), so this
+-- fires once per instance: when a checkpoint completes or fails it, or df.cancel cancels it.
+-- SECURITY DEFINER because df.cancel runs as the user, who may not write df._runs.
+CREATE FUNCTION df._instance_finished() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    UPDATE df._runs r SET finished_at = clock_timestamp()
+     WHERE r.instance_id = NEW.id AND r.finished_at IS NULL;
+    RETURN NULL;
+END;
+$$;
+
+CREATE TRIGGER instances_finished AFTER UPDATE OF status ON df.instances
+    FOR EACH ROW WHEN (NEW.status IN ('completed', 'failed', 'cancelled')
+                       AND OLD.status IS DISTINCT FROM NEW.status)
+    EXECUTE FUNCTION df._instance_finished();
+
+-- ---------------------------------------------------------------------------------------------
+-- One purger at a time. Its transaction holds this row; others skip it and do nothing. A
+-- row of an engine table rather than an advisory lock: any role can take any advisory lock,
+-- and could then stop retention (and let the tables grow) for as long as it liked. The row
+-- also shows when the last purge ran and how many instances purges removed in all.
+-- ---------------------------------------------------------------------------------------------
+CREATE TABLE df._retention (
+    singleton      boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    last_purge_at  timestamptz,              -- end of the last batch, NULL before the first
+    purged         bigint NOT NULL DEFAULT 0 -- instances removed since install
+);
+INSERT INTO df._retention DEFAULT VALUES;
+
+-- ---------------------------------------------------------------------------------------------
+-- df._purge_finished: remove one batch of finished instances that are past retention.
+--
+--   p_retention_days  finished longer ago than this many days (0: any finished instance)
+--   p_keep            besides, keep no more than the newest p_keep finished instances
+--                     (ranked by finished_at, then id, newest first); 0 or NULL: no limit
+--   p_batch           remove at most this many instances
+--
+-- Returns how many instances it removed, or NULL if another session is purging right now.
+-- Oldest first. Deleting an instance deletes its nodes, df._runs, df._tasks and df._signals
+-- rows with it (ON DELETE CASCADE on every engine table; a table that names an instance must
+-- do the same). An instance someone holds (a late checkpoint, a df.signal being refused) is
+-- skipped and removed by a later batch.
+--
+-- Only the worker calls it: it runs as the caller, who must own the tables (EXECUTE is not
+-- granted to users).
+-- ---------------------------------------------------------------------------------------------
+CREATE FUNCTION df._purge_finished(p_retention_days integer, p_keep integer, p_batch integer)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE
+-- A cascade should never meet a lock (nobody works on finished instances), but if one does,
+-- give up this batch rather than wait behind someone's long transaction.
+SET search_path = pg_catalog, pg_temp SET lock_timeout = '5s' AS $$
+DECLARE
+    -- Everything before (v_until, v_until_id) in (finished_at, instance_id) order goes. '' is
+    -- below every id, so (v_until, '') means "finished before v_until".
+    v_until     timestamptz := clock_timestamp()
+                               - make_interval(days => greatest(coalesce(p_retention_days, 0), 0));
+    v_until_id  varchar(8) := '';
+    v_kept      timestamptz;
+    v_kept_id   varchar(8);
+    v_removed   integer;
+BEGIN
+    IF p_batch IS NULL OR p_batch < 1 THEN
+        RAISE EXCEPTION 'df._purge_finished: batch size must be at least 1';
+    END IF;
+    PERFORM 1 FROM df._retention FOR UPDATE SKIP LOCKED;
+    IF NOT FOUND THEN
+        RETURN NULL;  -- another session is purging
+    END IF;
+
+    IF p_keep > 0 THEN
+        -- The p_keep-th newest finished instance: everything older than it goes too. A
+        -- backward scan of runs_finished_idx over p_keep entries.
+        SELECT r.finished_at, r.instance_id INTO v_kept, v_kept_id
+          FROM df._runs r
+         WHERE r.finished_at IS NOT NULL
+         ORDER BY r.finished_at DESC, r.instance_id DESC
+        OFFSET p_keep - 1 LIMIT 1;
+        IF FOUND AND (v_kept, v_kept_id) > (v_until, v_until_id) THEN
+            v_until := v_kept;
+            v_until_id := v_kept_id;
+        END IF;
+    END IF;
+
+    WITH victim AS (
+        SELECT i.id
+          FROM df._runs r JOIN df.instances i ON i.id = r.instance_id
+         WHERE r.finished_at IS NOT NULL
+           AND (r.finished_at, r.instance_id) < (v_until, v_until_id)
+           -- Always true for rows with finished_at; checked so that nothing running can go.
+           AND i.status IN ('completed', 'failed', 'cancelled')
+         ORDER BY r.finished_at, r.instance_id
+         LIMIT p_batch
+           FOR UPDATE OF i SKIP LOCKED
+    ), removed AS (
+        DELETE FROM df.instances i USING victim v WHERE i.id = v.id RETURNING 1
+    )
+    SELECT count(*) INTO v_removed FROM removed;
+
+    UPDATE df._retention
+       SET last_purge_at = clock_timestamp(), purged = purged + v_removed;
+    RETURN v_removed;
+END;
+$$;
+
+REVOKE EXECUTE ON FUNCTION df._purge_finished(integer, integer, integer) FROM PUBLIC;
+
+-- ---------------------------------------------------------------------------------------------
+-- Storage parameters of the hot tables (measured in bench/storage.py; see docs/engine.md).
+--
+-- df._tasks is a queue: every step inserts a row, claims and heartbeats update it, its
+-- checkpoint deletes it. It stays small, but only if vacuum keeps up: with the default scale
+-- factor (20% of the table) a table of a few hundred live rows waits for the autovacuum
+-- naptime anyway, and after a burst (a backlog that grew and drained) the threshold grows with
+-- the dead rows. A fixed threshold, and no cost delay (vacuuming it is cheap), keep it compact.
+--
+-- df._runs is rewritten by every checkpoint (the interpreter state); df.nodes by every step
+-- (status, result). Neither update touches an indexed column, so it can be a HOT update (no
+-- new index entries, pruned without vacuum), provided the page has room for the new version:
+-- a fillfactor leaves that room. Their dead rows (superseded versions, purged instances) are
+-- vacuumed at 5% rather than 20% of the table.
+--
+-- df.instances changes status two or three times per instance (an indexed column, never HOT)
+-- and loses rows to purges in batches: vacuumed at 5% as well.
+-- ---------------------------------------------------------------------------------------------
+ALTER TABLE df._tasks SET (
+    autovacuum_vacuum_scale_factor = 0,
+    autovacuum_vacuum_threshold = 1000,
+    autovacuum_vacuum_insert_scale_factor = 0,
+    autovacuum_vacuum_insert_threshold = 1000,
+    autovacuum_analyze_scale_factor = 0,
+    autovacuum_analyze_threshold = 1000,
+    autovacuum_vacuum_cost_delay = 0
+);
+ALTER TABLE df._runs SET (
+    fillfactor = 50,
+    autovacuum_vacuum_scale_factor = 0.05,
+    autovacuum_analyze_scale_factor = 0.05
+);
+ALTER TABLE df.nodes SET (
+    fillfactor = 80,
+    autovacuum_vacuum_scale_factor = 0.05,
+    autovacuum_analyze_scale_factor = 0.05
+);
+ALTER TABLE df.instances SET (
+    autovacuum_vacuum_scale_factor = 0.05,
+    autovacuum_analyze_scale_factor = 0.05
+);
+ALTER TABLE df._signals SET (
+    autovacuum_vacuum_scale_factor = 0.05
+);
