@@ -147,7 +147,7 @@ SQL_MODE = [
     ("$r.price", "'100.50'"),  # numeric columns arrive as strings
     ("$r.ok", "true"),
     ("$r.no", "false"),
-    ("$r.neg", "-2"),
+    ("$r.neg", "(-2)"),  # so 0-$r.neg is 0-(-2), never the comment 0--2
     ("$r.f", "1.5"),
     ("$r.tiny", "1e-07"),
     ("$r.big", "12345678901234567890"),
@@ -186,7 +186,7 @@ SQL_MODE = [
     ("$$", "$$"),
     ("$$ SELECT 1 $$", "$$ SELECT 1 $$"),
     ("DO $body$ BEGIN PERFORM $r; END $body$", "DO $body$ BEGIN PERFORM 1; END $body$"),
-    ("$$r", "$1"),
+    ("$$r", "$$r"),  # an (unterminated) dollar quote, as PostgreSQL reads it
     ("$1", "$1"),
     ("$unknown", "$unknown"),
     ("$", "$"),
@@ -398,7 +398,7 @@ def test_an_empty_name_is_ignored() -> None:
 
 def test_same_result_referenced_many_times() -> None:
     assert sql("$r.id,$r.neg,$r,$batch.*") == (
-        "1,-2,1,(VALUES (1,'a'::text), (2,'b''c'::text)) AS \"batch\"(\"id\", \"name\")"
+        "1,(-2),1,(VALUES (1,'a'::text), (2,'b''c'::text)) AS \"batch\"(\"id\", \"name\")"
     )
 
 

@@ -10,13 +10,23 @@ Pure: no I/O. Two passes over a template:
    Inserted values are not rescanned either.
 
 Two renderings exist. *SQL mode* (SQL steps) writes SQL literals: quoted strings, bare
-numbers and booleans, ``NULL``, and a ``VALUES`` list for ``$name.*``. *Raw mode* (HTTP
-fields) writes plain text: strings unquoted, JSON for objects and arrays.
+numbers (negative ones in parentheses, so ``0-$n`` never becomes a ``--`` comment) and
+booleans, ``NULL``, and a ``VALUES`` list for ``$name.*``. *Raw mode* (HTTP fields) writes
+plain text: strings unquoted, JSON for objects and arrays.
+
+In SQL mode a value must never change how PostgreSQL reads the statement around it: a named
+result may hold outside data (an HTTP response, a signal's payload, rows another role wrote).
+So the template is read the way PostgreSQL's lexer reads it, and a reference is written for
+the place it stands in: in code, a literal; inside a quoted string, the value's text with
+quotes (and, in ``E''`` strings, backslashes) doubled; inside a quoted identifier, with ``"``
+doubled; inside a comment, not at all. Dollar-quoted text (a ``DO`` or function body) is read
+as code again, and a value that contains the closing ``$tag$`` is refused.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import string
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -30,6 +40,8 @@ MAX_EXPANDED_ROWS = 10_000
 
 _IDENT_START = frozenset(string.ascii_letters + "_")
 _IDENT_CHARS = _IDENT_START | frozenset(string.digits)
+# PostgreSQL's dollar-quote delimiter: $$ or $tag$, tag an identifier without `$`.
+_DOLLAR_TAG = re.compile(r"\$(?:[A-Za-z_\x80-\U0010ffff][A-Za-z0-9_\x80-\U0010ffff]*)?\$")
 
 
 class SubstitutionError(Exception):
@@ -50,7 +62,7 @@ def substitute_sql(
     submitter's ``df.vars``. Raises :class:`SubstitutionError` with the spec's error text.
     """
     text = _substitute_braces(template, variables, instance_id, label)
-    return _Substitution(names, sql=True).run(text)
+    return _Substitution(names, sql=True).run_sql(text)
 
 
 def substitute_raw(
@@ -132,8 +144,65 @@ class _Substitution:
         # Longest first, so `$ab` is read as `ab` when both `a` and `ab` exist.
         self.longest_first = sorted((n for n in names if n), key=lambda n: (-len(n), n))
         self.parsed: dict[str, object] = {}
+        # Where the reference being rendered stands (SQL mode): "code", "string", "estring"
+        # (backslash escapes), "ident"; and the dollar quotes around it.
+        self.context = "code"
+        self.tags: tuple[str, ...] = ()
+
+    def run_sql(self, text: str, tags: tuple[str, ...] = ()) -> str:
+        """Pass 2 in SQL mode: each stretch of ``text`` rendered for its lexical context."""
+        out: list[str] = []
+        code_from = 0
+        i, n = 0, len(text)
+
+        def code_until(end: int) -> None:
+            out.append(self._run_in("code", tags, text[code_from:end]))
+
+        while i < n:
+            c = text[i]
+            if c == "$":
+                tag = _DOLLAR_TAG.match(text, i)
+                # A reference wins over a dollar quote of the same spelling ($r$r is two
+                # references): it is replaced, so PostgreSQL never sees that tag.
+                if (
+                    tag is None
+                    or self._parse(text, i + 1) is not None
+                    or _after_identifier(text, i)
+                ):
+                    i += 1
+                    continue
+                code_until(i)
+                delimiter = tag.group()
+                close = text.find(delimiter, tag.end())
+                body_end = n if close == -1 else close
+                out.append(delimiter)
+                out.append(self.run_sql(text[tag.end() : body_end], (*tags, delimiter)))
+                i = code_from = n if close == -1 else close + len(delimiter)
+                out.append(text[body_end:i])
+            elif c in "'\"":
+                context = "ident" if c == '"' else "estring" if _escapes(text, i) else "string"
+                end, closed = _quoted_end(text, i + 1, c, backslashes=context == "estring")
+                code_until(i)
+                inner_end = end - 1 if closed else end
+                out.append(c + self._run_in(context, tags, text[i + 1 : inner_end]))
+                out.append(text[inner_end:end])
+                i = code_from = end
+            elif text.startswith("--", i) or text.startswith("/*", i):
+                end = _comment_end(text, i)
+                code_until(i)
+                out.append(text[i:end])  # references in comments are left alone
+                i = code_from = end
+            else:
+                i += 1
+        code_until(n)
+        return "".join(out)
+
+    def _run_in(self, context: str, tags: tuple[str, ...], text: str) -> str:
+        self.context, self.tags = context, tags
+        return self.run(text)
 
     def run(self, text: str) -> str:
+        """Pass 2 over text of one context: replace each reference."""
         out: list[str] = []
         pos = 0
         while (dollar := text.find("$", pos)) != -1:
@@ -229,21 +298,47 @@ class _Substitution:
     def _scalar(self, value: object) -> str:
         """A non-null JSON value as a SQL literal or as raw text."""
         if isinstance(value, bool):
-            return "true" if value else "false"
+            text = "true" if value else "false"
+            return self._written(text, text)
         if isinstance(value, int | float):
-            return _json(value)
+            text = _json(value)
+            return self._written(text, f"({text})" if text.startswith("-") else text)
         if isinstance(value, str):
-            return _quote_literal(value) if self.sql else value
-        return _quote_literal(_json(value)) if self.sql else _json(value)
+            return self._written(value, _quote_literal(value))
+        text = _json(value)
+        return self._written(text, _quote_literal(text))
 
     def _whole(self, value: object) -> str:
         """A whole result that is not read as a row set: its JSON text."""
         text = _json(value)
-        return _quote_literal(text) if self.sql else text
+        return self._written(text, _quote_literal(text))
+
+    def _written(self, raw: str, literal: str) -> str:
+        """A value as written where the reference stands: ``raw`` text in raw mode, the SQL
+        ``literal`` in code, ``raw`` escaped inside quotes."""
+        if not self.sql:
+            return raw
+        if self.context == "code":
+            text = literal
+        elif self.context == "ident":
+            text = raw.replace('"', '""')
+        elif self.context == "estring":
+            text = raw.replace("\\", "\\\\").replace("'", "''")
+        else:
+            text = raw.replace("'", "''")
+        for tag in self.tags:
+            if tag in text:
+                raise SubstitutionError(
+                    f"a substituted value contains {tag}, which would end the dollar-quoted"
+                    " text around its reference"
+                )
+        return text
 
     def _rows(self, name: str, rows: list[dict[str, object]]) -> str:
         if not self.sql:
             return _json(rows)
+        if self.context != "code":
+            raise SubstitutionError(f"${name}.* cannot stand inside a quoted string or identifier")
         if len(rows) > MAX_EXPANDED_ROWS:
             raise SubstitutionError(
                 f"${name}.* — result has {len(rows)} rows, exceeding the maximum of "
@@ -258,6 +353,63 @@ class _Substitution:
         )
         column_list = ", ".join(_quote_ident(c) for c in columns)
         return f"(VALUES {values}) AS {_quote_ident(name)}({column_list})"
+
+
+def _after_identifier(text: str, at: int) -> bool:
+    # `a$b$` is one identifier to PostgreSQL, not a dollar quote.
+    return at > 0 and (
+        text[at - 1] in _IDENT_CHARS or text[at - 1] in "$" or text[at - 1] >= "\x80"
+    )
+
+
+def _escapes(text: str, quote: int) -> bool:
+    """Whether the string starting at ``quote`` reads backslash escapes: E'...' or U&'...'."""
+
+    def starts_word(at: int) -> bool:
+        return at == 0 or not (text[at - 1] in _IDENT_CHARS or text[at - 1] >= "\x80")
+
+    if quote >= 1 and text[quote - 1] in "eE" and starts_word(quote - 1):
+        return True
+    return quote >= 2 and text[quote - 2 : quote] in ("U&", "u&") and starts_word(quote - 2)
+
+
+def _quoted_end(text: str, at: int, quote: str, *, backslashes: bool) -> tuple[int, bool]:
+    """Index just past the quote closing the text that starts at ``at``, and whether there
+    was one (else the text runs to the end)."""
+    i = at
+    while i < len(text):
+        c = text[i]
+        if backslashes and c == "\\":
+            i += 2
+        elif c == quote:
+            if text.startswith(quote, i + 1):
+                i += 2  # a doubled quote
+            else:
+                return i + 1, True
+        else:
+            i += 1
+    return len(text), False
+
+
+def _comment_end(text: str, at: int) -> int:
+    """Index just past the comment starting at ``at`` (``--`` to the line end; ``/* */``
+    nested, as PostgreSQL reads them)."""
+    if text.startswith("--", at):
+        newline = text.find("\n", at)
+        return len(text) if newline == -1 else newline
+    depth, i = 0, at
+    while i < len(text):
+        if text.startswith("/*", i):
+            depth += 1
+            i += 2
+        elif text.startswith("*/", i):
+            depth -= 1
+            i += 2
+            if depth == 0:
+                return i
+        else:
+            i += 1
+    return len(text)
 
 
 def _parse_suffix(text: str, name: str, at: int) -> _Ref | None:

@@ -29,6 +29,8 @@ from .egress import EgressPolicy
 from .steps import StepRunner, StepSettings
 
 log = logging.getLogger("pgdurable.worker")
+# What df's triggers send on the cancel channel: "<instance>" or "<instance>:<activation>".
+_CANCEL_PAYLOAD = re.compile(r"[0-9a-f]{8}(:[0-9]{1,9})?")
 
 # An internal error (a bug, a poisoned row) on the same task this often fails its instance
 # rather than retrying forever.
@@ -418,9 +420,12 @@ class Worker:
         """A NOTIFY on the cancel channel: ``<instance>`` or ``<instance>:<activation>``."""
         if self._runner is None:
             return
+        # Any role may NOTIFY on this channel: a payload we did not write is ignored.
+        if not _CANCEL_PAYLOAD.fullmatch(payload):
+            return
         instance, _, activation = payload.partition(":")
         cancel = asyncio.create_task(
-            self._runner.cancel(instance, int(activation) if activation.isdigit() else None)
+            self._runner.cancel(instance, int(activation) if activation else None)
         )
         self._cancels.add(cancel)
         cancel.add_done_callback(self._cancel_done)
