@@ -1012,6 +1012,22 @@ SQL: SELECT 1 ○··············
     assert_tree(explain(su, "%s", instance), expected)
 
 
+def test_cancelled_instance(app: App) -> None:
+    # Nodes keep the status they had (spec §9.5); the header says cancelled.
+    instance = app.start("'SELECT 1' ~> df.sleep(60)")
+    app.conn.execute("SELECT df.cancel(%s)", (instance,))
+    assert_tree(
+        explain(app.conn, "%s", instance),
+        f"""
+Instance: {instance}·······
+Status:   ✗ Cancelled····
+·························
+SQL: SELECT 1 ○··········
+→ SLEEP 60s ○············
+""",
+    )
+
+
 def test_instance_without_nodes(su: Conn) -> None:
     row = su.execute("SELECT df.start('SELECT 1')").fetchone()
     assert row is not None
