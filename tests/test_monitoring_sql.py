@@ -18,7 +18,7 @@ import psycopg
 import pytest
 from conftest import App, ThreadWorker
 from psycopg.types.json import Jsonb
-from sqlcheck import Conn, check
+from sqlcheck import Conn, Error, check, outcome
 
 from pgdurable.embedded import EmbeddedPostgres
 
@@ -510,3 +510,706 @@ def test_instance_nodes_shows_only_the_callers_instances(
         ],
     )
     check(su, [(f"(SELECT count(*) FROM df.instance_nodes('{instance}'))", 3)])
+
+
+# -- df.list_instances, paginated ----------------------------------------------------------------
+
+FUNCTION_NAME = "pg_durable::orchestration::execute-function-graph"
+TOO_MANY = (
+    "df.list_instances: limit_count ({}) exceeds pg_durable.list_instances_max_limit ({}); "
+    "request fewer rows, or use the paginated df.list_instances overload "
+    "(after_cursor/next_cursor) for large result sets"
+)
+INVALID_CURSOR = Error("df.list_instances: invalid after_cursor")
+
+
+def created(conn: Conn, instance: str, when: str) -> None:
+    conn.execute("UPDATE df.instances SET created_at = %s WHERE id = %s", (when, instance))
+
+
+def page(
+    conn: Conn,
+    limit: int,
+    cursor: str | None = None,
+    status: str | None = None,
+    label: str | None = None,
+) -> tuple[list[str], str | None]:
+    """(ids of one page, its next_cursor), checking the cursor is the same on every row."""
+    rows = conn.execute(
+        "SELECT instance_id, next_cursor FROM df.list_instances(%s, %s, %s, %s)",
+        (status, limit, label, cursor),
+    ).fetchall()
+    assert len({r[1] for r in rows}) <= 1, rows
+    return [r[0] for r in rows], rows[0][1] if rows else None
+
+
+def all_pages(conn: Conn, limit: int, **filters: str) -> list[list[str]]:
+    pages, cursor = [], None
+    while True:
+        ids, cursor = page(conn, limit, cursor, **filters)
+        pages.append(ids)
+        if cursor is None:
+            return pages
+
+
+def flat(pages: list[list[str]]) -> list[str]:
+    return [i for p in pages for i in p]
+
+
+def hex_of(text: str) -> str:
+    return text.encode().hex()
+
+
+def test_list_instances_pages_in_order(su: Conn) -> None:
+    ids = [start(su, "'SELECT 1', %s", f"l{i % 2}") for i in range(7)]
+    # Three instances share one created_at, two another; the page size (2) cuts both groups.
+    times = ["12:00:05", "12:00:03", "12:00:03", "12:00:03", "12:00:01", "12:00:01", "11:59:00"]
+    for instance, t in zip(ids, times, strict=True):
+        created(su, instance, f"2026-03-01 {t}.123456+00")
+    expected = [
+        ids[0],
+        *sorted(ids[1:4]),
+        *sorted(ids[4:6]),
+        ids[6],
+    ]
+    assert flat(all_pages(su, 2)) == expected
+    assert [len(p) for p in all_pages(su, 2)] == [2, 2, 2, 1]
+    assert all_pages(su, 7) == [expected]  # one full page: no cursor
+    assert all_pages(su, 1000) == [expected]
+    for size in (1, 3, 6):
+        assert flat(all_pages(su, size)) == expected
+
+    # The cursor names the page's last row, exactly as pg_durable encodes it.
+    first, cursor = page(su, 2)
+    assert cursor == hex_of(f"v1|2026-03-01T12:00:03.123456+00|{first[1]}")
+    # The offset is the session's: a cursor is an instant, whatever the time zone.
+    su.execute("SET TimeZone = 'Asia/Kolkata'")
+    _, kolkata = page(su, 2)
+    assert kolkata == hex_of(f"v1|2026-03-01T17:30:03.123456+05:30|{first[1]}")
+    su.execute("SET TimeZone = 'America/New_York'")
+    assert page(su, 5, kolkata)[0] == expected[2:7]
+    su.execute("RESET TimeZone")
+    # Upper-case hex is still hex.
+    assert page(su, 5, cursor.upper())[0] == expected[2:7]
+
+    # Keyset: instances started between two pages do not shift the next page.
+    start(su, "'SELECT 1'")
+    assert page(su, 2, cursor)[0] == expected[2:4]
+
+    # Filters: exact status and label, combined with the cursor.
+    su.execute("UPDATE df.instances SET status = 'failed' WHERE id = ANY(%s)", (ids[1:4],))
+    assert flat(all_pages(su, 1, status="failed")) == sorted(ids[1:4])
+    assert all_pages(su, 2, status="FAILED") == [[]]
+    assert flat(all_pages(su, 2, label="l0")) == [i for i in expected if ids.index(i) % 2 == 0]
+    assert flat(all_pages(su, 1, status="failed", label="l1")) == sorted(
+        i for i in ids[1:4] if ids.index(i) % 2 == 1
+    )
+    # Rows without created_at are never listed (spec §9.2).
+    su.execute("UPDATE df.instances SET created_at = NULL WHERE id = %s", (ids[0],))
+    assert ids[0] not in flat(all_pages(su, 3))
+
+
+def test_list_instances_paginated_columns(su: Conn) -> None:
+    done = start(su, "'SELECT 1', 'done'")
+    waiting = start(su, "'SELECT 1'")
+    created(su, done, "2026-03-01 12:00:00+00")
+    created(su, waiting, "2026-03-01 11:00:00+00")
+    su.execute(
+        "UPDATE df.instances SET status = 'completed', completed_at = '2026-03-01 12:00:09+00'"
+        " WHERE id = %s",
+        (done,),
+    )
+    su.execute("UPDATE df._runs SET generation = 4, output = 'out' WHERE instance_id = %s", (done,))
+    cur = su.execute("SELECT * FROM df.list_instances(NULL, 10, NULL)")
+    assert [c.name for c in cur.description or []] == [
+        "instance_id",
+        "label",
+        "function_name",
+        "status",
+        "execution_count",
+        "output",
+        "created_at",
+        "completed_at",
+        "next_cursor",
+    ]
+    rows = cur.fetchall()
+    assert [r[:6] for r in rows] == [
+        (done, "done", FUNCTION_NAME, "completed", 4, "out"),
+        (waiting, None, FUNCTION_NAME, "pending", 1, None),
+    ]
+    assert [(r[6].isoformat(), r[7] and r[7].isoformat(), r[8]) for r in rows] == [
+        ("2026-03-01T12:00:00+00:00", "2026-03-01T12:00:09+00:00", None),
+        ("2026-03-01T11:00:00+00:00", None, None),
+    ]
+    # The basic overload lists the same rows in the same order, without the extra columns.
+    assert [r[:6] for r in su.execute("SELECT * FROM df.list_instances()")] == [r[:6] for r in rows]
+
+
+def test_list_instances_paginated_limits(su: Conn) -> None:
+    for _ in range(3):
+        start(su, "'SELECT 1'")
+    check(
+        su,
+        [
+            ("(SELECT count(*) FROM df.list_instances(NULL, NULL, NULL))", 3),
+            ("(SELECT count(*) FROM df.list_instances(NULL, 1000, NULL))", 3),
+            (
+                "(SELECT count(*) FROM df.list_instances(NULL, 0, NULL))",
+                Error("limit_count must be at least 1"),
+            ),
+            (
+                "(SELECT count(*) FROM df.list_instances(NULL, -3, NULL, NULL))",
+                Error("limit_count must be at least 1"),
+            ),
+            (
+                "(SELECT count(*) FROM df.list_instances(NULL, 1001, NULL))",
+                Error(TOO_MANY.format(1001, 1000)),
+            ),
+        ],
+    )
+    su.execute("SET pg_durable.list_instances_max_limit = 2")
+    check(
+        su,
+        [
+            ("(SELECT count(*) FROM df.list_instances(NULL, 2, NULL))", 2),
+            (
+                "(SELECT count(*) FROM df.list_instances(NULL, 3, NULL))",
+                Error(TOO_MANY.format(3, 2)),
+            ),
+            # The default page size (100) is checked against the cap too.
+            (
+                "(SELECT count(*) FROM df.list_instances(NULL, NULL, NULL))",
+                Error(TOO_MANY.format(100, 2)),
+            ),
+        ],
+    )
+    # The limit is checked before the cursor.
+    check(
+        su,
+        [
+            (
+                "(SELECT count(*) FROM df.list_instances(NULL, 0, NULL, 'zz'))",
+                Error("limit_count must be at least 1"),
+            )
+        ],
+    )
+    su.execute("SET pg_durable.list_instances_max_limit = 1000000")
+    check(su, [("(SELECT count(*) FROM df.list_instances(NULL, 1000000, NULL))", 3)])
+
+
+def test_list_instances_refuses_every_malformed_cursor(su: Conn) -> None:
+    instance = start(su, "'SELECT 1'")
+    ts = "2026-03-01T12:00:00.000000+00"
+    valid = hex_of(f"v1|{ts}|{instance}")
+    # The longest cursor is 512 hex digits (256 bytes).
+    longest = hex_of(f"v1|{ts}|" + "x" * (256 - len(f"v1|{ts}|")))
+    assert len(longest) == 512
+    cases: list[tuple[str, object]] = [
+        (valid, 0),
+        (valid.upper(), 0),
+        (longest, 0),
+        (longest + "78", INVALID_CURSOR),  # 514 digits
+        ("", INVALID_CURSOR),
+        ("abc", INVALID_CURSOR),  # odd length
+        ("zz", INVALID_CURSOR),  # not hex
+        (valid[:-2] + "g0", INVALID_CURSOR),
+        (" " + valid[1:], INVALID_CURSOR),
+        ("ff" + valid[2:], INVALID_CURSOR),  # not UTF-8
+        (valid + "00", INVALID_CURSOR),  # a NUL byte
+        (hex_of(f"v2|{ts}|{instance}"), INVALID_CURSOR),
+        (hex_of(f"V1|{ts}|{instance}"), INVALID_CURSOR),
+        (hex_of(f"|{ts}|{instance}"), INVALID_CURSOR),
+        (hex_of(f"v1|{ts}"), INVALID_CURSOR),
+        (hex_of(f"v1|{ts}|"), INVALID_CURSOR),  # empty id
+        (hex_of(f"v1||{instance}"), INVALID_CURSOR),  # empty timestamp
+        (hex_of("v1"), INVALID_CURSOR),
+        (hex_of(f"v1|2026-03-01T12:00:00+00|{instance}"), INVALID_CURSOR),  # no microseconds
+        (hex_of(f"v1|2026-03-01T12:00:00.000+00|{instance}"), INVALID_CURSOR),
+        (hex_of(f"v1|2026-03-01 12:00:00.000000+00|{instance}"), INVALID_CURSOR),
+        (hex_of(f"v1|2026-03-01T12:00:00.000000Z|{instance}"), INVALID_CURSOR),
+        (hex_of(f"v1|2026-03-01T12:00:00.000000|{instance}"), INVALID_CURSOR),  # no offset
+        (hex_of(f"v1|2026-03-01T12:00:00.000000+0530|{instance}"), INVALID_CURSOR),
+        (hex_of(f"v1|2026-13-01T12:00:00.000000+00|{instance}"), INVALID_CURSOR),  # no 13th month
+        (hex_of(f"v1|2026-02-30T12:00:00.000000+00|{instance}"), INVALID_CURSOR),
+        (hex_of(f"v1|{ts} |{instance}"), INVALID_CURSOR),
+        # Accepted shapes: an offset with minutes, an id holding '|' (it is the rest).
+        (hex_of(f"v1|2026-03-01T12:00:00.000000+05:30|{instance}"), 0),
+        (hex_of("v1|2026-03-01T12:00:00.000000-03|a|b"), 0),
+    ]
+    check(
+        su,
+        [
+            (f"(SELECT count(*) FROM df.list_instances(NULL, 10, NULL, '{cursor}'))", expected)
+            for cursor, expected in cases
+        ],
+    )
+    # A cursor after nothing at all is no error.
+    assert page(su, 10, hex_of(f"v1|{ts}|ffffffff"))[0] == []
+    assert page(su, 10, hex_of("v1|3000-01-01T00:00:00.000000+00|0"))[0] == [instance]
+
+
+# -- df.instance_info and df.instance_executions -------------------------------------------------
+
+Execution = tuple[int, str, int, int, str | None]
+
+
+def executions(conn: Conn, instance: str, limit: int | None = 100) -> list[Execution]:
+    rows = conn.execute(
+        "SELECT * FROM df.instance_executions(%s, %s)", (instance, limit)
+    ).fetchall()
+    return [(r[0], r[1], r[2], r[3], r[4]) for r in rows]
+
+
+def checkpoints(su: Conn, instance: str) -> int:
+    row = su.execute(
+        "SELECT checkpoints FROM df._runs WHERE instance_id = %s", (instance,)
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def test_instance_info(su: Conn) -> None:
+    instance = start(su, "'SELECT 1', 'my label'")
+    cur = su.execute("SELECT * FROM df.instance_info(%s)", (instance,))
+    assert [c.name for c in cur.description or []] == [
+        "instance_id",
+        "label",
+        "function_name",
+        "function_version",
+        "current_execution_id",
+        "status",
+        "output",
+    ]
+    assert cur.fetchall() == [(instance, "my label", FUNCTION_NAME, "1.0.0", 1, "pending", None)]
+    su.execute(
+        "UPDATE df._runs SET generation = 3, output = 'x' WHERE instance_id = %s", (instance,)
+    )
+    su.execute("UPDATE df.instances SET status = 'failed' WHERE id = %s", (instance,))
+    check(
+        su,
+        [
+            (
+                f"(SELECT row(current_execution_id, status, output)::text"
+                f" FROM df.instance_info('{instance}'))",
+                "(3,failed,x)",
+            ),
+            ("(SELECT count(*) FROM df.instance_info('00000000'))", 0),
+            ("(SELECT count(*) FROM df.instance_info(NULL))", 0),
+            # By name, as pg_durable's callers may write it.
+            (f"(SELECT label FROM df.instance_info(instance_id => '{instance}'))", "my label"),
+        ],
+    )
+
+
+def test_executions_of_a_root_loop(app: App, worker: ThreadWorker, su: Conn) -> None:
+    c = app.conn
+    c.execute("CREATE TABLE app.counter (n int)")
+    c.execute("INSERT INTO app.counter VALUES (0)")
+    # Three iterations of at least a second each (spec §7.7), then the condition is false.
+    instance, status = app.run(
+        "df.loop('UPDATE app.counter SET n = n + 1 RETURNING n', 'SELECT n < 3 FROM app.counter')"
+    )
+    assert status == "completed"
+    rows = executions(c, instance)
+    assert [(r[0], r[1]) for r in rows] == [
+        (3, "Completed"),
+        (2, "ContinuedAsNew"),
+        (1, "ContinuedAsNew"),
+    ]
+    # Each iteration's output is its body's result; the last one is the instance's output.
+    assert [r[4] for r in rows] == [
+        '{"rows":[{"n":3}],"row_count":1}',
+        '{"rows":[{"n":2}],"row_count":1}',
+        '{"rows":[{"n":1}],"row_count":1}',
+    ]
+    # An iteration lasts at least a second, the last one ends with its condition.
+    assert all(900 <= r[3] < 10_000 for r in rows[1:]), rows
+    assert 0 <= rows[0][3] < 5_000, rows
+    # Every checkpoint counts in exactly one execution.
+    assert all(r[2] >= 2 for r in rows), rows
+    assert sum(r[2] for r in rows) == checkpoints(su, instance)
+    info = c.execute(
+        "SELECT current_execution_id, status, output FROM df.instance_info(%s)", (instance,)
+    ).fetchone()
+    assert info == (3, "completed", '{"rows":[{"n":3}],"row_count":1}')
+    # The same numbers as df.list_instances and df.metrics.
+    assert c.execute(
+        "SELECT execution_count FROM df.list_instances() WHERE instance_id = %s", (instance,)
+    ).fetchone() == (3,)
+    assert su.execute("SELECT total_executions, total_events FROM df.metrics()").fetchone() == (
+        3,
+        checkpoints(su, instance),
+    )
+
+    # Limits: newest first, capped at 10,000, at least 1.
+    assert executions(c, instance, 1) == rows[:1]
+    assert executions(c, instance, None) == rows  # the default, 5
+    assert executions(c, instance, 20_000) == rows
+    assert c.execute("SELECT count(*) FROM df.instance_executions(%s)", (instance,)).fetchone() == (
+        3,
+    )
+    check(
+        c,
+        [
+            (
+                f"(SELECT count(*) FROM df.instance_executions('{instance}', 0))",
+                Error("limit_count must be at least 1"),
+            ),
+            (
+                f"(SELECT count(*) FROM df.instance_executions('{instance}', -1))",
+                Error("limit_count must be at least 1"),
+            ),
+            ("(SELECT count(*) FROM df.instance_executions('00000000'))", 0),
+        ],
+    )
+
+
+def test_executions_while_running_and_when_cancelled(
+    app: App, worker: ThreadWorker, su: Conn
+) -> None:
+    c = app.conn
+    instance = app.start("@> ('SELECT 1 AS tick' ~> df.wait_for_signal('go'))")
+    wait = node_id(c, instance, kind="SIGNAL")
+    wait_until(lambda: views(c, instance)[wait][0] == "running", "the first wait")
+    # Running: no duration yet, the events so far.
+    ((gen, status, events, duration, output),) = executions(c, instance)
+    assert (gen, status, duration, output) == (1, "Running", 0, None)
+    assert events == checkpoints(su, instance) > 0
+
+    signal(app, instance, "go")
+    wait_until(
+        lambda: (
+            stamp_of(c, instance, wait) == f"{instance}::2"
+            and views(c, instance)[wait][0] == "running"
+        ),
+        "the second iteration's wait",
+    )
+    rows = executions(c, instance)
+    assert [(r[0], r[1], r[3] == 0) for r in rows] == [
+        (2, "Running", True),
+        (1, "ContinuedAsNew", False),
+    ]
+    assert rows[1][4] == '{"signal_name":"go","timed_out":false,"data":{}}'
+    c.execute("SELECT df.cancel(%s)", (instance,))
+    rows = executions(c, instance)
+    assert [(r[0], r[1], r[4]) for r in rows] == [
+        (2, "Cancelled", None),
+        (1, "ContinuedAsNew", '{"signal_name":"go","timed_out":false,"data":{}}'),
+    ]
+    assert rows[0][3] >= 0 and sum(r[2] for r in rows) == checkpoints(su, instance)
+
+    # A failure ends the only execution with the error.
+    failed, status = app.run("'SELECT 1/0'")
+    assert status == "failed"
+    ((gen, status, events, duration, output),) = executions(c, failed)
+    assert (gen, status) == (1, "Failed")
+    assert output == "SQL execution failed: error returned from database: division by zero"
+    assert events == checkpoints(su, failed) and duration >= 0
+
+
+def test_executions_of_a_pending_instance_and_the_kept_history(su: Conn) -> None:
+    instance = start(su, "'SELECT 1'")
+    assert executions(su, instance) == [(1, "Running", 0, 0, None)]
+    # A loop that iterated for long keeps its newest 1,000 executions.
+    for generation in (2, 3, 1002):
+        su.execute(
+            "UPDATE df._runs SET generation = %s, checkpoints = checkpoints + 1"
+            " WHERE instance_id = %s",
+            (generation, instance),
+        )
+    rows = executions(su, instance)
+    assert [(r[0], r[1]) for r in rows] == [(1002, "Running"), (3, "ContinuedAsNew")]
+    assert executions(su, instance, 10_000)[-1][0] == 3
+    assert su.execute(
+        "SELECT min(generation), count(*) FROM df._executions WHERE instance_id = %s",
+        (instance,),
+    ).fetchone() == (3, 2)
+
+
+# -- row-level scoping -----------------------------------------------------------------------------
+
+
+def test_monitoring_shows_only_the_callers_instances(
+    su: Conn, make_role: Callable[..., Role]
+) -> None:
+    alice, bob = make_role(), make_role()
+    mine = start(alice.conn, "'SELECT 1', 'shared label'")
+    theirs = start(bob.conn, "'SELECT 1' ~> 'SELECT 2', 'shared label'")
+    su_own = start(su, "'SELECT 1', 'shared label'")
+    counts = (
+        "(SELECT count(*) FROM df.list_instances())",
+        "(SELECT count(*) FROM df.list_instances(NULL, 10, 'shared label'))",
+        "(SELECT count(*) FROM df.list_instances('pending', 10, NULL))",
+    )
+    for conn, own in ((alice.conn, mine), (bob.conn, theirs)):
+        other = theirs if own == mine else mine
+        check(conn, [(sql, 1) for sql in counts])
+        check(
+            conn,
+            [
+                ("(SELECT instance_id FROM df.list_instances(NULL, 10, NULL))", own),
+                (f"(SELECT count(*) FROM df.instance_info('{own}'))", 1),
+                (f"(SELECT count(*) FROM df.instance_executions('{own}'))", 1),
+                # Another role's instance is an unknown one, everywhere.
+                (f"(SELECT count(*) FROM df.instance_info('{other}'))", 0),
+                (f"(SELECT count(*) FROM df.instance_executions('{other}'))", 0),
+                (f"(SELECT count(*) FROM df.instance_nodes('{other}'))", 0),
+                (f"(SELECT count(*) FROM df.instance_info('{su_own}'))", 0),
+                # The history table itself, read directly.
+                ("(SELECT array_agg(instance_id::text) FROM df._executions)", [own]),
+                ("(SELECT array_agg(instance_id::text) FROM df._runs)", [own]),
+            ],
+        )
+    # Superusers see everyone's.
+    check(
+        su,
+        [
+            *[(sql, 3) for sql in counts],
+            *[(f"(SELECT count(*) FROM df.instance_info('{i}'))", 1) for i in (mine, theirs)],
+            (f"(SELECT count(*) FROM df.instance_executions('{theirs}'))", 1),
+        ],
+    )
+    # Users still cannot read what the engine keeps for itself.
+    check(
+        alice.conn,
+        [
+            (
+                "(SELECT count(*) FROM (SELECT state FROM df._runs) s)",
+                Error("permission denied for table _runs"),
+            ),
+            ("(SELECT count(*) FROM df._tasks)", Error("permission denied for table _tasks")),
+        ],
+    )
+
+
+# -- workers ---------------------------------------------------------------------------------------
+
+WORKER_COLUMNS = [
+    "worker_id",
+    "hostname",
+    "pid",
+    "started_at",
+    "last_seen_at",
+    "alive",
+    "concurrency",
+    "version",
+    "tasks_held",
+]
+TASK_COLUMNS = [
+    "worker_id",
+    "task_id",
+    "instance_id",
+    "submitted_by",
+    "node_id",
+    "node_type",
+    "kind",
+    "attempts",
+    "lease_expires_at",
+    "lease_expired",
+]
+
+
+def test_workers_show_liveness_and_what_each_holds(
+    su: Conn, app: App, worker: ThreadWorker
+) -> None:
+    import os
+    import socket
+
+    import pgdurable
+
+    wait_until(
+        lambda: su.execute("SELECT count(*) FROM df.workers()").fetchone() == (1,),
+        "the worker's registration",
+    )
+    cur = su.execute("SELECT * FROM df.workers()")
+    assert [c.name for c in cur.description or []] == WORKER_COLUMNS
+    ((worker_id, host, pid, started, seen, alive, concurrency, version, held),) = cur.fetchall()
+    assert worker_id == worker.worker.id
+    assert (host, pid, alive, concurrency, version, held) == (
+        socket.gethostname(),
+        os.getpid(),
+        True,
+        4,
+        pgdurable.__version__,
+        0,
+    )
+    assert started <= seen
+
+    # A step in flight is held by the worker that runs it, under a lease.
+    slow = app.start("'SELECT 1' ~> 'SELECT pg_sleep(30)'")
+    sleeper = node_id(app.conn, slow, query="SELECT pg_sleep(30)")
+    wait_until(
+        lambda: (
+            su.execute(
+                "SELECT count(*) FROM df.worker_tasks() WHERE node_id = %s", (sleeper,)
+            ).fetchone()
+            == (1,)
+        ),
+        "the step's lease",
+    )
+    assert su.execute("SELECT tasks_held FROM df.workers()").fetchone() == (1,)
+    cur = su.execute("SELECT * FROM df.worker_tasks()")
+    assert [c.name for c in cur.description or []] == TASK_COLUMNS
+    ((holder, _, instance, role, node, node_type, kind, attempts, expires, expired),) = (
+        cur.fetchall()
+    )
+    assert (holder, instance, role, node, node_type, kind, attempts, expired) == (
+        worker.worker.id,
+        slow,
+        app.role,
+        sleeper,
+        "SQL",
+        "sql",
+        1,
+        False,
+    )
+    assert expires > seen
+
+    # Cancelled: the step is withdrawn, and the worker holds nothing.
+    su.execute("SELECT df.cancel(%s)", (slow,))
+    assert su.execute("SELECT tasks_held FROM df.workers()").fetchone() == (0,)
+
+
+def test_a_dead_worker_keeps_its_expired_leases(su: Conn) -> None:
+    """A worker killed without a clean stop is not alive and keeps its tasks, with leases
+    that ran out, until another worker claims them (no worker runs here to do so)."""
+    dead, live = uuid.uuid4(), uuid.uuid4()
+    su.execute(
+        "INSERT INTO df._worker_epoch (epoch_id, started_at, last_seen_at, hostname, pid,"
+        " concurrency, version) VALUES"
+        " (%s, now() - interval '2 hours', now() - interval '45 seconds', 'gone', 1, 10, 'a'),"
+        " (%s, now() - interval '1 hour', now() - interval '5 seconds', 'here', 2, 10, 'b')",
+        (dead, live),
+    )
+    waiting = start(su, "'SELECT 1'")
+    held = start(su, "'SELECT 1'")
+    su.execute(
+        "UPDATE df._tasks SET lease_owner = %s, visible_at = now() - interval '1 second'"
+        " WHERE instance_id = %s",
+        (dead, held),
+    )
+    rows = su.execute("SELECT worker_id, hostname, alive, tasks_held FROM df.workers()")
+    assert rows.fetchall() == [(dead, "gone", False, 1), (live, "here", True, 0)]
+    # Alive is relative to the heartbeat interval the caller expects.
+    rows = su.execute("SELECT worker_id, alive FROM df.workers('1 minute')")
+    assert rows.fetchall() == [(dead, True), (live, True)]
+    rows = su.execute("SELECT worker_id, alive FROM df.workers('1 second')")
+    assert rows.fetchall() == [(dead, False), (live, False)]
+    rows = su.execute(
+        "SELECT worker_id, instance_id, submitted_by, node_id, node_type, kind, attempts,"
+        " lease_expired FROM df.worker_tasks()"
+    )
+    assert rows.fetchall() == [(dead, held, "postgres", None, None, "start", 0, True)]
+    # The other instance's task is queued, held by nobody.
+    assert su.execute(
+        "SELECT lease_owner FROM df._tasks WHERE instance_id = %s", (waiting,)
+    ).fetchone() == (None,)
+
+
+def test_workers_only_by_explicit_grant(su: Conn, make_role: Callable[..., Role]) -> None:
+    user, admin = make_role(), make_role(grant=False)
+    su.execute("SELECT df.grant_usage(%s, with_grant => true)", (admin.name,))
+    check(
+        user.conn,
+        [
+            (
+                "(SELECT count(*) FROM df.workers())",
+                Error("permission denied for function workers"),
+            ),
+            (
+                "(SELECT count(*) FROM df.worker_tasks())",
+                Error("permission denied for function worker_tasks"),
+            ),
+        ],
+    )
+    su.execute(
+        "INSERT INTO df._worker_epoch (epoch_id, hostname, pid, concurrency, version)"
+        " VALUES (gen_random_uuid(), 'h', 1, 1, 'v')"
+    )
+    # System-wide: the admin sees workers and tasks it could not read itself.
+    check(
+        admin.conn,
+        [
+            ("(SELECT count(*) FROM df.workers())", 1),
+            ("(SELECT count(*) FROM df.workers('1 second'))", 1),
+            ("(SELECT count(*) FROM df.worker_tasks())", 0),
+            (
+                "(SELECT count(*) FROM df._worker_epoch)",
+                Error("permission denied for table _worker_epoch"),
+            ),
+        ],
+    )
+    # An admin passes them on with with_grant, and takes them back with revoke_usage.
+    admin.conn.execute("SELECT df.grant_usage(%s, with_grant => true)", (user.name,))
+    check(user.conn, [("(SELECT count(*) FROM df.workers())", 1)])
+    admin.conn.execute("SELECT df.revoke_usage(%s)", (user.name,))
+    su.execute(f"REVOKE EXECUTE ON FUNCTION df.workers(interval) FROM {user.name}")
+    assert not outcome(
+        su, "has_function_privilege(%s, 'df.workers(interval)', 'EXECUTE')", [user.name]
+    )
+    assert not outcome(
+        su, "has_function_privilege(%s, 'df.worker_tasks()', 'EXECUTE')", [user.name]
+    )
+    # GRANT EXECUTE is the other explicit way.
+    su.execute(f"GRANT EXECUTE ON FUNCTION df.worker_tasks() TO {user.name}")
+    check(user.conn, [("(SELECT count(*) FROM df.worker_tasks())", 0)])
+
+
+def test_grants_for_monitoring_and_their_renewal(su: Conn, make_role: Callable[..., Role]) -> None:
+    """df.grant_usage grants what monitoring reads, df.revoke_usage takes it back, and
+    df.refresh_grants gives it to roles granted before this version."""
+    admin, user = make_role(grant=False), make_role(grant=False)
+    su.execute("SELECT df.grant_usage(%s, with_grant => true)", (admin.name,))
+    admin.conn.execute("SELECT df.grant_usage(%s)", (user.name,))
+    granted = (
+        "has_table_privilege(%s, 'df._executions', 'SELECT')",
+        "has_column_privilege(%s, 'df._runs', 'checkpoints', 'SELECT')",
+    )
+    for expr in granted:
+        assert outcome(su, expr, [user.name]) is True, expr
+    assert (
+        outcome(su, "has_column_privilege(%s, 'df._runs', 'state', 'SELECT')", [user.name]) is False
+    )
+    for fn in ("df.workers(interval)", "df.worker_tasks()"):
+        assert outcome(su, f"has_function_privilege(%s, '{fn}', 'EXECUTE')", [user.name]) is False
+        assert (
+            outcome(
+                su, f"has_function_privilege(%s, '{fn}', 'EXECUTE WITH GRANT OPTION')", [admin.name]
+            )
+            is True
+        )
+
+    # As after an upgrade from a version without them: the upgrade's df.refresh_grants renews
+    # the admin's grant, then the user's from the admin.
+    su.execute(f"REVOKE SELECT ON df._executions FROM {admin.name} CASCADE")
+    su.execute(f"REVOKE SELECT (checkpoints) ON df._runs FROM {admin.name} CASCADE")
+    su.execute(f"REVOKE EXECUTE ON FUNCTION df.workers(interval) FROM {admin.name} CASCADE")
+    for expr in granted:
+        assert outcome(su, expr, [user.name]) is False, expr
+    su.execute("SELECT df.refresh_grants()")
+    for expr in granted:
+        assert outcome(su, expr, [user.name]) is True, expr
+    assert outcome(
+        su, "has_function_privilege(%s, 'df.workers(interval)', 'EXECUTE')", [admin.name]
+    )
+    check(user.conn, [("(SELECT count(*) FROM df._executions)", 0)])
+    admin.conn.execute("SELECT df.revoke_usage(%s)", (user.name,))
+    for expr in granted:
+        assert outcome(su, expr, [user.name]) is False, expr
+    su.execute("SELECT df.revoke_usage(%s)", (admin.name,))
+    for expr in granted:
+        assert outcome(su, expr, [admin.name]) is False, expr
+
+    # An admin not renewed yet still revokes what it granted, without an error for what it
+    # never held.
+    su.execute("SELECT df.grant_usage(%s, with_grant => true)", (admin.name,))
+    admin.conn.execute("SELECT df.grant_usage(%s)", (user.name,))
+    su.execute(f"REVOKE SELECT ON df._executions FROM {admin.name} CASCADE")
+    su.execute(f"REVOKE SELECT (checkpoints) ON df._runs FROM {admin.name} CASCADE")
+    admin.conn.execute("SELECT df.revoke_usage(%s)", (user.name,))
+    for expr in (
+        "has_schema_privilege(%s, 'df', 'USAGE')",
+        "has_column_privilege(%s, 'df._runs', 'output', 'SELECT')",
+        "has_table_privilege(%s, 'df.nodes', 'SELECT')",
+    ):
+        assert outcome(su, expr, [user.name]) is False, expr

@@ -169,3 +169,471 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
       FROM df.nodes n
      WHERE n.instance_id = instance_id_param;
 $$;
+
+-- ---------------------------------------------------------------------------------------------
+-- df.list_instances, the paginated overload (spec §9.2). The basic overload (migration 4)
+-- already orders ties on created_at by id, the order this one pages through.
+--
+-- Keyset pagination: a page is the instances after the last row of the previous page in the
+-- order (created_at DESC, id ASC), so pages neither skip nor repeat rows when instances are
+-- started or removed between two calls. The cursor names that last row: the lower-case hex of
+-- 'v1|<created_at with microseconds and UTC offset>|<id>'. Opaque to callers, but exactly
+-- pg_durable's, so cursors can be passed between the two.
+-- ---------------------------------------------------------------------------------------------
+
+-- The row a cursor names, or the spec's error for anything that is not a cursor this function
+-- could have produced: odd length, non-hex, more than 512 hex digits, not UTF-8, another
+-- version, an empty part, a timestamp of another shape, or a date that does not exist.
+CREATE FUNCTION df._list_cursor(cursor text, OUT created_at timestamptz, OUT id text)
+LANGUAGE plpgsql STABLE STRICT SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_text   text;
+    v_parts  text[];
+BEGIN
+    IF length(cursor) <= 512 AND length(cursor) % 2 = 0 AND cursor ~ '^[0-9a-fA-F]*$' THEN
+        BEGIN
+            -- convert_from refuses invalid UTF-8 and NUL bytes.
+            v_text := convert_from(decode(cursor, 'hex'), 'UTF8');
+            -- 'v1|<timestamp>|<id>'; the id is the rest, whatever it holds.
+            v_parts := regexp_match(v_text, '^v1\|([^|]+)\|(.+)$');
+            IF v_parts[1] ~ '^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}[+-]\d{2}(:\d{2})?$' THEN
+                created_at := v_parts[1]::timestamptz;  -- refuses e.g. a 13th month
+                id := v_parts[2];
+                RETURN;
+            END IF;
+        EXCEPTION WHEN others THEN
+            NULL;  -- reported below, like every other malformed cursor
+        END;
+    END IF;
+    RAISE EXCEPTION 'df.list_instances: invalid after_cursor'
+        USING ERRCODE = 'invalid_parameter_value';
+END;
+$$;
+
+CREATE FUNCTION df.list_instances(status_filter text, limit_count integer, label_filter text,
+                                  after_cursor text DEFAULT NULL)
+RETURNS TABLE (instance_id text, label text, function_name text, status text,
+               execution_count bigint, output text, created_at timestamptz,
+               completed_at timestamptz, next_cursor text)
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_limit    integer := coalesce(limit_count, 100);
+    v_max      integer := df._list_instances_max_limit();
+    v_after    timestamptz;
+    v_after_id text;
+    v_where    text := '';
+BEGIN
+    IF v_limit < 1 THEN
+        RAISE EXCEPTION 'limit_count must be at least 1' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF v_limit > v_max THEN
+        RAISE EXCEPTION 'df.list_instances: limit_count (%) exceeds pg_durable.list_instances_max_limit (%); request fewer rows, or use the paginated df.list_instances overload (after_cursor/next_cursor) for large result sets',
+            v_limit, v_max USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF after_cursor IS NOT NULL THEN
+        SELECT c.created_at, c.id INTO v_after, v_after_id FROM df._list_cursor(after_cursor) c;
+    END IF;
+    -- Only the filters given are in the statement, planned for these values: each filter has
+    -- an index that yields rows in page order (spec §2.2), so a page costs about its size.
+    IF status_filter IS NOT NULL THEN
+        v_where := v_where || ' AND i.status = $2';
+    END IF;
+    IF label_filter IS NOT NULL THEN
+        v_where := v_where || ' AND i.label = $3';
+    END IF;
+    IF v_after IS NOT NULL THEN
+        v_where := v_where || ' AND (i.created_at < $4 OR (i.created_at = $4 AND i.id > $5))';
+    END IF;
+    -- One row more than the page tells whether there is a next page; the cursor then names
+    -- the page's last row and is repeated on every row (spec §9.2).
+    RETURN QUERY EXECUTE format($q$
+        WITH page AS (
+            SELECT i.id, i.label, i.status, i.created_at, i.completed_at,
+                   row_number() OVER (ORDER BY i.created_at DESC, i.id) AS n
+              FROM (SELECT i.*
+                      FROM df.instances i
+                     WHERE i.created_at IS NOT NULL %s
+                     ORDER BY i.created_at DESC, i.id
+                     LIMIT $1 + 1) i
+        )
+        SELECT p.id::text, p.label, 'pg_durable::orchestration::execute-function-graph'::text,
+               p.status, r.generation::bigint, r.output, p.created_at, p.completed_at,
+               (SELECT encode(convert_to('v1|' || to_char(l.created_at,
+                                                          'YYYY-MM-DD"T"HH24:MI:SS.USOF')
+                                         || '|' || l.id, 'UTF8'), 'hex')
+                  FROM page l WHERE l.n = $1 AND EXISTS (SELECT 1 FROM page m WHERE m.n > $1))
+          FROM page p
+          LEFT JOIN df._runs r ON r.instance_id = p.id
+         WHERE p.n <= $1
+         ORDER BY p.n
+    $q$, v_where)
+    USING v_limit, status_filter, label_filter, v_after, v_after_id;
+END;
+$$;
+
+-- ---------------------------------------------------------------------------------------------
+-- Execution history (spec §9.3). An execution is one generation of the instance's root: the
+-- whole run, or one iteration of a loop at the root (spec §7.7: each iteration is a new
+-- generation, "continue-as-new" in pg_durable). df._runs keeps only the current generation,
+-- so df._executions keeps one row per generation, written by triggers: df._checkpoint stays as
+-- it is, and the rows cost nothing per step.
+--
+--   status       'Running' while it runs (also while the instance is pending: the engine
+--                holds it as started); 'ContinuedAsNew' once the loop began its next
+--                iteration; then, for the last one, 'Completed' or 'Failed' as the instance
+--                ends, or 'Cancelled' for a cancelled instance (the df status, capitalised
+--                like the others; pg_durable's engine reports no fixed spelling for it)
+--   started_at   the start of the instance for the first; the checkpoint that began the
+--                iteration for the others
+--   first_event  df._runs.checkpoints when it began: a running execution's events are the
+--                checkpoints committed since, counted when read (df._runs.checkpoints is
+--                bumped by every checkpoint, this table is not)
+--   events       checkpoints of an ended execution (the one that begins an iteration counts
+--                in the new iteration)
+--   output       a loop iteration's body result; the instance's output (root result or error
+--                text) for the last one
+--
+-- A root loop may iterate for ever (one iteration a second at most); only the newest 1,000
+-- executions of an instance are kept, each with its body result, so the history of one
+-- instance stays bounded.
+-- ---------------------------------------------------------------------------------------------
+CREATE TABLE df._executions (
+    instance_id  varchar(8) NOT NULL REFERENCES df._runs (instance_id) ON DELETE CASCADE,
+    generation   integer NOT NULL,
+    status       text NOT NULL,
+    started_at   timestamptz NOT NULL,
+    finished_at  timestamptz,
+    first_event  bigint NOT NULL,
+    events       bigint,
+    output       text,
+    PRIMARY KEY (instance_id, generation)
+);
+
+-- Like df._runs: users read the history of their own instances only (SELECT is granted by
+-- df.grant_usage below).
+ALTER TABLE df._executions ENABLE ROW LEVEL SECURITY;
+CREATE POLICY executions_user_isolation ON df._executions FOR SELECT
+    USING (EXISTS (SELECT 1 FROM df.instances i WHERE i.id = instance_id));
+
+-- The instance was started (df._runs is created with it): its first execution begins, at the
+-- instance's created_at (now(), the same transaction).
+CREATE FUNCTION df._execution_started() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    INSERT INTO df._executions (instance_id, generation, status, started_at, first_event)
+    VALUES (NEW.instance_id, NEW.generation, 'Running', now(), NEW.checkpoints)
+    ON CONFLICT (instance_id, generation) DO NOTHING;
+    RETURN NULL;
+END;
+$$;
+
+CREATE TRIGGER runs_execution_started AFTER INSERT ON df._runs
+    FOR EACH ROW EXECUTE FUNCTION df._execution_started();
+
+-- A checkpoint moved the root to another generation: a loop at the root began its next
+-- iteration. The interpreter state (graph/interpreter.py, format 1) still holds the loop's
+-- activation, whose "last" is the body result of the iteration that ended; the root loop is
+-- the one iterating execution "0". Nothing here may fail a checkpoint, so a state of another
+-- shape only loses that output.
+CREATE FUNCTION df._execution_continued() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_now     timestamptz := clock_timestamp();
+    v_output  text;
+BEGIN
+    IF jsonb_typeof(NEW.state -> 'acts') = 'object' THEN
+        SELECT a.value ->> 'last' INTO v_output
+          FROM jsonb_each(NEW.state -> 'acts') AS a
+         WHERE jsonb_typeof(a.value) = 'object' AND a.value ->> 'loop_exec' = '0'
+         LIMIT 1;
+    END IF;
+    UPDATE df._executions e
+       SET status = 'ContinuedAsNew', finished_at = v_now,
+           events = OLD.checkpoints - e.first_event, output = v_output
+     WHERE e.instance_id = NEW.instance_id AND e.generation = OLD.generation
+       AND e.finished_at IS NULL;
+    INSERT INTO df._executions AS e (instance_id, generation, status, started_at, first_event)
+    VALUES (NEW.instance_id, NEW.generation, 'Running', v_now, OLD.checkpoints)
+    ON CONFLICT (instance_id, generation) DO UPDATE
+       SET status = 'Running', started_at = v_now, finished_at = NULL,
+           first_event = OLD.checkpoints, events = NULL, output = NULL;
+    DELETE FROM df._executions e
+     WHERE e.instance_id = NEW.instance_id AND e.generation <= NEW.generation - 1000;
+    RETURN NULL;
+END;
+$$;
+
+-- Every checkpoint sets generation; the WHEN clause keeps the trigger to real changes, so an
+-- ordinary checkpoint queues nothing.
+CREATE TRIGGER runs_execution_continued AFTER UPDATE OF generation ON df._runs
+    FOR EACH ROW WHEN (NEW.generation IS DISTINCT FROM OLD.generation)
+    EXECUTE FUNCTION df._execution_continued();
+
+-- The instance ended: so did its current execution. df._checkpoint writes df._runs (output,
+-- checkpoints) before the instance's status, so both are final here. SECURITY DEFINER because
+-- df.cancel runs as the user.
+CREATE FUNCTION df._execution_ended() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    UPDATE df._executions e
+       SET status = CASE NEW.status WHEN 'completed' THEN 'Completed'
+                                    WHEN 'failed' THEN 'Failed'
+                                    ELSE 'Cancelled' END,
+           finished_at = clock_timestamp(),
+           events = r.checkpoints - e.first_event,
+           output = r.output
+      FROM df._runs r
+     WHERE r.instance_id = NEW.id
+       AND e.instance_id = r.instance_id AND e.generation = r.generation
+       AND e.finished_at IS NULL;
+    RETURN NULL;
+END;
+$$;
+
+CREATE TRIGGER instances_execution_ended AFTER UPDATE OF status ON df.instances
+    FOR EACH ROW WHEN (NEW.status IN ('completed', 'failed', 'cancelled')
+                       AND OLD.status IS DISTINCT FROM NEW.status)
+    EXECUTE FUNCTION df._execution_ended();
+
+REVOKE ALL ON FUNCTION df._execution_started() FROM PUBLIC;
+REVOKE ALL ON FUNCTION df._execution_continued() FROM PUBLIC;
+REVOKE ALL ON FUNCTION df._execution_ended() FROM PUBLIC;
+
+-- Instances that exist already get their current execution. Earlier generations of a loop
+-- that iterated before this upgrade are not known; a running one counts its events (and its
+-- duration) from now.
+INSERT INTO df._executions (instance_id, generation, status, started_at, finished_at,
+                            first_event, events, output)
+SELECT r.instance_id, r.generation,
+       CASE i.status WHEN 'completed' THEN 'Completed'
+                     WHEN 'failed' THEN 'Failed'
+                     WHEN 'cancelled' THEN 'Cancelled'
+                     ELSE 'Running' END,
+       CASE WHEN r.generation = 1 THEN coalesce(i.created_at, now())
+            ELSE coalesce(t.finished_at, now()) END,
+       t.finished_at,
+       CASE WHEN r.generation = 1 THEN 0 ELSE r.checkpoints END,
+       CASE WHEN t.finished_at IS NOT NULL
+            THEN CASE WHEN r.generation = 1 THEN r.checkpoints ELSE 0 END END,
+       CASE WHEN t.finished_at IS NOT NULL THEN r.output END
+  FROM df._runs r
+  JOIN df.instances i ON i.id = r.instance_id
+ CROSS JOIN LATERAL (
+       SELECT CASE WHEN i.status IN ('completed', 'failed', 'cancelled')
+                   THEN greatest(coalesce(i.completed_at, i.updated_at, now()),
+                                 coalesce(i.created_at, now())) END AS finished_at) t;
+
+-- ---------------------------------------------------------------------------------------------
+-- df.instance_info and df.instance_executions (spec §9.3). Run as the caller: another role's
+-- instance gives no row, like an unknown one.
+-- ---------------------------------------------------------------------------------------------
+CREATE FUNCTION df.instance_info(instance_id text)
+RETURNS TABLE (instance_id text, label text, function_name text, function_version text,
+               current_execution_id bigint, status text, output text)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT i.id::text, i.label, 'pg_durable::orchestration::execute-function-graph'::text,
+           '1.0.0'::text, r.generation::bigint, i.status, r.output
+      FROM df.instances i
+      LEFT JOIN df._runs r ON r.instance_id = i.id
+     WHERE i.id = $1;
+$$;
+
+-- Newest first; limit_count is capped at 10,000 (spec §9.3), NULL means the default 5.
+CREATE FUNCTION df.instance_executions(instance_id text, limit_count integer DEFAULT 5)
+RETURNS TABLE (execution_id bigint, status text, event_count bigint, duration_ms bigint,
+               output text)
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_limit integer := least(coalesce($2, 5), 10000);
+BEGIN
+    IF v_limit < 1 THEN
+        RAISE EXCEPTION 'limit_count must be at least 1' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    RETURN QUERY
+        SELECT e.generation::bigint, e.status,
+               CASE WHEN e.finished_at IS NULL THEN r.checkpoints - e.first_event
+                    ELSE e.events END,
+               CASE WHEN e.finished_at IS NULL THEN 0::bigint
+                    ELSE greatest(0, round(extract(epoch FROM e.finished_at - e.started_at)
+                                           * 1000))::bigint END,
+               e.output
+          FROM df._executions e
+          JOIN df._runs r ON r.instance_id = e.instance_id
+         WHERE e.instance_id = $1
+         ORDER BY e.generation DESC
+         LIMIT v_limit;
+END;
+$$;
+
+-- ---------------------------------------------------------------------------------------------
+-- Workers (pgdurable's own; spec §2.5 has one executor per cluster). Each live worker keeps a
+-- row in df._worker_epoch and heartbeats it every third of its lease (10 s with the default
+-- 30 s lease, worker/loop.py); a worker killed without a clean stop leaves its row behind until
+-- another worker starts and sweeps rows silent for ten minutes. So a worker is alive when its
+-- last heartbeat is younger than three heartbeat intervals: stale_after, 30 s by default (pass
+-- three times lease/3 for workers run with another --lease-seconds).
+--
+-- What a worker holds are the tasks leased to it (df._tasks.lease_owner): steps it runs now,
+-- and steps its checkpoints handed to it. A lease that ran out stays with its worker until
+-- another worker claims the task, so the tasks of a dead worker show here with an expired
+-- lease.
+--
+-- System-wide data (hosts, pids, every tenant's instance ids), not limited by row-level
+-- security: SECURITY DEFINER, and EXECUTE only by explicit grant, like df.metrics
+-- (df.grant_usage(role, with_grant => true), or GRANT EXECUTE).
+-- ---------------------------------------------------------------------------------------------
+CREATE FUNCTION df.workers(stale_after interval DEFAULT interval '30 seconds')
+RETURNS TABLE (worker_id uuid, hostname text, pid integer, started_at timestamptz,
+               last_seen_at timestamptz, alive boolean, concurrency integer, version text,
+               tasks_held bigint)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT w.epoch_id, w.hostname, w.pid, w.started_at, w.last_seen_at,
+           coalesce(w.last_seen_at > now() - $1, false), w.concurrency, w.version,
+           (SELECT count(*) FROM df._tasks t WHERE t.lease_owner = w.epoch_id)
+      FROM df._worker_epoch w
+     ORDER BY w.started_at, w.epoch_id;
+$$;
+
+-- The tasks each worker holds: which step of which instance, since when (its lease runs to
+-- lease_expires_at and is extended by the heartbeat), and how often it was claimed.
+CREATE FUNCTION df.worker_tasks()
+RETURNS TABLE (worker_id uuid, task_id bigint, instance_id text, submitted_by text,
+               node_id text, node_type text, kind text, attempts integer,
+               lease_expires_at timestamptz, lease_expired boolean)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT t.lease_owner, t.id, t.instance_id::text, i.submitted_by::text, t.node_id::text,
+           n.node_type, t.kind, t.attempts, t.visible_at, t.visible_at <= now()
+      FROM df._tasks t
+      JOIN df.instances i ON i.id = t.instance_id
+      LEFT JOIN df.nodes n ON n.instance_id = t.instance_id AND n.id = t.node_id
+     WHERE t.lease_owner IS NOT NULL
+     ORDER BY t.lease_owner, t.id;
+$$;
+
+REVOKE EXECUTE ON FUNCTION df.workers(interval) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION df.worker_tasks() FROM PUBLIC;
+
+-- ---------------------------------------------------------------------------------------------
+-- Privileges. df._private_functions (migration 4) learns the two worker functions, so that
+-- df.grant_usage(..., with_grant => true) passes them on with df.metrics and df.revoke_usage
+-- takes them back. df.grant_usage and df.revoke_usage (as in migrations 10 and 7) add what the
+-- monitoring functions read as the caller: the history of the role's own instances, and the
+-- checkpoint count of its runs (a running execution's event count).
+-- ---------------------------------------------------------------------------------------------
+CREATE OR REPLACE FUNCTION df._private_functions(kind text) RETURNS text[]
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT coalesce(array_agg(f.sig ORDER BY f.ord), '{}')
+      FROM unnest(CASE kind
+                  WHEN 'http' THEN ARRAY['df.http(text,text,text,jsonb,integer)',
+                                         'df.http_multipart(text,text,jsonb,jsonb,integer)']
+                  WHEN 'admin' THEN ARRAY['df.grant_usage(text,boolean,boolean)',
+                                          'df.revoke_usage(text)',
+                                          'df.metrics()',
+                                          'df.workers(interval)',
+                                          'df.worker_tasks()']
+                  END) WITH ORDINALITY AS f (sig, ord)
+     WHERE to_regprocedure(f.sig) IS NOT NULL;
+$$;
+
+CREATE OR REPLACE FUNCTION df.grant_usage(
+    p_role text, include_http boolean DEFAULT false, with_grant boolean DEFAULT false)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    grantee text := CASE WHEN lower(p_role) = 'public' THEN 'PUBLIC' ELSE format('%I', p_role) END;
+    opt     text := CASE WHEN with_grant THEN ' WITH GRANT OPTION' ELSE '' END;
+    fn      text;
+BEGIN
+    IF NOT has_schema_privilege('df', 'USAGE WITH GRANT OPTION') THEN
+        RAISE EXCEPTION 'pg_durable: "%" cannot grant df usage: it does not hold USAGE on schema df WITH GRANT OPTION',
+            current_user USING ERRCODE = 'insufficient_privilege',
+            HINT = 'Ask a superuser or the owner of schema df, or a role granted df.grant_usage(..., with_grant => true).';
+    END IF;
+    IF include_http THEN
+        FOREACH fn IN ARRAY df._private_functions('http') LOOP
+            IF NOT has_function_privilege(fn, 'EXECUTE WITH GRANT OPTION') THEN
+                RAISE EXCEPTION 'pg_durable: "%" cannot grant HTTP access: it does not hold EXECUTE on % WITH GRANT OPTION',
+                    current_user, fn USING ERRCODE = 'insufficient_privilege',
+                    HINT = 'Only a superuser, the owner of schema df, or a role granted df.grant_usage(..., include_http => true, with_grant => true) can grant include_http.';
+            END IF;
+        END LOOP;
+    END IF;
+
+    EXECUTE format('GRANT USAGE ON SCHEMA df TO %s%s', grantee, opt);
+    IF include_http THEN
+        FOREACH fn IN ARRAY df._private_functions('http') LOOP
+            EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %s%s', fn, grantee, opt);
+        END LOOP;
+    END IF;
+    IF with_grant THEN
+        FOREACH fn IN ARRAY df._private_functions('admin') LOOP
+            EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %s%s', fn, grantee, opt);
+        END LOOP;
+    END IF;
+    EXECUTE format('GRANT SELECT ON df.instances TO %s%s', grantee, opt);
+    EXECUTE format('GRANT UPDATE (status, updated_at) ON df.instances TO %s%s', grantee, opt);
+    EXECUTE format('GRANT SELECT ON df.nodes TO %s%s', grantee, opt);
+    EXECUTE format('GRANT INSERT (id, label, root_node, submitted_by, database) ON df.instances '
+                   'TO %s%s', grantee, opt);
+    EXECUTE format('GRANT INSERT (id, instance_id, node_type, query, result_name, left_node, '
+                   'right_node, submitted_by, database) ON df.nodes TO %s%s', grantee, opt);
+    EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON df.vars TO %s%s', grantee, opt);
+    -- For the monitoring functions: generation, output and checkpoint count of the role's own
+    -- runs, and their execution history (RLS on df._runs and df._executions).
+    EXECUTE format('GRANT SELECT (instance_id, generation, output, checkpoints) ON df._runs '
+                   'TO %s%s', grantee, opt);
+    EXECUTE format('GRANT SELECT ON df._executions TO %s%s', grantee, opt);
+    -- For df.signal: signals to the role's own instances (RLS on df._signals).
+    EXECUTE format('GRANT INSERT (instance_id, name, data) ON df._signals TO %s%s', grantee, opt);
+    RAISE NOTICE 'pg_durable: granted df usage privileges to "%"', p_role;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION df.revoke_usage(p_role text) RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    grantee text := CASE WHEN lower(p_role) = 'public' THEN 'PUBLIC' ELSE format('%I', p_role) END;
+    fn      text;
+    stmt    text;
+BEGIN
+    FOREACH fn IN ARRAY df._private_functions('http') || df._private_functions('admin') LOOP
+        BEGIN
+            EXECUTE format('REVOKE EXECUTE ON FUNCTION %s FROM %s CASCADE', fn, grantee);
+        EXCEPTION WHEN insufficient_privilege THEN
+            -- The caller has no privilege on it at all, so it granted nothing to revoke.
+            NULL;
+        END;
+    END LOOP;
+    -- An administrator made before migration 7 (df._signals) or 12 (df._executions,
+    -- df._runs.checkpoints) and not renewed since holds nothing on those, so it granted
+    -- nothing on them.
+    FOREACH stmt IN ARRAY ARRAY[
+        'REVOKE INSERT (instance_id, name, data) ON df._signals FROM %s CASCADE',
+        'REVOKE SELECT ON df._executions FROM %s CASCADE',
+        'REVOKE SELECT (checkpoints) ON df._runs FROM %s CASCADE']
+    LOOP
+        BEGIN
+            EXECUTE format(stmt, grantee);
+        EXCEPTION WHEN insufficient_privilege THEN
+            NULL;
+        END;
+    END LOOP;
+    EXECUTE format('REVOKE SELECT, INSERT, UPDATE, DELETE ON df.vars FROM %s CASCADE', grantee);
+    EXECUTE format('REVOKE SELECT (instance_id, generation, output) ON df._runs FROM %s CASCADE',
+                   grantee);
+    EXECUTE format('REVOKE INSERT (id, instance_id, node_type, query, result_name, left_node, '
+                   'right_node, submitted_by, database) ON df.nodes FROM %s CASCADE', grantee);
+    EXECUTE format('REVOKE INSERT (id, label, root_node, submitted_by, database) ON df.instances '
+                   'FROM %s CASCADE', grantee);
+    EXECUTE format('REVOKE SELECT ON df.nodes FROM %s CASCADE', grantee);
+    EXECUTE format('REVOKE UPDATE (status, updated_at) ON df.instances FROM %s CASCADE', grantee);
+    EXECUTE format('REVOKE SELECT ON df.instances FROM %s CASCADE', grantee);
+    EXECUTE format('REVOKE USAGE ON SCHEMA df FROM %s CASCADE', grantee);
+    RAISE NOTICE 'pg_durable: revoked df usage privileges granted by "%" from "%"',
+        current_user, p_role;
+END;
+$$;
+
+-- Roles granted usage before this version get the history and checkpoint count, and
+-- with_grant administrators the worker functions, from their original grantors.
+SELECT df.refresh_grants();
