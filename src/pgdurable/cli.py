@@ -1,4 +1,5 @@
-"""The ``pgdurable`` command: up | install | worker. Thin: parses flags, calls the library."""
+"""The ``pgdurable`` command: up | install | worker | ls | show | watch | cancel | signal.
+Thin: parses flags, calls the library."""
 
 from __future__ import annotations
 
@@ -7,22 +8,27 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 import psycopg
 from rich.console import Console
+from rich.live import Live
 from rich.logging import RichHandler
 
 from . import __version__
 from . import sql as schema
 from .embedded import EmbeddedPostgres, EmbeddedPostgresError, bin_path
+from .monitor import queries, render
 from .worker.egress import EgressPolicy
 from .worker.loop import Worker, WorkerConfig, WorkerError
 
-console = Console(stderr=True)
+console = Console(stderr=True)  # messages and logs
+output = Console()  # what the monitoring commands show
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -317,6 +323,138 @@ def _watch(dsn: str, path: Path) -> None:
                 console.print("the worker keeps running; press Ctrl-C to stop")
                 return
             time.sleep(0.2)
+
+
+# -- monitoring: ls, show, watch, cancel, signal ----------------------------------------------
+
+_dsn_option = click.option(
+    "--dsn",
+    envvar="PGDURABLE_DSN",
+    required=True,
+    help="Connect as the role whose instances to see (row-level security applies).",
+)
+_json_option = click.option("--json", "as_json", is_flag=True, help="JSON for scripts.")
+
+
+@contextmanager
+def _session(dsn: str) -> Iterator[psycopg.Connection[Any]]:
+    """A connection for one command; database errors become clean CLI errors."""
+    try:
+        with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
+            yield conn
+    except psycopg.Error as exc:
+        raise click.ClickException(exc.diag.message_primary or str(exc)) from None
+
+
+@main.command("ls")
+@_dsn_option
+@click.option(
+    "--status",
+    type=click.Choice(["pending", "running", "completed", "failed", "cancelled"]),
+    help="Only instances with this status.",
+)
+@click.option("--label", help="Only instances with exactly this label.")
+@click.option("--limit", default=50, show_default=True, help="Instances per page.")
+@click.option("--after", metavar="CURSOR", help="The next page (its cursor is printed).")
+@_json_option
+def ls(
+    dsn: str, status: str | None, label: str | None, limit: int, after: str | None, as_json: bool
+) -> None:
+    """List your instances, newest first."""
+    with _session(dsn) as conn:
+        rows, cursor = queries.list_instances(conn, status, label, limit, after)
+    if as_json:
+        click.echo(render.to_json({"instances": rows, "next_cursor": cursor}))
+        return
+    output.print(render.instances_table(rows))
+    if cursor:
+        console.print(f"more: pgdurable ls --after {cursor}", highlight=False)
+
+
+def _snapshot(conn: psycopg.Connection[Any], instance_id: str) -> tuple[dict[str, Any], list[Any]]:
+    found = queries.instance(conn, instance_id)
+    if found is None:
+        raise click.ClickException(
+            f"instance {instance_id} not found (or it was started by another role)"
+        )
+    return found, queries.nodes(conn, instance_id)
+
+
+def _as_json(instance: dict[str, Any], nodes: list[Any]) -> str:
+    return render.to_json({"instance": instance, "nodes": [render.node_record(n) for n in nodes]})
+
+
+@main.command()
+@_dsn_option
+@click.argument("instance_id")
+@_json_option
+def show(dsn: str, instance_id: str, as_json: bool) -> None:
+    """Show an instance: its graph with each step's status, duration, result or error."""
+    with _session(dsn) as conn:
+        instance, nodes = _snapshot(conn, instance_id)
+    if as_json:
+        click.echo(_as_json(instance, nodes))
+    else:
+        output.print(render.instance_view(instance, nodes, datetime.now(UTC)))
+
+
+@main.command()
+@_dsn_option
+@click.argument("instance_id")
+@click.option("--interval", default=0.5, show_default=True, help="Seconds between refreshes.")
+@_json_option
+def watch(dsn: str, instance_id: str, interval: float, as_json: bool) -> None:
+    """Follow an instance live until it ends; exit 0 if it completed, 1 otherwise.
+
+    With --json, print a JSON document (as ``show --json``) each time something changed."""
+    with _session(dsn) as conn:
+        instance, nodes = _snapshot(conn, instance_id)
+        if as_json:
+            last = ""
+            while True:
+                document = _as_json(instance, nodes)
+                if document != last:
+                    click.echo(document)
+                    last = document
+                if instance["status"] in queries.TERMINAL:
+                    break
+                time.sleep(interval)
+                instance, nodes = _snapshot(conn, instance_id)
+        else:
+            view = render.instance_view(instance, nodes, datetime.now(UTC))
+            with Live(view, console=output, auto_refresh=False) as live:
+                while instance["status"] not in queries.TERMINAL:
+                    time.sleep(interval)
+                    instance, nodes = _snapshot(conn, instance_id)
+                    live.update(render.instance_view(instance, nodes, datetime.now(UTC)))
+                    live.refresh()
+    if instance["status"] != "completed":
+        sys.exit(1)
+
+
+@main.command()
+@_dsn_option
+@click.argument("instance_id")
+@click.option("--reason", default="Cancelled by user", show_default=True)
+def cancel(dsn: str, instance_id: str, reason: str) -> None:
+    """Cancel an instance: its steps in flight are interrupted and rolled back."""
+    with _session(dsn) as conn:
+        answer = queries.cancel(conn, instance_id, reason)
+    if answer.startswith("Failed to cancel"):
+        raise click.ClickException(answer)
+    console.print(answer, highlight=False)
+
+
+@main.command("signal")
+@_dsn_option
+@click.argument("instance_id")
+@click.argument("name")
+@click.argument("data", default="{}")
+def send_signal(dsn: str, instance_id: str, name: str, data: str) -> None:
+    """Send signal NAME to an instance, with DATA (JSON, or else a string; default {})."""
+    with _session(dsn) as conn:
+        queries.signal(conn, instance_id, name, data)
+    console.print(f"signal '{name}' sent to {instance_id}", highlight=False)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,260 @@
+"""Terminal and JSON renderings of instances and their nodes. Pure: rows in, output out."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from typing import Any
+
+from rich.console import Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+from rich.tree import Tree
+
+from ..graph.model import GraphError, Node, node_from_row
+
+Row = Mapping[str, Any]
+
+# Status -> (marker, style); markers as in df.explain (spec §9.6).
+MARKERS = {
+    "completed": ("✓", "green"),
+    "failed": ("✗", "red"),
+    "cancelled": ("✗", "magenta"),
+    "running": ("⏳", "yellow"),
+    "pending": ("○", "dim"),
+    "skipped": ("⊘", "dim"),
+}
+RESULT_WIDTH = 120
+ERROR_WIDTH = 400
+
+
+def to_json(value: Any) -> str:
+    """JSON for scripts: timestamps in ISO 8601, JSON columns parsed."""
+    return json.dumps(value, default=_json_default, ensure_ascii=False)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def node_record(row: Row) -> dict[str, Any]:
+    """A node row as JSON-ready data, its result parsed when it is JSON."""
+    record = dict(row)
+    record["result"] = _parsed(row.get("result"))
+    return record
+
+
+def _parsed(text: Any) -> Any:
+    if not isinstance(text, str):
+        return text
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def instances_table(rows: Iterable[Row]) -> Table:
+    """``pgdurable ls``: one line per instance."""
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for column in ("ID", "STATUS", "LABEL", "RUNS", "CREATED", "COMPLETED", "OUTPUT"):
+        table.add_column(column, overflow="fold" if column == "OUTPUT" else "ellipsis")
+    for row in rows:
+        table.add_row(
+            row["instance_id"],
+            _status_text(row["status"]),
+            row["label"] or "",
+            str(row["execution_count"] or ""),
+            _timestamp(row["created_at"]),
+            _timestamp(row["completed_at"]),
+            _cut(row["output"] or "", 60),
+        )
+    return table
+
+
+def instance_view(instance: Row, nodes: list[Row], now: datetime) -> RenderableType:
+    """``pgdurable show``: a header, then the graph as a tree with each node's status,
+    duration, and result or error."""
+    label = f" ({instance['label']})" if instance["label"] else ""
+    header = Text.assemble(
+        ("Instance ", "bold"),
+        (f"{instance['instance_id']}{label}  ", "bold"),
+        _status_text(instance["status"]),
+    )
+    end = instance["completed_at"] if instance["status"] == "completed" else None
+    timing = f"started {_timestamp(instance['created_at'])}"
+    if instance["status"] in ("pending", "running"):
+        timing += f", running for {format_duration(instance['created_at'], now)}"
+    elif end is not None:
+        timing += f", took {format_duration(instance['created_at'], end)}"
+    if instance.get("execution") and instance["execution"] > 1:
+        timing += f", execution {instance['execution']}"
+    parts: list[RenderableType] = [header, Text(timing, style="dim")]
+    if instance.get("output"):
+        parts.append(Text(f"output: {_cut(instance['output'], RESULT_WIDTH)}"))
+    tree = node_tree(instance["root_node"], nodes, now)
+    if tree is not None:
+        parts.append(tree)
+    return Group(*parts)
+
+
+def node_tree(root: str, rows: list[Row], now: datetime) -> Tree | None:
+    """The graph under ``root`` as a rich Tree (None if the root row is missing)."""
+    by_id = {row["node_id"]: row for row in rows}
+    nodes: dict[str, Node] = {}
+    for row in rows:
+        try:
+            nodes[row["node_id"]] = node_from_row(
+                {
+                    "id": row["node_id"],
+                    "node_type": row["node_type"],
+                    "query": row["query"],
+                    "result_name": row["result_name"],
+                    "left_node": row["left_node"],
+                    "right_node": row["right_node"],
+                }
+            )
+        except GraphError:
+            nodes[row["node_id"]] = Node(row["node_id"], row["node_type"], query=row["query"])
+    if root not in nodes:
+        return None
+    tree = Tree("", hide_root=True, guide_style="dim")
+    _add_sequence(tree, nodes[root], nodes, by_id, now)
+    return tree
+
+
+def _add_sequence(
+    parent: Tree, node: Node, nodes: Mapping[str, Node], rows: Mapping[str, Row], now: datetime
+) -> None:
+    # A THEN chain reads as the steps in order, as in df.explain.
+    for item in _chain(node, nodes):
+        _add_node(parent, item, nodes, rows, now)
+
+
+def _chain(node: Node, nodes: Mapping[str, Node]) -> list[Node]:
+    out: list[Node] = []
+    stack = [node]
+    while stack:
+        current = stack.pop()
+        left, right = current.left or "", current.right or ""
+        if current.type == "THEN" and left in nodes and right in nodes:
+            stack += [nodes[right], nodes[left]]
+        else:
+            out.append(current)
+    return out
+
+
+def _add_node(
+    parent: Tree, node: Node, nodes: Mapping[str, Node], rows: Mapping[str, Row], now: datetime
+) -> None:
+    row = rows[node.id]
+    branch = parent.add(_node_label(node, row, now))
+    status = row["inferred_status"] or row["status"]
+    if status == "failed" and node.type not in _COMPOUND:
+        branch.add(Text(_cut(_text_of(row["result"]), ERROR_WIDTH), style="red"))
+    elif status == "completed" and node.type not in _COMPOUND and row["result"] is not None:
+        branch.add(Text("= " + _cut(_text_of(row["result"]), RESULT_WIDTH), style="dim"))
+    for line in (row.get("error") or "").splitlines():  # a df.retry's failed attempts
+        branch.add(Text(_cut(line, ERROR_WIDTH), style="dim red"))
+    for title, child in _groups(node):
+        if child in nodes:
+            group = branch.add(Text(title, style="dim"))
+            _add_sequence(group, nodes[child], nodes, rows, now)
+
+
+_COMPOUND = frozenset({"IF", "LOOP", "JOIN", "RACE", "RETRY", "TIMEOUT", "THEN"})
+
+
+def _groups(node: Node) -> list[tuple[str, str]]:
+    """A compound node's children, each under the heading df.explain gives it."""
+    t = node.type
+    if t == "IF":
+        arms = [("then:", node.left), ("else:", node.right)]
+        return [(title, c) for title, c in [("condition:", node.condition), *arms] if c]
+    if t == "LOOP":
+        return [(title, c) for title, c in [("body:", node.left), ("while:", node.condition)] if c]
+    if t in ("JOIN", "RACE") and node.left and node.right:
+        return [(f"branch {i}:", b) for i, b in enumerate(node.branches, start=1)]
+    if t == "RETRY" and node.left:
+        return [("attempt:", node.left)]
+    if t == "TIMEOUT" and node.left:
+        return [("within:", node.left)]
+    return []
+
+
+def _node_label(node: Node, row: Row, now: datetime) -> Text:
+    status = row["inferred_status"] or row["status"]
+    marker, style = MARKERS.get(status, ("?", ""))
+    text = Text.assemble((f"{marker} ", style), describe(node))
+    if node.result_name:
+        text.append(f" |=> '{node.result_name}'", style="cyan")
+    started = row.get("started_at")
+    if started is not None and status in ("running", "completed", "failed"):
+        end = now if status == "running" else row["updated_at"]
+        text.append(f"  {format_duration(started, end)}", style="dim")
+    return text
+
+
+def describe(node: Node) -> str:
+    """A node in one line: its type and what it does."""
+    c = node.config
+    t = node.type
+    if t == "SQL":
+        return "SQL: " + _cut(" ".join((node.query or "").split()), 70)
+    if t == "SLEEP":
+        return f"sleep {node.query}s"
+    if t == "WAIT_SCHEDULE":
+        return f"wait for schedule '{c.get('cron_expr')}'"
+    if t == "SIGNAL":
+        timeout = c.get("timeout_seconds")
+        return f"wait for signal '{c.get('signal_name')}'" + (
+            f" ({timeout}s)" if timeout is not None else ""
+        )
+    if t in ("HTTP", "HTTP_MULTIPART"):
+        return f"HTTP {c.get('method')} {_cut(str(c.get('url')), 60)}"
+    if t == "BREAK":
+        value = c.get("break_value")
+        return "break" + (f" '{_cut(str(value), 30)}'" if value is not None else "")
+    if t == "LOOP":
+        return "loop (while)" if node.condition else "loop"
+    if t == "JOIN":
+        return f"join ({2 + len(node.extras)})"
+    if t == "RETRY":
+        return f"retry (max {c.get('max_attempts')} attempts)"
+    if t == "TIMEOUT":
+        return f"timeout {c.get('timeout_seconds')}s"
+    return t.lower()
+
+
+def format_duration(start: datetime, end: datetime) -> str:
+    """``412 ms``, ``3.1 s``, ``2m 05s``, ``1h 02m``."""
+    seconds = max((end - start).total_seconds(), 0.0)
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m {secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m"
+
+
+def _status_text(status: str) -> Text:
+    marker, style = MARKERS.get(status, ("?", ""))
+    return Text(f"{marker} {status}", style=style)
+
+
+def _timestamp(value: datetime | None) -> str:
+    return value.astimezone().strftime("%Y-%m-%d %H:%M:%S") if value else ""
+
+
+def _text_of(result: Any) -> str:
+    parsed = _parsed(result)
+    return parsed if isinstance(parsed, str) else json.dumps(parsed, ensure_ascii=False)
+
+
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
