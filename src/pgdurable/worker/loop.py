@@ -460,8 +460,8 @@ class Worker:
 
     async def _retention(self) -> None:
         """Every reconcile interval (the first one after start), remove finished instances
-        past retention, a batch per transaction, until a batch is not full. Only one worker
-        purges at a time: the others find the purge row locked and skip their pass."""
+        past retention, a batch per transaction. Only one worker purges at a time: the others
+        find the purge row locked and skip their pass."""
         interval = self.config.reconcile_interval
         if interval is None:
             try:
@@ -476,27 +476,25 @@ class Worker:
         while True:
             await asyncio.sleep(interval)
             try:
-                await self._purge()
+                await self._purge(time.monotonic() + interval)
             except Exception as exc:  # a database outage, a lock timeout: next pass
                 log.warning("purging finished instances failed: %s", _first_line(exc))
 
-    async def _purge(self) -> int:
-        """One retention pass; returns how many instances it removed."""
+    async def _purge(self, deadline: float) -> int:
+        """One retention pass: batches until there is nothing left to remove, another worker
+        is purging, or ``deadline`` (the next pass goes on); returns how many it removed."""
         removed = 0
-        batch = self.config.purge_batch_size
         async with self.conns.worker.connection(timeout=POOL_TIMEOUT) as conn:
             retention = await read_retention(conn)
-        while not self._stopping.is_set():
+        while not self._stopping.is_set() and time.monotonic() < deadline:
             # A connection per batch: a long pass does not hold one the claim loop needs.
             async with self.conns.worker.connection(timeout=POOL_TIMEOUT) as conn:
                 count = await store.purge_finished(
-                    conn, retention.days, retention.max_instances, batch
+                    conn, retention.days, retention.max_instances, self.config.purge_batch_size
                 )
-            if count is None:  # another worker is purging
+            if not count:  # nothing left (0), or another worker is purging (None)
                 break
             removed += count
-            if count < batch:
-                break
         if removed:
             log.info("removed %d finished instance(s) past retention", removed)
         return removed

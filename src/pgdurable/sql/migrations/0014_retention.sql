@@ -63,23 +63,39 @@ CREATE TABLE df._retention (
 INSERT INTO df._retention DEFAULT VALUES;
 
 -- ---------------------------------------------------------------------------------------------
+-- Deleting a node makes PostgreSQL check, at commit, that no node still names it as its left
+-- or right child (the deferred foreign keys nodes_left_fkey and nodes_right_fkey of migration
+-- 1). Without an index on those columns each check reads every node of the instance, so
+-- removing an instance of n nodes cost n² row visits: a 10,000-node graph took seconds by
+-- itself, and a batch of such graphs minutes. With these, each check is one index probe. Only
+-- nodes with children are in them (THEN, IF, JOIN, RACE, LOOP: about half of a graph).
+-- ---------------------------------------------------------------------------------------------
+CREATE INDEX nodes_left_idx ON df.nodes (instance_id, left_node) WHERE left_node IS NOT NULL;
+CREATE INDEX nodes_right_idx ON df.nodes (instance_id, right_node) WHERE right_node IS NOT NULL;
+
+-- ---------------------------------------------------------------------------------------------
 -- df._purge_finished: remove one batch of finished instances that are past retention.
 --
 --   p_retention_days  finished longer ago than this many days (0: any finished instance)
 --   p_keep            besides, keep no more than the newest p_keep finished instances
 --                     (ranked by finished_at, then id, newest first); 0 or NULL: no limit
 --   p_batch           remove at most this many instances
+--   p_max_nodes       and stop adding instances to the batch once their nodes would exceed
+--                     this many (a batch has at least one instance): the work of a batch is
+--                     bounded by graph size, not only by instance count
 --
--- Returns how many instances it removed, or NULL if another session is purging right now.
--- Oldest first. Deleting an instance deletes its nodes, df._runs, df._tasks and df._signals
--- rows with it (ON DELETE CASCADE on every engine table; a table that names an instance must
--- do the same). An instance someone holds (a late checkpoint, a df.signal being refused) is
--- skipped and removed by a later batch.
+-- Returns how many instances it removed (0: nothing left to remove, as far as it could see),
+-- or NULL if another session is purging right now. Oldest first. Deleting an instance
+-- deletes its nodes, df._runs, df._tasks and df._signals rows with it (ON DELETE CASCADE on
+-- every engine table, also df._executions through df._runs; a table that names an instance
+-- must do the same). An instance someone holds (a late checkpoint, a df.signal being refused)
+-- is skipped and removed by a later batch.
 --
 -- Only the worker calls it: it runs as the caller, who must own the tables (EXECUTE is not
 -- granted to users).
 -- ---------------------------------------------------------------------------------------------
-CREATE FUNCTION df._purge_finished(p_retention_days integer, p_keep integer, p_batch integer)
+CREATE FUNCTION df._purge_finished(
+    p_retention_days integer, p_keep integer, p_batch integer, p_max_nodes integer DEFAULT 50000)
 RETURNS integer
 LANGUAGE plpgsql VOLATILE
 -- A cascade should never meet a lock (nobody works on finished instances), but if one does,
@@ -93,6 +109,9 @@ DECLARE
     v_until_id  varchar(8) := '';
     v_kept      timestamptz;
     v_kept_id   varchar(8);
+    v_batch     varchar(8)[] := '{}';
+    v_nodes     bigint := 0;
+    v_candidate record;
     v_removed   integer;
 BEGIN
     IF p_batch IS NULL OR p_batch < 1 THEN
@@ -117,16 +136,32 @@ BEGIN
         END IF;
     END IF;
 
-    WITH victim AS (
-        SELECT i.id
-          FROM df._runs r JOIN df.instances i ON i.id = r.instance_id
+    -- The oldest candidates, while their nodes fit (counted one instance at a time, an index
+    -- range each: the loop reads only as far as it goes).
+    FOR v_candidate IN
+        SELECT r.instance_id,
+               (SELECT count(*) FROM df.nodes n WHERE n.instance_id = r.instance_id) AS nodes
+          FROM df._runs r
          WHERE r.finished_at IS NOT NULL
            AND (r.finished_at, r.instance_id) < (v_until, v_until_id)
            -- Always true for rows with finished_at; checked so that nothing running can go.
-           AND i.status IN ('completed', 'failed', 'cancelled')
+           AND EXISTS (SELECT 1 FROM df.instances i
+                        WHERE i.id = r.instance_id
+                          AND i.status IN ('completed', 'failed', 'cancelled'))
          ORDER BY r.finished_at, r.instance_id
          LIMIT p_batch
-           FOR UPDATE OF i SKIP LOCKED
+    LOOP
+        EXIT WHEN cardinality(v_batch) > 0 AND v_nodes + v_candidate.nodes > p_max_nodes;
+        v_batch := v_batch || v_candidate.instance_id;
+        v_nodes := v_nodes + v_candidate.nodes;
+    END LOOP;
+
+    WITH victim AS (
+        SELECT i.id
+          FROM df.instances i
+         WHERE i.id = ANY (v_batch)
+           AND i.status IN ('completed', 'failed', 'cancelled')
+           FOR UPDATE SKIP LOCKED
     ), removed AS (
         DELETE FROM df.instances i USING victim v WHERE i.id = v.id RETURNING 1
     )
@@ -138,49 +173,35 @@ BEGIN
 END;
 $$;
 
-REVOKE EXECUTE ON FUNCTION df._purge_finished(integer, integer, integer) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION df._purge_finished(integer, integer, integer, integer) FROM PUBLIC;
 
 -- ---------------------------------------------------------------------------------------------
--- Storage parameters of the hot tables (measured in bench/storage.py; see docs/engine.md).
+-- Autovacuum of the engine tables (measured in bench/storage.py; docs/engine.md, "Storage and
+-- retention").
 --
 -- df._tasks is a queue: every step inserts a row, claims and heartbeats update it, its
--- checkpoint deletes it. It stays small, but only if vacuum keeps up: with the default scale
--- factor (20% of the table) a table of a few hundred live rows waits for the autovacuum
--- naptime anyway, and after a burst (a backlog that grew and drained) the threshold grows with
--- the dead rows. A fixed threshold, and no cost delay (vacuuming it is cheap), keep it compact.
+-- checkpoint deletes it. Its dead rows slow down every claim (an index scan over visible_at)
+-- until vacuum removes them. By default autovacuum waits for 20% of the table to be dead: with
+-- many sleeping timers or signal waits queued (100,000 → 20,000 dead rows) that is a lot of
+-- scanning, while the live rows it would have to visit are all-visible and cost vacuum
+-- nothing. A fixed threshold, and no cost delay, keep the queue compact whatever its size.
 --
--- df._runs is rewritten by every checkpoint (the interpreter state); df.nodes by every step
--- (status, result). Neither update touches an indexed column, so it can be a HOT update (no
--- new index entries, pruned without vacuum), provided the page has room for the new version:
--- a fillfactor leaves that room. Their dead rows (superseded versions, purged instances) are
--- vacuumed at 5% rather than 20% of the table.
+-- df.instances, df.nodes, df._runs and df._signals hold the finished instances retention
+-- keeps (30 days, or the newest 10,000, by default), and every purge deletes their oldest rows.
+-- Vacuuming them at 5% dead rows rather than 20% bounds the dead space between vacuums to
+-- that, at the cost of more frequent (visibility-map guided, so cheap) passes.
 --
--- df.instances changes status two or three times per instance (an indexed column, never HOT)
--- and loses rows to purges in batches: vacuumed at 5% as well.
+-- No fillfactor: checkpoints update df.nodes and df._runs rows in place without touching an
+-- indexed column, so most updates are HOT already (page pruning makes room); a fillfactor of
+-- 80 (nodes) or 50 (runs) raised the share of HOT updates by a few points at most, and made
+-- every retained finished instance take up 25-100% more room.
 -- ---------------------------------------------------------------------------------------------
 ALTER TABLE df._tasks SET (
     autovacuum_vacuum_scale_factor = 0,
     autovacuum_vacuum_threshold = 1000,
-    autovacuum_vacuum_insert_scale_factor = 0,
-    autovacuum_vacuum_insert_threshold = 1000,
-    autovacuum_analyze_scale_factor = 0,
-    autovacuum_analyze_threshold = 1000,
     autovacuum_vacuum_cost_delay = 0
 );
-ALTER TABLE df._runs SET (
-    fillfactor = 50,
-    autovacuum_vacuum_scale_factor = 0.05,
-    autovacuum_analyze_scale_factor = 0.05
-);
-ALTER TABLE df.nodes SET (
-    fillfactor = 80,
-    autovacuum_vacuum_scale_factor = 0.05,
-    autovacuum_analyze_scale_factor = 0.05
-);
-ALTER TABLE df.instances SET (
-    autovacuum_vacuum_scale_factor = 0.05,
-    autovacuum_analyze_scale_factor = 0.05
-);
-ALTER TABLE df._signals SET (
-    autovacuum_vacuum_scale_factor = 0.05
-);
+ALTER TABLE df.instances SET (autovacuum_vacuum_scale_factor = 0.05);
+ALTER TABLE df.nodes SET (autovacuum_vacuum_scale_factor = 0.05);
+ALTER TABLE df._runs SET (autovacuum_vacuum_scale_factor = 0.05);
+ALTER TABLE df._signals SET (autovacuum_vacuum_scale_factor = 0.05);
