@@ -154,6 +154,10 @@ class Worker:
         self._reserved = 0  # slots promised to a claim or a checkpoint in flight
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
+        # Set once the background duties must end. They are also cancelled, but a cancel that
+        # lands in a pool or connection call may surface as a psycopg error, which their
+        # handlers take for a failed round; so each loop checks this as well.
+        self._closing = False
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -175,6 +179,7 @@ class Worker:
             await self._claim_loop()
         finally:
             await self._drain()
+            self._closing = True
             for helper in helpers:
                 helper.cancel()
             for helper in helpers:
@@ -397,7 +402,7 @@ class Worker:
     async def _listen(self) -> None:
         """Wake the claim loop on NOTIFY; reconnect when the connection drops."""
         delay = 0.5
-        while True:
+        while not self._closing:
             try:
                 async with await AsyncConnection.connect(
                     self.config.dsn, autocommit=True, connect_timeout=10
@@ -439,7 +444,7 @@ class Worker:
     async def _heartbeat(self) -> None:
         """Extend leases of in-flight tasks."""
         interval = self.config.lease_seconds / 3
-        while True:
+        while not self._closing:
             await asyncio.sleep(interval)
             try:
                 async with self.conns.worker.connection(timeout=POOL_TIMEOUT) as conn:
@@ -451,7 +456,7 @@ class Worker:
 
     async def _prune(self) -> None:
         """Close step connections nobody used lately (no I/O but closing them)."""
-        while True:
+        while not self._closing:
             await asyncio.sleep(PRUNE_INTERVAL)
             try:
                 await self.conns.prune()
@@ -473,8 +478,12 @@ class Worker:
         if interval <= 0:
             log.info("retention disabled (reconcile interval 0)")
             return
-        while True:
-            await asyncio.sleep(interval)
+        # No new pass once stopping (see _closing for why not only cancellation).
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), interval)
+            if self._stopping.is_set():
+                return
             try:
                 await self._purge(time.monotonic() + interval)
             except Exception as exc:  # a database outage, a lock timeout: next pass
