@@ -5,9 +5,9 @@
 -- longer than pg_durable.retention_days, or once they fall outside the newest
 -- pg_durable.retention_max_instances finished ones. The worker calls df._purge_finished
 -- every pg_durable.reconcile_interval seconds, with the settings it read on its own session,
--- until a call removes less than a full batch. Each call is one short transaction that
--- removes at most one batch of instances, skips rows anyone holds, and never waits for a
--- lock: running work is never blocked by a purge.
+-- until a call removes nothing (or the next pass is due). Each call is one short transaction
+-- that removes at most one batch of instances, skips rows anyone holds, and never waits for
+-- a lock: running work is never blocked by a purge.
 --
 -- How old is a finished instance? Not updated_at: its owner may write that column (spec
 -- §10.1, df.cancel needs it), so a user could date an instance into the future and keep it
@@ -27,8 +27,9 @@ UPDATE df._runs r
   FROM df.instances i
  WHERE i.id = r.instance_id AND i.status IN ('completed', 'failed', 'cancelled');
 
--- Oldest finished first, for the purge; newest first, for the count limit. Partial: running
--- instances are not in it, so a checkpoint's update of their df._runs row stays HOT.
+-- Oldest finished first, for the purge; newest first, for the count limit. Partial: only
+-- finished instances are in it. Checkpoints never change finished_at, so their updates of
+-- df._runs can still be HOT.
 CREATE INDEX runs_finished_idx ON df._runs (finished_at, instance_id)
     WHERE finished_at IS NOT NULL;
 
