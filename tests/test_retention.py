@@ -227,9 +227,10 @@ def test_batches_are_bounded_by_nodes_too(app: App, conn: Conn) -> None:
     assert not any(exists(conn, i) for i in ids)
 
 
-def test_removing_a_large_graph_takes_linear_time(app: App, conn: Conn) -> None:
+def test_removing_a_large_graph_uses_the_child_indexes(app: App, conn: Conn) -> None:
     """Each deleted node is checked against the deferred child foreign keys at commit; without
-    an index on them that read every node of the instance per node (seconds for 10,000)."""
+    an index on them that read every node of the instance per node (seconds for 10,000; the
+    timing is bench/storage.py's business)."""
 
     def balanced(n: int) -> str:
         return "'SELECT 1'" if n == 1 else f"({balanced(n // 2)} ~> {balanced(n - n // 2)})"
@@ -238,10 +239,13 @@ def test_removing_a_large_graph_takes_linear_time(app: App, conn: Conn) -> None:
     app.conn.execute("SELECT df.cancel(%s)", (instance,))
     assert rows_left(conn, instance)["nodes"] == 9999
     conn.execute("ANALYZE df.nodes")  # as autovacuum would have by then
-    started = time.monotonic()
+    plan = conn.execute(
+        "EXPLAIN SELECT 1 FROM df.nodes WHERE instance_id = %s AND left_node = 'abcdef01'",
+        (instance,),
+    ).fetchall()
+    assert "nodes_left_idx" in " ".join(str(row[0]) for row in plan), plan
     assert purge(conn, days=0) == 1
-    # About 0.15 s here, 2-3 s without the indexes.
-    assert time.monotonic() - started < 1.2
+    assert rows_left(conn, instance)["nodes"] == 0
 
 
 # -- purges never get in the way --------------------------------------------------------------
