@@ -17,6 +17,7 @@ import pytest
 from pgdurable.worker import results
 from pgdurable.worker.results import (
     NO_RESULT_SET,
+    ResultError,
     UnsupportedColumnType,
     configure_connection,
     read_result,
@@ -405,8 +406,9 @@ def test_json_and_jsonb(db: Conn) -> None:
 
 
 def test_json_number_beyond_float_range_fails(db: Conn) -> None:
-    with pytest.raises(ValueError, match="out of range"):
-        run(db, "SELECT '1e400'::json")
+    for query in ("SELECT '1e400'::json", "SELECT '1e400'::jsonb"):
+        with pytest.raises(ResultError, match="out of range"):
+            run(db, query)
 
 
 def test_domain_over_supported_type_is_its_base_type(db: Conn) -> None:

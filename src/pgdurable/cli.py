@@ -19,6 +19,7 @@ import psycopg
 from rich.console import Console
 from rich.live import Live
 from rich.logging import RichHandler
+from rich.markup import escape
 
 from . import __version__
 from . import sql as schema
@@ -296,33 +297,25 @@ def _show_run(dsn: str, path: Path) -> None:
 def _watch(dsn: str, path: Path) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
         text = path.read_text()
-        console.print(f"[bold]submitting[/] {path}:\n{text}", highlight=False, soft_wrap=True)
+        console.print(
+            f"[bold]submitting[/] {escape(str(path))}:\n{escape(text)}",
+            highlight=False,
+            soft_wrap=True,
+        )
         row = conn.execute(text).fetchone()
         assert row is not None
-        instance = row[0]
-        console.print(f"started instance [bold]{instance}[/]")
-        seen: dict[str, str] = {}
-        while True:
-            for node_id, node_type, status in conn.execute(
-                "SELECT id, node_type, status FROM df.nodes"
-                " WHERE instance_id = %s AND node_type <> 'THEN'"
-                " ORDER BY created_at, id",
-                (instance,),
-            ).fetchall():
-                if seen.get(node_id) != status:
-                    seen[node_id] = status
-                    console.print(f"  {node_type:<6} {node_id}  {status}")
-            status = conn.execute("SELECT df.status(%s)", (instance,)).fetchone()
-            if status and status[0] in ("completed", "failed", "cancelled"):
-                result = conn.execute("SELECT df.result(%s)", (instance,)).fetchone()
-                console.print(
-                    f"instance {instance} [bold]{status[0]}[/]: {result and result[0]}",
-                    highlight=False,
-                    soft_wrap=True,
-                )
-                console.print("the worker keeps running; press Ctrl-C to stop")
-                return
-            time.sleep(0.2)
+        instance_id = str(row[0])
+        console.print(f"started instance [bold]{instance_id}[/]")
+        with Live(console=console, auto_refresh=False) as live:
+            for instance, nodes in _follow(conn, instance_id, 0.2):
+                live.update(render.instance_view(instance, nodes, datetime.now(UTC)), refresh=True)
+        console.print(
+            f"instance {instance_id} [bold]{instance['status']}[/]:"
+            f" {escape(render.result_text(instance['output']))}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        console.print("the worker keeps running; press Ctrl-C to stop")
 
 
 # -- monitoring: ls, show, watch, cancel, signal ----------------------------------------------
@@ -368,7 +361,7 @@ def ls(
         return
     output.print(render.instances_table(rows))
     if cursor:
-        console.print(f"more: pgdurable ls --after {cursor}", highlight=False)
+        console.print(f"more: pgdurable ls --after {cursor}", highlight=False, markup=False)
 
 
 def _snapshot(conn: psycopg.Connection[Any], instance_id: str) -> tuple[dict[str, Any], list[Any]]:
@@ -378,6 +371,18 @@ def _snapshot(conn: psycopg.Connection[Any], instance_id: str) -> tuple[dict[str
             f"instance {instance_id} not found (or it was started by another role)"
         )
     return found, queries.nodes(conn, instance_id)
+
+
+def _follow(
+    conn: psycopg.Connection[Any], instance_id: str, interval: float
+) -> Iterator[tuple[dict[str, Any], list[Any]]]:
+    """Snapshots of an instance every ``interval`` seconds; the last one is terminal."""
+    while True:
+        instance, nodes = _snapshot(conn, instance_id)
+        yield instance, nodes
+        if instance["status"] in queries.TERMINAL:
+            return
+        time.sleep(interval)
 
 
 def _as_json(instance: dict[str, Any], nodes: list[Any]) -> str:
@@ -408,26 +413,18 @@ def watch(dsn: str, instance_id: str, interval: float, as_json: bool) -> None:
 
     With --json, print a JSON document (as ``show --json``) each time something changed."""
     with _session(dsn) as conn:
-        instance, nodes = _snapshot(conn, instance_id)
         if as_json:
             last = ""
-            while True:
+            for instance, nodes in _follow(conn, instance_id, interval):
                 document = _as_json(instance, nodes)
                 if document != last:
                     click.echo(document)
                     last = document
-                if instance["status"] in queries.TERMINAL:
-                    break
-                time.sleep(interval)
-                instance, nodes = _snapshot(conn, instance_id)
         else:
-            view = render.instance_view(instance, nodes, datetime.now(UTC))
-            with Live(view, console=output, auto_refresh=False) as live:
-                while instance["status"] not in queries.TERMINAL:
-                    time.sleep(interval)
-                    instance, nodes = _snapshot(conn, instance_id)
-                    live.update(render.instance_view(instance, nodes, datetime.now(UTC)))
-                    live.refresh()
+            with Live(console=output, auto_refresh=False) as live:
+                for instance, nodes in _follow(conn, instance_id, interval):
+                    view = render.instance_view(instance, nodes, datetime.now(UTC))
+                    live.update(view, refresh=True)
     if instance["status"] != "completed":
         sys.exit(1)
 
@@ -442,7 +439,7 @@ def cancel(dsn: str, instance_id: str, reason: str) -> None:
         answer = queries.cancel(conn, instance_id, reason)
     if answer.startswith("Failed to cancel"):
         raise click.ClickException(answer)
-    console.print(answer, highlight=False)
+    console.print(answer, highlight=False, markup=False)
 
 
 @main.command("signal")
@@ -454,7 +451,7 @@ def send_signal(dsn: str, instance_id: str, name: str, data: str) -> None:
     """Send signal NAME to an instance, with DATA (JSON, or else a string; default {})."""
     with _session(dsn) as conn:
         queries.signal(conn, instance_id, name, data)
-    console.print(f"signal '{name}' sent to {instance_id}", highlight=False)
+    console.print(f"signal '{name}' sent to {instance_id}", highlight=False, markup=False)
 
 
 if __name__ == "__main__":  # pragma: no cover

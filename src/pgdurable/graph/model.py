@@ -115,7 +115,12 @@ def node_from_row(row: Mapping[str, Any]) -> Node:
             raise GraphError(f"node {row['id']}: query in {node_type} is not a JSON object")
         config = parsed
     condition = config.get("condition_node") if node_type in ("IF", "LOOP") else None
-    extras = tuple(config.get("extra_nodes") or ()) if node_type == "JOIN" else ()
+    extras = (config.get("extra_nodes") or []) if node_type == "JOIN" else []
+    # Rows may have been written by hand: child ids must be ids.
+    if not (condition is None or isinstance(condition, str)):
+        raise GraphError(f"node {row['id']}: condition_node in {node_type} is not a node id")
+    if not (isinstance(extras, list) and all(isinstance(e, str) for e in extras)):
+        raise GraphError(f"node {row['id']}: extra_nodes in {node_type} is not a list of node ids")
     return Node(
         id=row["id"],
         type=node_type,
@@ -124,7 +129,7 @@ def node_from_row(row: Mapping[str, Any]) -> Node:
         left=row.get("left_node"),
         right=row.get("right_node"),
         condition=condition,
-        extras=extras,
+        extras=tuple(extras),
         config=config,
     )
 

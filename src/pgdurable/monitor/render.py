@@ -62,14 +62,15 @@ def instances_table(rows: Iterable[Row]) -> Table:
     for column in ("ID", "STATUS", "LABEL", "RUNS", "CREATED", "COMPLETED", "OUTPUT"):
         table.add_column(column, overflow="fold" if column == "OUTPUT" else "ellipsis")
     for row in rows:
+        # Text, not str: labels and outputs are the user's, never rich markup.
         table.add_row(
-            row["instance_id"],
+            Text(row["instance_id"]),
             _status_text(row["status"]),
-            row["label"] or "",
-            str(row["execution_count"] or ""),
-            _timestamp(row["created_at"]),
-            _timestamp(row["completed_at"]),
-            _cut(row["output"] or "", 60),
+            Text(row["label"] or ""),
+            Text(str(row["execution_count"] or "")),
+            Text(_timestamp(row["created_at"])),
+            Text(_timestamp(row["completed_at"])),
+            Text(_cut(row["output"] or "", 60)),
         )
     return table
 
@@ -105,7 +106,7 @@ def node_tree(root: str, rows: list[Row], now: datetime) -> Tree | None:
     by_id = {row["node_id"]: row for row in rows}
     nodes: dict[str, Node] = {}
     for row in rows:
-        try:
+        try:  # rows may have been written by hand: show what is there, never fail
             nodes[row["node_id"]] = node_from_row(
                 {
                     "id": row["node_id"],
@@ -117,51 +118,64 @@ def node_tree(root: str, rows: list[Row], now: datetime) -> Tree | None:
                 }
             )
         except GraphError:
-            nodes[row["node_id"]] = Node(row["node_id"], row["node_type"], query=row["query"])
+            nodes[row["node_id"]] = Node(
+                row["node_id"],
+                row["node_type"],
+                query=row["query"],
+                left=row["left_node"],
+                right=row["right_node"],
+            )
     if root not in nodes:
         return None
     tree = Tree("", hide_root=True, guide_style="dim")
-    _add_sequence(tree, nodes[root], nodes, by_id, now)
+    _add_sequence(tree, nodes[root], _Graph(nodes, by_id, now))
     return tree
 
 
-def _add_sequence(
-    parent: Tree, node: Node, nodes: Mapping[str, Node], rows: Mapping[str, Row], now: datetime
-) -> None:
+class _Graph:
+    """What the tree is drawn from, and the nodes drawn so far: a graph written by hand may
+    loop back or share a child, and each node is drawn once."""
+
+    def __init__(self, nodes: Mapping[str, Node], rows: Mapping[str, Row], now: datetime):
+        self.nodes, self.rows, self.now = nodes, rows, now
+        self.drawn: set[str] = set()
+
+    def child(self, node_id: str | None) -> Node | None:
+        if node_id is None or node_id not in self.nodes or node_id in self.drawn:
+            return None
+        self.drawn.add(node_id)
+        return self.nodes[node_id]
+
+
+def _add_sequence(parent: Tree, node: Node, graph: _Graph) -> None:
     # A THEN chain reads as the steps in order, as in df.explain.
-    for item in _chain(node, nodes):
-        _add_node(parent, item, nodes, rows, now)
-
-
-def _chain(node: Node, nodes: Mapping[str, Node]) -> list[Node]:
-    out: list[Node] = []
+    graph.drawn.add(node.id)
     stack = [node]
     while stack:
         current = stack.pop()
-        left, right = current.left or "", current.right or ""
-        if current.type == "THEN" and left in nodes and right in nodes:
-            stack += [nodes[right], nodes[left]]
+        if current.type == "THEN":
+            right, left = graph.child(current.right), graph.child(current.left)
+            stack += [n for n in (right, left) if n is not None]
         else:
-            out.append(current)
-    return out
+            _add_node(parent, current, graph)
 
 
-def _add_node(
-    parent: Tree, node: Node, nodes: Mapping[str, Node], rows: Mapping[str, Row], now: datetime
-) -> None:
+def _add_node(parent: Tree, node: Node, graph: _Graph) -> None:
+    rows, now = graph.rows, graph.now
     row = rows[node.id]
     branch = parent.add(_node_label(node, row, now))
     status = row["inferred_status"] or row["status"]
     if status == "failed" and node.type not in _COMPOUND:
-        branch.add(Text(_cut(_text_of(row["result"]), ERROR_WIDTH), style="red"))
+        branch.add(Text(_cut(result_text(row["result"]), ERROR_WIDTH), style="red"))
     elif status == "completed" and node.type not in _COMPOUND and row["result"] is not None:
-        branch.add(Text("= " + _cut(_text_of(row["result"]), RESULT_WIDTH), style="dim"))
+        branch.add(Text("= " + _cut(result_text(row["result"]), RESULT_WIDTH), style="dim"))
     for line in (row.get("error") or "").splitlines():  # a df.retry's failed attempts
         branch.add(Text(_cut(line, ERROR_WIDTH), style="dim red"))
-    for title, child in _groups(node):
-        if child in nodes:
+    for title, child_id in _groups(node):
+        child = graph.child(child_id)
+        if child is not None:
             group = branch.add(Text(title, style="dim"))
-            _add_sequence(group, nodes[child], nodes, rows, now)
+            _add_sequence(group, child, graph)
 
 
 _COMPOUND = frozenset({"IF", "LOOP", "JOIN", "RACE", "RETRY", "TIMEOUT", "THEN"})
@@ -251,7 +265,8 @@ def _timestamp(value: datetime | None) -> str:
     return value.astimezone().strftime("%Y-%m-%d %H:%M:%S") if value else ""
 
 
-def _text_of(result: Any) -> str:
+def result_text(result: Any) -> str:
+    """A result or output for people: JSON re-spaced, text as it is."""
     parsed = _parsed(result)
     return parsed if isinstance(parsed, str) else json.dumps(parsed, ensure_ascii=False)
 

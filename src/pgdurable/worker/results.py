@@ -52,7 +52,11 @@ NO_RESULT_SET = '{"rows":[],"row_count":0}'
 """The result of a statement that returns no rows at all (DML without RETURNING, DDL)."""
 
 
-class UnsupportedColumnType(Exception):
+class ResultError(Exception):
+    """A result that cannot be recorded as JSON; fails the step."""
+
+
+class UnsupportedColumnType(ResultError):
     """A result column whose type has no JSON mapping; fails the step (spec §7.2)."""
 
     def __init__(self, type_name: str, column: str):
@@ -335,15 +339,15 @@ def result_json(
 
 
 def _parse_json(text: str) -> object:
-    # json/jsonb hold JSON by construction; a number beyond the float range (only
-    # possible in json, which keeps the text) has no JSON spelling once parsed: fail.
+    # json/jsonb hold JSON by construction; a number beyond the float range (json keeps the
+    # text, jsonb its numeric, e.g. 1e400) has no JSON spelling once parsed: fail the step.
     return json.loads(text, parse_float=_finite_float)
 
 
 def _finite_float(text: str) -> float:
     value = float(text)
     if math.isinf(value):
-        raise ValueError(f"JSON number out of range: {text}")
+        raise ResultError(f"JSON number out of range: {text}")
     return value
 
 

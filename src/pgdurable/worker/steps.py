@@ -36,7 +36,7 @@ from ..store import AsyncConn, Checkpoint, Task
 from . import http
 from .connections import RESET_SESSION, Connections, is_transient
 from .egress import EgressPolicy
-from .results import UnsupportedColumnType, read_result
+from .results import ResultError, read_result
 
 log = logging.getLogger("pgdurable.worker")
 
@@ -184,7 +184,7 @@ class StepRunner:
                         conn, graph, task, sql, claim_limit, elsewhere
                     )
                 return await self.fail(task, _sql_error(exc), claim_limit, exc.sqlstate)
-            except (UnsupportedColumnType, UnicodeEncodeError) as exc:
+            except (ResultError, UnicodeEncodeError) as exc:
                 await conn.execute("ROLLBACK")
                 reusable = True
                 return await self.fail(task, str(exc), claim_limit)
@@ -329,7 +329,7 @@ class StepRunner:
             if is_transient(exc):
                 raise
             return await self.fail(task, _sql_error(exc), claim_limit, exc.sqlstate)
-        except (UnsupportedColumnType, UnicodeEncodeError) as exc:
+        except (ResultError, UnicodeEncodeError) as exc:
             return await self.fail(task, str(exc), claim_limit)
         if elsewhere:  # no df schema on this connection: checkpoint on the worker's
 
