@@ -406,7 +406,7 @@ def test_json_and_jsonb(db: Conn) -> None:
 
 
 def test_json_number_beyond_float_range_fails(db: Conn) -> None:
-    for query in ("SELECT '1e400'::json", "SELECT '1e400'::jsonb"):
+    for query in ("SELECT '1e400'::json", "SELECT to_jsonb(1e400 + 0.5)"):
         with pytest.raises(ResultError, match="out of range"):
             run(db, query)
 
