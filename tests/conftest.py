@@ -10,7 +10,9 @@ from __future__ import annotations
 import itertools
 import os
 import tempfile
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
@@ -171,3 +173,54 @@ def app(cluster: EmbeddedPostgres, dbname: str, conn: psycopg.Connection[tuple[o
     a.conn.close()
     conn.execute(f"DROP OWNED BY {role} CASCADE")
     conn.execute(f"DROP ROLE {role}")
+
+
+# -- roles for the SQL-level tests --------------------------------------------------------------
+
+
+@pytest.fixture
+def su(conn: psycopg.Connection[tuple[object, ...]]) -> psycopg.Connection[tuple[object, ...]]:
+    """The superuser connection, allowed to start instances (in its own session only: a
+    worker would still refuse them; these tests run none, or check that)."""
+    conn.execute("SET pg_durable.enable_superuser_instances = on")
+    return conn
+
+
+@dataclass
+class Role:
+    """A LOGIN role and a connection logged in as it."""
+
+    name: str
+    conn: psycopg.Connection[tuple[object, ...]]
+
+
+RoleFactory = Callable[..., Role]
+
+
+def quote(identifier: str) -> str:
+    """An SQL identifier, quoted."""
+    return '"' + identifier.replace('"', '""') + '"'
+
+
+@pytest.fixture
+def make_role(
+    cluster: EmbeddedPostgres, dbname: str, conn: psycopg.Connection[tuple[object, ...]]
+) -> Iterator[RoleFactory]:
+    """Create LOGIN roles with unique names (granted df usage unless grant=False) and a
+    connection as each; drop them and their privileges afterwards."""
+    made: list[Role] = []
+
+    def create(grant: bool = True, name: str | None = None) -> Role:
+        name = name or f"pgd_role_{uuid.uuid4().hex[:10]}"
+        conn.execute(f"CREATE ROLE {quote(name)} LOGIN")
+        if grant:
+            conn.execute("SELECT df.grant_usage(%s)", (name,))
+        role = Role(name, psycopg.connect(cluster.dsn(dbname), user=name, autocommit=True))
+        made.append(role)
+        return role
+
+    yield create
+    for role in made:
+        role.conn.close()
+        conn.execute(f"DROP OWNED BY {quote(role.name)}")
+        conn.execute(f"DROP ROLE {quote(role.name)}")

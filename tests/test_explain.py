@@ -14,17 +14,11 @@ from __future__ import annotations
 import json
 import sys
 import time
-import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
-import psycopg
-import pytest
-from conftest import App, ThreadWorker
+from conftest import App, RoleFactory, ThreadWorker
 from sqlcheck import Conn, check
-
-from pgdurable.embedded import EmbeddedPostgres
 
 CANNOT = (
     "Cannot explain input: not a valid Durofut JSON, instance ID, SQL statement, or DSL"
@@ -103,39 +97,6 @@ def node_status(conn: Conn, instance: str, query: str) -> str:
     ).fetchone()
     assert row is not None
     return str(row[0])
-
-
-@pytest.fixture
-def su(conn: Conn) -> Conn:
-    """The superuser connection, allowed to start instances (no worker runs them here)."""
-    conn.execute("SET pg_durable.enable_superuser_instances = on")
-    return conn
-
-
-@dataclass
-class Role:
-    name: str
-    conn: Conn
-
-
-@pytest.fixture
-def make_role(cluster: EmbeddedPostgres, dbname: str, conn: Conn) -> Iterator[Callable[[], Role]]:
-    """LOGIN roles with df usage, and a connection as each."""
-    made: list[Role] = []
-
-    def create() -> Role:
-        name = f"pgd_explain_{uuid.uuid4().hex[:10]}"
-        conn.execute(f"CREATE ROLE {name} LOGIN")
-        conn.execute("SELECT df.grant_usage(%s)", (name,))
-        role = Role(name, psycopg.connect(cluster.dsn(dbname), user=name, autocommit=True))
-        made.append(role)
-        return role
-
-    yield create
-    for role in made:
-        role.conn.close()
-        conn.execute(f"DROP OWNED BY {role.name}")
-        conn.execute(f"DROP ROLE {role.name}")
 
 
 # -- the spec's example -------------------------------------------------------------------------
@@ -994,9 +955,7 @@ def test_live_output_is_cut_to_60_bytes(app: App, worker: ThreadWorker) -> None:
     assert out[2].rstrip(" ") == 'Output:   {"rows":[{"ab":"' + "é" * 20 + "..."
 
 
-def test_another_roles_instance_is_not_found(
-    app: App, su: Conn, make_role: Callable[[], Role]
-) -> None:
+def test_another_roles_instance_is_not_found(app: App, su: Conn, make_role: RoleFactory) -> None:
     instance = app.start("'SELECT 1' ~> 'SELECT 2'", label="mine")
     other = make_role()
     assert explain(other.conn, "%s", instance) == f"Instance '{instance}' not found"

@@ -11,16 +11,11 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 
-import psycopg
-import pytest
-from conftest import App, ThreadWorker
+from conftest import App, RoleFactory, ThreadWorker
 from psycopg.types.json import Jsonb
 from sqlcheck import Conn, Error, check, outcome
-
-from pgdurable.embedded import EmbeddedPostgres
 
 # -- helpers ------------------------------------------------------------------------------------
 
@@ -92,40 +87,6 @@ def status_of(conn: Conn, instance: str) -> str:
 
 def signal(app: App, instance: str, name: str) -> None:
     app.conn.execute("SELECT df.signal(%s, %s)", (instance, name))
-
-
-@pytest.fixture
-def su(conn: Conn) -> Conn:
-    """The superuser connection, allowed to start instances."""
-    conn.execute("SET pg_durable.enable_superuser_instances = on")
-    return conn
-
-
-@dataclass
-class Role:
-    name: str
-    conn: Conn
-
-
-@pytest.fixture
-def make_role(cluster: EmbeddedPostgres, dbname: str, conn: Conn) -> Iterator[Callable[..., Role]]:
-    """LOGIN roles with df usage (unless grant=False) and a connection as each."""
-    made: list[Role] = []
-
-    def create(grant: bool = True) -> Role:
-        name = f"pgd_mon_{uuid.uuid4().hex[:10]}"
-        conn.execute(f"CREATE ROLE {name} LOGIN")
-        if grant:
-            conn.execute("SELECT df.grant_usage(%s)", (name,))
-        role = Role(name, psycopg.connect(cluster.dsn(dbname), user=name, autocommit=True))
-        made.append(role)
-        return role
-
-    yield create
-    for role in made:
-        role.conn.close()
-        conn.execute(f"DROP OWNED BY {role.name}")
-        conn.execute(f"DROP ROLE {role.name}")
 
 
 # -- df.instance_nodes: columns and the compat overload ----------------------------------------
@@ -489,9 +450,7 @@ def test_inference_on_malformed_graphs_terminates(su: Conn) -> None:
     assert nodes["ffffffff"] == ("pending", "pending", None)
 
 
-def test_instance_nodes_shows_only_the_callers_instances(
-    su: Conn, make_role: Callable[..., Role]
-) -> None:
+def test_instance_nodes_shows_only_the_callers_instances(su: Conn, make_role: RoleFactory) -> None:
     owner, other = make_role(), make_role()
     instance = start(owner.conn, "'SELECT 1' ~> 'SELECT 2'")
     check(
@@ -929,9 +888,7 @@ def test_executions_of_a_pending_instance_and_the_kept_history(su: Conn) -> None
 # -- row-level scoping -----------------------------------------------------------------------------
 
 
-def test_monitoring_shows_only_the_callers_instances(
-    su: Conn, make_role: Callable[..., Role]
-) -> None:
+def test_monitoring_shows_only_the_callers_instances(su: Conn, make_role: RoleFactory) -> None:
     alice, bob = make_role(), make_role()
     mine = start(alice.conn, "'SELECT 1', 'shared label'")
     theirs = start(bob.conn, "'SELECT 1' ~> 'SELECT 2', 'shared label'")
@@ -1106,7 +1063,7 @@ def test_a_dead_worker_keeps_its_expired_leases(su: Conn) -> None:
     ).fetchone() == (None,)
 
 
-def test_workers_only_by_explicit_grant(su: Conn, make_role: Callable[..., Role]) -> None:
+def test_workers_only_by_explicit_grant(su: Conn, make_role: RoleFactory) -> None:
     user, admin = make_role(), make_role(grant=False)
     su.execute("SELECT df.grant_usage(%s, with_grant => true)", (admin.name,))
     check(
@@ -1155,7 +1112,7 @@ def test_workers_only_by_explicit_grant(su: Conn, make_role: Callable[..., Role]
     check(user.conn, [("(SELECT count(*) FROM df.worker_tasks())", 0)])
 
 
-def test_grants_for_monitoring_and_their_renewal(su: Conn, make_role: Callable[..., Role]) -> None:
+def test_grants_for_monitoring_and_their_renewal(su: Conn, make_role: RoleFactory) -> None:
     """df.grant_usage grants what monitoring reads, df.revoke_usage takes it back, and
     df.refresh_grants gives it to roles granted before this version."""
     admin, user = make_role(grant=False), make_role(grant=False)

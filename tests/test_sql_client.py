@@ -11,16 +11,13 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from datetime import UTC
 
 import psycopg
-import pytest
+from conftest import RoleFactory, quote
 from sqlcheck import Conn, Error, check, outcome
 
 import pgdurable
-from pgdurable.embedded import EmbeddedPostgres
 
 # -- helpers ------------------------------------------------------------------------------------
 
@@ -52,48 +49,6 @@ def notices_of(conn: Conn) -> list[tuple[str, str]]:
         lambda d: seen.append((d.severity_nonlocalized or "", d.message_primary or ""))
     )
     return seen
-
-
-@pytest.fixture
-def su(conn: Conn) -> Conn:
-    """The superuser connection, allowed to start instances."""
-    conn.execute("SET pg_durable.enable_superuser_instances = on")
-    return conn
-
-
-@dataclass
-class Role:
-    name: str
-    conn: Conn
-
-
-RoleFactory = Callable[..., Role]
-
-
-@pytest.fixture
-def make_role(cluster: EmbeddedPostgres, dbname: str, conn: Conn) -> Iterator[RoleFactory]:
-    """Create LOGIN roles with unique names (granted df usage unless grant=False) and a
-    connection as each; drop them and their privileges afterwards."""
-    made: list[Role] = []
-
-    def create(grant: bool = True, name: str | None = None) -> Role:
-        name = name or f"pgd_client_{uuid.uuid4().hex[:10]}"
-        conn.execute(f"CREATE ROLE {quote(name)} LOGIN")
-        if grant:
-            conn.execute("SELECT df.grant_usage(%s)", (name,))
-        role = Role(name, psycopg.connect(cluster.dsn(dbname), user=name, autocommit=True))
-        made.append(role)
-        return role
-
-    yield create
-    for role in made:
-        role.conn.close()
-        conn.execute(f"DROP OWNED BY {quote(role.name)}")
-        conn.execute(f"DROP ROLE {quote(role.name)}")
-
-
-def quote(identifier: str) -> str:
-    return '"' + identifier.replace('"', '""') + '"'
 
 
 # -- status and result ----------------------------------------------------------------------------
