@@ -1157,3 +1157,15 @@ def test_wide_graphs(app: App) -> None:
     assert explain(conn, "%s", json.dumps(too_big)) == (
         f"Invalid durable function graph: root: {TOO_BIG}"
     )
+
+
+def test_a_long_label_is_cut_in_the_header(app: App, worker: ThreadWorker) -> None:
+    """Every line is padded to the longest: an uncut label would widen them all."""
+    label = "é" * 40 + "x" * 5000
+    instance = app.start("'SELECT 1'", label=label)
+    assert app.wait(instance) == "completed"
+    row = app.conn.execute("SELECT df.explain(%s)", (instance,)).fetchone()
+    assert row is not None
+    lines = str(row[0]).split("\n")
+    assert lines[0].rstrip() == f"Instance: {instance} ({'é' * 28}...)"
+    assert max(len(line) for line in lines) < 100
