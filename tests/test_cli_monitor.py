@@ -61,7 +61,7 @@ def test_show_draws_the_graph_with_statuses_results_and_errors(
     assert shown.exit_code == 0, shown.output
     lines = [line.rstrip() for line in shown.stdout.splitlines()]
     assert lines[0] == f"Instance {instance}  ✗ failed"
-    assert lines[1].startswith("started ")
+    assert lines[1].startswith("started ") and ", took " in lines[1]  # also when it failed
     text = "\n".join(lines)
     assert "✓ SQL: SELECT 41 + 1 AS answer |=> 'a'" in text
     assert '= {"rows": [{"answer": 42}], "row_count": 1}' in text

@@ -84,7 +84,7 @@ def instance_view(instance: Row, nodes: list[Row], now: datetime) -> RenderableT
         (f"{instance['instance_id']}{label}  ", "bold"),
         _status_text(instance["status"]),
     )
-    end = instance["completed_at"] if instance["status"] == "completed" else None
+    end = instance.get("finished_at") or instance["completed_at"]
     timing = f"started {_timestamp(instance['created_at'])}"
     if instance["status"] in ("pending", "running"):
         timing += f", running for {format_duration(instance['created_at'], now)}"
