@@ -306,9 +306,7 @@ def _watch(dsn: str, path: Path) -> None:
         assert row is not None
         instance_id = str(row[0])
         console.print(f"started instance [bold]{instance_id}[/]")
-        with Live(console=console, auto_refresh=False) as live:
-            for instance, nodes in _follow(conn, instance_id, 0.2):
-                live.update(render.instance_view(instance, nodes, datetime.now(UTC)), refresh=True)
+        instance = _draw_until_done(console, conn, instance_id, 0.2)
         console.print(
             f"instance {instance_id} [bold]{instance['status']}[/]:"
             f" {escape(render.result_text(instance['output']))}",
@@ -385,6 +383,21 @@ def _follow(
         time.sleep(interval)
 
 
+def _draw_until_done(
+    target: Console, conn: psycopg.Connection[Any], instance_id: str, interval: float
+) -> dict[str, Any]:
+    """Draw an instance until it ends (redrawn in place on a terminal, once at the end
+    otherwise); returns its final row."""
+    if target.is_terminal:
+        with Live(console=target, auto_refresh=False) as live:
+            for instance, nodes in _follow(conn, instance_id, interval):
+                live.update(render.instance_view(instance, nodes, datetime.now(UTC)), refresh=True)
+    else:
+        *_, (instance, nodes) = _follow(conn, instance_id, interval)
+        target.print(render.instance_view(instance, nodes, datetime.now(UTC)))
+    return instance
+
+
 def _as_json(instance: dict[str, Any], nodes: list[Any]) -> str:
     return render.to_json({"instance": instance, "nodes": [render.node_record(n) for n in nodes]})
 
@@ -421,10 +434,7 @@ def watch(dsn: str, instance_id: str, interval: float, as_json: bool) -> None:
                     click.echo(document)
                     last = document
         else:
-            with Live(console=output, auto_refresh=False) as live:
-                for instance, nodes in _follow(conn, instance_id, interval):
-                    view = render.instance_view(instance, nodes, datetime.now(UTC))
-                    live.update(view, refresh=True)
+            instance = _draw_until_done(output, conn, instance_id, interval)
     if instance["status"] != "completed":
         sys.exit(1)
 
