@@ -1,5 +1,5 @@
 -- pgdurable schema, version 10: tenant isolation that does not depend on row-level security
--- alone, clear grant errors, df.metrics, and re-granting after an upgrade.
+-- alone, df.metrics, and re-granting after an upgrade.
 --
 -- Row-level security (migration 1) keeps ordinary roles to their own rows. It does nothing
 -- against a role with BYPASSRLS, and its column grants let a role set its own instance's
@@ -104,12 +104,22 @@ BEGIN
 END;
 $$;
 
+ALTER TABLE df.instances ALTER COLUMN status SET NOT NULL;
+
+-- coalesce: for a NULL new status the condition is NULL, and the trigger would not fire.
 CREATE TRIGGER instances_status BEFORE UPDATE OF status ON df.instances
     FOR EACH ROW WHEN (NEW.status IS DISTINCT FROM OLD.status
-                       AND NOT (NEW.status = 'cancelled'
-                                AND OLD.status IN ('pending', 'running')
-                                AND OLD.submitted_by = quote_ident(current_user)::regrole))
+                       AND NOT coalesce(NEW.status = 'cancelled'
+                                        AND OLD.status IN ('pending', 'running')
+                                        AND OLD.submitted_by
+                                            = quote_ident(current_user)::regrole, false))
     EXECUTE FUNCTION df._refuse_status_change();
+
+-- Any UPDATE of another role's instance (the engine's excepted). Ordinary roles cannot even
+-- see such rows; this holds BYPASSRLS roles to the same (they could write its updated_at).
+CREATE TRIGGER instances_owner BEFORE UPDATE ON df.instances
+    FOR EACH ROW WHEN (OLD.submitted_by IS DISTINCT FROM quote_ident(current_user)::regrole)
+    EXECUTE FUNCTION df._refuse_forged_identity('submitted_by');
 
 -- ---------------------------------------------------------------------------------------------
 -- df.metrics (spec §9.3): system-wide counts, so not filtered by row-level security; EXECUTE
@@ -136,101 +146,50 @@ $$;
 REVOKE EXECUTE ON FUNCTION df.metrics() FROM PUBLIC;
 
 -- ---------------------------------------------------------------------------------------------
--- df.grant_usage, as in migration 7, but it refuses up front what the caller cannot pass on.
--- PostgreSQL raises for a privilege the caller lacks altogether, yet only warns, granting
--- nothing, for one the caller holds without GRANT OPTION: an administrator made with
--- with_grant but without include_http would see "granted" while the role got no HTTP access.
--- ---------------------------------------------------------------------------------------------
-CREATE OR REPLACE FUNCTION df.grant_usage(
-    p_role text, include_http boolean DEFAULT false, with_grant boolean DEFAULT false)
-RETURNS void
-LANGUAGE plpgsql VOLATILE SECURITY INVOKER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    grantee text := CASE WHEN lower(p_role) = 'public' THEN 'PUBLIC' ELSE format('%I', p_role) END;
-    opt     text := CASE WHEN with_grant THEN ' WITH GRANT OPTION' ELSE '' END;
-    fn      text;
-BEGIN
-    IF NOT has_schema_privilege('df', 'USAGE WITH GRANT OPTION') THEN
-        RAISE EXCEPTION 'pg_durable: "%" cannot grant df usage: it does not hold USAGE on schema df WITH GRANT OPTION',
-            current_user USING ERRCODE = 'insufficient_privilege',
-            HINT = 'Ask a superuser or the owner of schema df, or a role granted df.grant_usage(..., with_grant => true).';
-    END IF;
-    IF include_http THEN
-        FOREACH fn IN ARRAY df._private_functions('http') LOOP
-            IF NOT has_function_privilege(fn, 'EXECUTE WITH GRANT OPTION') THEN
-                RAISE EXCEPTION 'pg_durable: "%" cannot grant HTTP access: it does not hold EXECUTE on % WITH GRANT OPTION',
-                    current_user, fn USING ERRCODE = 'insufficient_privilege',
-                    HINT = 'Only a superuser, the owner of schema df, or a role granted df.grant_usage(..., include_http => true, with_grant => true) can grant include_http.';
-            END IF;
-        END LOOP;
-    END IF;
-
-    EXECUTE format('GRANT USAGE ON SCHEMA df TO %s%s', grantee, opt);
-    IF include_http THEN
-        FOREACH fn IN ARRAY df._private_functions('http') LOOP
-            EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %s%s', fn, grantee, opt);
-        END LOOP;
-    END IF;
-    IF with_grant THEN
-        FOREACH fn IN ARRAY df._private_functions('admin') LOOP
-            EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %s%s', fn, grantee, opt);
-        END LOOP;
-    END IF;
-    EXECUTE format('GRANT SELECT ON df.instances TO %s%s', grantee, opt);
-    EXECUTE format('GRANT UPDATE (status, updated_at) ON df.instances TO %s%s', grantee, opt);
-    EXECUTE format('GRANT SELECT ON df.nodes TO %s%s', grantee, opt);
-    EXECUTE format('GRANT INSERT (id, label, root_node, submitted_by, database) ON df.instances '
-                   'TO %s%s', grantee, opt);
-    EXECUTE format('GRANT INSERT (id, instance_id, node_type, query, result_name, left_node, '
-                   'right_node, submitted_by, database) ON df.nodes TO %s%s', grantee, opt);
-    EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON df.vars TO %s%s', grantee, opt);
-    -- For df.list_instances: generation and output of the role's own runs (RLS on df._runs).
-    EXECUTE format('GRANT SELECT (instance_id, generation, output) ON df._runs TO %s%s',
-                   grantee, opt);
-    -- For df.signal: signals to the role's own instances (RLS on df._signals).
-    EXECUTE format('GRANT INSERT (instance_id, name, data) ON df._signals TO %s%s', grantee, opt);
-    RAISE NOTICE 'pg_durable: granted df usage privileges to "%"', p_role;
-END;
-$$;
-
--- ---------------------------------------------------------------------------------------------
 -- df.refresh_grants: after an upgrade, give every role that was granted usage what this
 -- version's df.grant_usage grants, with the same include_http and with_grant, from the same
 -- grantor (so that grantor's df.revoke_usage still takes all of it away). Run by each upgrade
 -- that adds privileges, and by hand at any time.
 --
--- A grant is found through the USAGE privilege on schema df; include_http through EXECUTE on
--- df.http from the same grantor, with_grant through the grant option on USAGE. Each grant is
--- renewed as its grantor (SET ROLE; a grant by a superuser is recorded as the schema owner's),
--- which a superuser, and a member of the grantor, can do; for any other grant the caller is
--- told in a NOTICE which role has to run df.grant_usage again.
+-- A grant df.grant_usage made is found through INSERT (id) on df.instances, which nothing else
+-- hands out (a bare GRANT USAGE ON SCHEMA df is not widened); include_http through EXECUTE on
+-- df.http from the same grantor, with_grant through the grant option. Each grant is renewed
+-- as its grantor, if the caller is a member of it (a superuser is a member of every role; a
+-- grant by a superuser is recorded as the schema owner's), and the caller's role is put back
+-- afterwards; for any other grant the caller is told in a NOTICE which role has to run
+-- df.grant_usage again.
 -- ---------------------------------------------------------------------------------------------
 CREATE FUNCTION df.refresh_grants() RETURNS void
 LANGUAGE plpgsql VOLATILE SECURITY INVOKER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     g        record;
-    v_owner  oid := (SELECT n.nspowner FROM pg_namespace n WHERE n.nspname = 'df');
+    v_caller text := current_user;
+    v_role   text := current_setting('role');  -- 'none' unless the caller did SET ROLE
     v_http   oid := to_regprocedure('df.http(text,text,text,jsonb,integer)');
+    v_owner  oid := (SELECT n.nspowner FROM pg_namespace n WHERE n.nspname = 'df');
 BEGIN
     FOR g IN
-        SELECT a.grantor::regrole AS grantor, a.is_grantable,
+        SELECT a.grantor, a.is_grantable,
                (SELECT r.rolname FROM pg_roles r WHERE r.oid = a.grantor) AS grantor_name,
                CASE WHEN a.grantee = 0 THEN 'public'
                     ELSE (SELECT r.rolname FROM pg_roles r WHERE r.oid = a.grantee) END AS role,
                EXISTS (SELECT 1 FROM pg_proc p, aclexplode(p.proacl) h
                         WHERE p.oid = v_http AND h.privilege_type = 'EXECUTE'
                           AND h.grantor = a.grantor AND h.grantee = a.grantee) AS http
-          FROM pg_namespace n, aclexplode(n.nspacl) a
-         WHERE n.nspname = 'df' AND a.privilege_type = 'USAGE' AND a.grantee <> v_owner
+          FROM pg_attribute att, aclexplode(att.attacl) a
+         WHERE att.attrelid = 'df.instances'::regclass AND att.attname = 'id'
+           AND a.privilege_type = 'INSERT' AND a.grantee <> v_owner
          -- The owner's grants first: delegated administrators may need theirs renewed before
          -- they can pass the new privileges on.
          ORDER BY a.grantor <> v_owner, a.grantor, a.grantee
     LOOP
         BEGIN
-            -- regrole's text is the role name, already quoted where it needs to be.
-            EXECUTE format('SET LOCAL ROLE %s', g.grantor);
+            IF NOT pg_has_role(v_caller, g.grantor, 'MEMBER') THEN
+                RAISE EXCEPTION USING ERRCODE = 'insufficient_privilege';
+            END IF;
+            PERFORM set_config('role', g.grantor_name, true);
             PERFORM df.grant_usage(g.role, g.http, g.is_grantable);
-            RESET ROLE;
+            PERFORM set_config('role', v_role, true);
         EXCEPTION WHEN insufficient_privilege THEN
             RAISE NOTICE 'pg_durable: "%" was granted df usage by "%", who must run SELECT df.grant_usage(%, %, %) again to grant what this version adds',
                 g.role, g.grantor_name, quote_literal(g.role), g.http, g.is_grantable;

@@ -242,7 +242,10 @@ BEGIN
         v_where := v_where || ' AND i.label = $3';
     END IF;
     IF v_after IS NOT NULL THEN
-        v_where := v_where || ' AND (i.created_at < $4 OR (i.created_at = $4 AND i.id > $5))';
+        -- The first condition is implied by the second; spelled out, it bounds the index scan,
+        -- so a deep page does not read every row before it.
+        v_where := v_where || ' AND i.created_at <= $4'
+                           || ' AND (i.created_at < $4 OR (i.created_at = $4 AND i.id > $5))';
     END IF;
     -- One row more than the page tells whether there is a next page; the cursor then names
     -- the page's last row and is repeated on every row (spec §9.2).
@@ -275,23 +278,21 @@ $$;
 -- Execution history (spec §9.3). An execution is one generation of the instance's root: the
 -- whole run, or one iteration of a loop at the root (spec §7.7: each iteration is a new
 -- generation, "continue-as-new" in pg_durable). df._runs keeps only the current generation,
--- so df._executions keeps one row per generation, written by triggers: df._checkpoint stays as
--- it is, and the rows cost nothing per step.
+-- which df.instance_executions derives when read (from df._runs and df.instances); this table
+-- keeps the executions that ended by the loop's next iteration, written by a trigger when the
+-- generation changes: df._checkpoint stays as it is, and a workflow without a root loop
+-- writes no row here at all.
 --
---   status       'Running' while it runs (also while the instance is pending: the engine
---                holds it as started); 'ContinuedAsNew' once the loop began its next
---                iteration; then, for the last one, 'Completed' or 'Failed' as the instance
---                ends, or 'Cancelled' for a cancelled instance (the df status, capitalised
---                like the others; pg_durable's engine reports no fixed spelling for it)
---   started_at   the start of the instance for the first; the checkpoint that began the
---                iteration for the others
---   first_event  df._runs.checkpoints when it began: a running execution's events are the
---                checkpoints committed since, counted when read (df._runs.checkpoints is
---                bumped by every checkpoint, this table is not)
---   events       checkpoints of an ended execution (the one that begins an iteration counts
---                in the new iteration)
---   output       a loop iteration's body result; the instance's output (root result or error
---                text) for the last one
+--   status       'ContinuedAsNew' (the loop began its next iteration). The current execution
+--                reads 'Running' while it runs (also while the instance is pending: the
+--                engine holds it as started), then 'Completed', 'Failed', or 'Cancelled' for a
+--                cancelled instance (the df status, capitalised like the others; pg_durable's
+--                engine reports no fixed spelling for it)
+--   started_at   the start of the instance for the first; the end of the one before for the
+--                others
+--   first_event  df._runs.checkpoints when it began (0 for the first)
+--   events       its checkpoints (the one that begins an iteration counts in the new one)
+--   output       the iteration's body result
 --
 -- A root loop may iterate for ever (one iteration a second at most); only the newest 1,000
 -- executions of an instance are kept, each with its body result, so the history of one
@@ -310,35 +311,20 @@ CREATE TABLE df._executions (
 );
 
 -- Like df._runs: users read the history of their own instances only (SELECT is granted by
--- df.grant_usage below).
+-- df.grant_usage, migration 16).
 ALTER TABLE df._executions ENABLE ROW LEVEL SECURITY;
 CREATE POLICY executions_user_isolation ON df._executions FOR SELECT
     USING (EXISTS (SELECT 1 FROM df.instances i WHERE i.id = instance_id));
 
--- The instance was started (df._runs is created with it): its first execution begins, at the
--- instance's created_at (now(), the same transaction).
-CREATE FUNCTION df._execution_started() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    INSERT INTO df._executions (instance_id, generation, status, started_at, first_event)
-    VALUES (NEW.instance_id, NEW.generation, 'Running', now(), NEW.checkpoints)
-    ON CONFLICT (instance_id, generation) DO NOTHING;
-    RETURN NULL;
-END;
-$$;
-
-CREATE TRIGGER runs_execution_started AFTER INSERT ON df._runs
-    FOR EACH ROW EXECUTE FUNCTION df._execution_started();
-
--- A checkpoint moved the root to another generation: a loop at the root began its next
--- iteration. The interpreter state (graph/interpreter.py, format 1) still holds the loop's
--- activation, whose "last" is the body result of the iteration that ended; the root loop is
--- the one iterating execution "0". Nothing here may fail a checkpoint, so a state of another
--- shape only loses that output.
+-- A root loop began its next iteration: the execution that ended is recorded. It began when
+-- the one before it ended (or with the instance), at that one's last checkpoint count (or 0).
+-- The interpreter state (graph/interpreter.py, format 1) still holds the loop's activation,
+-- whose "last" is the body result of the iteration that ended; the root loop is the one
+-- iterating execution "0". Nothing here may fail a checkpoint, so a state of another shape
+-- only loses that output.
 CREATE FUNCTION df._execution_continued() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    v_now     timestamptz := clock_timestamp();
     v_output  text;
 BEGIN
     IF jsonb_typeof(NEW.state -> 'acts') = 'object' THEN
@@ -347,16 +333,17 @@ BEGIN
          WHERE jsonb_typeof(a.value) = 'object' AND a.value ->> 'loop_exec' = '0'
          LIMIT 1;
     END IF;
-    UPDATE df._executions e
-       SET status = 'ContinuedAsNew', finished_at = v_now,
-           events = OLD.checkpoints - e.first_event, output = v_output
-     WHERE e.instance_id = NEW.instance_id AND e.generation = OLD.generation
-       AND e.finished_at IS NULL;
-    INSERT INTO df._executions AS e (instance_id, generation, status, started_at, first_event)
-    VALUES (NEW.instance_id, NEW.generation, 'Running', v_now, OLD.checkpoints)
-    ON CONFLICT (instance_id, generation) DO UPDATE
-       SET status = 'Running', started_at = v_now, finished_at = NULL,
-           first_event = OLD.checkpoints, events = NULL, output = NULL;
+    INSERT INTO df._executions (instance_id, generation, status, started_at, finished_at,
+                                first_event, events, output)
+    SELECT NEW.instance_id, OLD.generation, 'ContinuedAsNew',
+           coalesce(p.finished_at, i.created_at, clock_timestamp()), clock_timestamp(),
+           coalesce(p.first_event + p.events, 0),
+           OLD.checkpoints - coalesce(p.first_event + p.events, 0), v_output
+      FROM df.instances i
+      LEFT JOIN df._executions p
+             ON p.instance_id = NEW.instance_id AND p.generation = OLD.generation - 1
+     WHERE i.id = NEW.instance_id
+    ON CONFLICT (instance_id, generation) DO NOTHING;
     DELETE FROM df._executions e
      WHERE e.instance_id = NEW.instance_id AND e.generation <= NEW.generation - 1000;
     RETURN NULL;
@@ -369,59 +356,7 @@ CREATE TRIGGER runs_execution_continued AFTER UPDATE OF generation ON df._runs
     FOR EACH ROW WHEN (NEW.generation IS DISTINCT FROM OLD.generation)
     EXECUTE FUNCTION df._execution_continued();
 
--- The instance ended: so did its current execution. df._checkpoint writes df._runs (output,
--- checkpoints) before the instance's status, so both are final here. SECURITY DEFINER because
--- df.cancel runs as the user.
-CREATE FUNCTION df._execution_ended() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    UPDATE df._executions e
-       SET status = CASE NEW.status WHEN 'completed' THEN 'Completed'
-                                    WHEN 'failed' THEN 'Failed'
-                                    ELSE 'Cancelled' END,
-           finished_at = clock_timestamp(),
-           events = r.checkpoints - e.first_event,
-           output = r.output
-      FROM df._runs r
-     WHERE r.instance_id = NEW.id
-       AND e.instance_id = r.instance_id AND e.generation = r.generation
-       AND e.finished_at IS NULL;
-    RETURN NULL;
-END;
-$$;
-
-CREATE TRIGGER instances_execution_ended AFTER UPDATE OF status ON df.instances
-    FOR EACH ROW WHEN (NEW.status IN ('completed', 'failed', 'cancelled')
-                       AND OLD.status IS DISTINCT FROM NEW.status)
-    EXECUTE FUNCTION df._execution_ended();
-
-REVOKE ALL ON FUNCTION df._execution_started() FROM PUBLIC;
 REVOKE ALL ON FUNCTION df._execution_continued() FROM PUBLIC;
-REVOKE ALL ON FUNCTION df._execution_ended() FROM PUBLIC;
-
--- Instances that exist already get their current execution. Earlier generations of a loop
--- that iterated before this upgrade are not known; a running one counts its events (and its
--- duration) from now.
-INSERT INTO df._executions (instance_id, generation, status, started_at, finished_at,
-                            first_event, events, output)
-SELECT r.instance_id, r.generation,
-       CASE i.status WHEN 'completed' THEN 'Completed'
-                     WHEN 'failed' THEN 'Failed'
-                     WHEN 'cancelled' THEN 'Cancelled'
-                     ELSE 'Running' END,
-       CASE WHEN r.generation = 1 THEN coalesce(i.created_at, now())
-            ELSE coalesce(t.finished_at, now()) END,
-       t.finished_at,
-       CASE WHEN r.generation = 1 THEN 0 ELSE r.checkpoints END,
-       CASE WHEN t.finished_at IS NOT NULL
-            THEN CASE WHEN r.generation = 1 THEN r.checkpoints ELSE 0 END END,
-       CASE WHEN t.finished_at IS NOT NULL THEN r.output END
-  FROM df._runs r
-  JOIN df.instances i ON i.id = r.instance_id
- CROSS JOIN LATERAL (
-       SELECT CASE WHEN i.status IN ('completed', 'failed', 'cancelled')
-                   THEN greatest(coalesce(i.completed_at, i.updated_at, now()),
-                                 coalesce(i.created_at, now())) END AS finished_at) t;
 
 -- ---------------------------------------------------------------------------------------------
 -- df.instance_info and df.instance_executions (spec §9.3). Run as the caller: another role's
@@ -438,7 +373,9 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
      WHERE i.id = $1;
 $$;
 
--- Newest first; limit_count is capped at 10,000 (spec §9.3), NULL means the default 5.
+-- Newest first; limit_count is capped at 10,000 (spec §9.3), NULL means the default 5. The
+-- current execution comes from df._runs (its finished_at: migration 14) and df.instances, the
+-- ended ones from the history; run as the caller, under row-level security on all three.
 CREATE FUNCTION df.instance_executions(instance_id text, limit_count integer DEFAULT 5)
 RETURNS TABLE (execution_id bigint, status text, event_count bigint, duration_ms bigint,
                output text)
@@ -450,17 +387,39 @@ BEGIN
         RAISE EXCEPTION 'limit_count must be at least 1' USING ERRCODE = 'invalid_parameter_value';
     END IF;
     RETURN QUERY
-        SELECT e.generation::bigint, e.status,
-               CASE WHEN e.finished_at IS NULL THEN r.checkpoints - e.first_event
-                    ELSE e.events END,
-               CASE WHEN e.finished_at IS NULL THEN 0::bigint
-                    ELSE greatest(0, round(extract(epoch FROM e.finished_at - e.started_at)
+        WITH current AS (
+            SELECT r.generation,
+                   CASE i.status WHEN 'completed' THEN 'Completed'
+                                 WHEN 'failed' THEN 'Failed'
+                                 WHEN 'cancelled' THEN 'Cancelled'
+                                 ELSE 'Running' END AS status,
+                   coalesce(p.finished_at, i.created_at) AS started_at,
+                   CASE WHEN i.status IN ('completed', 'failed', 'cancelled')
+                        THEN r.finished_at END AS finished_at,
+                   r.checkpoints - coalesce(p.first_event + p.events, 0) AS events,
+                   CASE WHEN i.status IN ('completed', 'failed', 'cancelled')
+                        THEN r.output END AS output
+              FROM df._runs r
+              JOIN df.instances i ON i.id = r.instance_id
+              LEFT JOIN df._executions p
+                     ON p.instance_id = r.instance_id AND p.generation = r.generation - 1
+             WHERE r.instance_id = $1
+        ), every AS (
+            SELECT c.generation, c.status, c.events, c.started_at, c.finished_at, c.output
+              FROM current c
+            UNION ALL
+            SELECT e.generation, e.status, e.events, e.started_at, e.finished_at, e.output
+              FROM df._executions e
+             WHERE e.instance_id = $1
+               AND e.generation < (SELECT c.generation FROM current c)
+        )
+        SELECT x.generation::bigint, x.status, x.events::bigint,
+               CASE WHEN x.finished_at IS NULL THEN 0::bigint
+                    ELSE greatest(0, round(extract(epoch FROM x.finished_at - x.started_at)
                                            * 1000))::bigint END,
-               e.output
-          FROM df._executions e
-          JOIN df._runs r ON r.instance_id = e.instance_id
-         WHERE e.instance_id = $1
-         ORDER BY e.generation DESC
+               x.output
+          FROM every x
+         ORDER BY x.generation DESC
          LIMIT v_limit;
 END;
 $$;
@@ -516,9 +475,9 @@ REVOKE EXECUTE ON FUNCTION df.worker_tasks() FROM PUBLIC;
 -- ---------------------------------------------------------------------------------------------
 -- Privileges. df._private_functions (migration 4) learns the two worker functions, so that
 -- df.grant_usage(..., with_grant => true) passes them on with df.metrics and df.revoke_usage
--- takes them back. df.grant_usage and df.revoke_usage (as in migrations 10 and 7) add what the
--- monitoring functions read as the caller: the history of the role's own instances, and the
--- checkpoint count of its runs (a running execution's event count).
+-- takes them back. What the monitoring functions read as the caller (the history of the
+-- role's own instances, the checkpoint count and end of its runs) is granted by migration
+-- 16's df.grant_usage, which renews existing grants.
 -- ---------------------------------------------------------------------------------------------
 CREATE OR REPLACE FUNCTION df._private_functions(kind text) RETURNS text[]
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
@@ -534,106 +493,3 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
                   END) WITH ORDINALITY AS f (sig, ord)
      WHERE to_regprocedure(f.sig) IS NOT NULL;
 $$;
-
-CREATE OR REPLACE FUNCTION df.grant_usage(
-    p_role text, include_http boolean DEFAULT false, with_grant boolean DEFAULT false)
-RETURNS void
-LANGUAGE plpgsql VOLATILE SECURITY INVOKER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    grantee text := CASE WHEN lower(p_role) = 'public' THEN 'PUBLIC' ELSE format('%I', p_role) END;
-    opt     text := CASE WHEN with_grant THEN ' WITH GRANT OPTION' ELSE '' END;
-    fn      text;
-BEGIN
-    IF NOT has_schema_privilege('df', 'USAGE WITH GRANT OPTION') THEN
-        RAISE EXCEPTION 'pg_durable: "%" cannot grant df usage: it does not hold USAGE on schema df WITH GRANT OPTION',
-            current_user USING ERRCODE = 'insufficient_privilege',
-            HINT = 'Ask a superuser or the owner of schema df, or a role granted df.grant_usage(..., with_grant => true).';
-    END IF;
-    IF include_http THEN
-        FOREACH fn IN ARRAY df._private_functions('http') LOOP
-            IF NOT has_function_privilege(fn, 'EXECUTE WITH GRANT OPTION') THEN
-                RAISE EXCEPTION 'pg_durable: "%" cannot grant HTTP access: it does not hold EXECUTE on % WITH GRANT OPTION',
-                    current_user, fn USING ERRCODE = 'insufficient_privilege',
-                    HINT = 'Only a superuser, the owner of schema df, or a role granted df.grant_usage(..., include_http => true, with_grant => true) can grant include_http.';
-            END IF;
-        END LOOP;
-    END IF;
-
-    EXECUTE format('GRANT USAGE ON SCHEMA df TO %s%s', grantee, opt);
-    IF include_http THEN
-        FOREACH fn IN ARRAY df._private_functions('http') LOOP
-            EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %s%s', fn, grantee, opt);
-        END LOOP;
-    END IF;
-    IF with_grant THEN
-        FOREACH fn IN ARRAY df._private_functions('admin') LOOP
-            EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %s%s', fn, grantee, opt);
-        END LOOP;
-    END IF;
-    EXECUTE format('GRANT SELECT ON df.instances TO %s%s', grantee, opt);
-    EXECUTE format('GRANT UPDATE (status, updated_at) ON df.instances TO %s%s', grantee, opt);
-    EXECUTE format('GRANT SELECT ON df.nodes TO %s%s', grantee, opt);
-    EXECUTE format('GRANT INSERT (id, label, root_node, submitted_by, database) ON df.instances '
-                   'TO %s%s', grantee, opt);
-    EXECUTE format('GRANT INSERT (id, instance_id, node_type, query, result_name, left_node, '
-                   'right_node, submitted_by, database) ON df.nodes TO %s%s', grantee, opt);
-    EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON df.vars TO %s%s', grantee, opt);
-    -- For the monitoring functions: generation, output and checkpoint count of the role's own
-    -- runs, and their execution history (RLS on df._runs and df._executions).
-    EXECUTE format('GRANT SELECT (instance_id, generation, output, checkpoints) ON df._runs '
-                   'TO %s%s', grantee, opt);
-    EXECUTE format('GRANT SELECT ON df._executions TO %s%s', grantee, opt);
-    -- For df.signal: signals to the role's own instances (RLS on df._signals).
-    EXECUTE format('GRANT INSERT (instance_id, name, data) ON df._signals TO %s%s', grantee, opt);
-    RAISE NOTICE 'pg_durable: granted df usage privileges to "%"', p_role;
-END;
-$$;
-
-CREATE OR REPLACE FUNCTION df.revoke_usage(p_role text) RETURNS void
-LANGUAGE plpgsql VOLATILE SECURITY INVOKER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    grantee text := CASE WHEN lower(p_role) = 'public' THEN 'PUBLIC' ELSE format('%I', p_role) END;
-    fn      text;
-    stmt    text;
-BEGIN
-    FOREACH fn IN ARRAY df._private_functions('http') || df._private_functions('admin') LOOP
-        BEGIN
-            EXECUTE format('REVOKE EXECUTE ON FUNCTION %s FROM %s CASCADE', fn, grantee);
-        EXCEPTION WHEN insufficient_privilege THEN
-            -- The caller has no privilege on it at all, so it granted nothing to revoke.
-            NULL;
-        END;
-    END LOOP;
-    -- An administrator made before migration 7 (df._signals) or 12 (df._executions,
-    -- df._runs.checkpoints) and not renewed since holds nothing on those, so it granted
-    -- nothing on them.
-    FOREACH stmt IN ARRAY ARRAY[
-        'REVOKE INSERT (instance_id, name, data) ON df._signals FROM %s CASCADE',
-        'REVOKE SELECT ON df._executions FROM %s CASCADE',
-        'REVOKE SELECT (checkpoints) ON df._runs FROM %s CASCADE']
-    LOOP
-        BEGIN
-            EXECUTE format(stmt, grantee);
-        EXCEPTION WHEN insufficient_privilege THEN
-            NULL;
-        END;
-    END LOOP;
-    EXECUTE format('REVOKE SELECT, INSERT, UPDATE, DELETE ON df.vars FROM %s CASCADE', grantee);
-    EXECUTE format('REVOKE SELECT (instance_id, generation, output) ON df._runs FROM %s CASCADE',
-                   grantee);
-    EXECUTE format('REVOKE INSERT (id, instance_id, node_type, query, result_name, left_node, '
-                   'right_node, submitted_by, database) ON df.nodes FROM %s CASCADE', grantee);
-    EXECUTE format('REVOKE INSERT (id, label, root_node, submitted_by, database) ON df.instances '
-                   'FROM %s CASCADE', grantee);
-    EXECUTE format('REVOKE SELECT ON df.nodes FROM %s CASCADE', grantee);
-    EXECUTE format('REVOKE UPDATE (status, updated_at) ON df.instances FROM %s CASCADE', grantee);
-    EXECUTE format('REVOKE SELECT ON df.instances FROM %s CASCADE', grantee);
-    EXECUTE format('REVOKE USAGE ON SCHEMA df FROM %s CASCADE', grantee);
-    RAISE NOTICE 'pg_durable: revoked df usage privileges granted by "%" from "%"',
-        current_user, p_role;
-END;
-$$;
-
--- Roles granted usage before this version get the history and checkpoint count, and
--- with_grant administrators the worker functions, from their original grantors.
-SELECT df.refresh_grants();

@@ -440,7 +440,10 @@ BEGIN
     -- statuses (Running, Completed...).
     v_lines := ARRAY[
         'Instance: ' || v_instance.id
-            || coalesce(' (' || df._explain_flat(v_instance.label) || ')', ''),
+            -- Cut like the output: every line is padded to the longest, so one long label
+            -- would widen them all.
+            || coalesce(' (' || df._explain_cut(df._explain_flat(v_instance.label), 60, 57)
+                        || ')', ''),
         'Status:   ' || CASE v_instance.status
                             WHEN 'completed' THEN '✓'
                             WHEN 'failed' THEN '✗'

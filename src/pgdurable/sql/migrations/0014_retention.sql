@@ -33,8 +33,25 @@ UPDATE df._runs r
 CREATE INDEX runs_finished_idx ON df._runs (finished_at, instance_id)
     WHERE finished_at IS NOT NULL;
 
--- Terminal statuses never change again (migration 10 holds users to cancelling), so this
--- fires once per instance: when a checkpoint completes or fails it, or df.cancel cancels it.
+-- df._checkpoint writes the output exactly when the instance ends: the checkpoint's own
+-- UPDATE of df._runs stamps finished_at then (a BEFORE trigger, no second row version).
+CREATE FUNCTION df._run_finished() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    NEW.finished_at := clock_timestamp();
+    RETURN NEW;
+END;
+$$;
+
+REVOKE ALL ON FUNCTION df._run_finished() FROM PUBLIC;
+
+CREATE TRIGGER runs_finished BEFORE UPDATE OF output ON df._runs
+    FOR EACH ROW WHEN (NEW.output IS NOT NULL AND NEW.finished_at IS NULL)
+    EXECUTE FUNCTION df._run_finished();
+
+-- What ends without an output (a cancel, a NULL result) is stamped when its status becomes
+-- terminal; otherwise this finds finished_at set and writes nothing. Terminal statuses never
+-- change again (migration 10 holds users to cancelling), so it fires once per instance.
 -- SECURITY DEFINER because df.cancel runs as the user, who may not write df._runs.
 CREATE FUNCTION df._instance_finished() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
@@ -44,6 +61,8 @@ BEGIN
     RETURN NULL;
 END;
 $$;
+
+REVOKE ALL ON FUNCTION df._instance_finished() FROM PUBLIC;
 
 CREATE TRIGGER instances_finished AFTER UPDATE OF status ON df.instances
     FOR EACH ROW WHEN (NEW.status IN ('completed', 'failed', 'cancelled')
@@ -138,19 +157,21 @@ BEGIN
     END IF;
 
     -- The oldest candidates, while their nodes fit (counted one instance at a time, an index
-    -- range each: the loop reads only as far as it goes).
+    -- range each: the loop reads only as far as it goes). Rows someone holds are skipped
+    -- here, not only at the DELETE: a user may keep a lock on their own oldest finished
+    -- instances, and a batch made of those alone would end every pass at once.
     FOR v_candidate IN
         SELECT r.instance_id,
                (SELECT count(*) FROM df.nodes n WHERE n.instance_id = r.instance_id) AS nodes
           FROM df._runs r
+          JOIN df.instances i ON i.id = r.instance_id
          WHERE r.finished_at IS NOT NULL
            AND (r.finished_at, r.instance_id) < (v_until, v_until_id)
            -- Always true for rows with finished_at; checked so that nothing running can go.
-           AND EXISTS (SELECT 1 FROM df.instances i
-                        WHERE i.id = r.instance_id
-                          AND i.status IN ('completed', 'failed', 'cancelled'))
+           AND i.status IN ('completed', 'failed', 'cancelled')
          ORDER BY r.finished_at, r.instance_id
          LIMIT p_batch
+           FOR UPDATE OF i SKIP LOCKED
     LOOP
         EXIT WHEN cardinality(v_batch) > 0 AND v_nodes + v_candidate.nodes > p_max_nodes;
         v_batch := v_batch || v_candidate.instance_id;
