@@ -36,9 +36,8 @@ def instance(conn: Conn, instance_id: str) -> Row | None:
     cur = conn.cursor(row_factory=dict_row)
     cur.execute(
         "SELECT i.id AS instance_id, i.label, i.status, i.root_node, i.created_at,"
-        "       i.completed_at, r.finished_at, f.current_execution_id AS execution, f.output"
-        "  FROM df.instances i LEFT JOIN df.instance_info(i.id) f ON true"
-        "  LEFT JOIN df._runs r ON r.instance_id = i.id"
+        "       i.completed_at, r.finished_at, r.generation AS execution, r.output"
+        "  FROM df.instances i LEFT JOIN df._runs r ON r.instance_id = i.id"
         " WHERE i.id = %s",
         (instance_id,),
     )
