@@ -195,7 +195,7 @@ def node_id() -> str:
         ("SELECT * FROM df._worker_epoch", "permission denied for table _worker_epoch"),
         ("SELECT * FROM df._migrations", "permission denied for table _migrations"),
         (
-            "SELECT df._consume_signal('00000000', 'x', 1)",
+            "SELECT df._consume_signal('00000000', 'x', 1, 1000)",
             "permission denied for function _consume_signal",
         ),
         (

@@ -304,8 +304,8 @@ def test_a_steps_encoding_and_quoting_settings_do_not_reach_the_next_step(
             victim,
             "%s",
             (
-                "SELECT set_config('standard_conforming_strings', 'off', false),"
-                " set_config('client_encoding', 'SJIS', false)",
+                "SELECT set_config('standard_conforming_strings', 'off', false) AS scs,"
+                " set_config('client_encoding', 'SJIS', false) AS enc",
             ),
         )
         assert status_of(conn, setter) == "completed", output_of(conn, setter)
@@ -510,3 +510,43 @@ def test_refresh_grants_does_not_widen_a_plain_usage_grant(
         (monitor.name, monitor.name),
     ).fetchone()
     assert got == (False, False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Substitution read differently from PostgreSQL's lexer (end to end, as the attack pass ran
+# them; tests/test_substitute_lexer.py covers the class against the lexer itself)
+# ---------------------------------------------------------------------------------------------
+
+ROLE_LIST = "|| (SELECT string_agg(rolname, chr(44)) FROM pg_roles WHERE rolcanlogin) ||"
+
+
+def test_a_value_in_a_continued_e_string_stays_text(
+    conn: Conn, tenants: TenantFactory, worker: ThreadWorker
+) -> None:
+    tenant = tenants()
+    instance = run(
+        conn,
+        tenant,
+        "%s |=> 'v' ~> %s",
+        (
+            f"SELECT '{ROLE_LIST}'::text AS data",
+            "SELECT E'Dear customer\\n'\n       'it\\'s for $v.data' AS greeting",
+        ),
+    )
+    assert rows_of(conn, instance) == [{"greeting": f"Dear customer\nit's for {ROLE_LIST}"}]
+
+
+def test_a_value_after_a_unicode_string_with_uescape_stays_text(
+    conn: Conn, tenants: TenantFactory, worker: ThreadWorker
+) -> None:
+    tenant = tenants()
+    instance = run(
+        conn,
+        tenant,
+        "%s |=> 'v' ~> %s",
+        (
+            "SELECT '(SELECT current_user)'::text AS x",
+            "SELECT U&'C:\\' UESCAPE '!' || $v AS path",  # a backslash is no escape here
+        ),
+    )
+    assert rows_of(conn, instance) == [{"path": "C:\\(SELECT current_user)"}]

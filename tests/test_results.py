@@ -17,6 +17,7 @@ import pytest
 from pgdurable.worker import results
 from pgdurable.worker.results import (
     NO_RESULT_SET,
+    DuplicateColumn,
     ResultError,
     UnsupportedColumnType,
     configure_connection,
@@ -73,9 +74,32 @@ def test_keys_follow_column_order(db: Conn) -> None:
     )
 
 
-def test_duplicate_columns_keep_first_position_and_last_value(db: Conn) -> None:
-    assert run(db, "SELECT 1 AS a, 2 AS b, 3 AS a") == '{"rows":[{"a":3,"b":2}],"row_count":1}'
-    assert run(db, "SELECT 1 AS a, NULL::int AS a") == '{"rows":[{"a":null}],"row_count":1}'
+DUPLICATE_A = (
+    "Duplicate column name 'a' in the statement's result: give each column its own name (AS ...)"
+)
+
+
+def test_duplicate_column_names_fail_instead_of_losing_a_value(db: Conn) -> None:
+    # pg_durable keeps the last value silently; a JSON object cannot hold both.
+    for sql in (
+        "SELECT 1 AS a, 2 AS a",
+        "SELECT 1 AS a, 2 AS b, 3 AS a",
+        "SELECT 1 AS a, 2 AS a WHERE false",
+    ):
+        with pytest.raises(DuplicateColumn) as info:
+            run(db, sql)
+        assert str(info.value) == DUPLICATE_A
+    cur = db.execute(b"SELECT 1 AS a, NULL::int AS a", binary=True)
+    with pytest.raises(DuplicateColumn, match="'a'"):
+        result_json(cur.description, cur.fetchall())
+    # Names differing in case are different columns.
+    assert run(db, 'SELECT 1 AS a, 2 AS "A"') == '{"rows":[{"a":1,"A":2}],"row_count":1}'
+
+
+def test_duplicate_column_names_fail_the_step(app: Any, worker: Any) -> None:
+    instance, status = app.run("'SELECT 1 AS a, 2 AS a'")
+    assert status == "failed"
+    assert app.failure(instance) == DUPLICATE_A
 
 
 def test_several_rows(db: Conn) -> None:
@@ -343,6 +367,19 @@ def test_timestamp_without_zone(db: Conn, literal: str, expected: str) -> None:
 )
 def test_date_outside_common_years(db: Conn, literal: str, expected: str) -> None:
     assert value(db, f"SELECT '{literal}'::date") == expected
+
+
+def test_bc_dates_and_timestamps_use_astronomical_year_numbering(db: Conn) -> None:
+    # On purpose: ISO 8601 / RFC 3339 consumers parse year -4712 (= 4713 BC, year 0 = 1 BC),
+    # and pg_durable renders it so too; PostgreSQL's own text would be "4713-01-01 BC".
+    sql = (
+        "SELECT '4713-01-01 BC'::date AS d, '4713-01-01 12:30:00 BC'::timestamp AS ts,"
+        " '4713-01-01 12:30:00+00 BC'::timestamptz AS tz, '0001-12-31 BC'::date AS one_bc"
+    )
+    assert run(db, sql) == (
+        '{"rows":[{"d":"-4712-01-01","ts":"-4712-01-01T12:30:00",'
+        '"tz":"-4712-01-01T12:30:00+00:00","one_bc":"0000-12-31"}],"row_count":1}'
+    )
 
 
 def test_dates_match_the_server_calendar(db: Conn) -> None:

@@ -34,6 +34,11 @@ def run(conn: Conn, statement: str, params: tuple[object, ...] = ()) -> Error | 
     return None
 
 
+# How the worker consumes a signal (instance, name, activation): its data (returned up to this
+# many bytes), NULL when none is waiting.
+CONSUME = "SELECT (SELECT data FROM df._consume_signal(%s, %s, %s, 1000000))"
+
+
 def value(conn: Conn, query: str, params: tuple[object, ...] = ()) -> Any:
     row = conn.execute(query, params or None).fetchone()
     assert row is not None
@@ -70,9 +75,9 @@ def add_task(
     return int(
         value(
             conn,
-            "INSERT INTO df._tasks (instance_id, activation, kind, node_id, payload, visible_at,"
-            " lease_owner, token)"
-            " SELECT i.id, %s, %s, i.root_node,"
+            "INSERT INTO df._tasks (instance_id, role_oid, activation, kind, node_id, payload,"
+            " visible_at, lease_owner, token)"
+            " SELECT i.id, i.submitted_by, %s, %s, i.root_node,"
             "        jsonb_build_object('signal_name', %s::text, 'deadline', NULL),"
             "        coalesce(now() + %s::interval, 'infinity'), %s, %s"
             "   FROM df.instances i WHERE i.id = %s RETURNING id",
@@ -370,10 +375,8 @@ def test_a_flood_is_buffered_and_consumed_one_by_one_in_order(app: App, conn: Co
     taken = []
     with conn.transaction():
         for activation in range(1000):
-            taken.append(
-                value(conn, "SELECT df._consume_signal(%s, 'f', %s)", (instance, activation))
-            )
-        assert value(conn, "SELECT df._consume_signal(%s, 'f', 1000)", (instance,)) is None
+            taken.append(value(conn, CONSUME, (instance, "f", activation)))
+        assert value(conn, CONSUME, (instance, "f", 1000)) is None
     assert taken == list(range(1, 1001))
     assert value(conn, "SELECT df._signal_pending(%s, 'f')", (instance,)) is False
     # Each was taken once, by the wait that consumed it, and is kept as a record.
@@ -385,28 +388,28 @@ def test_a_flood_is_buffered_and_consumed_one_by_one_in_order(app: App, conn: Co
     ).fetchone() == (1000, 1000, 0, 999, True, True)
     # The other name is untouched.
     assert value(conn, "SELECT df._signal_pending(%s, 'g')", (instance,)) is True
-    assert value(conn, "SELECT df._consume_signal(%s, 'g', 5)", (instance,)) == "other name"
+    assert value(conn, CONSUME, (instance, "g", 5)) == "other name"
 
 
 def test_consume_returns_json_null_and_sql_null_apart(app: App, conn: Conn) -> None:
     instance = app.start("df.wait_for_signal('n')")
     signal(app.conn, instance, "n", "null")
-    # What the worker runs (store.consume_signal): found, data.
-    query = "SELECT d IS NOT NULL, d FROM df._consume_signal(%s, 'n', 1) AS d"
-    assert conn.execute(query, (instance,)).fetchone() == (True, None)
-    assert conn.execute(query, (instance,)).fetchone() == (False, None)
+    # What the worker runs (store.consume_signal): a row (data, its size) or none.
+    query = "SELECT data, data_bytes FROM df._consume_signal(%s, 'n', 1, 1000)"
+    assert conn.execute(query, (instance,)).fetchall() == [(None, 4)]
+    assert conn.execute(query, (instance,)).fetchall() == []
     # Per instance: another instance's signals are not taken.
     second = app.start("df.wait_for_signal('n')")
     signal(app.conn, second, "n", "2")
-    assert conn.execute(query, (instance,)).fetchone() == (False, None)
-    assert conn.execute(query, (second,)).fetchone() == (True, 2)
+    assert conn.execute(query, (instance,)).fetchall() == []
+    assert conn.execute(query, (second,)).fetchall() == [(2, 1)]
 
 
 def test_cascade_on_instance_delete(app: App, conn: Conn) -> None:
     instance = app.start("df.wait_for_signal('x')")
     signal(app.conn, instance, "x")
     signal(app.conn, instance, "x")
-    conn.execute("SELECT df._consume_signal(%s, 'x', 1)", (instance,))
+    conn.execute(CONSUME, (instance, "x", 1))
     conn.execute("DELETE FROM df.instances WHERE id = %s", (instance,))
     assert value(conn, "SELECT count(*) FROM df._signals") == 0
 
@@ -550,7 +553,7 @@ def test_signals_are_private(app: App, other: App, conn: Conn) -> None:
             [
                 ("count(*) FROM df._signals", denied),
                 (
-                    f"df._consume_signal('{mine}', 'go', 1)",
+                    f"df._consume_signal('{mine}', 'go', 1, 1000)",
                     Error("permission denied for function _consume_signal"),
                 ),
                 (

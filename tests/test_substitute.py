@@ -134,9 +134,9 @@ SQL_MODE = [
     ("SELECT $r;", "SELECT 1;"),
     ("$r-1", "1-1"),
     ("($r)", "(1)"),
-    ("$r$r", "11"),
+    ("$r$r", "1 1"),  # set apart: PostgreSQL would read 11 as one number
     ("$r é", "1 é"),
-    ("$rééé", "1ééé"),  # identifiers are ASCII: é ends the name
+    ("$rééé", "1 ééé"),  # identifiers are ASCII: é ends the name
     ("$r?", "1"),
     ("$r??", "1?"),
     ("$r.id", "1"),
@@ -162,11 +162,11 @@ SQL_MODE = [
     ("$r.missing, $r.id", "$r.missing, 1"),
     ("$resp.nope", "$resp.nope"),
     # `$x.` + a non-identifier is a bare `$x`
-    ("$r.", "1."),
-    ("$r.1", "1.1"),
-    ("$r. x", "1. x"),
-    ("$r.id.name", "1.name"),
-    ("$r.(", "1.("),
+    ("$r.", "1 ."),  # set apart: PostgreSQL would read 1. as one number
+    ("$r.1", "1 .1"),
+    ("$r. x", "1 . x"),
+    ("$r.id.name", "1 .name"),
+    ("$r.(", "1 .("),
     # no rows / NULL, null-safe
     ("$empty?", "NULL"),
     ("$empty.x?", "NULL"),

@@ -57,8 +57,9 @@ CONTEXTS = [
     ("DO $$ BEGIN PERFORM $q; END $$", f"DO $$ BEGIN PERFORM '{Q}'; END $$"),
     ("DO $b$ BEGIN RAISE '%', '$q'; END $b$", f"DO $b$ BEGIN RAISE '%', '{Q}'; END $b$"),
     ("SELECT $t$ $r $t$, $r", "SELECT $t$ 1 $t$, 1"),
-    ("SELECT $r$r", "SELECT 11"),  # references, not a $r$ quote: PostgreSQL never sees one
-    ("SELECT a$r$, $r", "SELECT a1$, 1"),
+    ("SELECT $r$r", "SELECT 1 1"),  # references, not a $r$ quote: PostgreSQL never sees one
+    # a literal is set apart from what it would fuse with (a1$ would be one identifier)
+    ("SELECT a$r$, $r", "SELECT a 1 $, 1"),
     # unterminated quotes run to the end, as in PostgreSQL (which then reports them)
     ("SELECT 'abc $q", f"SELECT 'abc {Q}"),
 ]

@@ -78,6 +78,14 @@ def _worker_options(f: F) -> F:
         "--concurrency", default=10, show_default=True, help="Steps run at the same time."
     )(f)
     f = click.option(
+        "--role-slots",
+        envvar="PGDURABLE_ROLE_SLOTS",
+        type=click.IntRange(min=1),
+        default=None,
+        help="The most steps one role runs at the same time on this worker [default: "
+        "--concurrency]. Whatever the cap, roles with work share the slots fairly.",
+    )(f)
+    f = click.option(
         "--single-role",
         is_flag=True,
         help="Run every step as the DSN's role (managed Postgres with one password).",
@@ -183,6 +191,7 @@ def _config(dsn: str, options: dict[str, Any]) -> WorkerConfig:
         egress=egress,
         reconcile_interval=options["reconcile_interval"],
         purge_batch_size=options["purge_batch_size"],
+        role_slots=options["role_slots"],
     )
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -57,6 +58,17 @@ _BACKSTOPS = frozenset({"57014", "http_timeout"})
 # Timers further away than this (a century) are set at this distance: PostgreSQL's
 # timestamps end in the year 294276.
 MAX_WAIT_SECONDS = 100 * 365 * 86400.0
+
+# The default of pg_durable.max_result_bytes: the most bytes of a SQL step's result, and of its
+# statement once named results are substituted into it (10 MiB, as for HTTP responses).
+DEFAULT_MAX_BYTES = 10 * 1024 * 1024
+# The worker sets it from pg_durable.max_result_bytes as its own session sees it. A context
+# variable rather than a parameter of every entry point: any transition may start a SQL step.
+max_statement_bytes: ContextVar[int] = ContextVar("max_statement_bytes", default=DEFAULT_MAX_BYTES)
+STATEMENT_TOO_LARGE = (
+    "SQL step statement too large after substitution: more than {limit} bytes "
+    "(pg_durable.max_result_bytes)"
+)
 
 OutcomeKind = Literal["ok", "fail", "brk"]
 State = dict[str, Any]
@@ -420,6 +432,12 @@ class _Run:
             )
         except SubstitutionError as exc:
             self.finish(aid, "fail", str(exc))
+            return
+        # Named results are at most this big each, but a statement may use many, or one many
+        # times; the task row and the worker that claims it must not hold more.
+        limit = max_statement_bytes.get()
+        if len(text) > limit or (not text.isascii() and len(text.encode()) > limit):
+            self.finish(aid, "fail", STATEMENT_TOO_LARGE.format(limit=limit))
             return
         payload: dict[str, Any] = {"sql": text}
         self._add_deadline(act, payload)

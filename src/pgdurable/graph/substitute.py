@@ -1,4 +1,4 @@
-"""Variable substitution in step text (spec §7.5).
+r"""Variable substitution in step text (spec §7.5).
 
 Pure: no I/O. Two passes over a template:
 
@@ -16,11 +16,32 @@ plain text: strings unquoted, JSON for objects and arrays.
 
 In SQL mode a value must never change how PostgreSQL reads the statement around it: a named
 result may hold outside data (an HTTP response, a signal's payload, rows another role wrote).
-So the template is read the way PostgreSQL's lexer reads it, and a reference is written for
-the place it stands in: in code, a literal; inside a quoted string, the value's text with
-quotes (and, in ``E''`` strings, backslashes) doubled; inside a quoted identifier, with ``"``
-doubled; inside a comment, not at all. Dollar-quoted text (a ``DO`` or function body) is read
-as code again, and a value that contains the closing ``$tag$`` is refused.
+So the template is read token by token the way PostgreSQL's lexer reads it, and a reference
+is written for the place it stands in:
+
+- in code, a literal. A quoted literal is set apart by a space from a neighbour it would
+  otherwise fuse with (``E$v`` gives ``E '...'``, not the E-string ``E'...'``), and so is a
+  number or keyword (``$a$b`` gives ``1 2``). A literal that follows a string on a new line is
+  part of that string for PostgreSQL (``'a'`` newline ``'b'`` is ``'ab'``), so it is written
+  with that string's escaping;
+- inside a ``'...'`` string (and its continuation segments): the value's text with ``'``
+  doubled; in ``E'...'`` strings, backslashes doubled as well; in ``U&'...'`` strings, the
+  Unicode escape character doubled (``\`` or the one its ``UESCAPE '<c>'`` clause names). A
+  reference is refused in a ``U&`` string whose ``UESCAPE`` clause is not such a plain
+  one-character literal, on a new line right after a ``U&`` string (it would be a
+  continuation whose escape character is read after it), and in a ``B''``/``X''`` bit string
+  when the value holds a quote (which no bit string can carry). A ``$`` escaped by a
+  backslash in an ``E''`` string is text, not a reference, and a reference right after an
+  unfinished escape sequence (``\1``, ``\x4``, ``\u00``) is refused: the value would complete
+  it;
+- inside a ``"..."`` identifier: ``"`` doubled (and the escape character in ``U&"..."``);
+- inside a ``--`` comment (ended by ``\n`` or ``\r``) or a nested ``/* */`` comment: not at
+  all.
+
+Dollar-quoted text (a ``DO`` or function body) is read as code again, and a value that would
+end it early (it contains the closing ``$tag$``) is refused; so is a value holding a NUL
+character, which SQL text cannot carry. The reading assumes ``standard_conforming_strings``
+is on (the worker forces it).
 """
 
 from __future__ import annotations
@@ -144,65 +165,203 @@ class _Substitution:
         # Longest first, so `$ab` is read as `ab` when both `a` and `ab` exist.
         self.longest_first = sorted((n for n in names if n), key=lambda n: (-len(n), n))
         self.parsed: dict[str, object] = {}
-        # Where the reference being rendered stands (SQL mode): "code", "string", "estring"
-        # (backslash escapes), "ident"; and the dollar quotes around it.
+        # Where the reference being rendered stands (SQL mode): "code", a string kind ("q"
+        # standard, "e" E'', "u" U&'', "b" B'', "x" X''), "ident" ("...") or "uident" (U&"...").
         self.context = "code"
-        self.tags: tuple[str, ...] = ()
+        # The escape character of the U&'' string or U&"" identifier around the reference;
+        # None if it cannot be known before PostgreSQL reads the statement.
+        self.escape: str | None = "\\"
+        # In code: the kind of the string a quoted value would continue, if any.
+        self.continues: str | None = None
 
-    def run_sql(self, text: str, tags: tuple[str, ...] = ()) -> str:
-        """Pass 2 in SQL mode: each stretch of ``text`` rendered for its lexical context."""
+    # -- SQL mode: reading the template as PostgreSQL's lexer does ------------------------
+
+    def run_sql(self, text: str) -> str:
+        """Pass 2 in SQL mode: ``text`` read token by token as PostgreSQL's lexer reads it
+        (``scan.l``), each reference written for the place it stands in."""
         out: list[str] = []
-        code_from = 0
         i, n = 0, len(text)
-
-        def code_until(end: int) -> None:
-            out.append(self._run_in("code", tags, text[code_from:end]))
-
         while i < n:
             c = text[i]
+            nxt = text[i + 1 : i + 2]
             if c == "$":
-                tag = _DOLLAR_TAG.match(text, i)
-                # A reference wins over a dollar quote of the same spelling ($r$r is two
-                # references): it is replaced, so PostgreSQL never sees that tag.
-                if (
-                    tag is None
-                    or self._parse(text, i + 1) is not None
-                    or _after_identifier(text, i)
-                ):
-                    i += 1
+                ref = self._parse(text, i + 1)
+                if ref is not None:
+                    # A reference wins over a dollar quote of the same spelling ($r$r is two
+                    # references): it is replaced, so PostgreSQL never sees that tag.
+                    i, written = self._code_reference(text, i, ref, out)
+                    if written.endswith("'"):
+                        i = self._continuations(text, i, self.continues or "q", "\\", out)
                     continue
-                code_until(i)
-                delimiter = tag.group()
-                close = text.find(delimiter, tag.end())
-                body_end = n if close == -1 else close
-                out.append(delimiter)
-                out.append(self.run_sql(text[tag.end() : body_end], (*tags, delimiter)))
-                i = code_from = n if close == -1 else close + len(delimiter)
-                out.append(text[body_end:i])
-            elif c in "'\"":
-                context = "ident" if c == '"' else "estring" if _escapes(text, i) else "string"
-                end, closed = _quoted_end(text, i + 1, c, backslashes=context == "estring")
-                code_until(i)
-                inner_end = end - 1 if closed else end
-                out.append(c + self._run_in(context, tags, text[i + 1 : inner_end]))
-                out.append(text[inner_end:end])
-                i = code_from = end
-            elif text.startswith("--", i) or text.startswith("/*", i):
+                tag = _DOLLAR_TAG.match(text, i)
+                if tag is not None:
+                    i = self._dollar_quoted(text, tag, out)
+                    continue
+                # `$1`: a parameter, after which a new token starts (`$1E'..'` is an E-string).
+                j = i + 1
+                while j < n and text[j] in string.digits:
+                    j += 1
+                out.append(text[i:j])
+                i = j
+            elif (c == "-" and nxt == "-") or (c == "/" and nxt == "*"):
                 end = _comment_end(text, i)
-                code_until(i)
                 out.append(text[i:end])  # references in comments are left alone
-                i = code_from = end
+                i = end
+            elif c == "'":
+                i = self._string(text, i, "q", out)
+            elif c == '"':
+                i = self._quoted(text, i, "ident", None, out)
+            elif c in "eEbBxX" and nxt == "'":
+                out.append(c)
+                i = self._string(text, i + 1, c.lower(), out)
+            elif c in "uU" and nxt == "&" and text[i + 2 : i + 3] in ("'", '"'):
+                out.append(text[i : i + 2])
+                if text[i + 2] == "'":
+                    i = self._string(text, i + 2, "u", out)
+                else:
+                    escape = _uescape(text, _quoted_end(text, i + 3, '"'))
+                    i = self._quoted(text, i + 2, "uident", escape, out)
+            elif _ident_start(c):
+                # An identifier (or keyword): `x$E'..'` is the identifier `x$E` and a
+                # standard string. A reference inside one ends it.
+                j = i + 1
+                while j < n and _ident_cont(text[j]):
+                    if text[j] == "$" and self._parse(text, j + 1) is not None:
+                        break
+                    j += 1
+                out.append(text[i:j])
+                i = j
+            elif (number := _NUMBER.match(text, i)) is not None:
+                # `0xE'..'` is a hex number and a standard string, `1.5.E'..'` a number, a
+                # dot and an E-string. (A letter right after a number, as in `1E'..'`, is a
+                # syntax error to PostgreSQL: it runs nothing.)
+                out.append(number.group())
+                i = number.end()
             else:
+                out.append(c)
                 i += 1
-        code_until(n)
         return "".join(out)
 
-    def _run_in(self, context: str, tags: tuple[str, ...], text: str) -> str:
-        self.context, self.tags = context, tags
-        return self.run(text)
+    def _string(self, text: str, i: int, kind: str, out: list[str]) -> int:
+        """Write the string literal whose opening quote is at ``i``, with its continuation
+        segments; return the index just past it."""
+        escape = _uescape(text, _string_end(text, i)) if kind == "u" else "\\"
+        i = self._quoted(text, i, kind, escape, out)
+        return self._continuations(text, i, kind, escape, out)
+
+    def _continuations(
+        self, text: str, i: int, kind: str, escape: str | None, out: list[str]
+    ) -> int:
+        """After a string closed just before ``i``: write the segments that continue it
+        (``'...'`` after whitespace holding a line break, as PostgreSQL's ``quotecontinue``),
+        each read as the same kind of string; return the index past the last one."""
+        n = len(text)
+        while i < n:
+            gap = _QUOTE_CONTINUE.match(text, i)
+            if gap is None:
+                return i
+            j = gap.end()
+            if text.startswith("'", j):
+                out.append(text[i:j])
+                i = self._quoted(text, j, kind, escape, out)
+                continue
+            ref = self._parse(text, j + 1) if text.startswith("$", j) else None
+            if ref is None:
+                return i
+            if kind == "u":
+                raise SubstitutionError(
+                    f"${ref.name} stands on a new line right after a U&'' string, so its value"
+                    " would continue that string before its UESCAPE clause is read; put an"
+                    " operator such as || between them"
+                )
+            out.append(text[i:j])
+            i, written = self._code_reference(text, j, ref, out, continues=kind)
+            if not written.endswith("'"):
+                return i
+        return i
+
+    def _quoted(self, text: str, i: int, kind: str, escape: str | None, out: list[str]) -> int:
+        """Write one quoted segment (string or identifier) whose opening quote is at ``i``,
+        replacing the references inside it; return the index just past its closing quote
+        (or the end of the text: PostgreSQL then reports the unterminated literal)."""
+        quote = text[i]
+        n = len(text)
+        out.append(quote)
+        j = chunk = i + 1
+        unfinished = ""  # an escape sequence ending at `j` that more digits would extend
+        while j < n:
+            c = text[j]
+            if c == quote:
+                if kind not in ("b", "x") and text.startswith(quote, j + 1):
+                    j += 2  # a doubled quote
+                    unfinished = ""
+                    continue
+                out.append(text[chunk : j + 1])
+                return j + 1
+            if (kind == "e" and c == "\\") or (
+                kind in ("u", "uident") and escape is not None and c == escape
+            ):
+                end, open_ended = _escape_end(text, j, kind, escape or "\\")
+                unfinished = text[j:end] if open_ended else ""
+                j = end
+                continue
+            if c == "$":
+                ref = self._parse(text, j + 1)
+                if ref is not None:
+                    if unfinished:
+                        raise SubstitutionError(
+                            f"${ref.name} stands right after the unfinished escape sequence"
+                            f" {unfinished}; PostgreSQL would read its value as part of it"
+                        )
+                    out.append(text[chunk:j])
+                    self.context, self.escape, self.continues = kind, escape, None
+                    rendered = self._render(ref)
+                    out.append(text[j : ref.end] if rendered is None else rendered)
+                    j = chunk = ref.end
+                    continue
+            unfinished = ""
+            j += 1
+        out.append(text[chunk:])
+        return n
+
+    def _code_reference(
+        self, text: str, at: int, ref: _Ref, out: list[str], continues: str | None = None
+    ) -> tuple[int, str]:
+        """Write the reference at ``at``, standing in code; return the index past it and what
+        was written."""
+        self.context, self.escape, self.continues = "code", "\\", continues
+        rendered = self._render(ref)
+        # A missing field is left for PostgreSQL to report, but kept apart all the same.
+        written = text[at : ref.end] if rendered is None else rendered
+        # Set apart from neighbours it would fuse with, so that PostgreSQL's next token starts
+        # where this reading's does.
+        if _fuses(_last_char(out), written[:1]):
+            out.append(" ")
+        out.append(written)
+        if _fuses(written[-1:], text[ref.end : ref.end + 1]):
+            out.append(" ")
+        return ref.end, written
+
+    def _dollar_quoted(self, text: str, tag: re.Match[str], out: list[str]) -> int:
+        """Write the dollar-quoted text opened by ``tag``; its body is code again."""
+        delimiter = tag.group()
+        close = text.find(delimiter, tag.end())
+        body_end = len(text) if close == -1 else close
+        body = self.run_sql(text[tag.end() : body_end])
+        closing = "" if close == -1 else delimiter
+        # PostgreSQL ends the text at the first delimiter, wherever it comes from.
+        if (body + closing).find(delimiter) not in (-1, len(body)):
+            raise SubstitutionError(
+                f"a substituted value contains {delimiter}, which would end the dollar-quoted"
+                " text around its reference"
+            )
+        out += [delimiter, body, closing]
+        return body_end + len(closing)
+
+    # -- references -----------------------------------------------------------------------
 
     def run(self, text: str) -> str:
-        """Pass 2 over text of one context: replace each reference."""
+        """Pass 2 in raw mode: replace each reference in ``text``."""
         out: list[str] = []
         pos = 0
         while (dollar := text.find("$", pos)) != -1:
@@ -241,10 +400,16 @@ class _Substitution:
             records = _records(rows)
             if records is None:
                 raise SubstitutionError(f"${ref.name}.* — invalid result format")
-            return self._rows(ref.name, records)
-        if ref.field is None:
-            return self._first_column(ref, value, rows)
-        return self._field(ref, ref.field, value, rows)
+            text: str | None = self._rows(ref.name, records)
+        elif ref.field is None:
+            text = self._first_column(ref, value, rows)
+        else:
+            text = self._field(ref, ref.field, value, rows)
+        if self.sql and text is not None and "\x00" in text:
+            raise SubstitutionError(
+                f"${ref.name}: the value contains a NUL character, which SQL text cannot hold"
+            )
+        return text
 
     def _first_column(self, ref: _Ref, value: object, rows: list[object] | None) -> str:
         if rows is None:
@@ -257,7 +422,7 @@ class _Substitution:
         cell = next(iter(first.values()))
         if cell is None:
             if ref.null_safe:
-                return "NULL"
+                return self._null()
             raise SubstitutionError(f"${ref.name} is NULL — first column of first row is NULL")
         return self._scalar(cell)
 
@@ -276,7 +441,7 @@ class _Substitution:
             if self.sql:
                 return None  # left in the SQL, so PostgreSQL reports it in context
             if ref.null_safe:
-                return "NULL"
+                return self._null()
             available = ", ".join(sorted(record))
             raise SubstitutionError(
                 f"${ref.name}.{field}: result has no field '{field}' (available: {available})"
@@ -284,16 +449,19 @@ class _Substitution:
         cell = record[field]
         if cell is None:
             if ref.null_safe:
-                return "NULL"
+                return self._null()
             raise SubstitutionError(f"${ref.name}.{field} is NULL")
         return self._scalar(cell)
 
     def _no_rows(self, ref: _Ref) -> str:
         if ref.null_safe:
-            return "NULL"
+            return self._null()
         raise SubstitutionError(f"${ref.name} has no rows — query returned zero results")
 
     # -- rendering ------------------------------------------------------------------------
+
+    def _null(self) -> str:
+        return self._written("NULL", "NULL")
 
     def _scalar(self, value: object) -> str:
         """A non-null JSON value as a SQL literal or as raw text."""
@@ -318,21 +486,36 @@ class _Substitution:
         ``literal`` in code, ``raw`` escaped inside quotes."""
         if not self.sql:
             return raw
-        if self.context == "code":
-            text = literal
-        elif self.context == "ident":
-            text = raw.replace('"', '""')
-        elif self.context == "estring":
-            text = raw.replace("\\", "\\\\").replace("'", "''")
-        else:
-            text = raw.replace("'", "''")
-        for tag in self.tags:
-            if tag in text:
+        if self.context != "code":
+            return self._inside(self.context, raw)
+        if self.continues is not None and literal.startswith("'"):
+            # PostgreSQL reads this literal as a segment of the string before it.
+            return "'" + self._inside(self.continues, raw) + "'"
+        return literal
+
+    def _inside(self, kind: str, raw: str) -> str:
+        """``raw`` written inside a quoted string or identifier of ``kind``, so that
+        PostgreSQL reads back exactly ``raw``."""
+        if kind == "ident":
+            return raw.replace('"', '""')
+        if kind == "q":
+            return raw.replace("'", "''")
+        if kind == "e":
+            return raw.replace("\\", "\\\\").replace("'", "''")
+        if kind in ("b", "x"):
+            if "'" in raw:
                 raise SubstitutionError(
-                    f"a substituted value contains {tag}, which would end the dollar-quoted"
-                    " text around its reference"
+                    "a substituted value containing ' cannot stand inside a B'' or X'' string"
                 )
-        return text
+            return raw
+        # U&'' and U&"": the escape character is doubled, then the quote.
+        if self.escape is None:
+            raise SubstitutionError(
+                "a reference cannot stand inside a U&'' string or U&\"\" identifier whose"
+                " UESCAPE clause is not a plain one-character '...' literal"
+            )
+        quote = '"' if kind == "uident" else "'"
+        return raw.replace(self.escape, self.escape * 2).replace(quote, quote * 2)
 
     def _rows(self, name: str, rows: list[dict[str, object]]) -> str:
         if not self.sql:
@@ -355,48 +538,141 @@ class _Substitution:
         return f"(VALUES {values}) AS {_quote_ident(name)}({column_list})"
 
 
-def _after_identifier(text: str, at: int) -> bool:
-    # `a$b$` is one identifier to PostgreSQL, not a dollar quote.
-    return at > 0 and (
-        text[at - 1] in _IDENT_CHARS or text[at - 1] in "$" or text[at - 1] >= "\x80"
-    )
+# -- PostgreSQL's lexical rules (scan.l) ---------------------------------------------------------
+
+_DECIMAL = r"[0-9](?:_?[0-9])*"
+# A number token: the longest of PostgreSQL's integer, numeric and real forms (`1..` is 1
+# and the `..` of a range).
+_NUMBER = re.compile(
+    r"0[xX](?:_?[0-9A-Fa-f])++|0[oO](?:_?[0-7])++|0[bB](?:_?[01])++"
+    rf"|(?:{_DECIMAL}\.(?!\.)(?:{_DECIMAL})?|\.{_DECIMAL}|{_DECIMAL})(?:[Ee][-+]?{_DECIMAL})?"
+)
+# `quotecontinue` without its quote: whitespace holding a line break, `--` comments allowed
+# (each ended by a line break once the first break is seen), no `/* */` comments.
+_QUOTE_CONTINUE = re.compile(
+    r"(?:[ \t\f\v]++|--[^\n\r]*+)*+[\n\r](?:[ \t\n\r\f\v]++|--[^\n\r]*+[\n\r])*+"
+)
+_UESCAPE = re.compile(r"uescape(?![A-Za-z0-9_$\x80-\U0010ffff])", re.IGNORECASE | re.ASCII)
+_ESCAPE_CHAR = re.compile(r"'([^'])'")
+_OCTAL = frozenset("01234567")
+_HEX = frozenset(string.hexdigits)
 
 
-def _escapes(text: str, quote: int) -> bool:
-    """Whether the string starting at ``quote`` reads backslash escapes: E'...' or U&'...'."""
-
-    def starts_word(at: int) -> bool:
-        return at == 0 or not (text[at - 1] in _IDENT_CHARS or text[at - 1] >= "\x80")
-
-    if quote >= 1 and text[quote - 1] in "eE" and starts_word(quote - 1):
-        return True
-    return quote >= 2 and text[quote - 2 : quote] in ("U&", "u&") and starts_word(quote - 2)
+def _ident_start(c: str) -> bool:
+    return c in _IDENT_START or c >= "\x80"
 
 
-def _quoted_end(text: str, at: int, quote: str, *, backslashes: bool) -> tuple[int, bool]:
-    """Index just past the quote closing the text that starts at ``at``, and whether there
-    was one (else the text runs to the end)."""
+def _ident_cont(c: str) -> bool:
+    return c in _IDENT_CHARS or c == "$" or c >= "\x80"
+
+
+def _fuses(before: str, after: str) -> bool:
+    """Whether PostgreSQL may read a character ``before`` and the next ``after`` as one
+    token (``E'`` is an E-string prefix, ``''`` a doubled quote, ``a1`` one identifier, ``1.5``
+    one number)."""
+    if not before or not after:
+        return False
+    if after == "'":
+        return before in "'&" or _ident_cont(before)
+    if "." in (before, after):  # 1 and .5 are 1.5
+        return before + after != "." and (before in string.digits or after in string.digits)
+    return _ident_cont(before) and _ident_cont(after)
+
+
+def _last_char(out: list[str]) -> str:
+    for piece in reversed(out):
+        if piece:
+            return piece[-1]
+    return ""
+
+
+def _escape_end(text: str, at: int, kind: str, escape: str) -> tuple[int, bool]:
+    """The escape sequence at ``at`` in an E'' string (``kind`` "e") or after the Unicode
+    escape character ``escape``: the index past it, and whether more characters could
+    extend it (so a value must not follow it)."""
+    nxt = text[at + 1 : at + 2]
+    if kind == "e":
+        if nxt == "":
+            return at + 1, True
+        if nxt in _OCTAL:
+            end = _run_end(text, at + 1, _OCTAL, 3)
+            return end, end - at < 4
+        width = {"x": 2, "u": 4, "U": 8}.get(nxt)
+        if width is None:
+            return at + 2, False  # `\` and any character, a quote or a `$` too
+        end = _run_end(text, at + 2, _HEX, width)
+        return end, end - at - 2 < width
+    if nxt == escape:
+        return at + 2, False
+    if nxt == "+":
+        end = _run_end(text, at + 2, _HEX, 6)
+        return end, end - at - 2 < 6
+    end = _run_end(text, at + 1, _HEX, 4)
+    return end, end - at - 1 < 4
+
+
+def _run_end(text: str, at: int, chars: frozenset[str], limit: int) -> int:
+    end = at
+    while end < len(text) and end - at < limit and text[end] in chars:
+        end += 1
+    return end
+
+
+def _quoted_end(text: str, at: int, quote: str) -> int:
+    """Index just past the quote closing a standard string or identifier whose text starts
+    at ``at`` (``''`` and ``""`` are doubled quotes), or the end of the text."""
     i = at
-    while i < len(text):
-        c = text[i]
-        if backslashes and c == "\\":
-            i += 2
-        elif c == quote:
-            if text.startswith(quote, i + 1):
-                i += 2  # a doubled quote
-            else:
-                return i + 1, True
+    while (i := text.find(quote, i)) != -1:
+        if not text.startswith(quote, i + 1):
+            return i + 1
+        i += 2
+    return len(text)
+
+
+def _string_end(text: str, at: int) -> int:
+    """Index just past the U&'' string whose opening quote is at ``at``, continuation
+    segments included."""
+    end = _quoted_end(text, at + 1, "'")
+    while text[end - 1 : end] == "'" and (gap := _QUOTE_CONTINUE.match(text, end)) is not None:
+        if not text.startswith("'", gap.end()):
+            break
+        end = _quoted_end(text, gap.end() + 1, "'")
+    return end
+
+
+def _uescape(text: str, end: int) -> str | None:
+    """The Unicode escape character of the U& literal ending at ``end``: the one named by a
+    ``UESCAPE '<c>'`` clause after it, else ``\\``; None if the clause is of another form."""
+    keyword = _UESCAPE.match(text, _skip_blank(text, end))
+    if keyword is None:
+        return "\\"
+    literal = _ESCAPE_CHAR.match(text, _skip_blank(text, keyword.end()))
+    if literal is None or text.startswith("'", literal.end()):
+        return None
+    gap = _QUOTE_CONTINUE.match(text, literal.end())
+    if gap is not None and text.startswith(("'", "$"), gap.end()):
+        return None  # continued, perhaps by a reference
+    return literal.group(1)
+
+
+def _skip_blank(text: str, at: int) -> int:
+    """Index of the next token at or after ``at``: whitespace and comments skipped."""
+    while at < len(text):
+        if text[at] in " \t\n\r\f\v":
+            at += 1
+        elif text.startswith(("--", "/*"), at):
+            at = _comment_end(text, at)
         else:
-            i += 1
-    return len(text), False
+            break
+    return at
 
 
 def _comment_end(text: str, at: int) -> int:
-    """Index just past the comment starting at ``at`` (``--`` to the line end; ``/* */``
-    nested, as PostgreSQL reads them)."""
+    """Index just past the comment starting at ``at`` (``--`` to the line end, which is a
+    ``\\n`` or a ``\\r``; ``/* */`` nested, as PostgreSQL reads them)."""
     if text.startswith("--", at):
-        newline = text.find("\n", at)
-        return len(text) if newline == -1 else newline
+        match = _LINE_END.search(text, at)
+        return len(text) if match is None else match.start()
     depth, i = 0, at
     while i < len(text):
         if text.startswith("/*", i):
@@ -410,6 +686,9 @@ def _comment_end(text: str, at: int) -> int:
         else:
             i += 1
     return len(text)
+
+
+_LINE_END = re.compile(r"[\n\r]")
 
 
 def _parse_suffix(text: str, name: str, at: int) -> _Ref | None:

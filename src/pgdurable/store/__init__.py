@@ -12,6 +12,7 @@ import json
 import os
 import socket
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -50,6 +51,7 @@ class Task:
     # When the instance was created: with its id, it tells apart an instance from a later one
     # that got the same id after the first was purged (ids are 32 random bits).
     created_at: datetime | None = None
+    deferrals: int = 0  # times given back because its checkpoint could not get a lock
 
 
 @dataclass(frozen=True)
@@ -63,13 +65,37 @@ class Checkpoint:
     role_exists: bool
 
 
+# A fair claim. The roles that have tasks are found by a loose index scan (one probe of
+# tasks_role_visible_idx per role); each role offers its due tasks, oldest first, up to the
+# room it has under ``cap`` counting what it already holds in this worker; the offers are taken
+# in turns: a role's n-th offer has turn held + n, so the slots go to the roles holding the
+# fewest, and a lone role gets every slot.
 _CLAIM = """
-WITH picked AS (
-    SELECT t.id FROM df._tasks t
-     WHERE t.visible_at <= now()
-     ORDER BY t.visible_at
-     LIMIT %(limit)s
-       FOR UPDATE SKIP LOCKED
+WITH RECURSIVE roles (role_oid) AS (
+    (SELECT t.role_oid FROM df._tasks t ORDER BY t.role_oid LIMIT 1)
+    UNION ALL
+    SELECT (SELECT t.role_oid FROM df._tasks t WHERE t.role_oid > r.role_oid
+             ORDER BY t.role_oid LIMIT 1)
+      FROM roles r
+     WHERE r.role_oid IS NOT NULL
+), held AS (
+    SELECT h.role_oid, h.slots FROM unnest(%(held_roles)s::oid[], %(held_slots)s::int[])
+                                    AS h (role_oid, slots)
+), offered AS (
+    SELECT o.id, o.visible_at, coalesce(h.slots, 0) + o.rank AS turn
+      FROM roles r
+      LEFT JOIN held h ON h.role_oid = r.role_oid
+     CROSS JOIN LATERAL (
+           SELECT d.id, d.visible_at, row_number() OVER (ORDER BY d.visible_at, d.id) AS rank
+             FROM (SELECT t.id, t.visible_at FROM df._tasks t
+                    WHERE t.role_oid = r.role_oid AND t.visible_at <= now()
+                    ORDER BY t.visible_at
+                    LIMIT greatest(least(%(limit)s, %(cap)s - coalesce(h.slots, 0)), 0)
+                      FOR UPDATE SKIP LOCKED) d
+           ) o
+     WHERE r.role_oid IS NOT NULL
+), picked AS (
+    SELECT o.id FROM offered o ORDER BY o.turn, o.visible_at, o.id LIMIT %(limit)s
 ), claimed AS (
     UPDATE df._tasks t
        SET lease_owner = %(worker)s,
@@ -82,7 +108,7 @@ WITH picked AS (
 )
 SELECT c.id, c.token, c.kind, c.activation, c.node_id, c.payload, c.attempts, c.instance_id,
        coalesce(r.rolname, i.submitted_by::text) AS role, i.submitted_by::oid AS role_oid,
-       i.database, i.label, i.created_at
+       i.database, i.label, i.created_at, c.deferrals
   FROM claimed c JOIN df.instances i ON i.id = c.instance_id
   -- The login name, not regrole's text, which quotes names like "Odd Name". A dropped role
   -- leaves its number, which fails the login as it should.
@@ -90,11 +116,71 @@ SELECT c.id, c.token, c.kind, c.activation, c.node_id, c.payload, c.attempts, c.
 """
 
 
-async def claim(conn: AsyncConn, worker: uuid.UUID, limit: int, lease: float) -> list[Task]:
-    """Lease up to ``limit`` due tasks to ``worker`` (FOR UPDATE SKIP LOCKED)."""
+async def claim(
+    conn: AsyncConn,
+    worker: uuid.UUID,
+    limit: int,
+    lease: float,
+    held: Mapping[int, int] | None = None,
+    cap: int | None = None,
+) -> list[Task]:
+    """Lease up to ``limit`` due tasks to ``worker`` (FOR UPDATE SKIP LOCKED), shared fairly
+    between roles: ``held`` maps role oids to the slots each holds in this worker already,
+    and no role ends up holding more than ``cap`` (None: no cap)."""
+    held = held or {}
     cur = conn.cursor(row_factory=dict_row)
-    await cur.execute(_CLAIM, {"worker": worker, "limit": limit, "lease": lease})
+    await cur.execute(
+        _CLAIM,
+        {
+            "worker": worker,
+            "limit": limit,
+            "lease": lease,
+            "cap": cap if cap is not None else 2**31 - 1,
+            "held_roles": list(held),
+            "held_slots": list(held.values()),
+        },
+    )
     return [Task(**row) for row in await cur.fetchall()]
+
+
+# Roles, other than the worker's own, with due tasks nobody holds: a worker whose slots are
+# all taken asks this to know whether its steps' follow-ups must make room for them.
+_WAITING_ROLES = """
+WITH RECURSIVE roles (role_oid) AS (
+    (SELECT t.role_oid FROM df._tasks t ORDER BY t.role_oid LIMIT 1)
+    UNION ALL
+    SELECT (SELECT t.role_oid FROM df._tasks t WHERE t.role_oid > r.role_oid
+             ORDER BY t.role_oid LIMIT 1)
+      FROM roles r
+     WHERE r.role_oid IS NOT NULL
+)
+SELECT r.role_oid FROM roles r
+ WHERE r.role_oid IS NOT NULL
+   AND EXISTS (SELECT 1 FROM df._tasks t WHERE t.role_oid = r.role_oid AND t.visible_at <= now())
+"""
+
+
+async def waiting_roles(conn: AsyncConn) -> set[int]:
+    """The roles that have due tasks no worker holds."""
+    cur = await conn.execute(_WAITING_ROLES)
+    return {int(row[0]) for row in await cur.fetchall()}
+
+
+# A task whose checkpoint could not get a lock (a tenant holds its instance row, say) goes
+# back to the queue: 0.25 s, doubling with each deferral, at most 10 s, with some jitter so
+# that many deferred tasks do not come back together.
+_DEFER = """
+UPDATE df._tasks
+   SET lease_owner = NULL, token = NULL, deferrals = deferrals + 1,
+       visible_at = now() + make_interval(secs => least(10, 0.25 * 2 ^ least(deferrals, 8))
+                                                * (0.75 + random() / 2))
+ WHERE id = %s AND token = %s
+"""
+
+
+async def defer(conn: AsyncConn, task: Task) -> None:
+    """Give ``task`` back to the queue for a later try (see _DEFER)."""
+    await conn.execute(_DEFER, (task.id, task.token))
 
 
 CHECKPOINT_BEGIN = "SELECT * FROM df._checkpoint_begin(%s, %s)"
@@ -249,19 +335,31 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
-async def consume_signal(conn: AsyncConn, task: Task, name: str) -> tuple[bool, Any]:
-    """Take the oldest unconsumed signal ``name`` of the task's instance: (found, its data).
+@dataclass(frozen=True)
+class Signal:
+    """A signal a wait consumed: its data, unless it was bigger than the wait could take."""
+
+    data: Any
+    size: int  # bytes of its JSON text
+    too_large: bool
+
+
+async def consume_signal(conn: AsyncConn, task: Task, name: str, max_bytes: int) -> Signal | None:
+    """Take the oldest unconsumed signal ``name`` of the task's instance, or None if there is
+    none. Data bigger than ``max_bytes`` never leaves the server (the signal is consumed).
 
     Called in the checkpoint transaction, under the instance lock that df.signal also takes,
     so a signal is either seen here or wakes the re-armed wait afterwards (migration 0007).
     """
     cur = await conn.execute(
-        "SELECT d IS NOT NULL, d FROM df._consume_signal(%s, %s, %s) AS d",
-        (task.instance_id, name, task.activation),
+        "SELECT data, data_bytes FROM df._consume_signal(%s, %s, %s, %s)",
+        (task.instance_id, name, task.activation, max_bytes),
     )
     row = await cur.fetchone()
-    assert row is not None
-    return bool(row[0]), row[1]
+    if row is None:
+        return None
+    data, size = row
+    return Signal(data, int(size), int(size) > max_bytes)
 
 
 async def rearm(conn: AsyncConn, task: Task) -> None:

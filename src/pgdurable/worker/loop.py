@@ -15,7 +15,10 @@ import logging
 import re
 import time
 import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import psycopg
 from psycopg import AsyncConnection
@@ -23,10 +26,12 @@ from psycopg.conninfo import conninfo_to_dict
 
 from .. import sql as schema
 from .. import store
+from ..graph import interpreter
 from ..store import AsyncConn, Task
 from .connections import Connections, is_transient
 from .egress import EgressPolicy
-from .steps import StepRunner, StepSettings
+from .results import MAX_RESULT_BYTES_SETTING, parse_max_result_bytes
+from .steps import CheckpointBusy, StepRunner, StepSettings
 
 log = logging.getLogger("pgdurable.worker")
 # What df's triggers send on the cancel channel: "<instance>" or "<instance>:<activation>".
@@ -59,7 +64,9 @@ class WorkerError(Exception):
 @dataclass
 class WorkerConfig:
     """How a worker runs. ``poll_interval`` None reads ``pg_durable.poll_interval``,
-    ``reconcile_interval`` None ``pg_durable.reconcile_interval`` (seconds; 0: no purges)."""
+    ``reconcile_interval`` None ``pg_durable.reconcile_interval`` (seconds; 0: no purges).
+    ``role_slots`` caps the slots one role holds at once; the slots are shared fairly between
+    roles with work whatever the cap."""
 
     dsn: str
     concurrency: int = 10
@@ -70,6 +77,7 @@ class WorkerConfig:
     egress: EgressPolicy = field(default_factory=EgressPolicy)
     reconcile_interval: float | None = None
     purge_batch_size: int = PURGE_BATCH_SIZE
+    role_slots: int | None = None  # the most slots one role may hold (None: concurrency)
 
 
 def parse_interval(text: str | None, default: float, unit: str = "ms") -> float:
@@ -151,7 +159,12 @@ class Worker:
         self._runner: StepRunner | None = None
         self._cancels: set[asyncio.Task[int]] = set()  # cancels checking which tasks went
         self._inflight: dict[int, asyncio.Task[None]] = {}
-        self._reserved = 0  # slots promised to a claim or a checkpoint in flight
+        self._roles: dict[int, int] = {}  # task id in flight -> its role's oid
+        self._reserved = 0  # slots promised to a claim in flight
+        # Roles with due tasks that nobody holds, as last seen; while other roles wait, a role
+        # holding more than its share gives its follow-ups back to the queue.
+        self._waiting: set[int] = set()
+        self._waiting_checked = 0.0  # when (monotonic) the claim loop last asked
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         # Set once the background duties must end. They are also cancelled, but a cancel that
@@ -255,19 +268,52 @@ class Worker:
             self.poll_interval = parse_interval(
                 await store.setting(conn, "pg_durable.poll_interval"), 0.1
             )
+        max_bytes = parse_max_result_bytes(await store.setting(conn, MAX_RESULT_BYTES_SETTING))
+        # Seen by every task this worker runs (they are created from this task's context).
+        interpreter.max_statement_bytes.set(max_bytes)
         return StepSettings(
             worker_id=self.id,
             lease_seconds=self.config.lease_seconds,
             allow_superuser=(superuser or "off").lower() in ("on", "true", "yes", "1"),
             single_role=self.config.single_role,
             egress=self.config.egress,
+            max_result_bytes=max_bytes,
         )
 
     # -- claiming ------------------------------------------------------------------------------
 
     def _free_slots(self) -> int:
-        """Slots neither running a task nor promised to a claim or checkpoint in flight."""
+        """Slots neither running a task nor promised to a claim in flight."""
         return max(self.config.concurrency - len(self._inflight) - self._reserved, 0)
+
+    def _held(self) -> dict[int, int]:
+        """How many slots each role holds in this worker."""
+        return dict(Counter(self._roles.values()))
+
+    def _may_continue(self, role_oid: int) -> bool:
+        """Whether a step of ``role_oid`` that just finished may lease its follow-up to its
+        own slot: yes, unless other roles wait and this one holds more than its fair share
+        (or than its cap). Its follow-up then goes back to the queue, where the claim gives
+        the freed slot to the role holding the fewest."""
+        held = self._held()
+        cap = self.config.role_slots
+        if cap is not None and held.get(role_oid, 0) > cap:
+            return False
+        if not self._waiting - {role_oid}:
+            return True
+        active = len(set(held) | self._waiting)
+        return held.get(role_oid, 0) <= max(1, self.config.concurrency // active)
+
+    async def _check_waiting(self) -> None:
+        """While every slot is taken, learn every poll interval which roles wait."""
+        if time.monotonic() - self._waiting_checked < self.poll_interval:
+            return
+        self._waiting_checked = time.monotonic()
+        try:
+            async with self.conns.worker.connection(timeout=POOL_TIMEOUT) as conn:
+                self._waiting = await store.waiting_roles(conn)
+        except Exception as exc:  # the claim loop's own error handling reports outages
+            log.debug("could not read waiting roles: %s", _first_line(exc))
 
     async def _claim_loop(self) -> None:
         delay = 0.5
@@ -280,7 +326,14 @@ class Worker:
                     # A short pool timeout keeps the loop responsive to stop requests while
                     # the server is down.
                     async with self.conns.worker.connection(timeout=POOL_TIMEOUT) as conn:
-                        tasks = await store.claim(conn, self.id, free, self.config.lease_seconds)
+                        tasks = await store.claim(
+                            conn,
+                            self.id,
+                            free,
+                            self.config.lease_seconds,
+                            self._held(),
+                            self.config.role_slots,
+                        )
                     delay = 0.5
                 except Exception as exc:
                     if is_transient(exc):
@@ -300,6 +353,9 @@ class Worker:
                     self._spawn(task)
                 if len(tasks) == free:
                     continue  # there may be more: claim again as soon as a slot frees
+                self._waiting = set()  # nothing due was left (or what is left is capped)
+            else:
+                await self._check_waiting()
             await self._sleep(self.poll_interval)
 
     async def _sleep(self, seconds: float) -> None:
@@ -308,6 +364,7 @@ class Worker:
             await asyncio.wait_for(self._wake.wait(), seconds)
 
     def _spawn(self, task: Task) -> None:
+        self._roles[task.id] = task.role_oid
         self._inflight[task.id] = asyncio.create_task(
             self._execute(task), name=f"pgdurable-task-{task.id}"
         )
@@ -315,23 +372,29 @@ class Worker:
     async def _execute(self, task: Task) -> None:
         assert self._runner is not None
         followups: list[Task] = []
-        reserved = 0
 
         def followup_limit() -> int:
-            """Reserve slots for the next steps this task's checkpoint may lease to us: its
-            own slot, plus free ones (none once we are stopping)."""
-            nonlocal reserved
-            self._reserved -= reserved
-            reserved = 0 if self._stopping.is_set() else self._free_slots()
-            self._reserved += reserved
-            return 0 if self._stopping.is_set() else reserved + 1
+            """How many next steps this task's checkpoint may lease to us: one, to take over
+            this task's slot, unless we are stopping or other roles should have the slot.
+            Never more: a checkpoint may take long (a user's deferred trigger runs at its
+            COMMIT), and slots promised to it would be slots nobody can claim meanwhile."""
+            if self._stopping.is_set():
+                return 0
+            return 1 if self._may_continue(task.role_oid) else 0
 
+        # Run the task; after repeated lost connections, record its failure instead.
+        attempt: Callable[[], Awaitable[list[Task]]] = partial(
+            self._runner.run, task, followup_limit
+        )
         delay = 0.1
         healthy_failures = 0
         try:
             while True:
                 try:
-                    followups = await self._runner.run(task, followup_limit)
+                    followups = await attempt()
+                    break
+                except CheckpointBusy as exc:
+                    await self._defer(task, exc)
                     break
                 except Exception as exc:
                     if not is_transient(exc):
@@ -344,13 +407,12 @@ class Worker:
                         # terminates its own session, or crashes its backend): fail it.
                         healthy_failures += 1
                         if healthy_failures >= MAX_HEALTHY_RETRIES:
-                            followups = await self._runner.fail(
-                                task,
+                            error = (
                                 "SQL execution failed: the step's connection was lost "
-                                f"{healthy_failures} times: {_first_line(exc)}",
-                                followup_limit,
+                                f"{healthy_failures} times: {_first_line(exc)}"
                             )
-                            break
+                            attempt = partial(self._runner.fail, task, error, followup_limit)
+                            continue
                     log.warning(
                         "task %s of %s interrupted (%s); retrying in %.1fs",
                         task.id,
@@ -361,13 +423,28 @@ class Worker:
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 5.0)
         finally:
-            self._reserved -= reserved
             for followup in followups:
                 self._spawn(followup)
             if self._inflight.get(task.id) is asyncio.current_task():
                 del self._inflight[task.id]  # not a newer claim of the same task
+                del self._roles[task.id]
             if not followups:
                 self._wake.set()  # a slot is free; when a next step took it, nothing changed
+
+    async def _defer(self, task: Task, busy: CheckpointBusy) -> None:
+        """Give a task whose checkpoint could not get a lock back to the queue, for later."""
+        log.info(
+            "task %s of %s deferred (%d times before): %s",
+            task.id,
+            task.instance_id,
+            task.deferrals,
+            busy,
+        )
+        try:
+            async with self.conns.worker.connection(timeout=POOL_TIMEOUT) as conn:
+                await store.defer(conn, task)
+        except Exception as exc:  # its lease runs out instead
+            log.warning("could not defer task %s: %s", task.id, _first_line(exc))
 
     async def _server_healthy(self) -> bool:
         """Whether the worker's own connection works right now."""

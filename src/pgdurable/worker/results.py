@@ -7,10 +7,13 @@ An unsupported column type fails the step with pg_durable's message.
 Results are read in **binary** format: binary values do not depend on the session's
 DateStyle, TimeZone, extra_float_digits or lc_* settings, which a role or database may set.
 :func:`configure_connection` registers the binary loaders that turn each supported type
-into its final JSON-ready Python value; :func:`read_result` / :func:`read_result_sync`
-(the I/O edge) check the columns and fetch; :func:`result_json` (pure) assembles the text.
+into its final JSON-ready Python value; :class:`ResultBuilder` assembles the text a batch of
+rows at a time and stops at ``pg_durable.max_result_bytes``; :func:`check_columns` refuses
+results that have no faithful JSON form (duplicate column names, unsupported types).
 
-Usage, on a connection passed to :func:`configure_connection` once::
+A step's worker reads its result as it arrives (``pgdurable.worker.statement``).
+:func:`read_result` / :func:`read_result_sync` do the same for a result already fetched by a
+cursor, on a connection passed to :func:`configure_connection` once::
 
     cur = conn.cursor(binary=True)  # binary => extended protocol: one statement only
     await cur.execute(sql.encode(conn.info.encoding))
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 import uuid
 from collections.abc import Iterable, Sequence
@@ -36,24 +40,75 @@ from psycopg.rows import tuple_row
 from psycopg.types.bool import BoolBinaryLoader
 from psycopg.types.numeric import Int2BinaryLoader, Int4BinaryLoader, Int8BinaryLoader
 
+from ..graph.interpreter import DEFAULT_MAX_BYTES
+
 __all__ = [
+    "DEFAULT_MAX_RESULT_BYTES",
+    "MAX_RESULT_BYTES_SETTING",
     "NO_RESULT_SET",
     "SUPPORTED_TYPES",
+    "TYPE_NAME_QUERY",
+    "DuplicateColumn",
+    "ResultBuilder",
+    "ResultError",
+    "ResultTooLarge",
     "UnsupportedColumnType",
+    "check_columns",
     "configure_connection",
+    "parse_max_result_bytes",
     "read_result",
     "read_result_sync",
     "result_json",
     "type_display_name",
-    "unsupported_column",
+    "unsupported_type",
 ]
 
 NO_RESULT_SET = '{"rows":[],"row_count":0}'
 """The result of a statement that returns no rows at all (DML without RETURNING, DDL)."""
 
 
+MAX_RESULT_BYTES_SETTING = "pg_durable.max_result_bytes"
+DEFAULT_MAX_RESULT_BYTES = DEFAULT_MAX_BYTES
+"""The default of ``pg_durable.max_result_bytes`` (10 MiB, as HTTP responses' default)."""
+
+_MEMORY_UNITS = {"b": 1, "kb": 1024, "mb": 1024**2, "gb": 1024**3, "tb": 1024**4}
+
+
+def parse_max_result_bytes(text: str | None) -> int:
+    """The value of ``pg_durable.max_result_bytes``: bytes, or PostgreSQL's memory units
+    (``'64kB'``, ``'10MB'``, ``'1GB'``). Unset or not a positive size: the default."""
+    if text is None:
+        return DEFAULT_MAX_RESULT_BYTES
+    match = re.fullmatch(r"\s*(\d+)\s*([a-zA-Z]*)\s*", text)
+    if match is None or match.group(2).lower() not in _MEMORY_UNITS | {"": 1}:
+        return DEFAULT_MAX_RESULT_BYTES
+    value = int(match.group(1)) * _MEMORY_UNITS.get(match.group(2).lower(), 1)
+    return value if value > 0 else DEFAULT_MAX_RESULT_BYTES
+
+
 class ResultError(Exception):
     """A result that cannot be recorded as JSON; fails the step."""
+
+
+class ResultTooLarge(ResultError):
+    """A result bigger than ``pg_durable.max_result_bytes``; fails the step."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        super().__init__(
+            f"SQL step result too large: more than {max_bytes} bytes ({MAX_RESULT_BYTES_SETTING})"
+        )
+
+
+class DuplicateColumn(ResultError):
+    """Two result columns with one name: a JSON object could keep only one of them."""
+
+    def __init__(self, column: str):
+        self.column = column
+        super().__init__(
+            f"Duplicate column name '{column}' in the statement's result: give each column its "
+            "own name (AS ...)"
+        )
 
 
 class UnsupportedColumnType(ResultError):
@@ -232,47 +287,50 @@ def configure_connection(conn: psycopg.AsyncConnection[Any] | psycopg.Connection
 
 # -- the I/O edge ------------------------------------------------------------------------------
 
-_TYPE_NAME_QUERY = (
+TYPE_NAME_QUERY = (
     "SELECT t.typname, e.typname FROM pg_catalog.pg_type t"
     " LEFT JOIN pg_catalog.pg_type e ON e.typarray = t.oid"
     " WHERE t.oid = %s::pg_catalog.oid"
 )
+"""The name of an unsupported column's type, and of its element type if it is an array."""
 
 
-async def read_result(cursor: psycopg.AsyncCursor[Any]) -> str:
+async def read_result(cursor: psycopg.AsyncCursor[Any], max_bytes: int | None = None) -> str:
     """The result JSON of the statement just executed on ``cursor`` (binary format).
 
     Raises :class:`UnsupportedColumnType` -- before fetching, so also for zero rows -- when
-    a column's type has no mapping; naming that type costs one catalog query on the
-    cursor's connection.
+    a column's type has no mapping (naming that type costs one catalog query on the
+    cursor's connection), :class:`DuplicateColumn`, and :class:`ResultTooLarge` past
+    ``max_bytes`` (None: no limit). The rows are fetched whole: a step reads its result
+    as it arrives instead (``pgdurable.worker.statement``).
     """
     description = cursor.description
     if description is None:
         return NO_RESULT_SET
     _require_binary(cursor)
-    column = unsupported_column(description)
+    column = check_columns([c.name for c in description], [c.type_code for c in description])
     if column is not None:
         async with cursor.connection.cursor() as cur:
-            await cur.execute(_TYPE_NAME_QUERY, (column.type_code,))
+            await cur.execute(TYPE_NAME_QUERY, (description[column].type_code,))
             names = await cur.fetchone()
-        raise _unsupported(column, names)
+        raise unsupported_type(description[column].name, description[column].type_code, names)
     cursor.row_factory = tuple_row
-    return result_json(description, await cursor.fetchall())
+    return result_json(description, await cursor.fetchall(), max_bytes)
 
 
-def read_result_sync(cursor: psycopg.Cursor[Any]) -> str:
+def read_result_sync(cursor: psycopg.Cursor[Any], max_bytes: int | None = None) -> str:
     """:func:`read_result` for a synchronous cursor."""
     description = cursor.description
     if description is None:
         return NO_RESULT_SET
     _require_binary(cursor)
-    column = unsupported_column(description)
+    column = check_columns([c.name for c in description], [c.type_code for c in description])
     if column is not None:
         with cursor.connection.cursor() as cur:
-            names = cur.execute(_TYPE_NAME_QUERY, (column.type_code,)).fetchone()
-        raise _unsupported(column, names)
+            names = cur.execute(TYPE_NAME_QUERY, (description[column].type_code,)).fetchone()
+        raise unsupported_type(description[column].name, description[column].type_code, names)
     cursor.row_factory = tuple_row
-    return result_json(description, cursor.fetchall())
+    return result_json(description, cursor.fetchall(), max_bytes)
 
 
 def _require_binary(cursor: psycopg.Cursor[Any] | psycopg.AsyncCursor[Any]) -> None:
@@ -285,11 +343,15 @@ def _require_binary(cursor: psycopg.Cursor[Any] | psycopg.AsyncCursor[Any]) -> N
         raise ValueError("SQL step results must be fetched in binary format (binary=True)")
 
 
-def _unsupported(column: psycopg.Column, names: Sequence[Any] | None) -> UnsupportedColumnType:
+def unsupported_type(column: str, oid: int, names: Sequence[Any] | None) -> UnsupportedColumnType:
+    """The error of an unsupported column, given what :data:`TYPE_NAME_QUERY` found."""
     if names is None:  # the type vanished meanwhile (a dropped enum): no name to give
-        return UnsupportedColumnType(f"OID {column.type_code}", column.name)
+        return UnsupportedColumnType(f"OID {oid}", column)
     typname, element = names
-    return UnsupportedColumnType(type_display_name(typname, element), column.name)
+    return UnsupportedColumnType(type_display_name(typname, element), column)
+
+
+# -- signal payloads --------------------------------------------------------------------------
 
 
 # -- pure parts --------------------------------------------------------------------------------
@@ -306,36 +368,107 @@ def type_display_name(typname: str, element: str | None) -> str:
     return f"{shown}[]" if element is not None else shown
 
 
-def unsupported_column(description: Sequence[psycopg.Column]) -> psycopg.Column | None:
-    """The first column (in column order) whose type has no JSON mapping, if any."""
-    for column in description:
-        if column.type_code not in SUPPORTED_TYPES:
-            return column
+def check_columns(names: Sequence[str], oids: Sequence[int]) -> int | None:
+    """Check a result's columns before any row is read: raises :class:`DuplicateColumn` if
+    two share a name; returns the index of the first column (in column order) whose type has
+    no JSON mapping, if any (naming its type needs the catalog).
+
+    A JSON object cannot hold two members of one name; pg_durable keeps the last value of a
+    duplicate and loses the other silently; a step fails instead.
+    """
+    if len(set(names)) != len(names):
+        seen: set[str] = set()
+        for name in names:
+            if name in seen:
+                raise DuplicateColumn(name)
+            seen.add(name)
+    for index, oid in enumerate(oids):
+        if oid not in SUPPORTED_TYPES:
+            return index
     return None
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+_ROWS_START = '{"rows":['
+# Rows are loaded a batch at a time and the size checked after each batch: at most this many
+# bytes of JSON (estimated from the rows so far) past the limit before the step fails.
+_BATCH_BYTES = 64 * 1024
+_MAX_BATCH_ROWS = 1024
+
+
+class ResultBuilder:
+    """``{"rows":[...],"row_count":n}`` assembled a batch of rows at a time.
+
+    Raises :class:`ResultTooLarge` as soon as the text passes ``max_bytes`` (UTF-8 bytes,
+    None: no limit), so a caller that feeds rows as they arrive never holds more than about
+    ``max_bytes`` of result. The text is byte-identical to ``json.dumps`` of the whole
+    result with compact separators, keys in column order.
+    """
+
+    def __init__(self, names: Sequence[str], max_bytes: int | None = None):
+        self._names = list(names)
+        self._max_bytes = max_bytes
+        self._parts: list[str] = []
+        self._bytes = len(_ROWS_START)
+        self._count = 0
+
+    @property
+    def row_count(self) -> int:
+        """Rows added so far."""
+        return self._count
+
+    def add(self, rows: Sequence[Sequence[object]]) -> None:
+        """Append loaded rows (tuples in column order, from the loaders of
+        :func:`configure_connection`)."""
+        if not rows:
+            return
+        names = self._names
+        text = _ENCODER.encode([dict(zip(names, row, strict=True)) for row in rows])[1:-1]
+        self._bytes += (len(text) if text.isascii() else len(text.encode())) + (
+            1 if self._parts else 0  # the comma before this batch
+        )
+        self._count += len(rows)
+        if self._max_bytes is not None and self._bytes > self._max_bytes:
+            raise ResultTooLarge(self._max_bytes)
+        self._parts.append(text)
+
+    def batch_rows(self) -> int:
+        """How many rows to load next so that one batch is about ``_BATCH_BYTES`` of JSON,
+        judging by the rows so far (one row at first: rows may be of any width)."""
+        if not self._count:
+            return 1
+        average = max((self._bytes - len(_ROWS_START)) // self._count, 1)
+        return max(1, min(_MAX_BATCH_ROWS, _BATCH_BYTES // average))
+
+    def text(self) -> str:
+        """The result JSON (checked against ``max_bytes`` once more, with its row count)."""
+        end = f'],"row_count":{self._count}}}'
+        if self._max_bytes is not None and self._bytes + len(end) > self._max_bytes:
+            raise ResultTooLarge(self._max_bytes)
+        return _ROWS_START + ",".join(self._parts) + end
+
+
 def result_json(
-    description: Sequence[psycopg.Column] | None, rows: Iterable[Sequence[object]]
+    description: Sequence[psycopg.Column] | None,
+    rows: Iterable[Sequence[object]],
+    max_bytes: int | None = None,
 ) -> str:
     """Assemble ``{"rows":[...],"row_count":n}`` from columns and loaded rows.
 
     Rows must have been loaded by the loaders of :func:`configure_connection` (tuples in
-    column order). Duplicate column names collapse: the last value wins, at the first
-    name's position. ``description`` None means the statement returned no result set.
+    column order). ``description`` None means the statement returned no result set. Raises
+    :class:`DuplicateColumn` for two columns of one name, :class:`ResultTooLarge` past
+    ``max_bytes`` (None: no limit).
     """
     if description is None:
         return NO_RESULT_SET
-    column = unsupported_column(description)
-    if column is not None:
-        raise ValueError(f"column {column.name!r} has an unsupported type; check first")
     names = [column.name for column in description]
-    records = [dict(zip(names, row, strict=True)) for row in rows]
-    return json.dumps(
-        {"rows": records, "row_count": len(records)},
-        separators=(",", ":"),
-        ensure_ascii=False,
-        allow_nan=False,
-    )
+    column = check_columns(names, [c.type_code for c in description])
+    if column is not None:
+        raise ValueError(f"column {names[column]!r} has an unsupported type; check first")
+    builder = ResultBuilder(names, max_bytes)
+    builder.add(list(rows))
+    return builder.text()
 
 
 def _parse_json(text: str) -> object:

@@ -21,7 +21,7 @@ import logging
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -36,7 +36,8 @@ from ..store import AsyncConn, Checkpoint, Task
 from . import http
 from .connections import RESET_SESSION, Connections, is_transient
 from .egress import EgressPolicy
-from .results import ResultError, read_result
+from .results import DEFAULT_MAX_RESULT_BYTES, MAX_RESULT_BYTES_SETTING, ResultError
+from .statement import Query, run_statement
 
 log = logging.getLogger("pgdurable.worker")
 
@@ -79,6 +80,24 @@ class _Withdrawn(Exception):
     """The task was withdrawn (cancel, lost RACE) before its statement started."""
 
 
+class CheckpointBusy(Exception):
+    """The checkpoint gave up waiting for a lock (its lock_timeout): someone -- perhaps the
+    instance's owner, in an open transaction -- holds the instance or one of its rows. The
+    step was rolled back; the worker gives the task back to the queue for a later try."""
+
+
+# The engine's functions that take locks with a lock_timeout (migration 0017).
+_CHECKPOINT_FUNCTIONS = ("df._checkpoint_begin(", "df._checkpoint(")
+
+
+def _checkpoint_busy(exc: psycopg.Error) -> bool:
+    """Whether ``exc`` is the lock timeout of a checkpoint function, not of the user's SQL."""
+    if exc.sqlstate != "55P03":
+        return False
+    context = (exc.diag.context if exc.diag else None) or ""
+    return any(name in context for name in _CHECKPOINT_FUNCTIONS)
+
+
 async def _cancel_request(conn: AsyncConn) -> None:
     try:
         await conn.cancel_safe()
@@ -95,6 +114,7 @@ class StepSettings:
     allow_superuser: bool
     single_role: bool
     egress: EgressPolicy = field(default_factory=EgressPolicy)
+    max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES  # pg_durable.max_result_bytes
 
 
 class StepRunner:
@@ -179,14 +199,18 @@ class StepRunner:
                     raise
                 await conn.execute("ROLLBACK")
                 reusable = True
+                if _checkpoint_busy(exc):
+                    raise CheckpointBusy(_message(exc)) from None
                 if exc.sqlstate in _NEEDS_OWN_TRANSACTION:
                     return await self._run_sql_outside_transaction(
                         conn, graph, task, sql, claim_limit, elsewhere
                     )
                 return await self.fail(task, _sql_error(exc), claim_limit, exc.sqlstate)
             except (ResultError, UnicodeEncodeError) as exc:
-                await conn.execute("ROLLBACK")
-                reusable = True
+                # A result past the size limit closed the connection: its transaction is gone.
+                if not conn.closed:
+                    await conn.execute("ROLLBACK")
+                reusable = not conn.closed
                 return await self.fail(task, str(exc), claim_limit)
             if elsewhere:
                 followups, clean = await self._commit_elsewhere(
@@ -217,24 +241,24 @@ class StepRunner:
         try:
             if running.cancel_early:
                 raise _Withdrawn()
-            async with conn.pipeline() as pipeline:
-                # READ COMMITTED whatever the role's default: the checkpoint must see, and
-                # lock, rows that other checkpoints committed after the statement began.
-                await conn.execute("BEGIN ISOLATION LEVEL READ COMMITTED")
-                deadline = (task.payload or {}).get("deadline")
-                if deadline is not None:
-                    limit = float(deadline) + _DEADLINE_GRACE_SECONDS
-                    await conn.execute(store.LIMIT_STATEMENT, (limit,))
-                cur = conn.cursor(binary=True)
-                await cur.execute(sql.encode(conn.info.encoding))
-                begin = conn.cursor()
-                if checkpoint:
-                    await begin.execute(store.CHECKPOINT_BEGIN, store.checkpoint_begin_params(task))
-                await pipeline.sync()
-                result = await read_result(cur)
-                if not checkpoint:
-                    return result, None
-                return result, store.checkpoint_from_row(await begin.fetchone())
+            statement = sql.encode(conn.info.encoding)
+            # READ COMMITTED whatever the role's default: the checkpoint must see, and lock,
+            # rows that other checkpoints committed after the statement began.
+            before = [Query("BEGIN ISOLATION LEVEL READ COMMITTED")]
+            deadline = (task.payload or {}).get("deadline")
+            if deadline is not None:
+                limit = float(deadline) + _DEADLINE_GRACE_SECONDS
+                before.append(Query(store.LIMIT_STATEMENT, (limit,)))
+            after = None
+            if checkpoint:
+                after = Query(store.CHECKPOINT_BEGIN, store.checkpoint_begin_params(task))
+            # One round trip; the result is read as it arrives, up to the size limit.
+            result, rows = await run_statement(
+                conn, statement, self.settings.max_result_bytes, before, after
+            )
+            if not checkpoint:
+                return result, None
+            return result, store.checkpoint_from_row(rows[0] if rows else None)
         finally:
             if self._statements.get(task.id) is running:
                 del self._statements[task.id]
@@ -322,9 +346,8 @@ class StepRunner:
         elsewhere: bool = False,
     ) -> list[Task]:
         try:
-            cur = conn.cursor(binary=True)
-            await cur.execute(sql.encode(conn.info.encoding))
-            result = await read_result(cur)
+            statement = sql.encode(conn.info.encoding)
+            result, _ = await run_statement(conn, statement, self.settings.max_result_bytes)
         except psycopg.Error as exc:
             if is_transient(exc):
                 raise
@@ -390,6 +413,9 @@ class StepRunner:
                 raise
             with contextlib.suppress(psycopg.Error):
                 await conn.execute("ROLLBACK")
+            if _checkpoint_busy(exc):
+                raise CheckpointBusy(_message(exc)) from None
+            # Else the user's own error at COMMIT (a deferred constraint or trigger).
             return await self.fail(task, _sql_error(exc), claim_limit, exc.sqlstate), False
         return store.followups(rows, task), True
 
@@ -414,7 +440,11 @@ class StepRunner:
         cp: Checkpoint | None = None
         commit_error: psycopg.Error | None = None
         followups: list[Task] = []
-        async with self.conns.worker.connection() as own, own.transaction():
+        async with (
+            self.conns.worker.connection() as own,
+            _busy_on_lock_timeout(),
+            own.transaction(),
+        ):
             cp = await store.checkpoint_begin(own, task)
             if cp is None or not cp.role_exists:
                 await conn.execute("ROLLBACK")
@@ -542,10 +572,19 @@ class StepRunner:
             if not interpreter.is_waiting(cp.state, task.activation):
                 return Transition(state=_state(cp))  # a stale wait: just retire its task
             name = str(payload.get("signal_name"))
-            received, data = await store.consume_signal(conn, task, name)
-            if received:
+            limit = self.settings.max_result_bytes
+            signal = await store.consume_signal(conn, task, name, limit)
+            if signal is not None and signal.too_large:  # its data never left the server
+                error = (
+                    f"Signal '{name}' data too large: {signal.size} bytes, more than {limit}"
+                    f" bytes ({MAX_RESULT_BYTES_SETTING})"
+                )
+                return interpreter.step_failed(
+                    graph, _state(cp), cp.variables, task.activation, error, cp.now
+                )
+            if signal is not None:
                 return interpreter.signal_received(
-                    graph, _state(cp), cp.variables, task.activation, data, cp.now
+                    graph, _state(cp), cp.variables, task.activation, signal.data, cp.now
                 )
             deadline = payload.get("deadline")
             if deadline is not None and cp.now >= float(deadline):
@@ -567,7 +606,11 @@ class StepRunner:
         ``decide`` None means the task starts the instance; ``decide`` returning None means
         there is nothing to do yet: the task goes back to waiting.
         """
-        async with self.conns.worker.connection() as conn, conn.transaction():
+        async with (
+            self.conns.worker.connection() as conn,
+            _busy_on_lock_timeout(),
+            conn.transaction(),
+        ):
             cp = await store.checkpoint_begin(conn, task)
             if cp is None:
                 return []
@@ -645,6 +688,16 @@ class StepRunner:
         self._graphs[(graph.instance_id, created_at)] = graph
         while len(self._graphs) > _GRAPH_CACHE_SIZE:
             self._graphs.popitem(last=False)
+
+
+@contextlib.asynccontextmanager
+async def _busy_on_lock_timeout() -> AsyncIterator[None]:
+    """Around a checkpoint on the worker's own connection, where only engine code runs: a
+    lock timeout there (checkpoint functions, df._consume_signal) means the instance is busy."""
+    try:
+        yield
+    except psycopg.errors.LockNotAvailable as exc:
+        raise CheckpointBusy(_message(exc)) from None
 
 
 def _state(cp: Checkpoint) -> dict[str, Any]:

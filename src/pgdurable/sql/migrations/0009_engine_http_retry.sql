@@ -16,6 +16,7 @@ ALTER TABLE df._tasks ADD CONSTRAINT _tasks_kind_check
 
 -- ---------------------------------------------------------------------------------------------
 -- df._checkpoint: apply one interpreter transition and retire the task that caused it.
+-- (Replaced in version 17, which carries the submitting role to new tasks.)
 --
 -- p_change is the transition as JSON:
 --   state       the new interpreter state

@@ -1,0 +1,286 @@
+"""A SQL step's statement, sent in one pipeline with the worker's own queries, its result read
+as it arrives.
+
+psycopg's pipeline keeps every result whole in memory, and its ``stream()`` refuses pipeline
+mode; one SELECT returning gigabytes would grow the worker without bound while it holds the
+task (and its instance lock). So the round trip is driven here at the libpq level, through
+psycopg's public ``pq`` API and waiting helpers, with the connection's lock held:
+
+* ``BEGIN`` and the other queries *before* the statement, the statement (extended protocol:
+  one statement only; binary results), the query *after* it (``df._checkpoint_begin``), then
+  one Sync: one round trip, as before.
+* The statement's rows come in chunks (libpq's chunked rows mode, libpq >= 17; single-row
+  mode before that). Each chunk is loaded by psycopg's Transformer with the step loaders of
+  :func:`~pgdurable.worker.results.configure_connection` and appended to the JSON text,
+  whose size is checked as it grows.
+* Past the limit the connection is closed at once: the server rolls the transaction back and
+  stops producing rows, and nothing more is read. The caller must not reuse a closed
+  connection (the step pools close it on release).
+
+Errors of the server come back as the ``psycopg.Error`` a cursor would raise (SQLSTATE and
+diagnostics included), once the whole pipeline has been read, with the connection usable
+again (its transaction aborted: roll it back).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import abc, generators, pq
+from psycopg import errors as e
+from psycopg.adapt import PyFormat, Transformer
+from psycopg.pq import ExecStatus, Format
+
+from .results import (
+    NO_RESULT_SET,
+    TYPE_NAME_QUERY,
+    ResultBuilder,
+    ResultError,
+    ResultTooLarge,
+    check_columns,
+    unsupported_type,
+)
+
+__all__ = ["CHUNK_ROWS", "Query", "run_statement"]
+
+CHUNK_ROWS = 256
+"""Rows libpq gathers before handing them over: the rows held at once besides the JSON text."""
+
+_CHUNKED = pq.version() >= 170000
+_ROWS = (ExecStatus.TUPLES_OK, ExecStatus.SINGLE_TUPLE, ExecStatus.TUPLES_CHUNK)
+_NO_ROWS = (ExecStatus.COMMAND_OK, ExecStatus.EMPTY_QUERY)
+_COPY = (ExecStatus.COPY_IN, ExecStatus.COPY_OUT, ExecStatus.COPY_BOTH)
+
+
+@dataclass(frozen=True)
+class Query:
+    """One of the worker's own queries (``%s`` placeholders), sent with the statement."""
+
+    sql: str
+    params: Sequence[Any] = ()
+
+
+class _Rejected(Exception):
+    """The statement's result cannot be recorded; raised once the pipeline is read."""
+
+    def __init__(self, error: ResultError | None = None, unsupported: tuple[str, int] = ("", 0)):
+        self.error = error
+        self.unsupported = unsupported  # (column, type oid) of an unsupported column
+
+
+async def run_statement(
+    conn: psycopg.AsyncConnection[Any],
+    statement: bytes,
+    max_bytes: int,
+    before: Sequence[Query] = (),
+    after: Query | None = None,
+) -> tuple[str, list[tuple[Any, ...]]]:
+    """Run ``before``, ``statement`` and ``after`` in one pipeline; return the statement's
+    result JSON and the rows of ``after`` (an empty list without ``after``).
+
+    Raises the first server error (``psycopg.Error``; the connection is usable, its
+    transaction aborted), a :class:`~pgdurable.worker.results.ResultError` for a result
+    that cannot be recorded (:class:`~pgdurable.worker.results.ResultTooLarge`: the
+    connection is closed), or anything else with the connection closed.
+    """
+    try:
+        async with conn.lock:
+            result, rows = await _pipeline(conn, statement, max_bytes, before, after)
+    except _Rejected as rejected:
+        if rejected.error is not None:
+            raise rejected.error from None
+        column, oid = rejected.unsupported
+        async with conn.cursor() as cur:  # in the statement's transaction, as before
+            await cur.execute(TYPE_NAME_QUERY, (oid,))
+            names = await cur.fetchone()
+        raise unsupported_type(column, oid, names) from None
+    return result, rows
+
+
+async def _pipeline(
+    conn: psycopg.AsyncConnection[Any],
+    statement: bytes,
+    max_bytes: int,
+    before: Sequence[Query],
+    after: Query | None,
+) -> tuple[str, list[tuple[Any, ...]]]:
+    if conn.closed:
+        raise e.OperationalError("the connection is closed")
+    pgconn = conn.pgconn
+    pgconn.enter_pipeline_mode()
+    try:
+        for query in before:
+            _send(conn, query)
+        pgconn.send_query_params(statement, None, result_format=Format.BINARY)
+        if after is not None:
+            _send(conn, after)
+        pgconn.pipeline_sync()
+        await conn.wait(generators.send(pgconn))
+
+        error: psycopg.Error | None = None
+        for _ in before:
+            results = await _results(conn)
+            error = error or _first_error(conn, results)
+        if error is None:
+            # Must come right after the previous query's results, before any of this one's.
+            if _CHUNKED:
+                pgconn.set_chunked_rows_mode(CHUNK_ROWS)
+            else:
+                pgconn.set_single_row_mode()
+        result, rejected, error = await _read_statement(conn, max_bytes, error)
+        rows: list[tuple[Any, ...]] = []
+        if after is not None:
+            for res in await _results(conn):
+                if res.status == ExecStatus.FATAL_ERROR:
+                    error = error or e.error_from_result(res, encoding=conn.info.encoding)
+                elif res.status == ExecStatus.TUPLES_OK and error is None:
+                    loader = Transformer(conn)
+                    loader.set_pgresult(res)
+                    rows = loader.load_rows(0, res.ntuples, tuple)
+        sync = await conn.wait(generators.fetch(pgconn))
+        if sync is None or sync.status != ExecStatus.PIPELINE_SYNC:
+            raise e.InternalError("pipeline out of step: no Sync where one was expected")
+        pgconn.exit_pipeline_mode()
+    except BaseException:
+        # Cancelled, the connection lost, or a result we cannot go on reading after: the
+        # session is in an unknown state.
+        await _close(conn)
+        raise
+    if error is not None:
+        raise error
+    if rejected is not None:
+        raise rejected
+    return result, rows
+
+
+def _send(conn: psycopg.AsyncConnection[Any], query: Query) -> None:
+    """Queue one of our queries, parameters dumped by psycopg's adapters (text format)."""
+    sql = query.sql  # ours: no literal "%" to escape
+
+    for number in range(1, len(query.params) + 1):
+        sql = sql.replace("%s", f"${number}", 1)
+    dumper = Transformer(conn)
+    values = dumper.dump_sequence(query.params, [PyFormat.TEXT] * len(query.params))
+    conn.pgconn.send_query_params(
+        sql.encode(conn.info.encoding),
+        values or None,
+        dumper.types or None,
+        dumper.formats or None,
+    )
+
+
+async def _results(conn: psycopg.AsyncConnection[Any]) -> list[pq.abc.PGresult]:
+    """The results of the next query in the pipeline."""
+    results = []
+    while (res := await conn.wait(generators.fetch(conn.pgconn))) is not None:
+        results.append(res)
+    return results
+
+
+def _first_error(
+    conn: psycopg.AsyncConnection[Any], results: Sequence[pq.abc.PGresult]
+) -> psycopg.Error | None:
+    for res in results:
+        if res.status == ExecStatus.FATAL_ERROR:
+            return e.error_from_result(res, encoding=conn.info.encoding)
+    return None
+
+
+async def _read_statement(
+    conn: psycopg.AsyncConnection[Any], max_bytes: int, error: psycopg.Error | None
+) -> tuple[str, _Rejected | None, psycopg.Error | None]:
+    """Read the statement's results as they arrive: (result JSON, why it cannot be recorded,
+    the server's error). Closes the connection and raises past ``max_bytes``."""
+    pgconn = conn.pgconn
+    loader = Transformer(conn)
+    builder: ResultBuilder | None = None
+    rejected: _Rejected | None = None
+    drained = 0  # bytes of rows read after the result was rejected, only to skip them
+    result = NO_RESULT_SET
+    while (res := await conn.wait(generators.fetch(pgconn))) is not None:
+        status = res.status
+        if status in _ROWS:
+            fresh = builder is None and rejected is None
+            if fresh:
+                builder, rejected = _begin(conn, res, max_bytes)
+            if builder is not None and rejected is None:
+                loader.set_pgresult(res, set_loaders=fresh)
+                try:
+                    _load(loader, builder, res.ntuples)
+                except ResultTooLarge:
+                    await _close(conn)
+                    raise
+                except ResultError as exc:  # a value with no JSON form
+                    rejected, builder = _Rejected(exc), None
+            else:
+                # Read on to the Sync so the connection stays usable, but no further than the
+                # limit: the rejected result may be huge.
+                drained += _raw_bytes(res)
+                if drained > max_bytes:
+                    await _close(conn)
+                    raise ResultTooLarge(max_bytes)
+        elif status in _NO_ROWS:
+            result = NO_RESULT_SET
+        elif status == ExecStatus.FATAL_ERROR:
+            error = error or e.error_from_result(res, encoding=conn.info.encoding)
+        elif status in _COPY:
+            # libpq cannot leave COPY mode in a pipeline: this connection is done for.
+            await _close(conn)
+            raise ResultError(
+                "COPY to or from the client (STDIN/STDOUT) is not possible in a SQL step"
+            )
+        elif status != ExecStatus.PIPELINE_ABORTED:
+            raise e.InternalError(f"unexpected result status {pq.ExecStatus(status).name}")
+    if builder is not None and rejected is None and error is None:
+        try:
+            result = builder.text()
+        except ResultTooLarge:
+            await _close(conn)
+            raise
+    return result, rejected, error
+
+
+def _begin(
+    conn: psycopg.AsyncConnection[Any], res: pq.abc.PGresult, max_bytes: int
+) -> tuple[ResultBuilder | None, _Rejected | None]:
+    """The builder of a result whose first rows (or description) just came, or why the
+    result cannot be recorded."""
+    encoding = conn.info.encoding
+    names = [(res.fname(i) or b"").decode(encoding) for i in range(res.nfields)]
+    oids = [res.ftype(i) for i in range(res.nfields)]
+    try:
+        column = check_columns(names, oids)
+    except ResultError as exc:
+        return None, _Rejected(exc)
+    if column is not None:
+        return None, _Rejected(unsupported=(names[column], oids[column]))
+    return ResultBuilder(names, max_bytes), None
+
+
+def _load(loader: abc.Transformer, builder: ResultBuilder, ntuples: int) -> None:
+    """Load a chunk's rows into the builder a batch at a time, so that a chunk of very wide
+    rows is not all turned into Python objects before the limit stops it."""
+    row = 0
+    while row < ntuples:
+        end = min(ntuples, row + builder.batch_rows())
+        builder.add(loader.load_rows(row, end, tuple))
+        row = end
+
+
+def _raw_bytes(res: pq.abc.PGresult) -> int:
+    total = 0
+    for row in range(res.ntuples):
+        for column in range(res.nfields):
+            value = res.get_value(row, column)
+            total += len(value) if value is not None else 0
+    return total
+
+
+async def _close(conn: psycopg.AsyncConnection[Any]) -> None:
+    # The server rolls back the open transaction when the session ends.
+    with contextlib.suppress(Exception):
+        await conn.close()

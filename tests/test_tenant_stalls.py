@@ -1,0 +1,167 @@
+"""A tenant cannot stall the others: a slow COMMIT, rows held locked, a large fan-out.
+
+Each test runs a second tenant's probe workflow (two steps) against what a hostile or
+careless tenant does, and asserts the order of events -- the probe finishes while the other
+tenant's work is still held up -- rather than a duration.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import psycopg
+import test_attacks as attacks
+from conftest import ThreadWorker
+from test_attacks import TenantFactory, poll, status_of, wait_terminal
+
+Conn = psycopg.Connection[Any]
+tenants = attacks.tenants  # the fixture
+
+PROBE = "'SELECT 1 AS a' ~> 'SELECT 2 AS b'"
+
+
+def test_a_slow_commit_holds_one_slot_not_the_worker(conn: Conn, tenants: TenantFactory) -> None:
+    slow, other = tenants(), tenants()
+    slow.conn.execute("CREATE TABLE slow (x int)")
+    slow.conn.execute(
+        "CREATE FUNCTION sleepy() RETURNS trigger LANGUAGE plpgsql AS"
+        " $$BEGIN PERFORM pg_sleep(4); RETURN NULL; END$$"
+    )
+    slow.conn.execute(
+        "CREATE CONSTRAINT TRIGGER slowc AFTER INSERT ON slow DEFERRABLE INITIALLY DEFERRED"
+        " FOR EACH ROW EXECUTE FUNCTION sleepy()"
+    )
+    worker = ThreadWorker(conn.info.dsn, concurrency=4)
+    try:
+        # A loop of such steps: each COMMIT sleeps; the loop would hold its slot for ever.
+        looping = slow.start("@> 'INSERT INTO slow VALUES (1)'")
+        stalled = slow.start("'INSERT INTO slow VALUES (2)'")
+        attacks.wait_running_statement(conn, slow.name, "COMMIT")  # both steps sleep in it
+        probe = other.start(PROBE)
+        assert wait_terminal(conn, probe, timeout=30) == "completed"
+        assert status_of(conn, stalled) == "running", "the probe waited for the slow COMMIT"
+        assert wait_terminal(conn, stalled, timeout=30) == "completed"
+        slow.value("SELECT df.cancel(%s)", (looping,))
+    finally:
+        worker.stop()
+
+
+def test_rows_a_tenant_keeps_locked_delay_only_its_own_steps(
+    conn: Conn, tenants: TenantFactory
+) -> None:
+    owner, other = tenants(), tenants()
+    owner.conn.execute("CREATE TABLE effects (instance text)")
+    step = (
+        "'INSERT INTO effects SELECT ''{sys_instance_id}'' FROM pg_sleep(0.5)' ~> 'SELECT 1 AS x'"
+    )
+    mine = [owner.start(step) for _ in range(6)]
+    timer = owner.start("df.sleep(1) ~> 'SELECT 1 AS y'")
+    worker = ThreadWorker(conn.info.dsn, concurrency=4)
+    holder = psycopg.connect(owner.conn.info.dsn)
+    try:
+        attacks.wait_running_statement(conn, owner.name, "INSERT INTO effects")
+        # Another session of the same role locks every row of its instances, and keeps them:
+        # the running steps' checkpoints, the timer and the waiting steps all need them.
+        holder.execute("SELECT id FROM df.instances FOR UPDATE")
+        probe = other.start(PROBE)
+        # Well within the 30 s lease: no lease had to run out for the probe to go on.
+        assert wait_terminal(conn, probe, timeout=15) == "completed"
+        assert all(status_of(conn, i) != "completed" for i in [*mine, timer])
+        poll(
+            lambda: conn.execute("SELECT max(deferrals) FROM df._tasks").fetchone()[0] >= 2,
+            "steps given back and tried again",
+        )
+        holder.rollback()
+        for instance in [*mine, timer]:
+            assert wait_terminal(conn, instance, timeout=30) == "completed"
+        # Each try while the rows were held was rolled back: one effect per instance.
+        counts = conn.execute(
+            f"SELECT instance, count(*) FROM {owner.name}.effects GROUP BY instance"
+        ).fetchall()
+        assert sorted(counts) == sorted((i, 1) for i in mine)
+    finally:
+        holder.close()
+        worker.stop()
+
+
+def test_a_signal_sender_in_an_open_transaction_does_not_stall_the_worker(
+    conn: Conn, tenants: TenantFactory
+) -> None:
+    owner, other = tenants(), tenants()
+    # A timer fires beside each wait; its checkpoint needs the instance, which df.signal
+    # holds until the sender commits.
+    waiting = [owner.start("df.wait_for_signal('go') & df.sleep(1)") for _ in range(2)]
+    worker = ThreadWorker(conn.info.dsn, concurrency=2)
+    sender = psycopg.connect(owner.conn.info.dsn)
+    try:
+        for instance in waiting:
+            poll(lambda i=instance: status_of(conn, i) == "running", "the wait")
+        for instance in waiting:
+            sender.execute("SELECT df.signal(%s, 'go', '{}')", (instance,))
+        time.sleep(1)  # the timers are due
+        probe = other.start(PROBE)
+        assert wait_terminal(conn, probe, timeout=15) == "completed"
+        sender.commit()
+        for instance in waiting:
+            assert wait_terminal(conn, instance, timeout=30) == "completed"
+    finally:
+        sender.close()
+        worker.stop()
+
+
+def _branches(count: int, seconds: float) -> str:
+    """A JOIN of ``count`` branches that each sleep ``seconds``, as a df.start argument."""
+    return " & ".join([f"'SELECT pg_sleep({seconds})'"] * count)
+
+
+def test_a_large_fan_out_shares_the_slots_with_another_tenant(
+    conn: Conn, tenants: TenantFactory
+) -> None:
+    flood, other = tenants(), tenants()
+    fan_out = flood.start(_branches(40, 0.25))
+    worker = ThreadWorker(conn.info.dsn, concurrency=4)
+    try:
+        attacks.wait_running_statement(conn, flood.name, "pg_sleep")
+        probe = other.start(PROBE)
+        assert wait_terminal(conn, probe, timeout=30) == "completed"
+        done = conn.execute(
+            "SELECT count(*) FROM df.nodes WHERE instance_id = %s AND node_type = 'SQL'"
+            " AND status = 'completed'",
+            (fan_out,),
+        ).fetchone()
+        # First in, first out, the probe would have waited for the 40 branches queued before it.
+        assert done is not None and done[0] < 20, f"{done[0]} of 40 branches ran first"
+        assert wait_terminal(conn, fan_out, timeout=60) == "completed"
+    finally:
+        worker.stop()
+
+
+def test_role_slots_caps_what_one_role_holds(conn: Conn, tenants: TenantFactory) -> None:
+    flood = tenants()
+    fan_out = flood.start(_branches(12, 0.3))
+    worker = ThreadWorker(conn.info.dsn, concurrency=4, role_slots=2)
+    seen: list[int] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        with psycopg.connect(conn.info.dsn, autocommit=True) as watcher:
+            while not stop.is_set():
+                row = watcher.execute(
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE usename = %s AND query LIKE 'SELECT pg_sleep%%' AND state = 'active'",
+                    (flood.name,),
+                ).fetchone()
+                seen.append(int(row[0]) if row else 0)
+                time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        assert wait_terminal(conn, fan_out, timeout=60) == "completed"
+    finally:
+        stop.set()
+        sampler.join()
+        worker.stop()
+    assert max(seen) == 2, f"statements running at once: {sorted(set(seen))}"
