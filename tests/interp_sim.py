@@ -79,15 +79,22 @@ def rows(*records: dict[str, Any]) -> str:
 class Sim:
     """A worker in miniature."""
 
-    def __init__(self, graph: Graph, variables: dict[str, str] | None = None, now: float = 1000):
+    def __init__(
+        self,
+        graph: Graph,
+        variables: dict[str, str] | None = None,
+        now: float = 1000,
+        max_statement_bytes: int = interp.DEFAULT_MAX_BYTES,
+    ):
         self.graph = graph
+        self.limit = {"max_statement_bytes": max_statement_bytes}
         self.variables = variables or {}
         self.now = now
         self.tasks: dict[int, interp.TaskSpec] = {}
         self.writes: list[interp.NodeWrite] = []
         self.outcome: interp.Outcome | None = None
         self.state: dict[str, Any] = {}
-        self._apply(interp.start(graph, self.variables, now))
+        self._apply(interp.start(graph, self.variables, now, **self.limit))
 
     def _apply(self, t: interp.Transition) -> None:
         self.state = json.loads(json.dumps(t.state))  # what the store would keep
@@ -120,7 +127,13 @@ class Sim:
         del self.tasks[task.activation]
         self._apply(
             interp.step_succeeded(
-                self.graph, self.state, self.variables, task.activation, result or rows(), self.now
+                self.graph,
+                self.state,
+                self.variables,
+                task.activation,
+                result or rows(),
+                self.now,
+                **self.limit,
             )
         )
 

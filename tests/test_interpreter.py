@@ -78,6 +78,27 @@ def test_substitution_error_fails_the_step_before_it_runs() -> None:
     assert sim.status(b) == "failed"
 
 
+def test_a_statement_too_large_once_substituted_fails_before_it_runs() -> None:
+    g = G()
+    a = g.sql("SELECT repeat('x', 200) AS v", name="x")
+    b = g.sql("SELECT $x AS again")
+    sim = Sim(g.graph(g.then(a, b)), max_statement_bytes=100)
+    sim.complete(a, rows({"v": "x" * 200}))
+    assert sim.outcome == interp.Outcome(
+        "failed",
+        "SQL step statement too large after substitution: more than 100 bytes"
+        " (pg_durable.max_result_bytes)",
+    )
+    assert sim.status(b) == "failed"
+    # Counted in bytes, not characters; below the limit it runs.
+    sim = Sim(g.graph(g.then(a, b)), max_statement_bytes=100)
+    sim.complete(a, rows({"v": "é" * 45}))  # 63 characters, 108 bytes
+    assert sim.outcome and sim.outcome.status == "failed"
+    sim = Sim(g.graph(g.then(a, b)), max_statement_bytes=100)
+    sim.complete(a, rows({"v": "x" * 40}))
+    assert sim.pending() == [b]
+
+
 def test_named_then_binds_the_right_result() -> None:
     g = G()
     a, b = g.sql("SELECT 1"), g.sql("SELECT 2")

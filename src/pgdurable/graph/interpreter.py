@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -60,11 +59,9 @@ _BACKSTOPS = frozenset({"57014", "http_timeout"})
 MAX_WAIT_SECONDS = 100 * 365 * 86400.0
 
 # The default of pg_durable.max_result_bytes: the most bytes of a SQL step's result, and of its
-# statement once named results are substituted into it (10 MiB, as for HTTP responses).
+# statement once named results are substituted into it (10 MiB, as for HTTP responses). Any
+# transition may start a SQL step, so every entry point takes the limit (max_statement_bytes).
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024
-# The worker sets it from pg_durable.max_result_bytes as its own session sees it. A context
-# variable rather than a parameter of every entry point: any transition may start a SQL step.
-max_statement_bytes: ContextVar[int] = ContextVar("max_statement_bytes", default=DEFAULT_MAX_BYTES)
 STATEMENT_TOO_LARGE = (
     "SQL step statement too large after substitution: more than {limit} bytes "
     "(pg_durable.max_result_bytes)"
@@ -129,8 +126,15 @@ class Transition:
 # -- public entry points -----------------------------------------------------------------------
 
 
-def start(graph: Graph, variables: dict[str, str], now: float) -> Transition:
-    """Begin executing an instance: activate the root node."""
+def start(
+    graph: Graph,
+    variables: dict[str, str],
+    now: float,
+    *,
+    max_statement_bytes: int = DEFAULT_MAX_BYTES,
+) -> Transition:
+    """Begin executing an instance: activate the root node. (Every entry point takes
+    ``max_statement_bytes``: a SQL step whose statement is longer once substituted fails.)"""
     state: State = {
         "format": STATE_FORMAT,
         "next": 1,
@@ -138,16 +142,24 @@ def start(graph: Graph, variables: dict[str, str], now: float) -> Transition:
         "execs": {"0": {"scope": graph.instance_id, "gen": 1}},
         "envs": {"0": {}},
     }
-    run = _Run(graph, state, variables, now)
+    run = _Run(graph, state, variables, now, max_statement_bytes)
     run.activate(graph.root, parent=None, slot=None, exec_id="0", env_id="0")
     return run.finish_transition()
 
 
 def step_succeeded(
-    graph: Graph, state: State, variables: dict[str, str], activation: int, result: str, now: float
+    graph: Graph,
+    state: State,
+    variables: dict[str, str],
+    activation: int,
+    result: str,
+    now: float,
+    *,
+    max_statement_bytes: int = DEFAULT_MAX_BYTES,
 ) -> Transition:
     """A SQL step's statement ran; ``result`` is its result JSON."""
-    return _leaf_finished(graph, state, variables, activation, "ok", result, now)
+    run = _Run(graph, _copy(state), variables, now, max_statement_bytes)
+    return run.leaf_finished(activation, "ok", result)
 
 
 def step_failed(
@@ -158,34 +170,27 @@ def step_failed(
     error: str,
     now: float,
     code: str | None = None,
+    *,
+    max_statement_bytes: int = DEFAULT_MAX_BYTES,
 ) -> Transition:
     """A step failed with ``error``; the failure propagates (spec §7.1). ``code`` classifies
     it for df.retry: a SQLSTATE, or one of the ``http_*`` classes of HTTP steps."""
-    return _leaf_finished(graph, state, variables, activation, "fail", error, now, code)
+    run = _Run(graph, _copy(state), variables, now, max_statement_bytes)
+    return run.leaf_finished(activation, "fail", error, code)
 
 
-def _leaf_finished(
+def timer_fired(
     graph: Graph,
     state: State,
     variables: dict[str, str],
     activation: int,
-    kind: OutcomeKind,
-    value: str,
     now: float,
-    code: str | None = None,
-) -> Transition:
-    run = _Run(graph, _copy(state), variables, now)
-    if run.act(activation) is not None:  # else a stale event: the activation is gone
-        run.finish(activation, kind, value, code)
-    return run.finish_transition()
-
-
-def timer_fired(
-    graph: Graph, state: State, variables: dict[str, str], activation: int, now: float
+    *,
+    max_statement_bytes: int = DEFAULT_MAX_BYTES,
 ) -> Transition:
     """A timer of ``activation`` is due: a SLEEP ends, a padded loop iteration begins, a
     df.retry backoff is over, or a df.timeout expires."""
-    run = _Run(graph, _copy(state), variables, now)
+    run = _Run(graph, _copy(state), variables, now, max_statement_bytes)
     act = run.act(activation)
     if act is not None:
         node = graph[act["node"]]
@@ -204,21 +209,36 @@ def timer_fired(
 
 
 def signal_received(
-    graph: Graph, state: State, variables: dict[str, str], activation: int, data: Any, now: float
+    graph: Graph,
+    state: State,
+    variables: dict[str, str],
+    activation: int,
+    data: Any,
+    now: float,
+    *,
+    max_statement_bytes: int = DEFAULT_MAX_BYTES,
 ) -> Transition:
     """The SIGNAL wait of ``activation`` consumed a signal carrying ``data`` (parsed JSON)."""
     result = {"signal_name": _signal_name(graph, state, activation), "timed_out": False}
     result["data"] = data
-    return _leaf_finished(graph, state, variables, activation, "ok", _compact(result), now)
+    run = _Run(graph, _copy(state), variables, now, max_statement_bytes)
+    return run.leaf_finished(activation, "ok", _compact(result))
 
 
 def signal_timed_out(
-    graph: Graph, state: State, variables: dict[str, str], activation: int, now: float
+    graph: Graph,
+    state: State,
+    variables: dict[str, str],
+    activation: int,
+    now: float,
+    *,
+    max_statement_bytes: int = DEFAULT_MAX_BYTES,
 ) -> Transition:
     """The SIGNAL wait of ``activation`` reached its timeout with no signal."""
     result = {"signal_name": _signal_name(graph, state, activation), "timed_out": True}
     result["data"] = None
-    return _leaf_finished(graph, state, variables, activation, "ok", _compact(result), now)
+    run = _Run(graph, _copy(state), variables, now, max_statement_bytes)
+    return run.leaf_finished(activation, "ok", _compact(result))
 
 
 def _signal_name(graph: Graph, state: State, activation: int) -> Any:
@@ -330,12 +350,29 @@ class _Ended:
 class _Run:
     """One transition in progress: mutates ``state`` and collects the effects."""
 
-    def __init__(self, graph: Graph, state: State, variables: dict[str, str], now: float):
+    def __init__(
+        self,
+        graph: Graph,
+        state: State,
+        variables: dict[str, str],
+        now: float,
+        max_statement_bytes: int = DEFAULT_MAX_BYTES,
+    ):
         self.graph = graph
         self.state = state
         self.variables = variables
         self.now = now
+        self.max_statement_bytes = max_statement_bytes
         self.out = Transition(state=state)
+
+    def leaf_finished(
+        self, activation: int, kind: OutcomeKind, value: str, code: str | None = None
+    ) -> Transition:
+        """A step or wait of ``activation`` ended (a stale event, for an activation that is
+        gone, changes nothing)."""
+        if self.act(activation) is not None:
+            self.finish(activation, kind, value, code)
+        return self.finish_transition()
 
     # -- bookkeeping ---------------------------------------------------------------------------
 
@@ -435,7 +472,7 @@ class _Run:
             return
         # Named results are at most this big each, but a statement may use many, or one many
         # times; the task row and the worker that claims it must not hold more.
-        limit = max_statement_bytes.get()
+        limit = self.max_statement_bytes
         if len(text) > limit or (not text.isascii() and len(text.encode()) > limit):
             self.finish(aid, "fail", STATEMENT_TOO_LARGE.format(limit=limit))
             return

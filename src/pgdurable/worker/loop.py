@@ -26,7 +26,6 @@ from psycopg.conninfo import conninfo_to_dict
 
 from .. import sql as schema
 from .. import store
-from ..graph import interpreter
 from ..store import AsyncConn, Task
 from .connections import Connections, is_transient
 from .egress import EgressPolicy
@@ -269,8 +268,6 @@ class Worker:
                 await store.setting(conn, "pg_durable.poll_interval"), 0.1
             )
         max_bytes = parse_max_result_bytes(await store.setting(conn, MAX_RESULT_BYTES_SETTING))
-        # Seen by every task this worker runs (they are created from this task's context).
-        interpreter.max_statement_bytes.set(max_bytes)
         return StepSettings(
             worker_id=self.id,
             lease_seconds=self.config.lease_seconds,

@@ -137,7 +137,12 @@ class StepRunner:
 
             async def fire(conn: AsyncConn, graph: Graph, cp: Checkpoint) -> Transition:
                 return interpreter.timer_fired(
-                    graph, _state(cp), cp.variables, task.activation, cp.now
+                    graph,
+                    _state(cp),
+                    cp.variables,
+                    task.activation,
+                    cp.now,
+                    max_statement_bytes=self.settings.max_result_bytes,
                 )
 
             return await self._advance(task, fire, claim_limit)
@@ -161,7 +166,14 @@ class StepRunner:
             if cp.state is None:  # the instance never started (its start task failed)
                 return interpreter.fail_instance(None, error)
             return interpreter.step_failed(
-                graph, _state(cp), cp.variables, task.activation, error, cp.now, code
+                graph,
+                _state(cp),
+                cp.variables,
+                task.activation,
+                error,
+                cp.now,
+                code,
+                max_statement_bytes=self.settings.max_result_bytes,
             )
 
         return await self._advance(task, failed, claim_limit)
@@ -358,7 +370,13 @@ class StepRunner:
 
             async def succeeded(own: AsyncConn, graph: Graph, cp: Checkpoint) -> Transition:
                 return interpreter.step_succeeded(
-                    graph, _state(cp), cp.variables, task.activation, result, cp.now
+                    graph,
+                    _state(cp),
+                    cp.variables,
+                    task.activation,
+                    result,
+                    cp.now,
+                    max_statement_bytes=self.settings.max_result_bytes,
                 )
 
             return await self._advance(task, succeeded, claim_limit)
@@ -394,7 +412,13 @@ class StepRunner:
             error = f"Instance {task.instance_id}: submitted_by role no longer exists in pg_roles"
             return await self.fail(task, error, claim_limit), False
         transition = interpreter.step_succeeded(
-            graph, _state(cp), cp.variables, task.activation, result, cp.now
+            graph,
+            _state(cp),
+            cp.variables,
+            task.activation,
+            result,
+            cp.now,
+            max_statement_bytes=self.settings.max_result_bytes,
         )
         params = store.checkpoint_params(
             task, transition, self.settings.worker_id, claim_limit(), self.settings.lease_seconds
@@ -450,7 +474,13 @@ class StepRunner:
                 await conn.execute("ROLLBACK")
                 raise psycopg.Rollback()
             transition = interpreter.step_succeeded(
-                graph, _state(cp), cp.variables, task.activation, result, cp.now
+                graph,
+                _state(cp),
+                cp.variables,
+                task.activation,
+                result,
+                cp.now,
+                max_statement_bytes=self.settings.max_result_bytes,
             )
             followups = await store.checkpoint(
                 own,
@@ -512,7 +542,13 @@ class StepRunner:
         async def record(conn: AsyncConn, graph: Graph, cp: Checkpoint) -> Transition:
             if outcome.succeeded:
                 return interpreter.step_succeeded(
-                    graph, _state(cp), cp.variables, task.activation, outcome.value, cp.now
+                    graph,
+                    _state(cp),
+                    cp.variables,
+                    task.activation,
+                    outcome.value,
+                    cp.now,
+                    max_statement_bytes=self.settings.max_result_bytes,
                 )
             return interpreter.step_failed(
                 graph,
@@ -522,6 +558,7 @@ class StepRunner:
                 outcome.value,
                 cp.now,
                 outcome.code,
+                max_statement_bytes=self.settings.max_result_bytes,
             )
 
         return await self._advance(task, record, claim_limit)
@@ -580,16 +617,33 @@ class StepRunner:
                     f" bytes ({MAX_RESULT_BYTES_SETTING})"
                 )
                 return interpreter.step_failed(
-                    graph, _state(cp), cp.variables, task.activation, error, cp.now
+                    graph,
+                    _state(cp),
+                    cp.variables,
+                    task.activation,
+                    error,
+                    cp.now,
+                    max_statement_bytes=self.settings.max_result_bytes,
                 )
             if signal is not None:
                 return interpreter.signal_received(
-                    graph, _state(cp), cp.variables, task.activation, signal.data, cp.now
+                    graph,
+                    _state(cp),
+                    cp.variables,
+                    task.activation,
+                    signal.data,
+                    cp.now,
+                    max_statement_bytes=self.settings.max_result_bytes,
                 )
             deadline = payload.get("deadline")
             if deadline is not None and cp.now >= float(deadline):
                 return interpreter.signal_timed_out(
-                    graph, _state(cp), cp.variables, task.activation, cp.now
+                    graph,
+                    _state(cp),
+                    cp.variables,
+                    task.activation,
+                    cp.now,
+                    max_statement_bytes=self.settings.max_result_bytes,
                 )
             return None  # woken early (the signal went to another wait): wait on
 
@@ -658,7 +712,9 @@ class StepRunner:
                 f'"{facts["role"]}"',
             )
         self._remember(graph, facts["created_at"])
-        return interpreter.start(graph, cp.variables, cp.now)
+        return interpreter.start(
+            graph, cp.variables, cp.now, max_statement_bytes=self.settings.max_result_bytes
+        )
 
     # -- graphs --------------------------------------------------------------------------------
 
