@@ -165,3 +165,93 @@ def test_role_slots_caps_what_one_role_holds(conn: Conn, tenants: TenantFactory)
         sampler.join()
         worker.stop()
     assert max(seen) == 2, f"statements running at once: {sorted(set(seen))}"
+
+
+def test_a_task_row_held_by_a_tenant_does_not_hold_the_deferring_worker(
+    conn: Conn, tenants: TenantFactory
+) -> None:
+    owner, other = tenants(), tenants()
+    waits = [owner.start("df.wait_for_signal('x', 2)") for _ in range(2)]
+    worker = ThreadWorker(conn.info.dsn, concurrency=2)
+    rows = psycopg.connect(owner.conn.info.dsn)
+    sender = psycopg.connect(owner.conn.info.dsn)
+    try:
+        poll(
+            lambda: (
+                conn.execute("SELECT count(*) FROM df._tasks WHERE kind = 'signal'").fetchone()
+                == (2,)
+            ),
+            "the waits",
+        )
+        # The waits' timeouts come due while their instances are held: the checkpoints wait...
+        rows.execute("SELECT id FROM df.instances WHERE id = ANY(%s) FOR SHARE", (waits,))
+        poll(
+            lambda: (
+                conn.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                    " AND application_name = 'pgdurable:worker'"
+                ).fetchone()
+                == (2,)
+            ),
+            "checkpoints waiting for the instances",
+        )
+        # ...and, before they give up, a REPEATABLE READ df.signal locks their task rows.
+        sender.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        for instance in waits:
+            sender.execute("SELECT df.signal(%s, 'x', '1')", (instance,))
+        rows.rollback()
+        probe = other.start(PROBE)
+        assert wait_terminal(conn, probe, timeout=15) == "completed"
+    finally:
+        sender.close()
+        rows.close()
+        worker.stop()
+
+
+def test_a_statement_outside_a_transaction_block_is_deferred_too(
+    conn: Conn, tenants: TenantFactory
+) -> None:
+    owner = tenants()
+    owner.conn.execute("CREATE TABLE effects (at timestamptz)")
+    owner.conn.execute(
+        "CREATE PROCEDURE committing() LANGUAGE plpgsql AS $$BEGIN PERFORM pg_sleep(0.5);"
+        " INSERT INTO effects VALUES (clock_timestamp()); COMMIT; END$$"
+    )
+    instance = owner.start("'CALL committing()'")
+    holder = psycopg.connect(owner.conn.info.dsn)
+    worker = ThreadWorker(conn.info.dsn, concurrency=2)
+    try:
+        attacks.wait_running_statement(conn, owner.name, "CALL committing")
+        holder.execute("SELECT id FROM df.instances WHERE id = %s FOR UPDATE", (instance,))
+        poll(
+            lambda: (
+                conn.execute(
+                    "SELECT coalesce(max(deferrals), 0) >= 1 FROM df._tasks WHERE instance_id = %s",
+                    (instance,),
+                ).fetchone()
+                == (True,)
+            ),
+            "the step given back",
+        )
+        holder.rollback()
+        # At least once, as such statements are documented to be; completed, not failed.
+        assert wait_terminal(conn, instance, timeout=30) == "completed"
+    finally:
+        holder.close()
+        worker.stop()
+
+
+def test_a_users_own_lock_timeout_fails_its_step(conn: Conn, tenants: TenantFactory) -> None:
+    owner = tenants()
+    # Named like the engine's checkpoint function, which must not fool the worker.
+    owner.conn.execute(
+        'CREATE FUNCTION "df._checkpoint("() RETURNS int LANGUAGE plpgsql AS'
+        " $$BEGIN RAISE EXCEPTION 'busy' USING ERRCODE = '55P03'; END$$"
+    )
+    worker = ThreadWorker(conn.info.dsn, concurrency=2)
+    try:
+        instance = owner.start("""'SELECT "df._checkpoint("() AS x'""")
+        assert wait_terminal(conn, instance, timeout=15) == "failed"
+        assert "busy" in attacks.output_of(conn, instance)
+    finally:
+        worker.stop()

@@ -168,13 +168,15 @@ async def waiting_roles(conn: AsyncConn) -> set[int]:
 
 # A task whose checkpoint could not get a lock (a tenant holds its instance row, say) goes
 # back to the queue: 0.25 s, doubling with each deferral, at most 10 s, with some jitter so
-# that many deferred tasks do not come back together.
+# that many deferred tasks do not come back together. Never waiting itself: a tenant can hold
+# the task row too (df.signal does, until its transaction ends); then the lease runs out.
 _DEFER = """
-UPDATE df._tasks
-   SET lease_owner = NULL, token = NULL, deferrals = deferrals + 1,
-       visible_at = now() + make_interval(secs => least(10, 0.25 * 2 ^ least(deferrals, 8))
-                                                * (0.75 + random() / 2))
- WHERE id = %s AND token = %s
+UPDATE df._tasks t
+   SET lease_owner = NULL, token = NULL, deferrals = t.deferrals + 1,
+       visible_at = now() + make_interval(secs => least(10, 0.25 * 2 ^ least(t.deferrals, 8))
+                                                  * (0.75 + random() / 2))
+  FROM (SELECT id FROM df._tasks WHERE id = %s AND token = %s FOR UPDATE SKIP LOCKED) mine
+ WHERE t.id = mine.id
 """
 
 
@@ -457,10 +459,13 @@ async def heartbeat(conn: AsyncConn, worker: uuid.UUID, task_ids: list[int], lea
 
 
 async def release(conn: AsyncConn, worker: uuid.UUID) -> None:
-    """Give back every task this worker holds, so others pick them up at once."""
+    """Give back every task this worker holds, so others pick them up at once (those someone
+    holds locked keep their leases, which run out)."""
     await conn.execute(
-        "UPDATE df._tasks SET visible_at = now(), lease_owner = NULL, token = NULL"
-        " WHERE lease_owner = %s",
+        "UPDATE df._tasks t SET visible_at = now(), lease_owner = NULL, token = NULL"
+        " FROM (SELECT id FROM df._tasks WHERE lease_owner = %s"
+        "       ORDER BY id FOR UPDATE SKIP LOCKED) mine"
+        " WHERE t.id = mine.id",
         (worker,),
     )
     await conn.execute("DELETE FROM df._worker_epoch WHERE epoch_id = %s", (worker,))

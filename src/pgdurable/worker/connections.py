@@ -29,6 +29,8 @@ log = logging.getLogger("pgdurable.worker")
 
 STEP_APPLICATION_NAME = "pg_durable:worker:workflow-sql"
 WORKER_APPLICATION_NAME = "pgdurable:worker"
+# The lock waits of the worker's own connections; the checkpoint functions set their own.
+WORKER_LOCK_TIMEOUT = "1s"
 
 # Errors that say the database (not the step) is in trouble: the step is retried once the
 # server is reachable again, never failed. Class 08 is connection exceptions, 57P0x shutdowns
@@ -165,8 +167,14 @@ class Connections:
         # would keep its instance locked; the server ends such a session once the lease is
         # over, so another worker can take the task over.
         self._idle_timeout_ms = int(lease_seconds * 1000)
+        # The worker's own statements never wait long for a lock: tenants can hold rows of
+        # theirs that the engine writes (docs/engine.md, "Failures and restarts").
         self.worker = AsyncConnectionPool(
-            make_conninfo(dsn, application_name=WORKER_APPLICATION_NAME, options=self._options()),
+            make_conninfo(
+                dsn,
+                application_name=WORKER_APPLICATION_NAME,
+                options=self._options(f"-c lock_timeout={WORKER_LOCK_TIMEOUT}"),
+            ),
             min_size=1,
             max_size=concurrency + 2,
             kwargs={"autocommit": True},

@@ -86,16 +86,26 @@ class CheckpointBusy(Exception):
     step was rolled back; the worker gives the task back to the queue for a later try."""
 
 
-# The engine's functions that take locks with a lock_timeout (migration 0017).
-_CHECKPOINT_FUNCTIONS = ("df._checkpoint_begin(", "df._checkpoint(")
+# The engine's functions that take locks with a lock_timeout (migration 0017), as the error
+# context names them: schema-qualified, since they run with a search_path without df.
+_CHECKPOINT_FUNCTIONS = (
+    "PL/pgSQL function df._checkpoint_begin(",
+    "PL/pgSQL function df._checkpoint(",
+)
 
 
 def _checkpoint_busy(exc: psycopg.Error) -> bool:
-    """Whether ``exc`` is the lock timeout of a checkpoint function, not of the user's SQL."""
+    """Whether ``exc`` is the lock timeout of a checkpoint function, not of the user's SQL.
+
+    The outermost frame of the error's context (its last line) must be the checkpoint
+    function itself: the user's own functions may have any name, and appear in the context
+    too, but never outermost in the worker's checkpoint statements.
+    """
     if exc.sqlstate != "55P03":
         return False
     context = (exc.diag.context if exc.diag else None) or ""
-    return any(name in context for name in _CHECKPOINT_FUNCTIONS)
+    outermost = context.strip().rsplit("\n", 1)[-1]
+    return outermost.startswith(_CHECKPOINT_FUNCTIONS)
 
 
 async def _cancel_request(conn: AsyncConn) -> None:
@@ -381,7 +391,15 @@ class StepRunner:
 
             return await self._advance(task, succeeded, claim_limit)
         await conn.execute("BEGIN ISOLATION LEVEL READ COMMITTED")
-        cp = await store.checkpoint_begin(conn, task)
+        try:
+            cp = await store.checkpoint_begin(conn, task)
+        except psycopg.Error as exc:
+            if is_transient(exc):
+                raise
+            await conn.execute("ROLLBACK")
+            if _checkpoint_busy(exc):
+                raise CheckpointBusy(_message(exc)) from None
+            raise
         followups, _ = await self._commit_step(conn, graph, task, result, cp, claim_limit)
         return followups
 
