@@ -66,13 +66,17 @@ class Checkpoint:
 
 
 # A fair claim. The roles that have tasks are found by a loose index scan (one probe of
-# tasks_role_visible_idx per role); each role offers its due tasks, oldest first, up to the
-# room it has under ``cap`` counting what it already holds in this worker; the offers are taken
-# in turns: a role's n-th offer has turn held + n, so the slots go to the roles holding the
-# fewest, and a lone role gets every slot.
+# tasks_role_visible_idx per role, none at all when nothing is due); each role offers its due
+# tasks, oldest first, up to the room it has under ``cap`` counting what it already holds in
+# this worker; the offers are taken in turns: a role's n-th offer has turn held + n, so the
+# slots go to the roles holding the fewest, and a lone role gets every slot. Only the tasks
+# taken are locked (SKIP LOCKED: another worker's claim may hold some), and each is checked
+# again once locked, as another worker may have claimed it meanwhile.
 _CLAIM = """
 WITH RECURSIVE roles (role_oid) AS (
-    (SELECT t.role_oid FROM df._tasks t ORDER BY t.role_oid LIMIT 1)
+    (SELECT t.role_oid FROM df._tasks t
+      WHERE EXISTS (SELECT 1 FROM df._tasks d WHERE d.visible_at <= now())
+      ORDER BY t.role_oid LIMIT 1)
     UNION ALL
     SELECT (SELECT t.role_oid FROM df._tasks t WHERE t.role_oid > r.role_oid
              ORDER BY t.role_oid LIMIT 1)
@@ -89,13 +93,16 @@ WITH RECURSIVE roles (role_oid) AS (
            SELECT d.id, d.visible_at, row_number() OVER (ORDER BY d.visible_at, d.id) AS rank
              FROM (SELECT t.id, t.visible_at FROM df._tasks t
                     WHERE t.role_oid = r.role_oid AND t.visible_at <= now()
-                    ORDER BY t.visible_at
-                    LIMIT greatest(least(%(limit)s, %(cap)s - coalesce(h.slots, 0)), 0)
-                      FOR UPDATE SKIP LOCKED) d
+                    ORDER BY t.visible_at, t.id
+                    LIMIT greatest(least(%(limit)s, %(cap)s - coalesce(h.slots, 0)), 0)) d
            ) o
      WHERE r.role_oid IS NOT NULL
 ), picked AS (
-    SELECT o.id FROM offered o ORDER BY o.turn, o.visible_at, o.id LIMIT %(limit)s
+    SELECT t.id FROM offered o JOIN df._tasks t ON t.id = o.id
+     WHERE t.visible_at <= now()
+     ORDER BY o.turn, o.visible_at, o.id
+     LIMIT %(limit)s
+       FOR UPDATE OF t SKIP LOCKED
 ), claimed AS (
     UPDATE df._tasks t
        SET lease_owner = %(worker)s,
@@ -147,7 +154,9 @@ async def claim(
 # all taken asks this to know whether its steps' follow-ups must make room for them.
 _WAITING_ROLES = """
 WITH RECURSIVE roles (role_oid) AS (
-    (SELECT t.role_oid FROM df._tasks t ORDER BY t.role_oid LIMIT 1)
+    (SELECT t.role_oid FROM df._tasks t
+      WHERE EXISTS (SELECT 1 FROM df._tasks d WHERE d.visible_at <= now())
+      ORDER BY t.role_oid LIMIT 1)
     UNION ALL
     SELECT (SELECT t.role_oid FROM df._tasks t WHERE t.role_oid > r.role_oid
              ORDER BY t.role_oid LIMIT 1)
