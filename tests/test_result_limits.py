@@ -14,7 +14,7 @@ import psycopg
 import pytest
 from conftest import App, ThreadWorker
 
-from pgdurable.worker.results import parse_max_result_bytes
+from pgdurable.worker.results import parse_size
 
 Conn = psycopg.Connection[tuple[object, ...]]
 
@@ -158,5 +158,81 @@ def test_a_signal_payload_past_the_limit_fails_the_wait(
         ("-5", 10 * 1024 * 1024),
     ],
 )
-def test_parse_max_result_bytes(text: str | None, expected: int) -> None:
-    assert parse_max_result_bytes(text) == expected
+def test_parse_size(text: str | None, expected: int) -> None:
+    assert parse_size(text) == expected
+
+
+# -- pg_durable.max_state_bytes: what a worker holds for one instance ---------------------------
+
+STATE_LIMIT = 1024 * 1024
+STATE_TOO_LARGE = (
+    f"the instance's state would be larger than {STATE_LIMIT} bytes (pg_durable.max_state_bytes):"
+    " it holds too many or too large results"
+)
+
+
+@pytest.fixture
+def small_state_worker(conn: Conn, dsn: str, dbname: str) -> Iterator[ThreadWorker]:
+    """A worker started after pg_durable.max_state_bytes was set to 1 MB for the database."""
+    conn.execute(f"ALTER DATABASE {dbname} SET pg_durable.max_state_bytes = '1MB'")
+    w = ThreadWorker(dsn, concurrency=4)
+    yield w
+    w.stop()
+
+
+def balanced_join(items: list[str]) -> str:
+    """A JOIN of all ``items`` (a chain of them would be deeper than df.start allows)."""
+    if len(items) == 1:
+        return items[0]
+    half = len(items) // 2
+    return f"({balanced_join(items[:half])} & {balanced_join(items[half:])})"
+
+
+def output_of(conn: Conn, instance: str) -> str:
+    row = conn.execute("SELECT output FROM df._runs WHERE instance_id = %s", (instance,)).fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def test_join_results_piling_up_past_the_state_limit_fail_the_instance(
+    app: App, conn: Conn, small_state_worker: ThreadWorker
+) -> None:
+    # Each branch's result is well under the result limit; the JOINs hold them all.
+    branch = "'SELECT repeat(''x'', 100000) AS v'"
+    instance = app.start(balanced_join([branch] * 40))
+    assert app.wait(instance, 60) == "failed"
+    assert output_of(conn, instance) == f"Instance {instance}: {STATE_TOO_LARGE}"
+    (biggest,) = conn.execute(  # type: ignore[misc]
+        "SELECT greatest(max(octet_length(n.result::text)), max(octet_length(r.state::text)))"
+        "  FROM df.nodes n JOIN df._runs r ON r.instance_id = n.instance_id"
+        " WHERE n.instance_id = %s",
+        (instance,),
+    ).fetchone()
+    assert biggest <= STATE_LIMIT
+    # The worker goes on with other work.
+    _, status = app.run("'SELECT 1 AS one'")
+    assert status == "completed"
+
+
+def test_variables_past_the_state_limit_fail_the_instance_at_start(
+    app: App, conn: Conn, small_state_worker: ThreadWorker
+) -> None:
+    app.conn.execute("SELECT df.setvar('blob', repeat('v', 2 * 1024 * 1024))")
+    instance, status = app.run("'SELECT 1 AS one'")
+    assert status == "failed"
+    assert output_of(conn, instance) == (
+        f"Instance {instance}: its variables (df.vars) are larger than {STATE_LIMIT} bytes"
+        " (pg_durable.max_state_bytes)"
+    )
+
+
+def test_a_graph_past_the_state_limit_fails_at_start(
+    app: App, conn: Conn, small_state_worker: ThreadWorker
+) -> None:
+    huge = "SELECT 1 AS one -- " + "c" * (2 * 1024 * 1024)
+    instance = app.start("%s::text ~> 'SELECT 2 AS two'", (huge,))
+    assert app.wait(instance) == "failed"
+    assert output_of(conn, instance) == (
+        f"Instance {instance}: its graph's texts are larger than {STATE_LIMIT} bytes"
+        " (pg_durable.max_state_bytes)"
+    )

@@ -24,7 +24,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from .. import __version__
 from ..graph.interpreter import NodeWrite, State, Transition
-from ..graph.model import Graph, graph_from_rows
+from ..graph.model import Graph, GraphError, graph_from_rows
 
 TASKS_CHANNEL = "pgdurable_tasks"
 CANCEL_CHANNEL = "pgdurable_cancel"
@@ -298,11 +298,38 @@ def _fold_errors(writes: list[NodeWrite]) -> tuple[str | None, str | None]:
     return op, "\n".join(lines) if op else None
 
 
+MAX_STATE_BYTES_SETTING = "pg_durable.max_state_bytes"
+DEFAULT_MAX_STATE_BYTES = 64 * 1024 * 1024
+
+
+class StateTooLarge(Exception):
+    """A checkpoint would write more than ``pg_durable.max_state_bytes``: the interpreter
+    state holds every named result, and the results of JOIN branches until their JOIN ends,
+    and each checkpoint rewrites it."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        super().__init__(
+            f"the instance's state would be larger than {max_bytes} bytes"
+            f" ({MAX_STATE_BYTES_SETTING}): it holds too many or too large results"
+        )
+
+
 def checkpoint_params(
-    task: Task, transition: Transition, worker: uuid.UUID, claim_limit: int, lease: float
+    task: Task,
+    transition: Transition,
+    worker: uuid.UUID,
+    claim_limit: int,
+    lease: float,
+    max_bytes: int = DEFAULT_MAX_STATE_BYTES,
 ) -> tuple[Any, ...]:
-    """Parameters of CHECKPOINT: write ``transition``, retire ``task``, lease follow-ups."""
-    change = Jsonb(change_document(transition), dumps=_dumps)
+    """Parameters of CHECKPOINT: write ``transition``, retire ``task``, lease follow-ups.
+    Raises :class:`StateTooLarge` if the change is larger than ``max_bytes``."""
+    document = change_document(transition)
+    text = _dumps(document)  # once, here, so that its size can be checked
+    if len(text) > max_bytes or (not text.isascii() and len(text.encode()) > max_bytes):
+        raise StateTooLarge(max_bytes)
+    change = Jsonb(document, dumps=lambda _: text)
     return (task.id, task.token, change, worker, claim_limit, lease)
 
 
@@ -335,9 +362,11 @@ async def checkpoint(
     worker: uuid.UUID,
     claim_limit: int,
     lease: float,
+    max_bytes: int = DEFAULT_MAX_STATE_BYTES,
 ) -> list[Task]:
-    """Write a transition and retire ``task``; returns follow-up tasks leased to ``worker``."""
-    params = checkpoint_params(task, transition, worker, claim_limit, lease)
+    """Write a transition and retire ``task``; returns follow-up tasks leased to ``worker``
+    (:class:`StateTooLarge`: see :func:`checkpoint_params`)."""
+    params = checkpoint_params(task, transition, worker, claim_limit, lease, max_bytes)
     cur = await conn.execute(CHECKPOINT, params, prepare=False)
     return followups(await cur.fetchall(), task)
 
@@ -384,14 +413,23 @@ async def rearm(conn: AsyncConn, task: Task) -> None:
     )
 
 
-async def load_graph(conn: AsyncConn, instance_id: str) -> tuple[Graph, dict[str, Any]]:
-    """An instance's graph and facts: role existence, superuser-ness, label, created_at."""
+async def load_graph(
+    conn: AsyncConn, instance_id: str, max_bytes: int = DEFAULT_MAX_STATE_BYTES
+) -> tuple[Graph, dict[str, Any]]:
+    """An instance's graph and facts: role existence, superuser-ness, label, created_at, and
+    the size of its variables' snapshot (``vars_bytes``). A graph whose texts are larger than
+    ``max_bytes`` is refused (GraphError) before it is read."""
     cur = conn.cursor(row_factory=dict_row)
     await cur.execute(
         """
         SELECT i.root_node, i.label, i.created_at,
                coalesce(r.rolname, i.submitted_by::text) AS role,
-               r.oid IS NOT NULL AS role_exists, coalesce(r.rolsuper, false) AS superuser
+               r.oid IS NOT NULL AS role_exists, coalesce(r.rolsuper, false) AS superuser,
+               (SELECT coalesce(sum(coalesce(octet_length(n.query), 0)
+                                   + coalesce(octet_length(n.result_name), 0)), 0)
+                  FROM df.nodes n WHERE n.instance_id = i.id) AS graph_bytes,
+               (SELECT octet_length(u.vars::text) FROM df._runs u
+                 WHERE u.instance_id = i.id) AS vars_bytes
           FROM df.instances i LEFT JOIN pg_roles r ON r.oid = i.submitted_by
          WHERE i.id = %s
         """,
@@ -400,6 +438,10 @@ async def load_graph(conn: AsyncConn, instance_id: str) -> tuple[Graph, dict[str
     facts = await cur.fetchone()
     if facts is None:
         raise LookupError(f"Instance {instance_id} not found")
+    if facts["graph_bytes"] > max_bytes:
+        raise GraphError(
+            f"its graph's texts are larger than {max_bytes} bytes ({MAX_STATE_BYTES_SETTING})"
+        )
     await cur.execute(
         "SELECT id, node_type, query, result_name, left_node, right_node"
         " FROM df.nodes WHERE instance_id = %s",

@@ -29,7 +29,7 @@ from .. import store
 from ..store import AsyncConn, Task
 from .connections import Connections, is_transient
 from .egress import EgressPolicy
-from .results import MAX_RESULT_BYTES_SETTING, parse_max_result_bytes
+from .results import MAX_RESULT_BYTES_SETTING, parse_size
 from .steps import CheckpointBusy, StepRunner, StepSettings
 
 log = logging.getLogger("pgdurable.worker")
@@ -267,7 +267,10 @@ class Worker:
             self.poll_interval = parse_interval(
                 await store.setting(conn, "pg_durable.poll_interval"), 0.1
             )
-        max_bytes = parse_max_result_bytes(await store.setting(conn, MAX_RESULT_BYTES_SETTING))
+        max_bytes = parse_size(await store.setting(conn, MAX_RESULT_BYTES_SETTING))
+        max_state = parse_size(
+            await store.setting(conn, store.MAX_STATE_BYTES_SETTING), store.DEFAULT_MAX_STATE_BYTES
+        )
         return StepSettings(
             worker_id=self.id,
             lease_seconds=self.config.lease_seconds,
@@ -275,6 +278,7 @@ class Worker:
             single_role=self.config.single_role,
             egress=self.config.egress,
             max_result_bytes=max_bytes,
+            max_state_bytes=max_state,
         )
 
     # -- claiming ------------------------------------------------------------------------------

@@ -55,7 +55,7 @@ __all__ = [
     "UnsupportedColumnType",
     "check_columns",
     "configure_connection",
-    "parse_max_result_bytes",
+    "parse_size",
     "read_result",
     "read_result_sync",
     "result_json",
@@ -74,16 +74,17 @@ DEFAULT_MAX_RESULT_BYTES = DEFAULT_MAX_BYTES
 _MEMORY_UNITS = {"b": 1, "kb": 1024, "mb": 1024**2, "gb": 1024**3, "tb": 1024**4}
 
 
-def parse_max_result_bytes(text: str | None) -> int:
-    """The value of ``pg_durable.max_result_bytes``: bytes, or PostgreSQL's memory units
-    (``'64kB'``, ``'10MB'``, ``'1GB'``). Unset or not a positive size: the default."""
+def parse_size(text: str | None, default: int = DEFAULT_MAX_RESULT_BYTES) -> int:
+    """A size setting (``pg_durable.max_result_bytes``, ``pg_durable.max_state_bytes``):
+    bytes, or PostgreSQL's memory units (``'64kB'``, ``'10MB'``, ``'1GB'``). Unset or not a
+    positive size: ``default``."""
     if text is None:
-        return DEFAULT_MAX_RESULT_BYTES
+        return default
     match = re.fullmatch(r"\s*(\d+)\s*([a-zA-Z]*)\s*", text)
     if match is None or match.group(2).lower() not in _MEMORY_UNITS | {"": 1}:
-        return DEFAULT_MAX_RESULT_BYTES
+        return default
     value = int(match.group(1)) * _MEMORY_UNITS.get(match.group(2).lower(), 1)
-    return value if value > 0 else DEFAULT_MAX_RESULT_BYTES
+    return value if value > 0 else default
 
 
 class ResultError(Exception):

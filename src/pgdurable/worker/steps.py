@@ -124,6 +124,7 @@ class StepSettings:
     allow_superuser: bool
     single_role: bool
     egress: EgressPolicy = field(default_factory=EgressPolicy)
+    max_state_bytes: int = store.DEFAULT_MAX_STATE_BYTES  # pg_durable.max_state_bytes
     max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES  # pg_durable.max_result_bytes
 
 
@@ -438,9 +439,18 @@ class StepRunner:
             cp.now,
             max_statement_bytes=self.settings.max_result_bytes,
         )
-        params = store.checkpoint_params(
-            task, transition, self.settings.worker_id, claim_limit(), self.settings.lease_seconds
-        )
+        try:
+            params = store.checkpoint_params(
+                task,
+                transition,
+                self.settings.worker_id,
+                claim_limit(),
+                self.settings.lease_seconds,
+                self.settings.max_state_bytes,
+            )
+        except store.StateTooLarge as exc:
+            await conn.execute("ROLLBACK")  # the step does not take effect
+            return await self._fail_instance(task, str(exc), claim_limit), False
         try:
             async with conn.pipeline() as pipeline:
                 checkpoint = conn.cursor()
@@ -481,6 +491,7 @@ class StepRunner:
         """
         cp: Checkpoint | None = None
         commit_error: psycopg.Error | None = None
+        too_large: store.StateTooLarge | None = None
         followups: list[Task] = []
         async with (
             self.conns.worker.connection() as own,
@@ -500,14 +511,20 @@ class StepRunner:
                 cp.now,
                 max_statement_bytes=self.settings.max_result_bytes,
             )
-            followups = await store.checkpoint(
-                own,
-                task,
-                transition,
-                self.settings.worker_id,
-                claim_limit(),
-                self.settings.lease_seconds,
-            )
+            try:
+                followups = await store.checkpoint(
+                    own,
+                    task,
+                    transition,
+                    self.settings.worker_id,
+                    claim_limit(),
+                    self.settings.lease_seconds,
+                    self.settings.max_state_bytes,
+                )
+            except store.StateTooLarge as exc:
+                await conn.execute("ROLLBACK")
+                too_large = exc
+                raise psycopg.Rollback() from None
             try:
                 async with conn.pipeline():
                     for statement in RESET_SESSION:
@@ -526,6 +543,8 @@ class StepRunner:
         if not cp.role_exists:
             error = f"Instance {task.instance_id}: submitted_by role no longer exists in pg_roles"
             return await self.fail(task, error, claim_limit), False
+        if too_large is not None:
+            return await self._fail_instance(task, str(too_large), claim_limit), False
         if commit_error is not None:
             failed = await self.fail(
                 task, _sql_error(commit_error), claim_limit, commit_error.sqlstate
@@ -695,21 +714,56 @@ class StepRunner:
                     await store.rearm(conn, task)
                     return []
                 transition = decided
-            return await store.checkpoint(
-                conn,
-                task,
-                transition,
-                self.settings.worker_id,
-                claim_limit(),
-                self.settings.lease_seconds,
-            )
+            try:
+                return await store.checkpoint(
+                    conn,
+                    task,
+                    transition,
+                    self.settings.worker_id,
+                    claim_limit(),
+                    self.settings.lease_seconds,
+                    self.settings.max_state_bytes,
+                )
+            except store.StateTooLarge as exc:
+                # The state last written fitted; if the limit was lowered since, none is kept.
+                for state in (cp.state, None):
+                    failed = interpreter.fail_instance(state, f"Instance {task.instance_id}: {exc}")
+                    with contextlib.suppress(store.StateTooLarge):
+                        return await store.checkpoint(
+                            conn,
+                            task,
+                            failed,
+                            self.settings.worker_id,
+                            0,
+                            self.settings.lease_seconds,
+                            self.settings.max_state_bytes,
+                        )
+                raise
+
+    async def _fail_instance(
+        self, task: Task, error: str, claim_limit: Callable[[], int]
+    ) -> list[Task]:
+        """Fail ``task``'s instance as a whole with ``error`` (nothing of it runs on)."""
+
+        async def failed(conn: AsyncConn, graph: Graph, cp: Checkpoint) -> Transition:
+            return interpreter.fail_instance(cp.state, f"Instance {task.instance_id}: {error}")
+
+        return await self._advance(task, failed, claim_limit)
 
     async def _start(self, conn: AsyncConn, task: Task, cp: Checkpoint) -> Transition:
         """Load and admit the instance's graph (spec §7.1), then activate its root."""
         try:
-            graph, facts = await store.load_graph(conn, task.instance_id)
+            graph, facts = await store.load_graph(
+                conn, task.instance_id, self.settings.max_state_bytes
+            )
         except (GraphError, LookupError) as exc:
             return interpreter.fail_instance(cp.state, f"Instance {task.instance_id}: {exc}")
+        if facts["vars_bytes"] is not None and facts["vars_bytes"] > self.settings.max_state_bytes:
+            return interpreter.fail_instance(
+                cp.state,
+                f"Instance {task.instance_id}: its variables (df.vars) are larger than "
+                f"{self.settings.max_state_bytes} bytes ({store.MAX_STATE_BYTES_SETTING})",
+            )
         if not facts["role_exists"]:
             return interpreter.fail_instance(
                 cp.state,
@@ -749,9 +803,13 @@ class StepRunner:
             return graph
         if conn is None:
             async with self.conns.worker.connection() as own:
-                graph, facts = await store.load_graph(own, task.instance_id)
+                graph, facts = await store.load_graph(
+                    own, task.instance_id, self.settings.max_state_bytes
+                )
         else:
-            graph, facts = await store.load_graph(conn, task.instance_id)
+            graph, facts = await store.load_graph(
+                conn, task.instance_id, self.settings.max_state_bytes
+            )
         # Under the creation time just read: if the task's instance was purged and its id taken
         # since the claim, this is the newcomer's graph, and the task's checkpoint will find
         # the task gone.
