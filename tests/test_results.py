@@ -8,6 +8,7 @@ import math
 import random
 import re
 import struct
+from collections.abc import Iterator
 from datetime import date, datetime, timedelta
 from typing import Any
 
@@ -21,11 +22,9 @@ from pgdurable.worker.results import (
     ResultError,
     UnsupportedColumnType,
     configure_connection,
-    read_result,
-    read_result_sync,
-    result_json,
     type_display_name,
 )
+from pgdurable.worker.statement import run_statement
 
 Conn = psycopg.Connection[Any]
 
@@ -35,24 +34,54 @@ SUPPORTED = (
 )
 
 
+class StepSession:
+    """A session as a SQL step's: its statements' results read as the worker reads them
+    (``run_statement``: one statement, extended protocol, binary results, read as they
+    arrive); ``execute`` runs other statements in the same session (SET, DDL)."""
+
+    def __init__(self, dsn: str, **options: Any) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.conn = self.loop.run_until_complete(
+            psycopg.AsyncConnection.connect(dsn, autocommit=True, **options)
+        )
+        configure_connection(self.conn)
+
+    def run(self, sql: str) -> str:
+        statement = sql.encode(self.conn.info.encoding)
+        text, _ = self.loop.run_until_complete(run_statement(self.conn, statement, 2**40))
+        return text
+
+    def execute(self, query: str) -> list[tuple[Any, ...]]:
+        async def rows() -> list[tuple[Any, ...]]:
+            cur = await self.conn.execute(query)
+            return await cur.fetchall() if cur.description else []
+
+        return self.loop.run_until_complete(rows())
+
+    def close(self) -> None:
+        self.loop.run_until_complete(self.conn.close())
+        self.loop.close()
+
+
 @pytest.fixture
-def db(conn: Conn) -> Conn:
-    configure_connection(conn)
-    return conn
+def db(dsn: str) -> Iterator[StepSession]:
+    session = StepSession(dsn)
+    yield session
+    session.close()
 
 
-def run(conn: Conn, sql: str) -> str:
-    """What a SQL step does: one statement, extended protocol, binary results."""
-    return read_result_sync(conn.execute(sql.encode(conn.info.encoding), binary=True))
+def run(session: StepSession, sql: str) -> str:
+    """What a SQL step does with ``sql``: its result JSON."""
+    return session.run(sql)
 
 
-def rows(conn: Conn, sql: str) -> list[dict[str, Any]]:
+def rows(conn: StepSession, sql: str) -> list[dict[str, Any]]:
     result = json.loads(run(conn, sql))
     assert result["row_count"] == len(result["rows"])
     return result["rows"]  # type: ignore[no-any-return]
 
 
-def value(conn: Conn, sql: str) -> Any:
+def value(conn: StepSession, sql: str) -> Any:
     (row,) = rows(conn, sql)
     (v,) = row.values()
     return v
@@ -61,14 +90,14 @@ def value(conn: Conn, sql: str) -> Any:
 # -- the envelope ------------------------------------------------------------------------------
 
 
-def test_select_one_is_compact_and_named_question_column(db: Conn) -> None:
+def test_select_one_is_compact_and_named_question_column(db: StepSession) -> None:
     assert run(db, "SELECT 1") == '{"rows":[{"?column?":1}],"row_count":1}'
     assert run(db, "SELECT count(*) FROM generate_series(1, 3)") == (
         '{"rows":[{"count":3}],"row_count":1}'
     )
 
 
-def test_keys_follow_column_order(db: Conn) -> None:
+def test_keys_follow_column_order(db: StepSession) -> None:
     assert run(db, "SELECT 2 AS z, 1 AS a, 3 AS m") == (
         '{"rows":[{"z":2,"a":1,"m":3}],"row_count":1}'
     )
@@ -79,7 +108,7 @@ DUPLICATE_A = (
 )
 
 
-def test_duplicate_column_names_fail_instead_of_losing_a_value(db: Conn) -> None:
+def test_duplicate_column_names_fail_instead_of_losing_a_value(db: StepSession) -> None:
     # pg_durable keeps the last value silently; a JSON object cannot hold both.
     for sql in (
         "SELECT 1 AS a, 2 AS a",
@@ -89,9 +118,8 @@ def test_duplicate_column_names_fail_instead_of_losing_a_value(db: Conn) -> None
         with pytest.raises(DuplicateColumn) as info:
             run(db, sql)
         assert str(info.value) == DUPLICATE_A
-    cur = db.execute(b"SELECT 1 AS a, NULL::int AS a", binary=True)
     with pytest.raises(DuplicateColumn, match="'a'"):
-        result_json(cur.description, cur.fetchall())
+        run(db, "SELECT 1 AS a, NULL::int AS a")
     # Names differing in case are different columns.
     assert run(db, 'SELECT 1 AS a, 2 AS "A"') == '{"rows":[{"a":1,"A":2}],"row_count":1}'
 
@@ -102,17 +130,17 @@ def test_duplicate_column_names_fail_the_step(app: Any, worker: Any) -> None:
     assert app.failure(instance) == DUPLICATE_A
 
 
-def test_several_rows(db: Conn) -> None:
+def test_several_rows(db: StepSession) -> None:
     assert run(db, "SELECT g AS n FROM generate_series(1, 3) g") == (
         '{"rows":[{"n":1},{"n":2},{"n":3}],"row_count":3}'
     )
 
 
-def test_zero_rows(db: Conn) -> None:
+def test_zero_rows(db: StepSession) -> None:
     assert run(db, "SELECT 1 AS a WHERE false") == '{"rows":[],"row_count":0}'
 
 
-def test_zero_columns(db: Conn) -> None:
+def test_zero_columns(db: StepSession) -> None:
     assert run(db, "SELECT FROM generate_series(1, 2)") == '{"rows":[{},{}],"row_count":2}'
 
 
@@ -129,7 +157,7 @@ def test_statements_without_result_set(db: Conn, sql: str) -> None:
     assert run(db, sql) == NO_RESULT_SET == '{"rows":[],"row_count":0}'
 
 
-def test_dml_counts_returned_rows_not_affected_rows(db: Conn) -> None:
+def test_dml_counts_returned_rows_not_affected_rows(db: StepSession) -> None:
     db.execute("CREATE TABLE t (id int, name text)")
     assert run(db, "INSERT INTO t SELECT g, 'n' FROM generate_series(1, 3) g") == NO_RESULT_SET
     assert run(db, "UPDATE t SET name = 'x'") == NO_RESULT_SET
@@ -140,14 +168,14 @@ def test_dml_counts_returned_rows_not_affected_rows(db: Conn) -> None:
     assert run(db, "DELETE FROM t") == NO_RESULT_SET
 
 
-def test_call_without_and_with_out_parameters(db: Conn) -> None:
+def test_call_without_and_with_out_parameters(db: StepSession) -> None:
     db.execute("CREATE PROCEDURE nothing() LANGUAGE sql AS $$ SELECT 1 $$")
     db.execute("CREATE PROCEDURE answer(INOUT x int) LANGUAGE plpgsql AS $$ BEGIN x := 42; END $$")
     assert run(db, "CALL nothing()") == NO_RESULT_SET
     assert run(db, "CALL answer(0)") == '{"rows":[{"x":42}],"row_count":1}'
 
 
-def test_unicode_and_quotes_in_values_and_column_names(db: Conn) -> None:
+def test_unicode_and_quotes_in_values_and_column_names(db: StepSession) -> None:
     out = run(db, """SELECT 'O''Brien "q" \\ é ✓ 日本 😀' AS "it's ""q"" é" """)
     assert out == (
         '{"rows":[{"it\'s \\"q\\" é":"O\'Brien \\"q\\" \\\\ é ✓ 日本 😀"}],"row_count":1}'
@@ -155,12 +183,12 @@ def test_unicode_and_quotes_in_values_and_column_names(db: Conn) -> None:
     assert value(db, "SELECT E'tab\\tnew\\nline'") == "tab\tnew\nline"
 
 
-def test_multiple_statements_are_rejected_by_the_extended_protocol(db: Conn) -> None:
+def test_multiple_statements_are_rejected_by_the_extended_protocol(db: StepSession) -> None:
     with pytest.raises(psycopg.errors.SyntaxError, match="multiple commands"):
         run(db, "SELECT 1; SELECT 2")
 
 
-def test_large_result(db: Conn) -> None:
+def test_large_result(db: StepSession) -> None:
     out = run(db, "SELECT g AS id, 'row ' || g AS name FROM generate_series(1, 100000) g")
     result = json.loads(out)
     assert result["row_count"] == 100_000
@@ -220,7 +248,7 @@ def test_scalar_types(db: Conn, sql: str, expected: object) -> None:
     assert type(got) is type(expected)
 
 
-def test_float_values_are_exact_json_numbers(db: Conn) -> None:
+def test_float_values_are_exact_json_numbers(db: StepSession) -> None:
     assert run(db, "SELECT 1.1::float4 AS a, 0.1::float8 AS b, 3::float8 AS c") == (
         '{"rows":[{"a":1.1,"b":0.1,"c":3.0}],"row_count":1}'
     )
@@ -239,7 +267,7 @@ def _float4_samples() -> list[float]:
     return values + [-v for v in values[::5]]
 
 
-def test_float4_renders_as_postgresql_prints_it(db: Conn) -> None:
+def test_float4_renders_as_postgresql_prints_it(db: StepSession) -> None:
     # float4 widened to float8 would read 1.100000023841858; PostgreSQL prints 1.1, and the
     # server's own text is the oracle for every sample.
     samples = _float4_samples()
@@ -277,11 +305,11 @@ NUMERICS = [
 
 @pytest.mark.parametrize("text", NUMERICS)
 def test_numeric_is_the_exact_server_text(db: Conn, text: str) -> None:
-    (server,) = db.execute(f"SELECT '{text}'::numeric::text").fetchone()  # type: ignore[misc]
+    ((server,),) = db.execute(f"SELECT '{text}'::numeric::text")
     assert value(db, f"SELECT '{text}'::numeric AS n") == server
 
 
-def test_numeric_examples(db: Conn) -> None:
+def test_numeric_examples(db: StepSession) -> None:
     assert run(db, "SELECT 100.50::numeric AS price") == (
         '{"rows":[{"price":"100.50"}],"row_count":1}'
     )
@@ -289,7 +317,7 @@ def test_numeric_examples(db: Conn) -> None:
     assert value(db, "SELECT NULL::numeric") is None
 
 
-def test_numeric_matches_server_text_for_random_values(db: Conn) -> None:
+def test_numeric_matches_server_text_for_random_values(db: StepSession) -> None:
     sql = (
         "SELECT n, n::text AS t FROM (SELECT round(((random() - 0.5) * 10 ^ (random() * 60"
         " - 30))::numeric, (random() * 40)::int - 5) AS n FROM generate_series(1, 3000)) s"
@@ -324,7 +352,7 @@ def test_timestamptz(db: Conn, literal: str, expected: str) -> None:
     assert value(db, f"SELECT '{literal}'::timestamptz") == expected
 
 
-def test_timestamptz_ignores_session_timezone_and_datestyle(db: Conn) -> None:
+def test_timestamptz_ignores_session_timezone_and_datestyle(db: StepSession) -> None:
     db.execute("SET TimeZone = 'America/New_York'")
     db.execute("SET DateStyle = 'German, DMY'")
     db.execute("SET extra_float_digits = -15")
@@ -369,7 +397,7 @@ def test_date_outside_common_years(db: Conn, literal: str, expected: str) -> Non
     assert value(db, f"SELECT '{literal}'::date") == expected
 
 
-def test_bc_dates_and_timestamps_use_astronomical_year_numbering(db: Conn) -> None:
+def test_bc_dates_and_timestamps_use_astronomical_year_numbering(db: StepSession) -> None:
     # On purpose: ISO 8601 / RFC 3339 consumers parse year -4712 (= 4713 BC, year 0 = 1 BC),
     # and pg_durable renders it so too; PostgreSQL's own text would be "4713-01-01 BC".
     sql = (
@@ -382,7 +410,7 @@ def test_bc_dates_and_timestamps_use_astronomical_year_numbering(db: Conn) -> No
     )
 
 
-def test_dates_match_the_server_calendar(db: Conn) -> None:
+def test_dates_match_the_server_calendar(db: StepSession) -> None:
     sql = (
         "SELECT d::date AS d, to_char(d, 'YYYY-MM-DD') AS t"
         " FROM generate_series(timestamp '0001-01-01', '3000-12-31', interval '9 days') d"
@@ -400,7 +428,7 @@ def _chrono_fraction(micros: str) -> str:
     return "." + (micros[:3] if int(micros) % 1000 == 0 else micros)
 
 
-def test_timestamps_match_the_server_clock(db: Conn) -> None:
+def test_timestamps_match_the_server_clock(db: StepSession) -> None:
     db.execute("SET TimeZone = 'UTC'")
     sql = (
         "SELECT t AS v, t::timestamptz AS z, to_char(t, 'YYYY-MM-DD\"T\"HH24:MI:SS') AS s,"
@@ -422,7 +450,7 @@ def test_format_date_matches_python_calendar() -> None:
         assert results._format_date(days) == (epoch + timedelta(days=days)).isoformat()
 
 
-def test_json_and_jsonb(db: Conn) -> None:
+def test_json_and_jsonb(db: StepSession) -> None:
     assert run(db, """SELECT '{"b": 1, "a": [1, 2.5, {"c": null}], "s": "é"}'::json AS j""") == (
         '{"rows":[{"j":{"b":1,"a":[1,2.5,{"c":null}],"s":"é"}}],"row_count":1}'
     )
@@ -442,18 +470,18 @@ def test_json_and_jsonb(db: Conn) -> None:
     )
 
 
-def test_json_number_beyond_float_range_fails(db: Conn) -> None:
+def test_json_number_beyond_float_range_fails(db: StepSession) -> None:
     for query in ("SELECT '1e400'::json", "SELECT to_jsonb(1e400 + 0.5)"):
         with pytest.raises(ResultError, match="out of range"):
             run(db, query)
 
 
-def test_domain_over_supported_type_is_its_base_type(db: Conn) -> None:
+def test_domain_over_supported_type_is_its_base_type(db: StepSession) -> None:
     db.execute("CREATE DOMAIN money2 AS numeric(10, 2)")
     assert value(db, "SELECT 3::money2") == "3.00"
 
 
-def test_client_encoding_is_honoured(db: Conn) -> None:
+def test_client_encoding_is_honoured(db: StepSession) -> None:
     db.execute("SET client_encoding = 'LATIN1'")
     assert value(db, "SELECT 'é'::text") == "é"
     assert value(db, """SELECT '"é"'::jsonb""") == "é"
@@ -492,7 +520,7 @@ def test_unsupported_types_fail_with_the_exact_message(db: Conn, sql: str, type_
     assert info.value.column == "col"
 
 
-def test_interval_message(db: Conn) -> None:
+def test_interval_message(db: StepSession) -> None:
     with pytest.raises(UnsupportedColumnType) as info:
         run(db, "SELECT now() - now()")
     assert str(info.value) == (
@@ -502,7 +530,7 @@ def test_interval_message(db: Conn) -> None:
     )
 
 
-def test_enums_and_their_arrays_are_unsupported(db: Conn) -> None:
+def test_enums_and_their_arrays_are_unsupported(db: StepSession) -> None:
     db.execute("CREATE TYPE mood AS ENUM ('happy', 'sad')")
     db.execute("CREATE TYPE \"Weird\" AS ENUM ('x')")
     for sql, name in [
@@ -515,25 +543,25 @@ def test_enums_and_their_arrays_are_unsupported(db: Conn) -> None:
             run(db, f"SELECT {sql} AS m")
 
 
-def test_unsupported_type_fails_even_without_rows(db: Conn) -> None:
+def test_unsupported_type_fails_even_without_rows(db: StepSession) -> None:
     with pytest.raises(UnsupportedColumnType, match="'INTERVAL' for column 'i'"):
         run(db, "SELECT '1 day'::interval AS i WHERE false")
     with pytest.raises(UnsupportedColumnType, match="'INTERVAL' for column 'i'"):
         run(db, "SELECT NULL::interval AS i")
 
 
-def test_first_unsupported_column_is_reported(db: Conn) -> None:
+def test_first_unsupported_column_is_reported(db: StepSession) -> None:
     with pytest.raises(UnsupportedColumnType, match="'BYTEA' for column 'b'"):
         run(db, "SELECT 1 AS a, '\\x01'::bytea AS b, '1 day'::interval AS c")
 
 
-def test_unsupported_returning_column(db: Conn) -> None:
+def test_unsupported_returning_column(db: StepSession) -> None:
     db.execute("CREATE TABLE t (id int, d interval)")
     with pytest.raises(UnsupportedColumnType, match="'INTERVAL' for column 'd'"):
         run(db, "INSERT INTO t VALUES (1, '1 day') RETURNING id, d")
 
 
-def test_domain_over_unsupported_type_reports_its_base_type(db: Conn) -> None:
+def test_domain_over_unsupported_type_reports_its_base_type(db: StepSession) -> None:
     db.execute("CREATE DOMAIN span AS interval")
     with pytest.raises(UnsupportedColumnType, match="'INTERVAL' for column 's'"):
         run(db, "SELECT '1 day'::span AS s")
@@ -542,64 +570,32 @@ def test_domain_over_unsupported_type_reports_its_base_type(db: Conn) -> None:
 # -- the edge ----------------------------------------------------------------------------------
 
 
-def test_text_format_results_are_refused(db: Conn) -> None:
-    with pytest.raises(ValueError, match="binary format"):
-        read_result_sync(db.execute("SELECT 1"))
-
-
-def test_configuration_leaves_text_format_queries_alone(db: Conn) -> None:
-    (now,) = db.execute("SELECT now()").fetchone()  # type: ignore[misc]
+def test_configuration_leaves_text_format_queries_alone(db: StepSession) -> None:
+    ((now,),) = db.execute("SELECT now()")
     assert isinstance(now, datetime)
-    (n,) = db.execute("SELECT 1.5::numeric").fetchone()  # type: ignore[misc]
+    ((n,),) = db.execute("SELECT 1.5::numeric")
     assert str(n) == "1.5"
 
 
 def test_row_factory_of_the_connection_does_not_matter(dsn: str) -> None:
-    with psycopg.connect(dsn, autocommit=True, row_factory=psycopg.rows.dict_row) as c:
-        configure_connection(c)
-        assert run(c, "SELECT 1 AS a, 'x' AS b") == '{"rows":[{"a":1,"b":"x"}],"row_count":1}'
+    session = StepSession(dsn, row_factory=psycopg.rows.dict_row)
+    try:
+        assert run(session, "SELECT 1 AS a, 'x' AS b") == '{"rows":[{"a":1,"b":"x"}],"row_count":1}'
+    finally:
+        session.close()
 
 
-def test_async_connection(dsn: str) -> None:
-    async def main() -> tuple[str, str, str]:
-        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as c:
-            configure_connection(c)
-            a = await read_result(
-                await c.execute(
-                    b"SELECT 100.50::numeric AS n, now() > '2000-01-01' AS t", binary=True
-                )
-            )
-            b = await read_result(await c.execute(b"CREATE TABLE t (i int)", binary=True))
-            try:
-                await read_result(
-                    await c.execute(b"SELECT ARRAY[1]::int4[] AS xs WHERE false", binary=True)
-                )
-            except UnsupportedColumnType as exc:
-                return a, b, str(exc)
-            return a, b, ""
-
-    a, b, error = asyncio.run(main())
-    assert a == '{"rows":[{"n":"100.50","t":true}],"row_count":1}'
-    assert b == NO_RESULT_SET
-    assert error == f"Unsupported column type 'INT4[]' for column 'xs'. {SUPPORTED}"
-
-
-def test_async_pipeline_mode(dsn: str) -> None:
-    async def main() -> str:
-        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as c:
-            configure_connection(c)
-            async with c.pipeline():
-                cur = await c.execute(b"SELECT 'p' AS v", binary=True)
-            return await read_result(cur)
-
-    assert asyncio.run(main()) == '{"rows":[{"v":"p"}],"row_count":1}'
+def test_statements_without_rows_and_unsupported_types_even_without_rows(db: StepSession) -> None:
+    assert run(db, "SELECT 100.50::numeric AS n, now() > '2000-01-01' AS t") == (
+        '{"rows":[{"n":"100.50","t":true}],"row_count":1}'
+    )
+    assert run(db, "CREATE TABLE t (i int)") == NO_RESULT_SET
+    with pytest.raises(UnsupportedColumnType) as info:
+        run(db, "SELECT ARRAY[1]::int4[] AS xs WHERE false")
+    assert str(info.value) == f"Unsupported column type 'INT4[]' for column 'xs'. {SUPPORTED}"
 
 
 # -- pure helpers ------------------------------------------------------------------------------
-
-
-def test_result_json_without_result_set() -> None:
-    assert result_json(None, []) == NO_RESULT_SET
 
 
 @pytest.mark.parametrize(

@@ -11,13 +11,8 @@ into its final JSON-ready Python value; :class:`ResultBuilder` assembles the tex
 rows at a time and stops at ``pg_durable.max_result_bytes``; :func:`check_columns` refuses
 results that have no faithful JSON form (duplicate column names, unsupported types).
 
-A step's worker reads its result as it arrives (``pgdurable.worker.statement``).
-:func:`read_result` / :func:`read_result_sync` do the same for a result already fetched by a
-cursor, on a connection passed to :func:`configure_connection` once::
-
-    cur = conn.cursor(binary=True)  # binary => extended protocol: one statement only
-    await cur.execute(sql.encode(conn.info.encoding))
-    text = await read_result(cur)
+A step's result is read as it arrives, on a connection passed to
+:func:`configure_connection` once, by ``pgdurable.worker.statement``.
 """
 
 from __future__ import annotations
@@ -27,7 +22,7 @@ import math
 import re
 import struct
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from fractions import Fraction
 from typing import Any
@@ -36,7 +31,6 @@ import psycopg
 from psycopg.abc import AdaptContext
 from psycopg.adapt import Buffer, Loader
 from psycopg.pq import Format
-from psycopg.rows import tuple_row
 from psycopg.types.bool import BoolBinaryLoader
 from psycopg.types.numeric import Int2BinaryLoader, Int4BinaryLoader, Int8BinaryLoader
 
@@ -56,9 +50,6 @@ __all__ = [
     "check_columns",
     "configure_connection",
     "parse_size",
-    "read_result",
-    "read_result_sync",
-    "result_json",
     "type_display_name",
     "unsupported_type",
 ]
@@ -277,7 +268,7 @@ SUPPORTED_TYPES: frozenset[int] = frozenset(_LOADERS)
 
 
 def configure_connection(conn: psycopg.AsyncConnection[Any] | psycopg.Connection[Any]) -> None:
-    """Register on ``conn`` the binary loaders that :func:`read_result` relies on.
+    """Register on ``conn`` the binary loaders that step results are read with.
 
     Only binary-format results are affected; text-format queries on the same connection
     (bookkeeping) load as usual.
@@ -294,54 +285,6 @@ TYPE_NAME_QUERY = (
     " WHERE t.oid = %s::pg_catalog.oid"
 )
 """The name of an unsupported column's type, and of its element type if it is an array."""
-
-
-async def read_result(cursor: psycopg.AsyncCursor[Any], max_bytes: int | None = None) -> str:
-    """The result JSON of the statement just executed on ``cursor`` (binary format).
-
-    Raises :class:`UnsupportedColumnType` -- before fetching, so also for zero rows -- when
-    a column's type has no mapping (naming that type costs one catalog query on the
-    cursor's connection), :class:`DuplicateColumn`, and :class:`ResultTooLarge` past
-    ``max_bytes`` (None: no limit). The rows are fetched whole: a step reads its result
-    as it arrives instead (``pgdurable.worker.statement``).
-    """
-    description = cursor.description
-    if description is None:
-        return NO_RESULT_SET
-    _require_binary(cursor)
-    column = check_columns([c.name for c in description], [c.type_code for c in description])
-    if column is not None:
-        async with cursor.connection.cursor() as cur:
-            await cur.execute(TYPE_NAME_QUERY, (description[column].type_code,))
-            names = await cur.fetchone()
-        raise unsupported_type(description[column].name, description[column].type_code, names)
-    cursor.row_factory = tuple_row
-    return result_json(description, await cursor.fetchall(), max_bytes)
-
-
-def read_result_sync(cursor: psycopg.Cursor[Any], max_bytes: int | None = None) -> str:
-    """:func:`read_result` for a synchronous cursor."""
-    description = cursor.description
-    if description is None:
-        return NO_RESULT_SET
-    _require_binary(cursor)
-    column = check_columns([c.name for c in description], [c.type_code for c in description])
-    if column is not None:
-        with cursor.connection.cursor() as cur:
-            names = cur.execute(TYPE_NAME_QUERY, (description[column].type_code,)).fetchone()
-        raise unsupported_type(description[column].name, description[column].type_code, names)
-    cursor.row_factory = tuple_row
-    return result_json(description, cursor.fetchall(), max_bytes)
-
-
-def _require_binary(cursor: psycopg.Cursor[Any] | psycopg.AsyncCursor[Any]) -> None:
-    # Text-format values would load with psycopg's default loaders (datetime, Decimal...)
-    # and could depend on session settings: refuse instead of rendering them wrongly.
-    result = cursor.pgresult
-    if result is not None and any(
-        result.fformat(i) != Format.BINARY for i in range(result.nfields)
-    ):
-        raise ValueError("SQL step results must be fetched in binary format (binary=True)")
 
 
 def unsupported_type(column: str, oid: int, names: Sequence[Any] | None) -> UnsupportedColumnType:
@@ -447,29 +390,6 @@ class ResultBuilder:
         if self._max_bytes is not None and self._bytes + len(end) > self._max_bytes:
             raise ResultTooLarge(self._max_bytes)
         return _ROWS_START + ",".join(self._parts) + end
-
-
-def result_json(
-    description: Sequence[psycopg.Column] | None,
-    rows: Iterable[Sequence[object]],
-    max_bytes: int | None = None,
-) -> str:
-    """Assemble ``{"rows":[...],"row_count":n}`` from columns and loaded rows.
-
-    Rows must have been loaded by the loaders of :func:`configure_connection` (tuples in
-    column order). ``description`` None means the statement returned no result set. Raises
-    :class:`DuplicateColumn` for two columns of one name, :class:`ResultTooLarge` past
-    ``max_bytes`` (None: no limit).
-    """
-    if description is None:
-        return NO_RESULT_SET
-    names = [column.name for column in description]
-    column = check_columns(names, [c.type_code for c in description])
-    if column is not None:
-        raise ValueError(f"column {names[column]!r} has an unsupported type; check first")
-    builder = ResultBuilder(names, max_bytes)
-    builder.add(list(rows))
-    return builder.text()
 
 
 def _parse_json(text: str) -> object:
