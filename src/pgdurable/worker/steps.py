@@ -24,7 +24,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, TypedDict
 
 import psycopg
 
@@ -115,6 +115,12 @@ async def _cancel_request(conn: AsyncConn) -> None:
         log.debug("cancel request failed: %s", exc)
 
 
+class _Limits(TypedDict):
+    """The keyword arguments of the interpreter's entry points that come from settings."""
+
+    max_statement_bytes: int
+
+
 @dataclass(frozen=True)
 class StepSettings:
     """What a step runner needs to know about its worker."""
@@ -134,6 +140,8 @@ class StepRunner:
     def __init__(self, conns: Connections, settings: StepSettings):
         self.conns = conns
         self.settings = settings
+        # What every interpreter call needs to know of the worker's settings.
+        self._limits = _Limits(max_statement_bytes=settings.max_result_bytes)
         self._graphs: OrderedDict[tuple[str, datetime | None], Graph] = OrderedDict()
         self._statements: dict[int, _Running] = {}  # task id -> its statement in flight
         self._requests: dict[int, tuple[Task, asyncio.Future[http.HttpOutcome]]] = {}
@@ -148,12 +156,7 @@ class StepRunner:
 
             async def fire(conn: AsyncConn, graph: Graph, cp: Checkpoint) -> Transition:
                 return interpreter.timer_fired(
-                    graph,
-                    _state(cp),
-                    cp.variables,
-                    task.activation,
-                    cp.now,
-                    max_statement_bytes=self.settings.max_result_bytes,
+                    graph, _state(cp), cp.variables, task.activation, cp.now, **self._limits
                 )
 
             return await self._advance(task, fire, claim_limit)
@@ -184,7 +187,7 @@ class StepRunner:
                 error,
                 cp.now,
                 code,
-                max_statement_bytes=self.settings.max_result_bytes,
+                **self._limits,
             )
 
         return await self._advance(task, failed, claim_limit)
@@ -381,13 +384,7 @@ class StepRunner:
 
             async def succeeded(own: AsyncConn, graph: Graph, cp: Checkpoint) -> Transition:
                 return interpreter.step_succeeded(
-                    graph,
-                    _state(cp),
-                    cp.variables,
-                    task.activation,
-                    result,
-                    cp.now,
-                    max_statement_bytes=self.settings.max_result_bytes,
+                    graph, _state(cp), cp.variables, task.activation, result, cp.now, **self._limits
                 )
 
             return await self._advance(task, succeeded, claim_limit)
@@ -431,13 +428,7 @@ class StepRunner:
             error = f"Instance {task.instance_id}: submitted_by role no longer exists in pg_roles"
             return await self.fail(task, error, claim_limit), False
         transition = interpreter.step_succeeded(
-            graph,
-            _state(cp),
-            cp.variables,
-            task.activation,
-            result,
-            cp.now,
-            max_statement_bytes=self.settings.max_result_bytes,
+            graph, _state(cp), cp.variables, task.activation, result, cp.now, **self._limits
         )
         try:
             params = store.checkpoint_params(
@@ -503,13 +494,7 @@ class StepRunner:
                 await conn.execute("ROLLBACK")
                 raise psycopg.Rollback()
             transition = interpreter.step_succeeded(
-                graph,
-                _state(cp),
-                cp.variables,
-                task.activation,
-                result,
-                cp.now,
-                max_statement_bytes=self.settings.max_result_bytes,
+                graph, _state(cp), cp.variables, task.activation, result, cp.now, **self._limits
             )
             try:
                 followups = await store.checkpoint(
@@ -585,7 +570,7 @@ class StepRunner:
                     task.activation,
                     outcome.value,
                     cp.now,
-                    max_statement_bytes=self.settings.max_result_bytes,
+                    **self._limits,
                 )
             return interpreter.step_failed(
                 graph,
@@ -595,7 +580,7 @@ class StepRunner:
                 outcome.value,
                 cp.now,
                 outcome.code,
-                max_statement_bytes=self.settings.max_result_bytes,
+                **self._limits,
             )
 
         return await self._advance(task, record, claim_limit)
@@ -654,13 +639,7 @@ class StepRunner:
                     f" bytes ({MAX_RESULT_BYTES_SETTING})"
                 )
                 return interpreter.step_failed(
-                    graph,
-                    _state(cp),
-                    cp.variables,
-                    task.activation,
-                    error,
-                    cp.now,
-                    max_statement_bytes=self.settings.max_result_bytes,
+                    graph, _state(cp), cp.variables, task.activation, error, cp.now, **self._limits
                 )
             if signal is not None:
                 return interpreter.signal_received(
@@ -670,17 +649,12 @@ class StepRunner:
                     task.activation,
                     signal.data,
                     cp.now,
-                    max_statement_bytes=self.settings.max_result_bytes,
+                    **self._limits,
                 )
             deadline = payload.get("deadline")
             if deadline is not None and cp.now >= float(deadline):
                 return interpreter.signal_timed_out(
-                    graph,
-                    _state(cp),
-                    cp.variables,
-                    task.activation,
-                    cp.now,
-                    max_statement_bytes=self.settings.max_result_bytes,
+                    graph, _state(cp), cp.variables, task.activation, cp.now, **self._limits
                 )
             return None  # woken early (the signal went to another wait): wait on
 
@@ -784,9 +758,7 @@ class StepRunner:
                 f'"{facts["role"]}"',
             )
         self._remember(graph, facts["created_at"])
-        return interpreter.start(
-            graph, cp.variables, cp.now, max_statement_bytes=self.settings.max_result_bytes
-        )
+        return interpreter.start(graph, cp.variables, cp.now, **self._limits)
 
     # -- graphs --------------------------------------------------------------------------------
 
