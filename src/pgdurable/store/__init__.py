@@ -65,61 +65,14 @@ class Checkpoint:
     role_exists: bool
 
 
-# A fair claim. The roles that have tasks are found by a loose index scan (one probe of
-# tasks_role_visible_idx per role, none at all when nothing is due); each role offers its due
-# tasks, oldest first, up to the room it has under ``cap`` counting what it already holds in
-# this worker; the offers are taken in turns: a role's n-th offer has turn held + n, so the
-# slots go to the roles holding the fewest, and a lone role gets every slot. Only the tasks
-# taken are locked (SKIP LOCKED: another worker's claim may hold some), and each is checked
-# again once locked, as another worker may have claimed it meanwhile.
+# The fair claim is df._claim (migration 0017): a plpgsql function, so that its plan is made
+# once per session rather than at every call (PostgreSQL re-plans this query for each set of
+# parameter values otherwise, which cost more than running it).
 _CLAIM = """
-WITH RECURSIVE roles (role_oid) AS (
-    (SELECT t.role_oid FROM df._tasks t
-      WHERE EXISTS (SELECT 1 FROM df._tasks d WHERE d.visible_at <= now())
-      ORDER BY t.role_oid LIMIT 1)
-    UNION ALL
-    SELECT (SELECT t.role_oid FROM df._tasks t WHERE t.role_oid > r.role_oid
-             ORDER BY t.role_oid LIMIT 1)
-      FROM roles r
-     WHERE r.role_oid IS NOT NULL
-), held AS (
-    SELECT h.role_oid, h.slots FROM unnest(%(held_roles)s::oid[], %(held_slots)s::int[])
-                                    AS h (role_oid, slots)
-), offered AS (
-    SELECT o.id, o.visible_at, coalesce(h.slots, 0) + o.rank AS turn
-      FROM roles r
-      LEFT JOIN held h ON h.role_oid = r.role_oid
-     CROSS JOIN LATERAL (
-           SELECT d.id, d.visible_at, row_number() OVER (ORDER BY d.visible_at, d.id) AS rank
-             FROM (SELECT t.id, t.visible_at FROM df._tasks t
-                    WHERE t.role_oid = r.role_oid AND t.visible_at <= now()
-                    ORDER BY t.visible_at, t.id
-                    LIMIT greatest(least(%(limit)s, %(cap)s - coalesce(h.slots, 0)), 0)) d
-           ) o
-     WHERE r.role_oid IS NOT NULL
-), picked AS (
-    SELECT t.id FROM offered o JOIN df._tasks t ON t.id = o.id
-     WHERE t.visible_at <= now()
-     ORDER BY o.turn, o.visible_at, o.id
-     LIMIT %(limit)s
-       FOR UPDATE OF t SKIP LOCKED
-), claimed AS (
-    UPDATE df._tasks t
-       SET lease_owner = %(worker)s,
-           token = gen_random_uuid(),
-           visible_at = now() + make_interval(secs => %(lease)s),
-           attempts = t.attempts + 1
-      FROM picked
-     WHERE t.id = picked.id
-    RETURNING t.*
-)
-SELECT c.id, c.token, c.kind, c.activation, c.node_id, c.payload, c.attempts, c.instance_id,
-       coalesce(r.rolname, i.submitted_by::text) AS role, i.submitted_by::oid AS role_oid,
-       i.database, i.label, i.created_at, c.deferrals
-  FROM claimed c JOIN df.instances i ON i.id = c.instance_id
-  -- The login name, not regrole's text, which quotes names like "Odd Name". A dropped role
-  -- leaves its number, which fails the login as it should.
-  LEFT JOIN pg_roles r ON r.oid = i.submitted_by
+SELECT id, token, kind, activation, node_id, payload, attempts, instance_id, role, role_oid,
+       database, label, created_at, deferrals
+  FROM df._claim(%(worker)s, %(limit)s, %(lease)s, %(cap)s, %(held_roles)s::oid[],
+                 %(held_slots)s::int[])
 """
 
 

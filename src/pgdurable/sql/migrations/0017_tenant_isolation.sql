@@ -211,3 +211,86 @@ $$;
 REVOKE ALL ON FUNCTION df._consume_signal(varchar, text, integer, bigint) FROM PUBLIC;
 -- Its lock waits are bounded like the checkpoint's (see the top of this file).
 ALTER FUNCTION df._consume_signal(varchar, text, integer, bigint) SET lock_timeout = '500ms';
+
+-- ---------------------------------------------------------------------------------------------
+-- df._claim: lease up to p_limit due tasks to worker p_worker, shared fairly between roles.
+--
+-- The roles that have tasks are found by a loose index scan (one probe of
+-- tasks_role_visible_idx per role, none at all when nothing is due), and those with due tasks
+-- kept. The free slots are shared out like water: the level is what each role would hold if
+-- the free slots and those the roles hold already (p_held_roles, p_held_slots: this worker's)
+-- were shared evenly, and each role offers its due tasks, oldest first, up to that level and
+-- under p_cap, locking them as it goes (SKIP LOCKED: workers claiming at once take different
+-- tasks). The offers are taken in turns: a role's n-th offer has turn held + n, so the slots
+-- go to the roles holding the fewest, and a lone role gets every slot. Offers not taken (the
+-- level is rounded up) stay locked until the claim commits, a moment later.
+--
+-- A function rather than a statement of the worker's: PostgreSQL would plan that statement
+-- again at every call, for its parameter values, which costs more than running it; here the
+-- plan is made once per session.
+-- ---------------------------------------------------------------------------------------------
+CREATE FUNCTION df._claim(p_worker uuid, p_limit integer, p_lease double precision,
+                          p_cap integer, p_held_roles oid[], p_held_slots integer[])
+RETURNS TABLE (id bigint, token uuid, kind text, activation integer, node_id varchar(8),
+               payload jsonb, attempts integer, instance_id varchar(8), role text,
+               role_oid oid, database text, label text, created_at timestamptz,
+               deferrals integer)
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET plan_cache_mode = force_generic_plan
+AS $$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY
+    WITH RECURSIVE roles (role_oid) AS (
+        (SELECT t.role_oid FROM df._tasks t
+          WHERE EXISTS (SELECT 1 FROM df._tasks d WHERE d.visible_at <= now())
+          ORDER BY t.role_oid LIMIT 1)
+        UNION ALL
+        SELECT (SELECT t.role_oid FROM df._tasks t WHERE t.role_oid > r.role_oid
+                 ORDER BY t.role_oid LIMIT 1)
+          FROM roles r
+         WHERE r.role_oid IS NOT NULL
+    ), due AS (
+        SELECT r.role_oid, coalesce(h.slots, 0) AS held
+          FROM roles r
+          LEFT JOIN unnest(p_held_roles, p_held_slots) AS h (role_oid, slots)
+                 ON h.role_oid = r.role_oid
+         WHERE r.role_oid IS NOT NULL
+           AND EXISTS (SELECT 1 FROM df._tasks t
+                        WHERE t.role_oid = r.role_oid AND t.visible_at <= now())
+    ), level AS (
+        SELECT ceil((p_limit + sum(d.held)) / count(*)::numeric)::integer AS slots FROM due d
+    ), offered AS (
+        SELECT o.id, o.visible_at, d.held + o.rank AS turn
+          FROM due d CROSS JOIN level l
+         CROSS JOIN LATERAL (
+               SELECT k.id, k.visible_at, row_number() OVER (ORDER BY k.visible_at, k.id) AS rank
+                 FROM (SELECT t.id, t.visible_at FROM df._tasks t
+                        WHERE t.role_oid = d.role_oid AND t.visible_at <= now()
+                        ORDER BY t.visible_at
+                        LIMIT greatest(least(l.slots - d.held, p_limit, p_cap - d.held), 0)
+                          FOR UPDATE SKIP LOCKED) k
+               ) o
+    ), picked AS (
+        SELECT o.id FROM offered o ORDER BY o.turn, o.visible_at, o.id LIMIT p_limit
+    ), claimed AS (
+        UPDATE df._tasks t
+           SET lease_owner = p_worker,
+               token = gen_random_uuid(),
+               visible_at = now() + make_interval(secs => p_lease),
+               attempts = t.attempts + 1
+          FROM picked
+         WHERE t.id = picked.id
+        RETURNING t.*
+    )
+    SELECT c.id, c.token, c.kind, c.activation, c.node_id, c.payload, c.attempts,
+           c.instance_id,
+           -- The login name, not regrole's text, which quotes names like "Odd Name". A dropped
+           -- role leaves its number, which fails the login as it should.
+           coalesce(a.rolname, i.submitted_by::text)::text, i.submitted_by::oid, i.database,
+           i.label, i.created_at, c.deferrals
+      FROM claimed c JOIN df.instances i ON i.id = c.instance_id
+      LEFT JOIN pg_roles a ON a.oid = i.submitted_by;
+END;
+$$;
+REVOKE ALL ON FUNCTION df._claim(uuid, integer, double precision, integer, oid[], integer[])
+    FROM PUBLIC;
