@@ -103,28 +103,10 @@ async def claim(
     return [Task(**row) for row in await cur.fetchall()]
 
 
-# Roles, other than the worker's own, with due tasks nobody holds: a worker whose slots are
-# all taken asks this to know whether its steps' follow-ups must make room for them.
-_WAITING_ROLES = """
-WITH RECURSIVE roles (role_oid) AS (
-    (SELECT t.role_oid FROM df._tasks t
-      WHERE EXISTS (SELECT 1 FROM df._tasks d WHERE d.visible_at <= now())
-      ORDER BY t.role_oid LIMIT 1)
-    UNION ALL
-    SELECT (SELECT t.role_oid FROM df._tasks t WHERE t.role_oid > r.role_oid
-             ORDER BY t.role_oid LIMIT 1)
-      FROM roles r
-     WHERE r.role_oid IS NOT NULL
-)
-SELECT r.role_oid FROM roles r
- WHERE r.role_oid IS NOT NULL
-   AND EXISTS (SELECT 1 FROM df._tasks t WHERE t.role_oid = r.role_oid AND t.visible_at <= now())
-"""
-
-
 async def waiting_roles(conn: AsyncConn) -> set[int]:
-    """The roles that have due tasks no worker holds."""
-    cur = await conn.execute(_WAITING_ROLES)
+    """The roles that have due tasks no worker holds (df._waiting_roles): a worker whose slots
+    are all taken asks, to know whether its steps' follow-ups must make room for them."""
+    cur = await conn.execute("SELECT * FROM df._waiting_roles()")
     return {int(row[0]) for row in await cur.fetchall()}
 
 

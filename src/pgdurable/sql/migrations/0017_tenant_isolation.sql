@@ -213,13 +213,37 @@ REVOKE ALL ON FUNCTION df._consume_signal(varchar, text, integer, bigint) FROM P
 ALTER FUNCTION df._consume_signal(varchar, text, integer, bigint) SET lock_timeout = '500ms';
 
 -- ---------------------------------------------------------------------------------------------
+-- df._waiting_roles: the roles that have due tasks nobody holds (a leased task is due only
+-- once its lease ran out). The roles that have tasks are found by a loose index scan (one
+-- probe of tasks_role_visible_idx per role, none at all when nothing is due), and those with
+-- due tasks kept.
+-- ---------------------------------------------------------------------------------------------
+-- (No SET clause: PostgreSQL then inlines it into df._claim's query and plans them as one.)
+CREATE FUNCTION df._waiting_roles() RETURNS SETOF oid
+LANGUAGE sql STABLE AS $$
+    WITH RECURSIVE roles (role_oid) AS (
+        (SELECT t.role_oid FROM df._tasks t
+          WHERE EXISTS (SELECT 1 FROM df._tasks d WHERE d.visible_at <= now())
+          ORDER BY t.role_oid LIMIT 1)
+        UNION ALL
+        SELECT (SELECT t.role_oid FROM df._tasks t WHERE t.role_oid > r.role_oid
+                 ORDER BY t.role_oid LIMIT 1)
+          FROM roles r
+         WHERE r.role_oid IS NOT NULL
+    )
+    SELECT r.role_oid FROM roles r
+     WHERE r.role_oid IS NOT NULL
+       AND EXISTS (SELECT 1 FROM df._tasks t
+                    WHERE t.role_oid = r.role_oid AND t.visible_at <= now());
+$$;
+REVOKE ALL ON FUNCTION df._waiting_roles() FROM PUBLIC;
+
+-- ---------------------------------------------------------------------------------------------
 -- df._claim: lease up to p_limit due tasks to worker p_worker, shared fairly between roles.
 --
--- The roles that have tasks are found by a loose index scan (one probe of
--- tasks_role_visible_idx per role, none at all when nothing is due), and those with due tasks
--- kept. The free slots are shared out like water: the level is what each role would hold if
--- the free slots and those the roles hold already (p_held_roles, p_held_slots: this worker's)
--- were shared evenly, and each role offers its due tasks, oldest first, up to that level and
+-- The free slots go to the roles with due tasks (df._waiting_roles) like water: the level is
+-- what each would hold if the free slots and those the roles hold already (p_held_roles,
+-- p_held_slots: this worker's) were shared evenly, and each role offers its due tasks, oldest first, up to that level and
 -- under p_cap, locking them as it goes (SKIP LOCKED: workers claiming at once take different
 -- tasks). The offers are taken in turns: a role's n-th offer has turn held + n, so the slots
 -- go to the roles holding the fewest, and a lone role gets every slot. Offers not taken (the
@@ -240,23 +264,11 @@ AS $$
 #variable_conflict use_column
 BEGIN
     RETURN QUERY
-    WITH RECURSIVE roles (role_oid) AS (
-        (SELECT t.role_oid FROM df._tasks t
-          WHERE EXISTS (SELECT 1 FROM df._tasks d WHERE d.visible_at <= now())
-          ORDER BY t.role_oid LIMIT 1)
-        UNION ALL
-        SELECT (SELECT t.role_oid FROM df._tasks t WHERE t.role_oid > r.role_oid
-                 ORDER BY t.role_oid LIMIT 1)
-          FROM roles r
-         WHERE r.role_oid IS NOT NULL
-    ), due AS (
-        SELECT r.role_oid, coalesce(h.slots, 0) AS held
-          FROM roles r
+    WITH due AS (
+        SELECT w.role_oid, coalesce(h.slots, 0) AS held
+          FROM df._waiting_roles() AS w (role_oid)
           LEFT JOIN unnest(p_held_roles, p_held_slots) AS h (role_oid, slots)
-                 ON h.role_oid = r.role_oid
-         WHERE r.role_oid IS NOT NULL
-           AND EXISTS (SELECT 1 FROM df._tasks t
-                        WHERE t.role_oid = r.role_oid AND t.visible_at <= now())
+                 ON h.role_oid = w.role_oid
     ), level AS (
         SELECT ceil((p_limit + sum(d.held)) / count(*)::numeric)::integer AS slots FROM due d
     ), offered AS (
