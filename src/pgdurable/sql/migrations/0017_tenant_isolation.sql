@@ -3,12 +3,13 @@
 -- * Fair shares. Each task carries its submitter's role (df._tasks.role_oid, indexed with
 --   visible_at), so a worker claims per role: among the roles with due work, the one holding
 --   the fewest of its slots goes first, and no role gets more than the worker's per-role cap
---   (the claim query is in the worker, pgdurable.store).
+--   (df._claim, at the end of this file).
 -- * Checkpoints never wait long on a lock a tenant can hold. A tenant may lock its own
 --   df.instances rows (SELECT ... FOR UPDATE, an UPDATE left open), and df.signal locks the
 --   instance and its signal tasks until the sender commits. The functions that write progress
 --   give up after lock_timeout; the worker then rolls the step back, gives its task back with a
 --   growing delay (df._tasks.deferrals) and goes on with other work.
+-- * Signal payloads no bigger than a step result may be (df._consume_signal).
 -- ---------------------------------------------------------------------------------------------
 
 ALTER TABLE df._tasks ADD COLUMN role_oid oid;
