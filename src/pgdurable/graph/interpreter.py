@@ -158,8 +158,9 @@ def step_succeeded(
     max_statement_bytes: int = DEFAULT_MAX_BYTES,
 ) -> Transition:
     """A SQL step's statement ran; ``result`` is its result JSON."""
-    run = _Run(graph, _copy(state), variables, now, max_statement_bytes)
-    return run.leaf_finished(activation, "ok", result)
+    return _leaf_finished(
+        graph, state, variables, activation, "ok", result, now, None, max_statement_bytes
+    )
 
 
 def step_failed(
@@ -175,8 +176,26 @@ def step_failed(
 ) -> Transition:
     """A step failed with ``error``; the failure propagates (spec §7.1). ``code`` classifies
     it for df.retry: a SQLSTATE, or one of the ``http_*`` classes of HTTP steps."""
+    return _leaf_finished(
+        graph, state, variables, activation, "fail", error, now, code, max_statement_bytes
+    )
+
+
+def _leaf_finished(
+    graph: Graph,
+    state: State,
+    variables: dict[str, str],
+    activation: int,
+    kind: OutcomeKind,
+    value: str,
+    now: float,
+    code: str | None,
+    max_statement_bytes: int,
+) -> Transition:
     run = _Run(graph, _copy(state), variables, now, max_statement_bytes)
-    return run.leaf_finished(activation, "fail", error, code)
+    if run.act(activation) is not None:  # else a stale event: the activation is gone
+        run.finish(activation, kind, value, code)
+    return run.finish_transition()
 
 
 def timer_fired(
@@ -221,8 +240,9 @@ def signal_received(
     """The SIGNAL wait of ``activation`` consumed a signal carrying ``data`` (parsed JSON)."""
     result = {"signal_name": _signal_name(graph, state, activation), "timed_out": False}
     result["data"] = data
-    run = _Run(graph, _copy(state), variables, now, max_statement_bytes)
-    return run.leaf_finished(activation, "ok", _compact(result))
+    return _leaf_finished(
+        graph, state, variables, activation, "ok", _compact(result), now, None, max_statement_bytes
+    )
 
 
 def signal_timed_out(
@@ -237,8 +257,9 @@ def signal_timed_out(
     """The SIGNAL wait of ``activation`` reached its timeout with no signal."""
     result = {"signal_name": _signal_name(graph, state, activation), "timed_out": True}
     result["data"] = None
-    run = _Run(graph, _copy(state), variables, now, max_statement_bytes)
-    return run.leaf_finished(activation, "ok", _compact(result))
+    return _leaf_finished(
+        graph, state, variables, activation, "ok", _compact(result), now, None, max_statement_bytes
+    )
 
 
 def _signal_name(graph: Graph, state: State, activation: int) -> Any:
@@ -364,15 +385,6 @@ class _Run:
         self.now = now
         self.max_statement_bytes = max_statement_bytes
         self.out = Transition(state=state)
-
-    def leaf_finished(
-        self, activation: int, kind: OutcomeKind, value: str, code: str | None = None
-    ) -> Transition:
-        """A step or wait of ``activation`` ended (a stale event, for an activation that is
-        gone, changes nothing)."""
-        if self.act(activation) is not None:
-            self.finish(activation, kind, value, code)
-        return self.finish_transition()
 
     # -- bookkeeping ---------------------------------------------------------------------------
 

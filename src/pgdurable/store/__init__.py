@@ -290,18 +290,9 @@ def followups(rows: list[tuple[Any, ...]], previous: Task) -> list[Task]:
     ]
 
 
-async def checkpoint(
-    conn: AsyncConn,
-    task: Task,
-    transition: Transition,
-    worker: uuid.UUID,
-    claim_limit: int,
-    lease: float,
-    max_bytes: int = DEFAULT_MAX_STATE_BYTES,
-) -> list[Task]:
-    """Write a transition and retire ``task``; returns follow-up tasks leased to ``worker``
-    (:class:`StateTooLarge`: see :func:`checkpoint_params`)."""
-    params = checkpoint_params(task, transition, worker, claim_limit, lease, max_bytes)
+async def checkpoint(conn: AsyncConn, task: Task, params: tuple[Any, ...]) -> list[Task]:
+    """Run CHECKPOINT with ``params`` (see :func:`checkpoint_params`); returns the follow-up
+    tasks it leased."""
     cur = await conn.execute(CHECKPOINT, params, prepare=False)
     return followups(await cur.fetchall(), task)
 

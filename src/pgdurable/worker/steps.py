@@ -431,14 +431,7 @@ class StepRunner:
             graph, _state(cp), cp.variables, task.activation, result, cp.now, **self._limits
         )
         try:
-            params = store.checkpoint_params(
-                task,
-                transition,
-                self.settings.worker_id,
-                claim_limit(),
-                self.settings.lease_seconds,
-                self.settings.max_state_bytes,
-            )
+            params = self._checkpoint_params(task, transition, claim_limit())
         except store.StateTooLarge as exc:
             await conn.execute("ROLLBACK")  # the step does not take effect
             return await self._fail_instance(task, str(exc), claim_limit), False
@@ -497,15 +490,7 @@ class StepRunner:
                 graph, _state(cp), cp.variables, task.activation, result, cp.now, **self._limits
             )
             try:
-                followups = await store.checkpoint(
-                    own,
-                    task,
-                    transition,
-                    self.settings.worker_id,
-                    claim_limit(),
-                    self.settings.lease_seconds,
-                    self.settings.max_state_bytes,
-                )
+                followups = await self._write(own, task, transition, claim_limit())
             except store.StateTooLarge as exc:
                 await conn.execute("ROLLBACK")
                 too_large = exc
@@ -689,30 +674,32 @@ class StepRunner:
                     return []
                 transition = decided
             try:
-                return await store.checkpoint(
-                    conn,
-                    task,
-                    transition,
-                    self.settings.worker_id,
-                    claim_limit(),
-                    self.settings.lease_seconds,
-                    self.settings.max_state_bytes,
-                )
+                return await self._write(conn, task, transition, claim_limit())
             except store.StateTooLarge as exc:
                 # The state last written fitted; if the limit was lowered since, none is kept.
                 for state in (cp.state, None):
                     failed = interpreter.fail_instance(state, f"Instance {task.instance_id}: {exc}")
                     with contextlib.suppress(store.StateTooLarge):
-                        return await store.checkpoint(
-                            conn,
-                            task,
-                            failed,
-                            self.settings.worker_id,
-                            0,
-                            self.settings.lease_seconds,
-                            self.settings.max_state_bytes,
-                        )
+                        return await self._write(conn, task, failed, 0)
                 raise
+
+    def _checkpoint_params(self, task: Task, transition: Transition, claim: int) -> tuple[Any, ...]:
+        """store.checkpoint_params with this worker's id, lease and state limit."""
+        return store.checkpoint_params(
+            task,
+            transition,
+            self.settings.worker_id,
+            claim,
+            self.settings.lease_seconds,
+            self.settings.max_state_bytes,
+        )
+
+    async def _write(
+        self, conn: AsyncConn, task: Task, transition: Transition, claim: int
+    ) -> list[Task]:
+        """Checkpoint ``transition`` on ``conn``, leasing up to ``claim`` follow-ups to us
+        (raises store.StateTooLarge)."""
+        return await store.checkpoint(conn, task, self._checkpoint_params(task, transition, claim))
 
     async def _fail_instance(
         self, task: Task, error: str, claim_limit: Callable[[], int]
