@@ -35,8 +35,7 @@ from psycopg import sql as pgsql
 from rich.console import Console
 from rich.table import Table
 
-from pgdurable import __version__
-from pgdurable import sql as schema
+from pgdurable import __version__, schema
 from pgdurable.embedded import EmbeddedPostgres, bin_path, free_port
 
 REPO = Path(__file__).resolve().parent.parent

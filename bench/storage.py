@@ -44,8 +44,7 @@ from psycopg import sql as pgsql
 from rich.console import Console
 from rich.table import Table
 
-from pgdurable import __version__
-from pgdurable import sql as schema
+from pgdurable import __version__, schema
 from pgdurable.embedded import EmbeddedPostgres, free_port
 from pgdurable.worker.loop import Worker, WorkerConfig
 

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import psycopg
 
-from pgdurable import sql as schema
+from pgdurable import schema
 from pgdurable.embedded import EmbeddedPostgres, free_port
 
 PROBE = "SELECT df.start('SELECT 1 AS a' ~> 'SELECT 2 AS b', 'probe')"

@@ -18,7 +18,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from pgdurable import sql
+from pgdurable import schema
 from pgdurable.embedded import EmbeddedPostgres, free_port
 
 TEMPLATE = "pgdurable_template"
@@ -39,7 +39,7 @@ def cluster() -> Iterator[EmbeddedPostgres]:
         with psycopg.connect(pg.dsn(), autocommit=True) as conn:
             conn.execute(f"CREATE DATABASE {TEMPLATE}")
         with psycopg.connect(pg.dsn(TEMPLATE)) as conn:
-            sql.install(conn)
+            schema.install(conn)
         yield pg
     finally:
         pg.stop("immediate" if os.environ.get("PGDURABLE_FAST_STOP") else "fast")

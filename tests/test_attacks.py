@@ -1,6 +1,6 @@
 """Attacks by one tenant on another, and on the engine, that must fail.
 
-The goal (DESIGN.md principle 3, spec §10): many application roles share one database, and
+The goal (docs/security.md): many application roles share one database, and
 none of them can read, change or run as another. Every test here is one attack by an ordinary
 LOGIN role that was granted ``df.grant_usage`` (the *attacker*), often against a second such
 role (the *victim*), with a real worker where the attack involves execution. Each asserts the
@@ -193,7 +193,7 @@ def node_id() -> str:
         ("SELECT rolpassword FROM pg_authid", "permission denied for table pg_authid"),
         ("SELECT * FROM df._signals", "permission denied for table _signals"),
         ("SELECT * FROM df._worker_epoch", "permission denied for table _worker_epoch"),
-        ("SELECT * FROM df._migrations", "permission denied for table _migrations"),
+        ("SELECT * FROM df._schema", "permission denied for table _schema"),
         (
             "SELECT df._consume_signal('00000000', 'x', 1, 1000)",
             "permission denied for function _consume_signal",
@@ -835,7 +835,7 @@ def test_the_database_column_cannot_smuggle_connection_parameters(
     assert "does not exist" in output_of(conn, instance)
 
 
-# -- 5. injection through substitution (spec §7.5) ----------------------------------------------
+# -- 5. injection through substitution ---------------------------------------------------------
 
 PAYLOADS = [
     "'",

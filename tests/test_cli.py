@@ -60,7 +60,7 @@ def test_up_runs_a_first_workflow_stops_cleanly_and_reuses_its_data(tmp_path: Pa
     proc = Process("up", "--data-dir", str(data), "--port", port, "--run", "examples/hello.sql")
     try:
         out = proc.wait_for("the worker keeps running")
-        assert "installed schema version" in out
+        assert "installed the schema of release" in out
         assert f"'postgresql://app@127.0.0.1:{port}/postgres'" in out
         assert "completed:" in out and '"greetings": 2' in out
     finally:

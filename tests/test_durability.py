@@ -51,7 +51,7 @@ from durability_harness import (
 )
 from httpserver import LocalHttpServer
 
-from pgdurable import sql
+from pgdurable import schema
 from pgdurable.embedded import EmbeddedPostgres, free_port
 
 _counter = itertools.count()
@@ -119,7 +119,7 @@ class PrivateCluster:
         with psycopg.connect(self.pg.dsn(), autocommit=True) as admin:
             admin.execute(f"CREATE DATABASE {self.TEMPLATE}")
         with psycopg.connect(self.pg.dsn(self.TEMPLATE), autocommit=True) as admin:
-            sql.install(admin)
+            schema.install(admin)
             create_app_role(admin, self.ROLE)
 
     def new_database(self) -> str:

@@ -1,5 +1,6 @@
-"""End-to-end execution semantics (spec §7, §8): real PostgreSQL, a real worker, a
-non-superuser submitter. Each test states the workflow in SQL as a user would write it.
+"""End-to-end execution semantics (docs/reference.md#how-a-workflow-runs): real PostgreSQL,
+a real worker, a non-superuser submitter. Each test states the workflow in SQL as a user
+would write it.
 """
 
 from __future__ import annotations

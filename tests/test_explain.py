@@ -1,10 +1,10 @@
-"""df.explain (spec §9.6; migration 0013): the tree drawing of a graph (dry run) and of a live
+"""df.explain (migration 0013): the tree drawing of a graph (dry run) and of a live
 instance, with pgdurable's RETRY and TIMEOUT wrappers (docs/monitoring.md).
 
 Regression style: every expected output is written out in full. A `·` stands for a padding
 space (every line is right-padded to the longest line plus 4 characters); `lines()` turns
 the literal into the exact text. Live instances are run by a real worker, so the markers
-come from the stamps the interpreter writes and df.instance_nodes' inference; the spec's
+come from the stamps the interpreter writes and df.instance_nodes' inference; pg_durable's
 example is reproduced once on hand-written statuses, as it shows a moment no workflow stops
 at (an IF whose condition has finished but whose arm has not started).
 """
@@ -99,9 +99,9 @@ def node_status(conn: Conn, instance: str, query: str) -> str:
     return str(row[0])
 
 
-# -- the spec's example -------------------------------------------------------------------------
+# -- pg_durable's example ----------------------------------------------------------------------
 
-# Named SQL, then a join3 of SQL/SLEEP/SIGNAL, then an IF (spec §9.6).
+# Named SQL, then a join3 of SQL/SLEEP/SIGNAL, then an IF.
 EXAMPLE_GRAPH = (
     "'SELECT 1' |=> 'a'"
     " ~> df.join3('SELECT 2', df.sleep(5), df.wait_for_signal('go', 60))"
@@ -126,7 +126,7 @@ SQL: SELECT 1 |=> 'a'·········
       └─SQL: SELECT 'no'······
 """)
 
-# Copied from the spec, markers and padding included (the header comes before it).
+# As pg_durable draws it, markers and padding included (the header comes before it).
 EXAMPLE_LIVE_TREE = """
 SQL: SELECT 1 |=> 'a' ✓·········
 → JOIN (3) ✓····················
@@ -157,7 +157,7 @@ def test_spec_example_dry_run(conn: Conn) -> None:
 
 
 def test_spec_example_live(su: Conn) -> None:
-    """The spec's live markers, on statuses and stamps written as the engine writes them:
+    """pg_durable's live markers, on statuses and stamps written as the engine writes them:
     everything up to the IF's condition done, the IF running, neither arm started."""
     row = su.execute(f"SELECT df.start({EXAMPLE_GRAPH})").fetchone()
     assert row is not None
@@ -178,7 +178,7 @@ def test_spec_example_live(su: Conn) -> None:
 
     for node in (sql["SELECT 1"], sql["SELECT $a > 0"], only["JOIN"]):
         stamp(node, "completed", scope)
-    # Each JOIN branch runs in a scope of its own (spec §9.4).
+    # Each JOIN branch runs in a scope of its own (<parent scope>::<generation>::<branch root>).
     for node in (sql["SELECT 2"], only["SLEEP"], only["SIGNAL"]):
         stamp(node, "completed", f"{scope}::{node}::1")
     stamp(only["IF"], "running", scope)
@@ -586,7 +586,7 @@ JOIN (2)·····························
 → SQL: SELECT 4······················
 """),
             ),
-            # A root loop whose body is a schedule wait and a step (the spec's sample).
+            # A root loop whose body is a schedule wait and a step (pg_durable's sample).
             (
                 "df.explain(@> (df.wait_for_schedule('0 * * * *') ~> 'SELECT app.tick()'))",
                 lines("""
@@ -972,7 +972,7 @@ SQL: SELECT 1 ○··············
 
 
 def test_cancelled_instance(app: App) -> None:
-    # Nodes keep the status they had (spec §9.5); the header says cancelled.
+    # Nodes keep the status they had; the header says cancelled.
     instance = app.start("'SELECT 1' ~> df.sleep(60)")
     app.conn.execute("SELECT df.cancel(%s)", (instance,))
     assert_tree(

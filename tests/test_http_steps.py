@@ -1,4 +1,4 @@
-"""HTTP steps end to end (spec §7.11): a worker, a local HTTP server, the egress policy.
+"""HTTP steps end to end (docs/http.md): a worker, a local HTTP server, the egress policy.
 
 The worker's policy exempts 127.0.0.1 from the address block-list (as an operator would
 exempt an internal service), except in the tests of the default policy.

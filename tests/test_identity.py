@@ -1,4 +1,4 @@
-"""Identity (DESIGN.md principle 3): steps run as the submitting role, logged in as it, and
+"""Identity (docs/roles.md): steps run as the submitting role, logged in as it, and
 cannot reach the worker's privileges or forge progress."""
 
 from __future__ import annotations

@@ -288,7 +288,7 @@ def test_pagination_ties_last_row_and_combined_filters(app: App) -> None:
     assert len(everything) == 10
 
 
-# -- inferred status (spec §9.5) on real runs ------------------------------------------------------
+# -- inferred status on real runs ----------------------------------------------------------------
 
 from test_monitoring_sql import node_id, signal, stamp_of, views, wait_until  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""Monitoring from SQL (spec §5.4, §9.1–9.5, §10.3; migration 0012; docs/monitoring.md):
+"""Monitoring from SQL (migration 0012; docs/monitoring.md):
 df.instance_nodes and its inferred statuses, df.list_instances' pagination, df.instance_info,
 df.instance_executions, df.workers and df.worker_tasks, and their row-level scoping.
 
@@ -358,7 +358,8 @@ def stamp(conn: Conn, instance: str, node: str, status: str, execution_id: objec
 
 
 def test_inference_rules_on_written_stamps(su: Conn) -> None:
-    """The rules of §9.5 one by one, on stamps written by hand (no worker)."""
+    """The inference rules of df.instance_nodes one by one (docs/monitoring.md), on stamps
+    written by hand (no worker)."""
     instance = start(
         su,
         "df.loop('SELECT 1 AS a' ~> df.if('SELECT true', 'SELECT 2 AS t', 'SELECT 3 AS e')"
@@ -563,7 +564,7 @@ def test_list_instances_pages_in_order(su: Conn) -> None:
     assert flat(all_pages(su, 1, status="failed", label="l1")) == sorted(
         i for i in ids[1:4] if ids.index(i) % 2 == 1
     )
-    # Rows without created_at are never listed (spec §9.2).
+    # Rows without created_at are never listed, as in pg_durable.
     su.execute("UPDATE df.instances SET created_at = NULL WHERE id = %s", (ids[0],))
     assert ids[0] not in flat(all_pages(su, 3))
 
@@ -764,7 +765,7 @@ def test_executions_of_a_root_loop(app: App, worker: ThreadWorker, su: Conn) -> 
     c = app.conn
     c.execute("CREATE TABLE app.counter (n int)")
     c.execute("INSERT INTO app.counter VALUES (0)")
-    # Three iterations of at least a second each (spec §7.7), then the condition is false.
+    # Three iterations of at least a second each, then the condition is false.
     instance, status = app.run(
         "df.loop('UPDATE app.counter SET n = n + 1 RETURNING n', 'SELECT n < 3 FROM app.counter')"
     )

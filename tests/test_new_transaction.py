@@ -1,4 +1,4 @@
-"""df.start(..., transaction_mode => 'new') (spec §6.2): the start commits on a loopback
+"""df.start(..., transaction_mode => 'new') (docs/roles.md): the start commits on a loopback
 connection of its own, logged in as the caller's session user and SET ROLE to its current
 user, under a cross-session launch limit."""
 
@@ -15,7 +15,7 @@ import pytest
 from conftest import App, ThreadWorker
 from sqlcheck import Conn, Error, outcome
 
-from pgdurable import sql
+from pgdurable import schema
 from pgdurable.embedded import EmbeddedPostgres
 
 LOCK_CLASS = 1346982470  # ASCII "PGDF"
@@ -512,7 +512,7 @@ def test_install_without_superuser_leaves_new_unavailable(
     owner = f"newtx_owner_{uuid.uuid4().hex[:8]}"
     db = fresh_db(owner)
     with psycopg.connect(cluster.dsn(db, user=owner)) as c:
-        assert "0011_new_transaction.sql" in sql.install(c)
+        assert "tables.sql" in schema.install(c)
     with psycopg.connect(cluster.dsn(db, user=owner), autocommit=True) as c:
         c.execute("SET search_path = df, public")
         assert outcome(c, "dblink_connect_u('x')") == Error(
@@ -528,7 +528,7 @@ def test_install_uses_an_existing_dblink(
     with psycopg.connect(cluster.dsn(db), autocommit=True) as c:
         c.execute("CREATE SCHEMA tools")
         c.execute("CREATE EXTENSION dblink SCHEMA tools")
-        sql.install(c)
+        schema.install(c)
         assert c.execute("SELECT to_regnamespace('_pgdurable_dblink')").fetchone() == (None,)
         c.execute("CREATE ROLE newtx_user LOGIN")
         try:

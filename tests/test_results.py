@@ -1,4 +1,4 @@
-"""SQL step results as JSON (spec §7.2), against a real PostgreSQL."""
+"""SQL step results as JSON (docs/engine.md#sql-step-results), against a real PostgreSQL."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Retention of finished instances (spec §9.7, migration 0014) and the graph cache after a purge."""
+"""Retention of finished instances (migration 0014; docs/engine.md#storage-and-retention) and
+the graph cache after a purge."""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ from click.testing import CliRunner
 from conftest import App, ThreadWorker
 from psycopg import sql as pgsql
 
-from pgdurable import sql
 from pgdurable.cli import main as cli_main
 from pgdurable.embedded import EmbeddedPostgres
 from pgdurable.graph.model import Graph
@@ -466,51 +466,7 @@ def test_a_purged_instance_is_never_served_from_the_graph_cache(
     assert app.result(second) == {"rows": [{"third": 3}], "row_count": 1}
 
 
-# -- upgrades and storage settings ------------------------------------------------------------
-
-
-def test_an_upgrade_dates_instances_that_finished_before_it(cluster: EmbeddedPostgres) -> None:
-    name = f"upgrade_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(cluster.dsn(), autocommit=True) as admin:
-        admin.execute(f"CREATE DATABASE {name}")
-    try:
-        with psycopg.connect(cluster.dsn(name), autocommit=True) as c:
-            for migration in sql.migrations():
-                if migration.version >= 14:
-                    break
-                with c.transaction():
-                    c.execute(migration.sql.encode())
-                    c.execute(
-                        "INSERT INTO df._migrations (version, name) VALUES (%s, %s)",
-                        (migration.version, migration.name),
-                    )
-            c.execute("SET pg_durable.enable_superuser_instances = on")
-            started = c.execute("SELECT df.start('SELECT 1') FROM generate_series(1, 3)")
-            ids = [str(r[0]) for r in started.fetchall()]
-            # Finished before the upgrade: completed 40 days ago, failed (started 50 days ago).
-            c.execute(
-                "UPDATE df.instances SET status = 'completed',"
-                " completed_at = now() - interval '40 days',"
-                " created_at = now() - interval '41 days' WHERE id = %s",
-                (ids[0],),
-            )
-            c.execute(
-                "UPDATE df.instances SET status = 'failed',"
-                " created_at = now() - interval '50 days' WHERE id = %s",
-                (ids[1],),
-            )
-            sql.install(c)
-            rows: dict[object, object] = dict(
-                c.execute(
-                    "SELECT instance_id, round(extract(epoch FROM now() - finished_at) / 86400)"
-                    " FROM df._runs"
-                ).fetchall()
-            )
-            assert rows == {ids[0]: 40, ids[1]: 50, ids[2]: None}
-            assert purge(c, days=30) == 2
-    finally:
-        with psycopg.connect(cluster.dsn(), autocommit=True) as admin:
-            admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+# -- storage settings -----------------------------------------------------------------------------
 
 
 def test_hot_tables_carry_their_autovacuum_parameters(conn: Conn) -> None:

@@ -181,7 +181,7 @@ def test_builder_json_byte_for_byte(conn: Conn) -> None:
     wait5 = '{"node_type":"WAIT_SCHEDULE","query":"{\\"cron_expr\\":\\"*/5 * * * *\\"}"}'
     refresh = '{"node_type":"SQL","query":"CALL refresh()"}'
     cases: list[tuple[str, object]] = [
-        ("df.wait_for_schedule('*/5 * * * *')", wait5),  # spec §3.2
+        ("df.wait_for_schedule('*/5 * * * *')", wait5),  # pg_durable's exact JSON
         (
             "@> (df.wait_for_schedule('*/5 * * * *') ~> 'CALL refresh()')",
             f'{{"node_type":"LOOP","left_node":{{"node_type":"THEN","left_node":{wait5},'

@@ -1,5 +1,5 @@
 """Signals, the SQL side: df.wait_for_signal, df.signal, df._signals and the functions the
-worker uses (spec §3.2, §5.1, §5.2, §7.9; migration 0007; docs/signals.md).
+worker uses (migration 0007; docs/signals.md).
 
 No worker runs here: instances stay pending, waits are task rows written by hand (as a
 checkpoint would), and consumption is df._consume_signal called as the worker calls it.
@@ -19,7 +19,6 @@ import pytest
 from conftest import App
 from sqlcheck import Conn, Error, check, outcome
 
-from pgdurable import sql as installer
 from pgdurable.embedded import EmbeddedPostgres
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -144,7 +143,7 @@ def test_wait_for_signal_builds_the_envelope_byte_for_byte(conn: Conn) -> None:
     check(
         conn,
         [
-            # spec §3.2, verbatim
+            # pg_durable's exact JSON
             (
                 "df.wait_for_signal('go')",
                 r'{"node_type":"SIGNAL","query":"{\"signal_name\":\"go\",\"timeout_seconds\":null}"}',
@@ -653,56 +652,3 @@ def test_grant_and_revoke_usage_cover_signals(
     finally:
         conn.execute(f"DROP OWNED BY {user}")
         conn.execute(f"DROP ROLE {user}")
-
-
-def test_roles_granted_before_the_migration_may_signal(
-    cluster: EmbeddedPostgres, conn: Conn
-) -> None:
-    """Upgrading an install: roles df.grant_usage granted under version 6 get the INSERT."""
-    name = f"upgrade_{uuid.uuid4().hex[:10]}"
-    role, admin = f"old_user_{uuid.uuid4().hex[:8]}", f"old_admin_{uuid.uuid4().hex[:8]}"
-    conn.execute(f"CREATE DATABASE {name}")
-    conn.execute(f"CREATE ROLE {role} LOGIN")
-    conn.execute(f"CREATE ROLE {admin} LOGIN")
-    try:
-        with psycopg.connect(cluster.dsn(name), autocommit=True) as su:
-            for m in installer.migrations():
-                if m.version < 7:
-                    with su.transaction():
-                        su.execute(m.sql.encode())
-                        su.execute(
-                            "INSERT INTO df._migrations (version, name) VALUES (%s, %s)",
-                            (m.version, m.name),
-                        )
-            su.execute("SELECT df.grant_usage(%s)", (role,))
-            su.execute("SELECT df.grant_usage(%s, with_grant => true)", (admin,))
-            assert value(su, "SELECT to_regclass('df._signals')") is None
-            assert "0007_signals.sql" in installer.install(su)
-            with psycopg.connect(cluster.dsn(name, user=role), autocommit=True) as user:
-                instance = str(value(user, "SELECT df.start('SELECT 1')"))
-                assert signal(user, instance, "go", "after the upgrade") == "OK"
-            assert signals_of(su, instance) == [("go", '"after the upgrade"', role)]
-            # The admin got it with the grant option, so it can pass it on.
-            assert (
-                value(
-                    su,
-                    "SELECT has_column_privilege(%s, 'df._signals', 'data',"
-                    " 'INSERT WITH GRANT OPTION')",
-                    (admin,),
-                )
-                is True
-            )
-            assert (
-                value(
-                    su,
-                    "SELECT has_column_privilege(%s, 'df._signals', 'data',"
-                    " 'INSERT WITH GRANT OPTION')",
-                    (role,),
-                )
-                is False
-            )
-            su.execute(f"DROP OWNED BY {role}, {admin}")
-    finally:
-        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        conn.execute(f"DROP ROLE IF EXISTS {role}")
-        conn.execute(f"DROP ROLE IF EXISTS {admin}")

@@ -1,5 +1,5 @@
 """Client functions: status, result, await, cancel, variables, listing, version and grants
-(spec §5.2, §5.3, §5.5, §9.1, §10).
+(docs/reference.md).
 
 No worker runs here, so instances stay pending; terminal states are set by hand where a test
 needs them.
@@ -243,7 +243,7 @@ def test_cancel(su: Conn) -> None:
 
 
 def test_cancel_that_cannot_update_reports_the_failure(su: Conn, make_role: RoleFactory) -> None:
-    """Spec §5.2: a failed cancel request is returned as text, and changes nothing."""
+    """A failed cancel request is returned as text, and changes nothing (as pg_durable does)."""
     role = make_role()
     instance = start(role.conn)
     su.execute(f"REVOKE UPDATE (status, updated_at) ON df.instances FROM {quote(role.name)}")
@@ -506,13 +506,13 @@ def test_version(su: Conn, make_role: RoleFactory) -> None:
     match = re.fullmatch(r"(\S+) \(built (\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ)\)", version)
     assert match, version
     assert match.group(1) == pgdurable.__version__
-    installed = su.execute("SELECT max(applied_at) FROM df._migrations").fetchone()[0]  # type: ignore[index]
+    installed = su.execute("SELECT upgraded_at FROM df._schema").fetchone()[0]  # type: ignore[index]
     assert match.group(2) == installed.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    # Users have no access to df._migrations, yet may ask for the version.
+    # Users have no access to df._schema, yet may ask for the version.
     role = make_role()
     assert outcome(role.conn, "df.version()") == version
-    assert outcome(role.conn, "count(*) FROM df._migrations") == Error(
-        "permission denied for table _migrations"
+    assert outcome(role.conn, "count(*) FROM df._schema") == Error(
+        "permission denied for table _schema"
     )
 
 
@@ -560,7 +560,7 @@ PRIVILEGES = [
     ("has_column_privilege({r}, 'df._runs', 'state', 'SELECT')", False),
     ("has_table_privilege({r}, 'df._tasks', 'SELECT')", False),
     ("has_table_privilege({r}, 'df._worker_epoch', 'SELECT')", False),
-    ("has_table_privilege({r}, 'df._migrations', 'SELECT')", False),
+    ("has_table_privilege({r}, 'df._schema', 'SELECT')", False),
     ("has_function_privilege({r}, 'df.grant_usage(text,boolean,boolean)', 'EXECUTE')", False),
     ("has_function_privilege({r}, 'df.revoke_usage(text)', 'EXECUTE')", False),
     ("has_function_privilege({r}, 'df.metrics()', 'EXECUTE')", False),

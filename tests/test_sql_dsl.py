@@ -1,4 +1,5 @@
-"""The graph DSL in SQL: builders, auto-wrapping, operators and their precedence (spec §3-§5.1).
+"""The graph DSL in SQL: builders, auto-wrapping, operators and their precedence
+(docs/reference.md#building-a-graph).
 
 Regression style: each table row is an SQL expression and the exact text it must produce, or
 the exact error it must raise. Every mismatch of a table is reported at once.
@@ -16,7 +17,7 @@ import psycopg
 import pytest
 from sqlcheck import Conn, Error, check, outcome
 
-from pgdurable import sql as installer
+from pgdurable import schema
 from pgdurable.embedded import EmbeddedPostgres
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -62,7 +63,8 @@ E = '{"node_type":"SQL","query":"e"}'
 
 
 def test_spec_examples_byte_for_byte(conn: Conn) -> None:
-    """The table of spec §3.2, with children A, B, C the SQL nodes of 'a', 'b', 'c'."""
+    """Every builder's exact JSON, byte for byte as pg_durable writes it, with children A, B, C
+    the SQL nodes of 'a', 'b', 'c'."""
     check(
         conn,
         [
@@ -230,7 +232,7 @@ def test_builder_errors(conn: Conn) -> None:
     )
 
 
-# -- auto-wrapping (spec §3.3) ------------------------------------------------------------------
+# -- auto-wrapping (docs/reference.md#plain-text-is-a-sql-step) ----------------------------------
 
 
 def test_ensure_rules(conn: Conn) -> None:
@@ -340,7 +342,7 @@ def test_every_node_typed_argument_is_wrapped(conn: Conn) -> None:
     )
 
 
-# -- operators (spec §4) ------------------------------------------------------------------------
+# -- operators (docs/reference.md#operators-and-precedence) --------------------------------------
 
 
 def test_operators_live_in_pg_catalog_and_resolve_with_any_search_path(conn: Conn) -> None:
@@ -399,7 +401,8 @@ def test_operator_helpers_volatility_and_strictness(conn: Conn) -> None:
 
 
 def test_precedence_as_postgresql_parses_it(conn: Conn) -> None:
-    """Every row of spec §4.2: one level for all these operators, left associative."""
+    """One precedence level for all these operators, left associative: how PostgreSQL parses
+    them, for pgdurable as for pg_durable."""
     check_same(
         conn,
         [
@@ -513,7 +516,7 @@ def test_unicode_and_quotes_are_escaped_like_serde_json(conn: Conn) -> None:
         assert got == text
 
 
-# -- non-future helpers (spec §3.3 rule 1) ------------------------------------------------------
+# -- non-future helpers: their results are refused as steps -------------------------------------
 
 
 def helper_error(helper: str) -> Error:
@@ -620,7 +623,7 @@ def test_operators_fall_back_to_schema_df_without_superuser(cluster: EmbeddedPos
         notices: list[str] = []
         with psycopg.connect(cluster.dsn(db, user=role)) as c:
             c.add_notice_handler(lambda d: notices.append(d.message_primary or ""))
-            installer.install(c)
+            schema.install(c)
             assert any("created in schema df" in n for n in notices), notices
             operators = c.execute(
                 "SELECT oprnamespace::regnamespace::text, count(*) FROM pg_operator"

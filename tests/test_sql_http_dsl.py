@@ -1,6 +1,7 @@
 """HTTP builders and the retry/timeout wrappers in SQL (migration 0008): df.http,
-df.http_multipart (spec §3.2, §5.1, §10.1), df.retry and df.timeout (pgdurable's own), how
-df.start validates and stores them (spec §3.4, §6.3), and who may build HTTP steps.
+df.http_multipart (pg_durable's JSON, checks and errors), df.retry and df.timeout (pgdurable's
+own), how df.start validates and stores them, and who may build HTTP steps
+(docs/reference.md#dfhttp-and-dfhttp_multipart, docs/retries.md).
 
 Regression style: each table row is an SQL expression and the exact text it must produce, or
 the exact error it must raise. No worker runs here.
@@ -17,7 +18,6 @@ import psycopg
 import pytest
 from sqlcheck import Conn, Error, check, outcome
 
-from pgdurable import sql as installer
 from pgdurable.embedded import EmbeddedPostgres
 
 TYPES = (
@@ -1048,7 +1048,7 @@ def test_table_constraints_admit_wrappers_with_one_child_and_a_config(su: Conn) 
     assert not violations
 
 
-# -- privileges (spec §10.1) -----------------------------------------------------------------------
+# -- privileges ----------------------------------------------------------------------------------
 
 
 def can_execute(conn: Conn, role: str) -> list[bool]:
@@ -1132,51 +1132,3 @@ def test_http_privilege_passes_on_with_grant_option(su: Conn, make_role: Any) ->
     su.execute("SELECT df.revoke_usage(%s)", (admin,))
     assert can_execute(su, admin) == [False, False]
     assert can_execute(su, user) == [False, False]
-
-
-# -- upgrade --------------------------------------------------------------------------------------
-
-
-def test_upgrade_keeps_instances_and_admits_the_new_nodes(
-    cluster: EmbeddedPostgres, conn: Conn
-) -> None:
-    """Installing 0008 over version 7 with instances in the tables."""
-    name = f"upgrade_{uuid.uuid4().hex[:10]}"
-    conn.execute(f"CREATE DATABASE {name}")
-    try:
-        with psycopg.connect(cluster.dsn(name), autocommit=True) as su:
-            for m in installer.migrations():
-                if m.version < 8:
-                    with su.transaction():
-                        su.execute(m.sql.encode())
-                        su.execute(
-                            "INSERT INTO df._migrations (version, name) VALUES (%s, %s)",
-                            (m.version, m.name),
-                        )
-            su.execute("SET pg_durable.enable_superuser_instances = on")
-            old = str(outcome(su, "df.start('SELECT 1' ~> (df.sleep(1) |=> 'nap'))"))
-            assert outcome(su, "to_regprocedure('df.http(text,text,text,jsonb,integer)')") is None
-            applied = installer.install(su)
-            assert applied[0] == "0008_http_retry_dsl.sql"
-            assert stored(su, old) == {
-                "type": "THEN",
-                "query": None,
-                "left": leaf("SELECT 1"),
-                "right": {"type": "SLEEP", "query": "1", "name": "nap"},
-            }
-            new = str(outcome(su, "df.start(df.retry(df.http('https://h'), 2))"))
-            assert stored(su, new)["type"] == "RETRY"
-            assert can_execute(su, "postgres") == [True, True]
-            check(
-                su,
-                [
-                    (
-                        "(SELECT count(*) FROM pg_proc p, aclexplode(p.proacl) a"
-                        f" WHERE p.oid IN ('{HTTP_SIG}'::regprocedure,"
-                        f" '{MULTIPART_SIG}'::regprocedure) AND a.grantee = 0)",
-                        0,
-                    ),
-                ],
-            )
-    finally:
-        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")

@@ -1,4 +1,5 @@
-"""df.start(): validation, flattening into df.nodes, limits and atomicity (spec §3.4, §6).
+"""df.start(): validation, flattening into df.nodes, limits and atomicity
+(docs/reference.md#dfstart).
 
 No worker runs here: instances stay pending, which is all these tests need.
 """
@@ -82,7 +83,8 @@ class Stored:
 
 def stored_graph(conn: Conn, instance: str) -> dict[str, Stored]:
     """The stored nodes of an instance keyed by path (root, root.left, root.condition_node,
-    root.extra_nodes[0], ...), following the links of spec §6.3."""
+    root.extra_nodes[0], ...), following the child links each node type stores (left_node,
+    right_node, and the ids in an IF's, LOOP's or JOIN's query config)."""
     rows = conn.execute(
         "SELECT id, node_type, query, result_name, left_node, right_node FROM df.nodes"
         " WHERE instance_id = %s",
@@ -211,7 +213,8 @@ def test_start_writes_instance_and_nodes(su: Conn) -> None:
 
 
 def test_storage_of_every_node_type(su: Conn) -> None:
-    """Spec §6.3: how each node type keeps its config and children in df.nodes."""
+    """How each node type keeps its config and children in df.nodes, as pg_durable stores them
+    (docs/reference.md#node-types)."""
     instance = start(
         su,
         """

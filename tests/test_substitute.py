@@ -1,4 +1,4 @@
-"""Variable substitution (spec §7.5). Pure: no database."""
+"""Variable substitution (docs/reference.md#references). Pure: no database."""
 
 from __future__ import annotations
 

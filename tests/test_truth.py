@@ -1,4 +1,4 @@
-"""Conditions: result strings as values, and truthiness (spec §7.6). Pure."""
+"""Conditions: result strings as values, and truthiness (docs/reference.md#conditions). Pure."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Waiting on the outside world, end to end: signals (spec §7.9) and schedules (§7.8)."""
+"""Waiting on the outside world, end to end: signals (docs/signals.md) and schedules
+(docs/schedules.md)."""
 
 from __future__ import annotations
 
@@ -198,14 +199,14 @@ def test_schedule_fires_at_the_next_tick_across_a_worker_restart(app: App, dsn: 
 
 
 def test_a_signal_wait_survives_an_immediate_postgres_restart(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from pgdurable import sql
+    from pgdurable import schema
     from pgdurable.embedded import EmbeddedPostgres, free_port
 
     pg = EmbeddedPostgres(tmp_path / "data", free_port(), settings={"fsync": "off"})
     pg.start()
     try:
         with psycopg.connect(pg.dsn(), autocommit=True) as admin:
-            sql.install(admin)
+            schema.install(admin)
             admin.execute("CREATE ROLE waiter LOGIN")
             admin.execute("SELECT df.grant_usage('waiter')")
             admin.execute("GRANT CREATE ON SCHEMA public TO waiter")

@@ -9,7 +9,7 @@ import psycopg
 import pytest
 from conftest import App, ThreadWorker
 
-from pgdurable import sql
+from pgdurable import schema
 from pgdurable.embedded import EmbeddedPostgres
 from pgdurable.worker.loop import Worker, WorkerConfig, WorkerError, parse_interval
 
@@ -51,8 +51,8 @@ def test_parse_interval(text: str | None, seconds: float) -> None:
 def test_worker_refuses_a_schema_older_than_itself(
     dsn: str, conn: psycopg.Connection[tuple[object, ...]]
 ) -> None:
-    conn.execute("DELETE FROM df._migrations WHERE version = %s", (sql.latest_version(),))
-    with pytest.raises(WorkerError, match=r"older than this worker .*pgdurable install"):
+    conn.execute("UPDATE df._schema SET release = '0.0.9', code_digest = 'older'")
+    with pytest.raises(WorkerError, match=r"older than this pgdurable .*pgdurable install"):
         asyncio.run(Worker(WorkerConfig(dsn=dsn)).run())
 
 
@@ -67,7 +67,7 @@ def test_single_role_mode_runs_only_its_own_roles_instances(
     try:
         owner_dsn = cluster.dsn("managed", user="owner_role")
         with psycopg.connect(owner_dsn) as c:
-            sql.install(c)  # no superuser: the operators land in schema df
+            schema.install(c)  # no superuser: the operators land in schema df
         other = f"other_{app.role}"
         admin.execute(f"CREATE ROLE {other} LOGIN")
         with psycopg.connect(owner_dsn, autocommit=True) as owner:

@@ -21,8 +21,7 @@ from rich.live import Live
 from rich.logging import RichHandler
 from rich.markup import escape
 
-from . import __version__
-from . import sql as schema
+from . import __version__, schema
 from .embedded import EmbeddedPostgres, EmbeddedPostgresError, bin_path
 from .monitor import queries, render
 from .worker.egress import EgressPolicy
@@ -62,12 +61,12 @@ def install(dsn: str) -> None:
             # delegated administrators must grant them again.
             conn.add_notice_handler(lambda d: console.print(f"notice: {d.message_primary}"))
             applied = schema.install(conn)
-    except psycopg.Error as exc:
+    except (psycopg.Error, schema.SchemaError) as exc:
         raise click.ClickException(f"install failed: {exc}") from None
     if applied:
-        console.print(f"applied {len(applied)} migration(s): {', '.join(applied)}")
+        console.print(f"applied: {', '.join(applied)}")
     else:
-        console.print(f"schema is up to date (version {schema.latest_version()})")
+        console.print(f"schema is up to date (release {__version__})")
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -238,10 +237,13 @@ def up(
     try:
         dsn = pg.dsn()
         with psycopg.connect(dsn) as conn:
-            applied = schema.install(conn)
+            try:
+                applied = schema.install(conn)
+            except schema.SchemaError as exc:
+                raise click.ClickException(f"{exc} (data directory {pg.data_dir})") from None
             _ensure_app_role(conn)
         if applied:
-            console.print(f"installed schema version {schema.latest_version()}")
+            console.print(f"installed the schema of release {__version__}")
         app_dsn = pg.dsn(user=APP_ROLE)
         console.print(
             f"[bold green]ready[/]: {bin_path('psql')} '{app_dsn}'\n"

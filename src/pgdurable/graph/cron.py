@@ -1,7 +1,7 @@
 """Cron schedules for WAIT_SCHEDULE steps: validation and the next fire time.
 
 Pure: no I/O, no clock. :func:`cron_error` accepts exactly what the SQL builder
-``df.wait_for_schedule`` accepts (``df._cron_error`` in migration 0006, same checks in the
+``df.wait_for_schedule`` accepts (``df._cron_error`` in schema/schedule.sql, same checks in the
 same order, same messages); :func:`next_tick` computes the next fire time in UTC.
 
 The dialect is standard five-field crontab, ``minute hour day-of-month month day-of-week``:
@@ -15,7 +15,7 @@ The dialect is standard five-field crontab, ``minute hour day-of-month month day
 * an expression whose day-of-month never occurs in its months (``0 0 30 2 *``) is refused.
 
 Day-of-week differs from pg_durable, whose cron crate numbers days 1-7 with 1 = Sunday
-(spec §7.8): here ``0 9 * * 1-5`` means weekdays, as in every crontab.
+(docs/schedules.md): here ``0 9 * * 1-5`` means weekdays, as in every crontab.
 
 The calendar arithmetic is cronsim's. It never sees the user's text: the expression is
 parsed here and handed to cronsim as plain lists of numbers, so its own dialect (seconds

@@ -1,4 +1,4 @@
-"""The request an HTTP or HTTP_MULTIPART node sends, with its variables substituted (spec §7.5).
+"""The request an HTTP or HTTP_MULTIPART node sends, with its variables substituted.
 
 Pure: the interpreter calls this when the node starts, and the worker performs the request
 described by the returned payload. Substitution happens in raw mode into the URL, the body,

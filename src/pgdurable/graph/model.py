@@ -16,6 +16,7 @@ from typing import Any
 LEAF_TYPES = frozenset(
     {"SQL", "SLEEP", "WAIT_SCHEDULE", "BREAK", "HTTP", "HTTP_MULTIPART", "SIGNAL"}
 )
+# The node types, in df._node_types()'s order (tests/test_install.py checks they agree).
 NODE_TYPES = (
     "SQL",
     "THEN",
@@ -29,16 +30,16 @@ NODE_TYPES = (
     "HTTP",
     "HTTP_MULTIPART",
     "SIGNAL",
-    # pgdurable's own wrappers (migration 0008): a step's retry policy and its time limit.
+    # pgdurable's own wrappers: a step's retry policy and its time limit.
     "RETRY",
     "TIMEOUT",
 )
-# Node types whose query is a JSON config object.
 MAX_NODES = 10_000
 """The most nodes a graph may have (df.start's limit)."""
 MAX_DEPTH = 256
 """The deepest a node may sit below the root (df.start's limit)."""
 
+# Node types whose query is a JSON config object.
 CONFIG_TYPES = frozenset(
     {
         "IF",
@@ -53,7 +54,7 @@ CONFIG_TYPES = frozenset(
         "TIMEOUT",
     }
 )
-# Node types whose result is never bound to their |=> name (spec §7.4).
+# Node types whose result is never bound to their |=> name (docs/reference.md#named-results).
 UNNAMED_RESULT_TYPES = frozenset({"SLEEP", "WAIT_SCHEDULE", "BREAK"})
 
 

@@ -1,4 +1,4 @@
-r"""Variable substitution in step text (spec §7.5).
+r"""Variable substitution in step text (docs/reference.md#references).
 
 Pure: no I/O. Two passes over a template:
 
@@ -80,7 +80,7 @@ def substitute_sql(
 
     ``names`` maps result names to result strings (JSON text as the executor produced it;
     other text counts as a JSON string), ``variables`` is the start-time snapshot of the
-    submitter's ``df.vars``. Raises :class:`SubstitutionError` with the spec's error text.
+    submitter's ``df.vars``. Raises :class:`SubstitutionError` with pg_durable's error text.
     """
     text = _substitute_braces(template, variables, instance_id, label)
     return _Substitution(names, sql=True).run_sql(text)

@@ -1,4 +1,4 @@
-"""How a step's result string reads as a value and as a condition (spec §7.6).
+"""How a step's result string reads as a value and as a condition (docs/reference.md#conditions).
 
 Pure: no I/O. An IF condition or a while-loop condition is a node whose result string is
 turned into one JSON value (:func:`condition_value`) and then into a boolean
@@ -61,7 +61,7 @@ def parse_result(result: str) -> object:
 
 
 def condition_value(result: str) -> object:
-    """The value a condition result stands for (spec §7.6 rules 1-3).
+    """The value a condition result stands for.
 
     A SQL row set (`{"rows": [...], ...}`) gives ``False`` when it has no rows, else the first
     column of its first row. A first row without columns (or that is not an object) falls
@@ -80,7 +80,7 @@ def condition_value(result: str) -> object:
 
 
 def truthy(value: object) -> bool:
-    """Whether a JSON value counts as true (spec §7.6).
+    """Whether a JSON value counts as true.
 
     Booleans are themselves, numbers are true when non-zero, null is false, arrays and
     objects when non-empty. Strings are trimmed: empty is false; `true`/`t`/`yes` and
@@ -111,5 +111,5 @@ def truthy(value: object) -> bool:
 
 
 def is_true(result: str) -> bool:
-    """Whether a condition node's result string counts as true (spec §7.6)."""
+    """Whether a condition node's result string counts as true."""
     return truthy(condition_value(result))

@@ -45,7 +45,7 @@ def instance(conn: Conn, instance_id: str) -> Row | None:
 
 
 def nodes(conn: Conn, instance_id: str) -> list[Row]:
-    """The instance's nodes with their inferred status (spec §9.5) and timings."""
+    """The instance's nodes with their inferred status (docs/monitoring.md) and timings."""
     cur = conn.cursor(row_factory=dict_row)
     cur.execute(
         "SELECT n.node_id, n.node_type, n.query, n.result_name, n.left_node, n.right_node,"

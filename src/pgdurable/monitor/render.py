@@ -16,7 +16,7 @@ from ..graph.model import GraphError, Node, node_from_row
 
 Row = Mapping[str, Any]
 
-# Status -> (marker, style); markers as in df.explain (spec §9.6).
+# Status -> (marker, style); markers as in df.explain (docs/monitoring.md#dfexplain).
 MARKERS = {
     "completed": ("✓", "green"),
     "failed": ("✗", "red"),

@@ -396,7 +396,8 @@ async def purge_finished(conn: AsyncConn, retention_days: int, keep: int, batch:
 
 
 async def register_worker(conn: AsyncConn, worker: uuid.UUID, concurrency: int) -> None:
-    """Record this worker in df._worker_epoch and mark the engine ready (spec §9.8).
+    """Record this worker in df._worker_epoch and mark the engine ready in
+    _duroxide._worker_ready, the table scripts written for pg_durable wait for.
 
     Rows of workers silent for ten minutes (killed, not stopped) are swept on the way.
     """

@@ -1,7 +1,7 @@
 """Connections of a worker: its own pool, and one pool per (role, database) for SQL steps.
 
 A SQL step runs on a connection *logged in as* the role that submitted the instance
-(DESIGN.md principle 3), never behind SET ROLE, which the user's SQL could undo. How the
+(docs/roles.md), never behind SET ROLE, which the user's SQL could undo. How the
 worker proves it is that role is libpq's business: trust or peer on a local socket (the
 embedded server), or a password from a passfile (PGPASSFILE / ~/.pgpass) on managed
 PostgreSQL. In single-role mode every step uses the worker's own credentials, and only

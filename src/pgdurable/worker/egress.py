@@ -1,4 +1,4 @@
-"""The worker's HTTP egress policy: which URLs an HTTP step may reach (spec §10.5).
+"""The worker's HTTP egress policy: which URLs an HTTP step may reach (docs/http.md).
 
 The policy belongs to the operator (worker flags), never to the workflow author: nothing in
 SQL can widen it. By default any public host is reachable and every private, loopback,
@@ -127,7 +127,7 @@ async def resolve(host: str, port: int, policy: EgressPolicy) -> list[str]:
 
 
 def extract_host(url: str) -> str | None:
-    """The host of ``url`` as spec §10.5 extracts it (lower-case, brackets removed), or None
+    """The host of ``url`` as pg_durable extracts it (lower-case, brackets removed), or None
     when there is none."""
     if "://" not in url:
         return None

@@ -1,4 +1,4 @@
-"""Performing an HTTP or HTTP_MULTIPART step (spec §7.11) under the egress policy.
+"""Performing an HTTP or HTTP_MULTIPART step under the egress policy (docs/http.md).
 
 ``perform`` takes the task payload the interpreter built (variables already substituted) and
 returns the node's outcome: the response envelope on success, the error text on failure. It
@@ -475,7 +475,7 @@ def classify_body(body: bytes, content_type: str | None) -> tuple[str, str]:
 def build_envelope(
     status: int, body: str, encoding: str, headers: Mapping[str, str], duration_ms: int
 ) -> str:
-    """The response envelope JSON text (compact, spec §7.11 key order)."""
+    """The response envelope JSON text (compact, keys in pg_durable's order)."""
     envelope = {
         "status": status,
         "body": body,

@@ -1,6 +1,7 @@
 """The worker process: claim tasks, run them concurrently, keep leases alive, stop cleanly.
 
-A worker holds no durable state (DESIGN.md principle 1). It claims due tasks in batches with
+A worker holds no durable state: PostgreSQL holds all of it, so a worker may be killed at any
+instruction and another one finishes its work. It claims due tasks in batches with
 FOR UPDATE SKIP LOCKED, wakes on NOTIFY and otherwise polls every ``poll_interval``. Leases
 are extended while a task runs; a worker that dies stops extending them and another worker
 takes the tasks over when they expire. When the database goes away, in-flight tasks are
@@ -24,8 +25,7 @@ import psycopg
 from psycopg import AsyncConnection
 from psycopg.conninfo import conninfo_to_dict
 
-from .. import sql as schema
-from .. import store
+from .. import schema, store
 from ..store import AsyncConn, Task
 from .connections import Connections, is_transient
 from .egress import EgressPolicy
@@ -48,7 +48,7 @@ PRUNE_INTERVAL = 0.25
 POOL_TIMEOUT = 5.0
 # A step that loses its connection this often while the server is up fails.
 MAX_HEALTHY_RETRIES = 3
-# Retention (spec §9.7, migration 0014): the defaults of its settings. The spec's
+# Retention (docs/engine.md#storage-and-retention): the defaults of its settings. pg_durable's
 # reconcile_interval default is 3600 s; pgdurable purges every 5 minutes, in smaller bites.
 RECONCILE_INTERVAL = 300.0
 RETENTION_DAYS = 30
@@ -93,7 +93,7 @@ def parse_interval(text: str | None, default: float, unit: str = "ms") -> float:
 
 @dataclass(frozen=True)
 class Retention:
-    """Which finished instances a purge removes (spec §9.7, §11)."""
+    """Which finished instances a purge removes (docs/engine.md#storage-and-retention)."""
 
     days: int = RETENTION_DAYS  # finished longer ago than this (0: all of them)
     max_instances: int = RETENTION_MAX_INSTANCES  # and beyond the newest this many (0: no cap)
@@ -232,33 +232,10 @@ class Worker:
         )
 
     async def _check_schema(self, conn: AsyncConnection[tuple[object, ...]]) -> None:
-        cur = await conn.execute(
-            "SELECT to_regclass('df._migrations') IS NOT NULL, current_database()"
-        )
-        row = await cur.fetchone()
-        assert row is not None
-        present, database = row
-        installed = None
-        if present:
-            cur = await conn.execute("SELECT max(version) FROM df._migrations")
-            installed = (await cur.fetchone() or (None,))[0]
-        expected = schema.latest_version()
-        if installed is None:
-            raise WorkerError(
-                f'the pgdurable schema is not installed in database "{database}"; '
-                "run: pgdurable install --dsn <DSN>"
-            )
-        assert isinstance(installed, int)
-        if installed < expected:
-            raise WorkerError(
-                f'the pgdurable schema in database "{database}" is version {installed}, '
-                f"older than this worker (version {expected}); run: pgdurable install --dsn <DSN>"
-            )
-        if installed > expected:
-            raise WorkerError(
-                f'the pgdurable schema in database "{database}" is version {installed}, '
-                f"newer than this worker (version {expected}); upgrade pgdurable"
-            )
+        try:
+            schema.check(await schema.installed_async(conn), conn.info.dbname)
+        except schema.SchemaError as exc:
+            raise WorkerError(str(exc)) from None
 
     async def _read_settings(self, conn: AsyncConnection[tuple[object, ...]]) -> StepSettings:
         # Read from the worker's own session: server configuration, never a user's SET.

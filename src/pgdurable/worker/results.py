@@ -1,4 +1,4 @@
-"""A SQL step's statement result as the JSON of spec §7.2.
+"""A SQL step's statement result as JSON (docs/engine.md#sql-step-results).
 
 ``{"rows":[{col:value,...},...],"row_count":n}``, compact, keys in column order, with each
 column's PostgreSQL type mapped to JSON (numeric as exact text, timestamps in RFC 3339...).
@@ -104,7 +104,7 @@ class DuplicateColumn(ResultError):
 
 
 class UnsupportedColumnType(ResultError):
-    """A result column whose type has no JSON mapping; fails the step (spec §7.2)."""
+    """A result column whose type has no JSON mapping; fails the step."""
 
     def __init__(self, type_name: str, column: str):
         self.type_name = type_name

@@ -1,12 +1,12 @@
 """Running one claimed task: the effect, then the checkpoint.
 
 SQL steps run on a connection logged in as the submitting role, inside a transaction that
-also carries the checkpoint, so the statement takes effect exactly once (DESIGN.md principle
-2). Statements PostgreSQL refuses inside a transaction block (VACUUM, CREATE INDEX
-CONCURRENTLY, procedures that COMMIT) run on their own first and are checkpointed after:
-at-least-once. HTTP steps are at-least-once as well: the request is sent, then its response
-is checkpointed. Timers, instance starts, HTTP responses and step failures are checkpointed
-on the worker's own connection.
+also carries the checkpoint, so the statement takes effect exactly once, even across
+crashes (docs/engine.md). Statements PostgreSQL refuses inside a transaction block (VACUUM,
+CREATE INDEX CONCURRENTLY, procedures that COMMIT) run on their own first and are
+checkpointed after: at-least-once. HTTP steps are at-least-once as well: the request is sent,
+then its response is checkpointed. Timers, instance starts, HTTP responses and step failures
+are checkpointed on the worker's own connection.
 
 A SQL step of an instance started with ``database => 'other'`` runs in that database, where
 the df schema is not: its transaction commits just before the checkpoint, written on the
@@ -55,7 +55,7 @@ _GRAPH_CACHE_SIZE = 2048
 # A statement under a df.timeout gets a statement_timeout this much past the deadline: the
 # timeout's own timer cancels it first; this is the backstop if that cancel is lost.
 _DEADLINE_GRACE_SECONDS = 1.0
-# The function whose EXECUTE privilege an HTTP node's submitter needs (spec §7.11).
+# The function whose EXECUTE privilege an HTTP node's submitter needs (docs/http.md).
 _HTTP_FUNCTIONS = {
     "HTTP": ("df.http()", "df.http(text,text,text,jsonb,integer)"),
     "HTTP_MULTIPART": ("df.http_multipart()", "df.http_multipart(text,text,jsonb,jsonb,integer)"),
@@ -571,7 +571,7 @@ class StepRunner:
         return await self._advance(task, record, claim_limit)
 
     async def _send_http(self, task: Task) -> http.HttpOutcome:
-        """Check the submitter's privilege, then perform the request (spec §7.11)."""
+        """Check the submitter's privilege, then perform the request."""
         payload = dict(task.payload or {})
         refusal, db_now = await self._http_refusal(task, str(payload.get("type", "HTTP")))
         if refusal is not None:
@@ -584,7 +584,7 @@ class StepRunner:
         return await http.perform(payload, self.settings.egress)
 
     async def _http_refusal(self, task: Task, node_type: str) -> tuple[str | None, float]:
-        """Why the submitter may not send this request, checked on every run (spec §7.11):
+        """Why the submitter may not send this request, checked on every run:
         revoking EXECUTE on df.http stops running workflows too. Also the database clock."""
         name, signature = _HTTP_FUNCTIONS.get(node_type, _HTTP_FUNCTIONS["HTTP"])
         async with self.conns.worker.connection() as conn:
@@ -712,7 +712,8 @@ class StepRunner:
         return await self._advance(task, failed, claim_limit)
 
     async def _start(self, conn: AsyncConn, task: Task, cp: Checkpoint) -> Transition:
-        """Load and admit the instance's graph (spec §7.1), then activate its root."""
+        """Load and admit the instance's graph (its submitter must still exist, and may be a
+        superuser only if allowed), then activate its root."""
         try:
             graph, facts = await store.load_graph(
                 conn, task.instance_id, self.settings.max_state_bytes

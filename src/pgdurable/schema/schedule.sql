@@ -1,4 +1,4 @@
--- pgdurable schema, version 6: cron schedules (spec §5.1 df.wait_for_schedule, §7.8).
+-- Cron schedules: df.wait_for_schedule and the check of its expression.
 --
 -- df.wait_for_schedule(cron) builds a WAIT_SCHEDULE node; the expression is checked here, at
 -- build time, so a bad schedule never reaches df.start(). The worker computes fire times with
@@ -21,9 +21,7 @@
 -- matches if either matches (crontab(5), POSIX); otherwise both must. An expression that can
 -- never fire because its day-of-month does not occur in its months (`0 0 30 2 *`) is refused.
 
--- Why expr is not a valid cron expression (the reason only), or NULL if it is valid.
--- Keep in step with pgdurable/graph/cron.py: same checks, same order, same texts.
-CREATE FUNCTION df._cron_value(token text, field integer, OUT value integer, OUT error text)
+CREATE OR REPLACE FUNCTION df._cron_value(token text, field integer, OUT value integer, OUT error text)
 LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE AS $$
 -- One value of a field (1 minute ... 5 day-of-week): value set, or error set, or neither when
 -- the token is not a value at all (the caller then reports the whole item).
@@ -61,7 +59,9 @@ BEGIN
 END;
 $$;
 
-CREATE FUNCTION df._cron_error(expr text) RETURNS text
+-- Why expr is not a valid cron expression (the reason only), or NULL if it is valid.
+-- Keep in step with pgdurable/graph/cron.py: same checks, same order, same texts.
+CREATE OR REPLACE FUNCTION df._cron_error(expr text) RETURNS text
 LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE AS $$
 DECLARE
     names    text[] := ARRAY['minute', 'hour', 'day-of-month', 'month', 'day-of-week'];
@@ -172,7 +172,7 @@ $$;
 --   @> (df.wait_for_schedule('*/5 * * * *') ~> 'CALL refresh()')
 -- The expression is stored as given. IMMUTABLE like the operator helpers: the node depends
 -- on the argument only.
-CREATE FUNCTION df.wait_for_schedule(cron_expr text) RETURNS text
+CREATE OR REPLACE FUNCTION df.wait_for_schedule(cron_expr text) RETURNS text
 LANGUAGE plpgsql IMMUTABLE STRICT AS $$
 DECLARE
     reason text := df._cron_error(cron_expr);

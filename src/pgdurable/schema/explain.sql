@@ -1,4 +1,4 @@
--- pgdurable schema, version 13: df.explain (spec §9.6).
+-- df.explain: a workflow drawn as text.
 --
 -- df.explain(input) draws a workflow as a tree of text lines, either a live instance with
 -- the status of each node (input: an instance id) or a graph that has not been started (a
@@ -30,7 +30,7 @@
 -- Free text shown on one line (SQL, URLs, labels, outputs...): a line break, with the
 -- indentation around it, becomes one space, so a multi-line statement cannot break the
 -- drawing. Text without line breaks is left exactly as it is.
-CREATE FUNCTION df._explain_flat(s text) RETURNS text
+CREATE OR REPLACE FUNCTION df._explain_flat(s text) RETURNS text
 LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
     SELECT CASE WHEN s ~ '[\r\n]'
                 THEN btrim(regexp_replace(s, '\s*[\r\n]\s*', ' ', 'g'), E' \t')
@@ -38,9 +38,9 @@ LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
 $$;
 
 -- s cut to its first keep_bytes bytes followed by '...' when it is longer than max_bytes
--- bytes (spec §9.6 counts SQL and outputs in bytes). The cut never splits a multi-byte
+-- bytes (pg_durable counts SQL and outputs in bytes). The cut never splits a multi-byte
 -- character: it keeps the longest run of whole characters that fits in keep_bytes.
-CREATE FUNCTION df._explain_cut(s text, max_bytes integer, keep_bytes integer) RETURNS text
+CREATE OR REPLACE FUNCTION df._explain_cut(s text, max_bytes integer, keep_bytes integer) RETURNS text
 LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
     SELECT CASE
         WHEN octet_length(s) <= max_bytes THEN s
@@ -51,10 +51,10 @@ LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
     END;
 $$;
 
--- The config object stored in a node's query (spec §6.3), or NULL if the query is not a
+-- The config object stored in a node's query, or NULL if the query is not a
 -- JSON object. As `json`, so numbers keep the text they were written with (0.5, not 0.50).
 -- A hand-written graph may hold anything there; explaining it must not fail.
-CREATE FUNCTION df._explain_config(query text) RETURNS json
+CREATE OR REPLACE FUNCTION df._explain_config(query text) RETURNS json
 LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE AS $$
 DECLARE
     config json;
@@ -80,11 +80,11 @@ $$;
 --         connector the THEN itself was drawn with (absent "c")}
 --
 -- Children come from left_node/right_node and from condition_node/extra_nodes, which a
--- dry run passes directly and which stored nodes keep in their config (spec §6.3: IF/LOOP
+-- dry run passes directly and which stored nodes keep in their config (IF/LOOP
 -- {"condition_node":"<id>"}, JOIN {"extra_nodes":[...]}). status is the inferred status in
 -- live mode and NULL in a dry run (no marker).
 --
--- Line formats (spec §9.6, plus pgdurable's RETRY and TIMEOUT):
+-- Line formats (pg_durable's, plus pgdurable's RETRY and TIMEOUT):
 --   SQL: <query>              cut to 47 bytes + '...' when over 50 bytes
 --   SLEEP <n>s
 --   WAIT '<cron>'
@@ -97,7 +97,7 @@ $$;
 --   TIMEOUT <seconds>s
 -- A node whose config cannot be read shows its type and its raw query, cut like SQL.
 -- ---------------------------------------------------------------------------------------------
-CREATE FUNCTION df._explain_entry(
+CREATE OR REPLACE FUNCTION df._explain_entry(
     node_type text, query text, result_name text, left_node text, right_node text,
     condition_node text, extra_nodes text[], status text)
 RETURNS jsonb
@@ -236,7 +236,7 @@ $$;
 -- ---------------------------------------------------------------------------------------------
 -- df._explain_tree: the lines of the tree under root_id, given the entries of its nodes.
 --
--- The drawing rules (spec §9.6):
+-- The drawing rules:
 --   * A THEN chain is flattened: its non-THEN leaves are drawn one below the other, the
 --     first with the connector of the chain's place, the others with '→ ', all at the same
 --     indentation. (A THEN's left side takes over the THEN's own place and connector, its
@@ -254,7 +254,7 @@ $$;
 -- are written by users too, and one that loops back on itself would never end: the walk
 -- stops one level past the depth limit and after 20,000 rows, and err says which limit.
 -- ---------------------------------------------------------------------------------------------
-CREATE FUNCTION df._explain_tree(root_id text, nodes jsonb, OUT lines text[], OUT err text)
+CREATE OR REPLACE FUNCTION df._explain_tree(root_id text, nodes jsonb, OUT lines text[], OUT err text)
 LANGUAGE plpgsql STABLE
 -- A custom plan would copy the whole node map into the plan as a constant.
 SET plan_cache_mode = force_generic_plan
@@ -312,8 +312,8 @@ END;
 $$;
 
 -- The final text: every line right-padded with spaces to the longest line's length (in
--- characters) plus 4, joined with newlines, no trailing newline (spec §9.6).
-CREATE FUNCTION df._explain_text(lines text[]) RETURNS text
+-- characters) plus 4, joined with newlines, no trailing newline.
+CREATE OR REPLACE FUNCTION df._explain_text(lines text[]) RETURNS text
 LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
     SELECT string_agg(rpad(l.line, w.width), E'\n' ORDER BY l.ord)
       FROM unnest(lines) WITH ORDINALITY AS l (line, ord),
@@ -321,11 +321,11 @@ LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
 $$;
 
 -- ---------------------------------------------------------------------------------------------
--- Dry run: a graph envelope, validated like df.start validates it (spec §3.4), and drawn.
+-- Dry run: a graph envelope, validated like df.start validates it, and drawn.
 -- ---------------------------------------------------------------------------------------------
 
 -- input as an envelope (a JSON object with a string node_type), or NULL if it is not one.
-CREATE FUNCTION df._explain_envelope(input text) RETURNS jsonb
+CREATE OR REPLACE FUNCTION df._explain_envelope(input text) RETURNS jsonb
 LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE AS $$
 DECLARE
     root jsonb;
@@ -343,7 +343,7 @@ EXCEPTION WHEN data_exception THEN
 END;
 $$;
 
-CREATE FUNCTION df._explain_graph(root jsonb) RETURNS text
+CREATE OR REPLACE FUNCTION df._explain_graph(root jsonb) RETURNS text
 LANGUAGE plpgsql STABLE
 SET plan_cache_mode = force_generic_plan
 AS $$
@@ -398,9 +398,9 @@ $$;
 
 -- ---------------------------------------------------------------------------------------------
 -- Live mode: an instance of the caller's, with a header and the inferred status of every
--- node (df.instance_nodes, spec §9.5: an untaken IF arm shows ⊘ skipped, not ○ pending).
+-- node (df.instance_nodes: an untaken IF arm shows ⊘ skipped, not ○ pending).
 -- ---------------------------------------------------------------------------------------------
-CREATE FUNCTION df._explain_instance(instance_id text) RETURNS text
+CREATE OR REPLACE FUNCTION df._explain_instance(instance_id text) RETURNS text
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
     v_instance record;
@@ -460,7 +460,7 @@ END;
 $$;
 
 -- ---------------------------------------------------------------------------------------------
--- df.explain (spec §9.6)
+-- df.explain
 --
 -- What the input is, after trimming white space, in this order:
 --   1. exactly 8 hex digits: a live instance;
@@ -479,10 +479,10 @@ $$;
 -- explaining must change nothing, so `df.explain('df.start(...)')` does not start an
 -- instance (it fails, as a write would), and whatever else the text contains is undone.
 -- Its errors are returned as text, 'Failed to evaluate expression: <message>', like every
--- other error of df.explain (the spec leaves raising or returning open). Cancels and
+-- other error of df.explain (pg_durable leaves raising or returning open). Cancels and
 -- statement timeouts are not caught.
 -- ---------------------------------------------------------------------------------------------
-CREATE FUNCTION df.explain(input text) RETURNS text
+CREATE OR REPLACE FUNCTION df.explain(input text) RETURNS text
 LANGUAGE plpgsql VOLATILE STRICT SECURITY INVOKER AS $$
 DECLARE
     v_input     text := btrim(input, E' \t\n\r\f');

@@ -1,12 +1,12 @@
--- pgdurable schema, version 12: monitoring from SQL (spec §5.4, §9.1–9.5; docs/monitoring.md).
+-- Monitoring from SQL (docs/monitoring.md).
 --
--- Every function here except df.workers and df.worker_tasks runs as the caller (SECURITY
--- INVOKER) and reads only tables that row-level security limits to the caller's own
--- instances: another role's instance id looks exactly like an unknown one, and superusers see
--- everything (spec §10.3).
+-- Every function here except df.workers, df.worker_tasks and df.metrics runs as the caller
+-- (SECURITY INVOKER) and reads only tables that row-level security limits to the caller's
+-- own instances: another role's instance id looks exactly like an unknown one, and
+-- superusers see everything. df.list_instances is in client.sql, df.explain in explain.sql.
 
 -- ---------------------------------------------------------------------------------------------
--- df.instance_nodes (spec §9.5): every node of an instance with its physical status and the
+-- df.instance_nodes: every node of an instance with its physical status and the
 -- status a reader should see.
 --
 -- The physical status of a node is what the engine last wrote. It says "pending" for the arm
@@ -15,7 +15,7 @@
 -- iteration that the current one has not reached yet. inferred_status says what these mean:
 --
 -- 1. Each stamped node has a scope and a generation: status_details is
---    {"execution_id": "<scope>::<generation>"} (spec §9.4, written by the interpreter,
+--    {"execution_id": "<scope>::<generation>"} (written by the interpreter,
 --    src/pgdurable/graph/interpreter.py). scope_max[scope] is the highest generation stamped
 --    in a scope.
 -- 2. A node is superseded if its generation is below scope_max of its scope, or if its scope
@@ -31,13 +31,13 @@
 --      otherwise                  -> 'running' if physically running, else 'pending'
 -- 4. Nodes the walk does not reach keep their physical status.
 --
--- One deliberate addition to the spec's rules: a superseded node that is not terminal and has
+-- One deliberate addition to pg_durable's rules: a superseded node that is not terminal and has
 -- no NTA reads 'pending', not 'running'. pgdurable leaves a RACE loser's unfinished nodes
 -- 'running' (the loser is abandoned, not stamped); in a loop, the next iteration must not
 -- show them as running while it has not reached them.
 --
 -- Children are the ones the interpreter runs: left and right, an IF's or a while-LOOP's
--- condition_node and a join3's extra_nodes (both ids in the node's JSON query, spec §6.3), and
+-- condition_node and a join3's extra_nodes (both ids in the node's JSON query), and
 -- the one child (left) of pgdurable's RETRY and TIMEOUT wrappers.
 --
 -- df.nodes rows may be written by hand (users hold INSERT on them), so the graph need not be a
@@ -45,13 +45,13 @@
 -- which makes the walk visit a node at most once, whatever cycles or shared children the rows
 -- describe.
 --
--- Other SQL (df.explain) reuses this function for its status markers; its columns are the
--- spec's, in the spec's order.
+-- Other SQL (df.explain) reuses this function for its status markers; its columns are
+-- pg_durable's, in pg_durable's order.
 -- ---------------------------------------------------------------------------------------------
 
 -- The JSON value of a text, or NULL if it is not JSON: a hand-written node's query may be
 -- anything, and one bad row must not break monitoring of the whole instance.
-CREATE FUNCTION df._jsonb_or_null(value text) RETURNS jsonb
+CREATE OR REPLACE FUNCTION df._jsonb_or_null(value text) RETURNS jsonb
 LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     RETURN value::jsonb;
@@ -60,7 +60,7 @@ EXCEPTION WHEN others THEN
 END;
 $$;
 
-CREATE FUNCTION df.instance_nodes(instance_id_param text)
+CREATE OR REPLACE FUNCTION df.instance_nodes(instance_id_param text)
 RETURNS TABLE (node_id text, node_type text, query text, result_name text, left_node text,
                right_node text, status text, result text, status_details text,
                inferred_status text, inferred_status_from_ancestor_id text,
@@ -157,9 +157,9 @@ SELECT j.id, j.node_type, j.query, j.result_name, j.left_node, j.right_node, j.s
   LEFT JOIN walk w ON w.id = j.id;
 $$;
 
--- pg_durable's older form (spec §5.4): the nodes as stored, one execution, no inference. The
+-- pg_durable's older form: the nodes as stored, one execution, no inference. The
 -- second argument is accepted and ignored, as there.
-CREATE FUNCTION df.instance_nodes(instance_id_param text, _last_n_executions integer)
+CREATE OR REPLACE FUNCTION df.instance_nodes(instance_id_param text, _last_n_executions integer)
 RETURNS TABLE (execution_id bigint, node_id text, node_type text, query text,
                result_name text, left_node text, right_node text, status text, result text,
                updated_at timestamptz)
@@ -171,198 +171,10 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
 $$;
 
 -- ---------------------------------------------------------------------------------------------
--- df.list_instances, the paginated overload (spec §9.2). The basic overload (migration 4)
--- already orders ties on created_at by id, the order this one pages through.
---
--- Keyset pagination: a page is the instances after the last row of the previous page in the
--- order (created_at DESC, id ASC), so pages neither skip nor repeat rows when instances are
--- started or removed between two calls. The cursor names that last row: the lower-case hex of
--- 'v1|<created_at with microseconds and UTC offset>|<id>'. Opaque to callers, but exactly
--- pg_durable's, so cursors can be passed between the two.
--- ---------------------------------------------------------------------------------------------
-
--- The row a cursor names, or the spec's error for anything that is not a cursor this function
--- could have produced: odd length, non-hex, more than 512 hex digits, not UTF-8, another
--- version, an empty part, a timestamp of another shape, or a date that does not exist.
-CREATE FUNCTION df._list_cursor(cursor text, OUT created_at timestamptz, OUT id text)
-LANGUAGE plpgsql STABLE STRICT SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    v_text   text;
-    v_parts  text[];
-BEGIN
-    IF length(cursor) <= 512 AND length(cursor) % 2 = 0 AND cursor ~ '^[0-9a-fA-F]*$' THEN
-        BEGIN
-            -- convert_from refuses invalid UTF-8 and NUL bytes.
-            v_text := convert_from(decode(cursor, 'hex'), 'UTF8');
-            -- 'v1|<timestamp>|<id>'; the id is the rest, whatever it holds.
-            v_parts := regexp_match(v_text, '^v1\|([^|]+)\|(.+)$');
-            IF v_parts[1] ~ '^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}[+-]\d{2}(:\d{2})?$' THEN
-                created_at := v_parts[1]::timestamptz;  -- refuses e.g. a 13th month
-                id := v_parts[2];
-                RETURN;
-            END IF;
-        EXCEPTION WHEN others THEN
-            NULL;  -- reported below, like every other malformed cursor
-        END;
-    END IF;
-    RAISE EXCEPTION 'df.list_instances: invalid after_cursor'
-        USING ERRCODE = 'invalid_parameter_value';
-END;
-$$;
-
-CREATE FUNCTION df.list_instances(status_filter text, limit_count integer, label_filter text,
-                                  after_cursor text DEFAULT NULL)
-RETURNS TABLE (instance_id text, label text, function_name text, status text,
-               execution_count bigint, output text, created_at timestamptz,
-               completed_at timestamptz, next_cursor text)
-LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    v_limit    integer := coalesce(limit_count, 100);
-    v_max      integer := df._list_instances_max_limit();
-    v_after    timestamptz;
-    v_after_id text;
-    v_where    text := '';
-BEGIN
-    IF v_limit < 1 THEN
-        RAISE EXCEPTION 'limit_count must be at least 1' USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    IF v_limit > v_max THEN
-        RAISE EXCEPTION 'df.list_instances: limit_count (%) exceeds pg_durable.list_instances_max_limit (%); request fewer rows, or use the paginated df.list_instances overload (after_cursor/next_cursor) for large result sets',
-            v_limit, v_max USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    IF after_cursor IS NOT NULL THEN
-        SELECT c.created_at, c.id INTO v_after, v_after_id FROM df._list_cursor(after_cursor) c;
-    END IF;
-    -- Only the filters given are in the statement, planned for these values: each filter has
-    -- an index that yields rows in page order (spec §2.2), so a page costs about its size.
-    IF status_filter IS NOT NULL THEN
-        v_where := v_where || ' AND i.status = $2';
-    END IF;
-    IF label_filter IS NOT NULL THEN
-        v_where := v_where || ' AND i.label = $3';
-    END IF;
-    IF v_after IS NOT NULL THEN
-        -- The first condition is implied by the second; spelled out, it bounds the index scan,
-        -- so a deep page does not read every row before it.
-        v_where := v_where || ' AND i.created_at <= $4'
-                           || ' AND (i.created_at < $4 OR (i.created_at = $4 AND i.id > $5))';
-    END IF;
-    -- One row more than the page tells whether there is a next page; the cursor then names
-    -- the page's last row and is repeated on every row (spec §9.2).
-    RETURN QUERY EXECUTE format($q$
-        WITH page AS (
-            SELECT i.id, i.label, i.status, i.created_at, i.completed_at,
-                   row_number() OVER (ORDER BY i.created_at DESC, i.id) AS n
-              FROM (SELECT i.*
-                      FROM df.instances i
-                     WHERE i.created_at IS NOT NULL %s
-                     ORDER BY i.created_at DESC, i.id
-                     LIMIT $1 + 1) i
-        )
-        SELECT p.id::text, p.label, 'pg_durable::orchestration::execute-function-graph'::text,
-               p.status, r.generation::bigint, r.output, p.created_at, p.completed_at,
-               (SELECT encode(convert_to('v1|' || to_char(l.created_at,
-                                                          'YYYY-MM-DD"T"HH24:MI:SS.USOF')
-                                         || '|' || l.id, 'UTF8'), 'hex')
-                  FROM page l WHERE l.n = $1 AND EXISTS (SELECT 1 FROM page m WHERE m.n > $1))
-          FROM page p
-          LEFT JOIN df._runs r ON r.instance_id = p.id
-         WHERE p.n <= $1
-         ORDER BY p.n
-    $q$, v_where)
-    USING v_limit, status_filter, label_filter, v_after, v_after_id;
-END;
-$$;
-
--- ---------------------------------------------------------------------------------------------
--- Execution history (spec §9.3). An execution is one generation of the instance's root: the
--- whole run, or one iteration of a loop at the root (spec §7.7: each iteration is a new
--- generation, "continue-as-new" in pg_durable). df._runs keeps only the current generation,
--- which df.instance_executions derives when read (from df._runs and df.instances); this table
--- keeps the executions that ended by the loop's next iteration, written by a trigger when the
--- generation changes: df._checkpoint stays as it is, and a workflow without a root loop
--- writes no row here at all.
---
---   status       'ContinuedAsNew' (the loop began its next iteration). The current execution
---                reads 'Running' while it runs (also while the instance is pending: the
---                engine holds it as started), then 'Completed', 'Failed', or 'Cancelled' for a
---                cancelled instance (the df status, capitalised like the others; pg_durable's
---                engine reports no fixed spelling for it)
---   started_at   the start of the instance for the first; the end of the one before for the
---                others
---   first_event  df._runs.checkpoints when it began (0 for the first)
---   events       its checkpoints (the one that begins an iteration counts in the new one)
---   output       the iteration's body result
---
--- A root loop may iterate for ever (one iteration a second at most); only the newest 1,000
--- executions of an instance are kept, each with its body result, so the history of one
--- instance stays bounded.
--- ---------------------------------------------------------------------------------------------
-CREATE TABLE df._executions (
-    instance_id  varchar(8) NOT NULL REFERENCES df._runs (instance_id) ON DELETE CASCADE,
-    generation   integer NOT NULL,
-    status       text NOT NULL,
-    started_at   timestamptz NOT NULL,
-    finished_at  timestamptz,
-    first_event  bigint NOT NULL,
-    events       bigint,
-    output       text,
-    PRIMARY KEY (instance_id, generation)
-);
-
--- Like df._runs: users read the history of their own instances only (SELECT is granted by
--- df.grant_usage, migration 16).
-ALTER TABLE df._executions ENABLE ROW LEVEL SECURITY;
-CREATE POLICY executions_user_isolation ON df._executions FOR SELECT
-    USING (EXISTS (SELECT 1 FROM df.instances i WHERE i.id = instance_id));
-
--- A root loop began its next iteration: the execution that ended is recorded. It began when
--- the one before it ended (or with the instance), at that one's last checkpoint count (or 0).
--- The interpreter state (graph/interpreter.py, format 1) still holds the loop's activation,
--- whose "last" is the body result of the iteration that ended; the root loop is the one
--- iterating execution "0". Nothing here may fail a checkpoint, so a state of another shape
--- only loses that output.
-CREATE FUNCTION df._execution_continued() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    v_output  text;
-BEGIN
-    IF jsonb_typeof(NEW.state -> 'acts') = 'object' THEN
-        SELECT a.value ->> 'last' INTO v_output
-          FROM jsonb_each(NEW.state -> 'acts') AS a
-         WHERE jsonb_typeof(a.value) = 'object' AND a.value ->> 'loop_exec' = '0'
-         LIMIT 1;
-    END IF;
-    INSERT INTO df._executions (instance_id, generation, status, started_at, finished_at,
-                                first_event, events, output)
-    SELECT NEW.instance_id, OLD.generation, 'ContinuedAsNew',
-           coalesce(p.finished_at, i.created_at, clock_timestamp()), clock_timestamp(),
-           coalesce(p.first_event + p.events, 0),
-           OLD.checkpoints - coalesce(p.first_event + p.events, 0), v_output
-      FROM df.instances i
-      LEFT JOIN df._executions p
-             ON p.instance_id = NEW.instance_id AND p.generation = OLD.generation - 1
-     WHERE i.id = NEW.instance_id
-    ON CONFLICT (instance_id, generation) DO NOTHING;
-    DELETE FROM df._executions e
-     WHERE e.instance_id = NEW.instance_id AND e.generation <= NEW.generation - 1000;
-    RETURN NULL;
-END;
-$$;
-
--- Every checkpoint sets generation; the WHEN clause keeps the trigger to real changes, so an
--- ordinary checkpoint queues nothing.
-CREATE TRIGGER runs_execution_continued AFTER UPDATE OF generation ON df._runs
-    FOR EACH ROW WHEN (NEW.generation IS DISTINCT FROM OLD.generation)
-    EXECUTE FUNCTION df._execution_continued();
-
-REVOKE ALL ON FUNCTION df._execution_continued() FROM PUBLIC;
-
--- ---------------------------------------------------------------------------------------------
--- df.instance_info and df.instance_executions (spec §9.3). Run as the caller: another role's
+-- df.instance_info and df.instance_executions. Run as the caller: another role's
 -- instance gives no row, like an unknown one.
 -- ---------------------------------------------------------------------------------------------
-CREATE FUNCTION df.instance_info(instance_id text)
+CREATE OR REPLACE FUNCTION df.instance_info(instance_id text)
 RETURNS TABLE (instance_id text, label text, function_name text, function_version text,
                current_execution_id bigint, status text, output text)
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
@@ -373,10 +185,10 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
      WHERE i.id = $1;
 $$;
 
--- Newest first; limit_count is capped at 10,000 (spec §9.3), NULL means the default 5. The
--- current execution comes from df._runs (its finished_at: migration 14) and df.instances, the
+-- Newest first; limit_count is capped at 10,000, NULL means the default 5. The
+-- current execution comes from df._runs (its finished_at) and df.instances, the
 -- ended ones from the history; run as the caller, under row-level security on all three.
-CREATE FUNCTION df.instance_executions(instance_id text, limit_count integer DEFAULT 5)
+CREATE OR REPLACE FUNCTION df.instance_executions(instance_id text, limit_count integer DEFAULT 5)
 RETURNS TABLE (execution_id bigint, status text, event_count bigint, duration_ms bigint,
                output text)
 LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
@@ -425,7 +237,7 @@ END;
 $$;
 
 -- ---------------------------------------------------------------------------------------------
--- Workers (pgdurable's own; spec §2.5 has one executor per cluster). Each live worker keeps a
+-- Workers (pgdurable's own; pg_durable has one executor per cluster). Each live worker keeps a
 -- row in df._worker_epoch and heartbeats it every third of its lease (10 s with the default
 -- 30 s lease, worker/loop.py); a worker killed without a clean stop leaves its row behind until
 -- another worker starts and sweeps rows silent for ten minutes. So a worker is alive when its
@@ -441,7 +253,7 @@ $$;
 -- security: SECURITY DEFINER, and EXECUTE only by explicit grant, like df.metrics
 -- (df.grant_usage(role, with_grant => true), or GRANT EXECUTE).
 -- ---------------------------------------------------------------------------------------------
-CREATE FUNCTION df.workers(stale_after interval DEFAULT interval '30 seconds')
+CREATE OR REPLACE FUNCTION df.workers(stale_after interval DEFAULT interval '30 seconds')
 RETURNS TABLE (worker_id uuid, hostname text, pid integer, started_at timestamptz,
                last_seen_at timestamptz, alive boolean, concurrency integer, version text,
                tasks_held bigint)
@@ -455,7 +267,7 @@ $$;
 
 -- The tasks each worker holds: which step of which instance, since when (its lease runs to
 -- lease_expires_at and is extended by the heartbeat), and how often it was claimed.
-CREATE FUNCTION df.worker_tasks()
+CREATE OR REPLACE FUNCTION df.worker_tasks()
 RETURNS TABLE (worker_id uuid, task_id bigint, instance_id text, submitted_by text,
                node_id text, node_type text, kind text, attempts integer,
                lease_expires_at timestamptz, lease_expired boolean)
@@ -473,23 +285,25 @@ REVOKE EXECUTE ON FUNCTION df.workers(interval) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION df.worker_tasks() FROM PUBLIC;
 
 -- ---------------------------------------------------------------------------------------------
--- Privileges. df._private_functions (migration 4) learns the two worker functions, so that
--- df.grant_usage(..., with_grant => true) passes them on with df.metrics and df.revoke_usage
--- takes them back. What the monitoring functions read as the caller (the history of the
--- role's own instances, the checkpoint count and end of its runs) is granted by migration
--- 16's df.grant_usage, which renews existing grants.
+-- df.metrics: system-wide counts, so not filtered by row-level security; EXECUTE
+-- only by explicit grant (df.grant_usage(role, with_grant => true), or GRANT EXECUTE).
+-- running_instances counts pending ones too: the engine holds them as started. Cancelled
+-- instances count in total_instances only. total_executions is the sum of the instances'
+-- generations (root loop iterations); total_events the committed checkpoints, pgdurable's
+-- counterpart of history events.
 -- ---------------------------------------------------------------------------------------------
-CREATE OR REPLACE FUNCTION df._private_functions(kind text) RETURNS text[]
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
-    SELECT coalesce(array_agg(f.sig ORDER BY f.ord), '{}')
-      FROM unnest(CASE kind
-                  WHEN 'http' THEN ARRAY['df.http(text,text,text,jsonb,integer)',
-                                         'df.http_multipart(text,text,jsonb,jsonb,integer)']
-                  WHEN 'admin' THEN ARRAY['df.grant_usage(text,boolean,boolean)',
-                                          'df.revoke_usage(text)',
-                                          'df.metrics()',
-                                          'df.workers(interval)',
-                                          'df.worker_tasks()']
-                  END) WITH ORDINALITY AS f (sig, ord)
-     WHERE to_regprocedure(f.sig) IS NOT NULL;
+CREATE OR REPLACE FUNCTION df.metrics()
+RETURNS TABLE (total_instances bigint, running_instances bigint, completed_instances bigint,
+               failed_instances bigint, total_executions bigint, total_events bigint)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT count(*),
+           count(*) FILTER (WHERE i.status IN ('pending', 'running')),
+           count(*) FILTER (WHERE i.status = 'completed'),
+           count(*) FILTER (WHERE i.status = 'failed'),
+           coalesce(sum(r.generation), 0)::bigint,
+           coalesce(sum(r.checkpoints), 0)::bigint
+      FROM df.instances i
+      LEFT JOIN df._runs r ON r.instance_id = i.id;
 $$;
+
+REVOKE EXECUTE ON FUNCTION df.metrics() FROM PUBLIC;

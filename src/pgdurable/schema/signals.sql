@@ -1,16 +1,14 @@
--- pgdurable schema, version 7: signals, the SQL side (spec §5.1 df.wait_for_signal, §5.2
--- df.signal, §7.9; docs/signals.md).
+-- Signals: df.wait_for_signal, df.signal, and how a wait receives what was sent (docs/signals.md).
 --
 -- df.signal(id, name, data) stores a row in df._signals; it stays there until a SIGNAL wait of
 -- that instance and name consumes it (oldest first), however long before the wait starts it
--- was sent. pg_durable drops signals that arrive while no wait is active; pgdurable keeps them
--- (DESIGN.md, "signals sent before the wait starts").
+-- was sent. pg_durable drops signals that arrive while no wait is active; pgdurable keeps them.
 --
--- The engine side, for reference (the worker implements it):
+-- The engine side:
 --   * A SIGNAL node that starts waiting gets a df._tasks row of kind 'signal' with payload
 --     {"signal_name": <name>, "deadline": <epoch seconds or null>}, visible at its deadline
 --     ('infinity' without a timeout), or at once if a matching signal is already buffered
---     (df._checkpoint, migration 5).
+--     (df._checkpoint, engine.sql).
 --   * A worker that claims it calls df._checkpoint_begin (which locks the instance row FOR NO
 --     KEY UPDATE) and then, in the same transaction, df._consume_signal: a signal → the wait
 --     completes; none and the deadline passed → it times out; else the task is re-armed (put
@@ -29,44 +27,7 @@
 --
 -- A user may therefore also INSERT INTO df._signals (instance_id, name, data) directly, with
 -- exactly df.signal's effect (minus its argument checks and the text-to-JSON conversion).
--- Users cannot read, change or delete signals.
-
--- ---------------------------------------------------------------------------------------------
--- Signal waits are tasks of their own kind.
--- ---------------------------------------------------------------------------------------------
-ALTER TABLE df._tasks DROP CONSTRAINT _tasks_kind_check;
-ALTER TABLE df._tasks ADD CONSTRAINT _tasks_kind_check
-    CHECK (kind IN ('start', 'sql', 'timer', 'signal'));
-
--- ---------------------------------------------------------------------------------------------
--- The signals. Kept until consumed; consumed ones stay as a record until their instance is
--- deleted. Signals of a finished instance are never delivered (it has no waits left, and
--- df.signal refuses new ones), so they need no cleaning up of their own.
--- ---------------------------------------------------------------------------------------------
-CREATE TABLE df._signals (
-    id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,  -- send order
-    instance_id  varchar(8) NOT NULL REFERENCES df.instances (id) ON DELETE CASCADE,
-    name         text NOT NULL,
-    data         jsonb NOT NULL,              -- JSON null is 'null'::jsonb, never SQL NULL
-    sent_at      timestamptz NOT NULL DEFAULT clock_timestamp(),
-    sent_by      regrole NOT NULL DEFAULT quote_ident(current_user)::regrole,
-    consumed_at  timestamptz,                 -- NULL while buffered
-    consumed_by  integer                      -- the activation of the wait that took it
-);
-
--- "The oldest unconsumed signal <name> of <instance>", for waits and df._checkpoint.
-CREATE INDEX signals_pending_idx ON df._signals (instance_id, name, id)
-    WHERE consumed_at IS NULL;
--- For ON DELETE CASCADE, which must also find consumed signals.
-CREATE INDEX signals_instance_idx ON df._signals (instance_id);
-
-ALTER TABLE df._signals ENABLE ROW LEVEL SECURITY;
--- Users only insert (no SELECT, UPDATE or DELETE privilege, so no policies for them). The
--- subquery runs as the inserting role, under df.instances' own policy: it sees the role's own
--- instances (superusers and BYPASSRLS roles skip this policy altogether).
-CREATE POLICY signals_sender_insert ON df._signals FOR INSERT
-    WITH CHECK (sent_by = quote_ident(current_user)::regrole
-                AND EXISTS (SELECT 1 FROM df.instances i WHERE i.id = instance_id));
+-- Users cannot read, change or delete signals. The policy and the grant are in security.sql.
 
 -- ---------------------------------------------------------------------------------------------
 -- df._signal_sent: after a signal row is inserted, check its instance and wake its waits.
@@ -101,7 +62,7 @@ CREATE POLICY signals_sender_insert ON df._signals FOR INSERT
 --
 -- Lock order, as everywhere: the instance row, then (df._runs and) df._tasks rows.
 -- ---------------------------------------------------------------------------------------------
-CREATE FUNCTION df._signal_sent() RETURNS trigger
+CREATE OR REPLACE FUNCTION df._signal_sent() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_status text;
@@ -142,7 +103,7 @@ BEGIN
 END;
 $$;
 
-CREATE TRIGGER signals_sent AFTER INSERT ON df._signals
+CREATE OR REPLACE TRIGGER signals_sent AFTER INSERT ON df._signals
     FOR EACH ROW EXECUTE FUNCTION df._signal_sent();
 
 -- ---------------------------------------------------------------------------------------------
@@ -152,24 +113,32 @@ CREATE TRIGGER signals_sent AFTER INSERT ON df._signals
 -- ---------------------------------------------------------------------------------------------
 
 -- Take the oldest unconsumed signal p_name of p_instance for the wait of activation
--- p_activation: mark it consumed and return its data (a JSON null is 'null'::jsonb), or SQL
--- NULL if there is none.
-CREATE FUNCTION df._consume_signal(p_instance varchar, p_name text, p_activation integer)
-RETURNS jsonb
-LANGUAGE sql VOLATILE AS $$
-    UPDATE df._signals s
-       SET consumed_at = clock_timestamp(), consumed_by = p_activation
-     WHERE s.id = (SELECT o.id FROM df._signals o
-                    WHERE o.instance_id = p_instance AND o.name = p_name
-                      AND o.consumed_at IS NULL
-                    ORDER BY o.id
-                    LIMIT 1
-                      FOR UPDATE)
-    RETURNING s.data;
+-- p_activation: mark it consumed and return its data (a JSON null is 'null'::jsonb) and its
+-- size, or no row if there is none. A payload above p_max_bytes (pg_durable.max_result_bytes
+-- as the worker's own session reads it: users may SET any pg_durable.* placeholder in their
+-- sessions, so only the worker's value counts) is consumed all the same but never handed
+-- over: data is NULL, and the worker fails the wait. Lock waits are bounded like the
+-- checkpoint's (engine.sql).
+CREATE OR REPLACE FUNCTION df._consume_signal(p_instance varchar, p_name text, p_activation integer,
+                                   p_max_bytes bigint)
+RETURNS TABLE (data jsonb, data_bytes bigint)
+LANGUAGE sql VOLATILE SET lock_timeout = '500ms' AS $$
+    WITH taken AS (
+        UPDATE df._signals s
+           SET consumed_at = clock_timestamp(), consumed_by = p_activation
+         WHERE s.id = (SELECT o.id FROM df._signals o
+                        WHERE o.instance_id = p_instance AND o.name = p_name
+                          AND o.consumed_at IS NULL
+                        ORDER BY o.id
+                        LIMIT 1
+                          FOR UPDATE)
+        RETURNING s.data, octet_length(s.data::text)::bigint AS data_bytes
+    )
+    SELECT CASE WHEN t.data_bytes <= p_max_bytes THEN t.data END, t.data_bytes FROM taken t;
 $$;
 
 -- Whether a signal p_name of p_instance is waiting to be consumed.
-CREATE FUNCTION df._signal_pending(p_instance varchar, p_name text) RETURNS boolean
+CREATE OR REPLACE FUNCTION df._signal_pending(p_instance varchar, p_name text) RETURNS boolean
 LANGUAGE sql STABLE AS $$
     SELECT EXISTS (SELECT 1 FROM df._signals s
                     WHERE s.instance_id = p_instance AND s.name = p_name
@@ -177,14 +146,14 @@ LANGUAGE sql STABLE AS $$
 $$;
 
 REVOKE ALL ON FUNCTION df._signal_sent() FROM PUBLIC;
-REVOKE ALL ON FUNCTION df._consume_signal(varchar, text, integer) FROM PUBLIC;
+REVOKE ALL ON FUNCTION df._consume_signal(varchar, text, integer, bigint) FROM PUBLIC;
 REVOKE ALL ON FUNCTION df._signal_pending(varchar, text) FROM PUBLIC;
 
 -- ---------------------------------------------------------------------------------------------
--- df.wait_for_signal (spec §5.1, §3.2): a SIGNAL node. Not STRICT (the timeout may be NULL);
+-- df.wait_for_signal: a SIGNAL node. Not STRICT (the timeout may be NULL);
 -- a NULL name is refused like an empty one rather than silently giving NULL.
 -- ---------------------------------------------------------------------------------------------
-CREATE FUNCTION df.wait_for_signal(name text, timeout_seconds integer DEFAULT NULL)
+CREATE OR REPLACE FUNCTION df.wait_for_signal(name text, timeout_seconds integer DEFAULT NULL)
 RETURNS text
 LANGUAGE plpgsql VOLATILE AS $$
 BEGIN
@@ -203,10 +172,10 @@ END;
 $$;
 
 -- ---------------------------------------------------------------------------------------------
--- df.signal (spec §5.2): send a signal to one of the caller's instances. Returns 'OK'.
+-- df.signal: send a signal to one of the caller's instances. Returns 'OK'.
 -- signal_data is JSON if it parses as JSON, else it is delivered as a JSON string.
 -- ---------------------------------------------------------------------------------------------
-CREATE FUNCTION df.signal(instance_id text, signal_name text, signal_data text DEFAULT '{}')
+CREATE OR REPLACE FUNCTION df.signal(instance_id text, signal_name text, signal_data text DEFAULT '{}')
 RETURNS text
 LANGUAGE plpgsql VOLATILE STRICT AS $$
 DECLARE
@@ -236,101 +205,3 @@ END;
 $$;
 
 -- ---------------------------------------------------------------------------------------------
--- Privileges. df.grant_usage and df.revoke_usage (migration 4) now also grant and revoke the
--- INSERT df.signal needs; they are otherwise unchanged. Roles granted usage before this
--- migration get it here, from the installing role.
--- ---------------------------------------------------------------------------------------------
-CREATE OR REPLACE FUNCTION df.grant_usage(
-    p_role text, include_http boolean DEFAULT false, with_grant boolean DEFAULT false)
-RETURNS void
-LANGUAGE plpgsql VOLATILE SECURITY INVOKER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    grantee text := CASE WHEN lower(p_role) = 'public' THEN 'PUBLIC' ELSE format('%I', p_role) END;
-    opt     text := CASE WHEN with_grant THEN ' WITH GRANT OPTION' ELSE '' END;
-    fn      text;
-BEGIN
-    EXECUTE format('GRANT USAGE ON SCHEMA df TO %s%s', grantee, opt);
-    IF include_http THEN
-        FOREACH fn IN ARRAY df._private_functions('http') LOOP
-            EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %s%s', fn, grantee, opt);
-        END LOOP;
-    END IF;
-    IF with_grant THEN
-        FOREACH fn IN ARRAY df._private_functions('admin') LOOP
-            EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %s%s', fn, grantee, opt);
-        END LOOP;
-    END IF;
-    EXECUTE format('GRANT SELECT ON df.instances TO %s%s', grantee, opt);
-    EXECUTE format('GRANT UPDATE (status, updated_at) ON df.instances TO %s%s', grantee, opt);
-    EXECUTE format('GRANT SELECT ON df.nodes TO %s%s', grantee, opt);
-    EXECUTE format('GRANT INSERT (id, label, root_node, submitted_by, database) ON df.instances '
-                   'TO %s%s', grantee, opt);
-    EXECUTE format('GRANT INSERT (id, instance_id, node_type, query, result_name, left_node, '
-                   'right_node, submitted_by, database) ON df.nodes TO %s%s', grantee, opt);
-    EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON df.vars TO %s%s', grantee, opt);
-    -- For df.list_instances: generation and output of the role's own runs (RLS on df._runs).
-    EXECUTE format('GRANT SELECT (instance_id, generation, output) ON df._runs TO %s%s',
-                   grantee, opt);
-    -- For df.signal: signals to the role's own instances (RLS on df._signals).
-    EXECUTE format('GRANT INSERT (instance_id, name, data) ON df._signals TO %s%s', grantee, opt);
-    RAISE NOTICE 'pg_durable: granted df usage privileges to "%"', p_role;
-END;
-$$;
-
-CREATE OR REPLACE FUNCTION df.revoke_usage(p_role text) RETURNS void
-LANGUAGE plpgsql VOLATILE SECURITY INVOKER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    grantee text := CASE WHEN lower(p_role) = 'public' THEN 'PUBLIC' ELSE format('%I', p_role) END;
-    fn      text;
-BEGIN
-    FOREACH fn IN ARRAY df._private_functions('http') || df._private_functions('admin') LOOP
-        BEGIN
-            EXECUTE format('REVOKE EXECUTE ON FUNCTION %s FROM %s CASCADE', fn, grantee);
-        EXCEPTION WHEN insufficient_privilege THEN
-            -- The caller has no privilege on it at all, so it granted nothing to revoke.
-            NULL;
-        END;
-    END LOOP;
-    BEGIN
-        EXECUTE format('REVOKE INSERT (instance_id, name, data) ON df._signals FROM %s CASCADE',
-                       grantee);
-    EXCEPTION WHEN insufficient_privilege THEN
-        -- An admin made before migration 7 holds nothing on df._signals, so granted nothing.
-        NULL;
-    END;
-    EXECUTE format('REVOKE SELECT, INSERT, UPDATE, DELETE ON df.vars FROM %s CASCADE', grantee);
-    EXECUTE format('REVOKE SELECT (instance_id, generation, output) ON df._runs FROM %s CASCADE',
-                   grantee);
-    EXECUTE format('REVOKE INSERT (id, instance_id, node_type, query, result_name, left_node, '
-                   'right_node, submitted_by, database) ON df.nodes FROM %s CASCADE', grantee);
-    EXECUTE format('REVOKE INSERT (id, label, root_node, submitted_by, database) ON df.instances '
-                   'FROM %s CASCADE', grantee);
-    EXECUTE format('REVOKE SELECT ON df.nodes FROM %s CASCADE', grantee);
-    EXECUTE format('REVOKE UPDATE (status, updated_at) ON df.instances FROM %s CASCADE', grantee);
-    EXECUTE format('REVOKE SELECT ON df.instances FROM %s CASCADE', grantee);
-    EXECUTE format('REVOKE USAGE ON SCHEMA df FROM %s CASCADE', grantee);
-    RAISE NOTICE 'pg_durable: revoked df usage privileges granted by "%" from "%"',
-        current_user, p_role;
-END;
-$$;
-
--- Every role that was granted usage before this migration (it holds INSERT on df.instances.id,
--- which only df.grant_usage hands out) may signal from now on, as it may cancel.
-DO $$
-DECLARE
-    r record;
-BEGIN
-    FOR r IN
-        SELECT a.grantee, bool_or(a.is_grantable) AS opt
-          FROM pg_attribute att, aclexplode(att.attacl) a
-         WHERE att.attrelid = 'df.instances'::regclass AND att.attname = 'id'
-           AND a.privilege_type = 'INSERT'
-         GROUP BY a.grantee
-    LOOP
-        -- regrole's text is the role name, already quoted where it needs to be.
-        EXECUTE format('GRANT INSERT (instance_id, name, data) ON df._signals TO %s%s',
-                       CASE WHEN r.grantee = 0 THEN 'PUBLIC' ELSE r.grantee::regrole::text END,
-                       CASE WHEN r.opt THEN ' WITH GRANT OPTION' ELSE '' END);
-    END LOOP;
-END;
-$$;

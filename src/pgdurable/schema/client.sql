@@ -1,26 +1,27 @@
--- pgdurable schema, version 4: the client functions (spec §5.2, §5.3, §5.5, §9.1, §10.1).
+-- The client functions: control of instances, variables, listing, and the installation.
 --
 -- All of them run as the caller (SECURITY INVOKER) unless noted, so row-level security on
--- df.instances, df.nodes and df.vars scopes them to the caller's own rows.
+-- df.instances, df.nodes and df.vars scopes them to the caller's own rows. df.start is in
+-- start.sql, df.signal in signals.sql, the monitoring functions in monitoring.sql.
 
 -- True inside a workflow step: workers set df.in_workflow on the connections that run them.
-CREATE FUNCTION df._in_workflow() RETURNS boolean
+CREATE OR REPLACE FUNCTION df._in_workflow() RETURNS boolean
 LANGUAGE sql STABLE AS $$
     SELECT coalesce(current_setting('df.in_workflow', true), '') = 'true';
 $$;
 
 -- ---------------------------------------------------------------------------------------------
--- Instance control (spec §5.2)
+-- Instance control
 -- ---------------------------------------------------------------------------------------------
 
 -- The instance's status, or NULL if it does not exist or belongs to someone else.
-CREATE FUNCTION df.status(instance_id text) RETURNS text
+CREATE OR REPLACE FUNCTION df.status(instance_id text) RETURNS text
 LANGUAGE sql VOLATILE STRICT AS $$
     SELECT i.status FROM df.instances i WHERE i.id = $1;
 $$;
 
 -- The root node's result once the instance completed; NULL in every other case.
-CREATE FUNCTION df.result(instance_id text) RETURNS text
+CREATE OR REPLACE FUNCTION df.result(instance_id text) RETURNS text
 LANGUAGE sql VOLATILE STRICT AS $$
     SELECT n.result::text
       FROM df.instances i
@@ -31,7 +32,7 @@ $$;
 -- Wait until the instance is terminal and return its status. PL/pgSQL in READ COMMITTED
 -- takes a new snapshot per statement, so every poll sees what workers committed meanwhile.
 -- (LISTEN cannot help here: notifications only arrive between transactions.)
-CREATE FUNCTION df.await_instance(instance_id text, timeout_seconds integer DEFAULT 30)
+CREATE OR REPLACE FUNCTION df.await_instance(instance_id text, timeout_seconds integer DEFAULT 30)
 RETURNS text
 LANGUAGE plpgsql VOLATILE STRICT AS $$
 DECLARE
@@ -65,7 +66,7 @@ BEGIN
 END;
 $$;
 
-CREATE FUNCTION df.wait_for_completion(instance_id text, timeout_seconds integer DEFAULT 30)
+CREATE OR REPLACE FUNCTION df.wait_for_completion(instance_id text, timeout_seconds integer DEFAULT 30)
 RETURNS text
 LANGUAGE plpgsql VOLATILE STRICT AS $$
 BEGIN
@@ -75,9 +76,9 @@ END;
 $$;
 
 -- Cancel an instance. Setting the status is the whole request: the engine's trigger on
--- df.instances drops the instance's queued work and tells the workers (migration 5). A
+-- df.instances drops the instance's queued work and tells the workers (engine.sql). A
 -- terminal instance is left as it is, and the call still succeeds (it is idempotent).
-CREATE FUNCTION df.cancel(instance_id text, reason text DEFAULT 'Cancelled by user')
+CREATE OR REPLACE FUNCTION df.cancel(instance_id text, reason text DEFAULT 'Cancelled by user')
 RETURNS text
 LANGUAGE plpgsql VOLATILE STRICT AS $$
 BEGIN
@@ -92,7 +93,7 @@ BEGIN
          WHERE i.id = cancel.instance_id
            AND i.status NOT IN ('completed', 'failed', 'cancelled');
     EXCEPTION WHEN OTHERS THEN
-        -- Spec §5.2: a failed cancel request is reported in the result, not raised.
+        -- As in pg_durable, a failed cancel request is reported in the result, not raised.
         RETURN 'Failed to cancel: ' || SQLERRM;
     END;
     RETURN format('Instance %s cancelled: %s', instance_id, reason);
@@ -100,18 +101,18 @@ END;
 $$;
 
 -- A no-op kept for compatibility: workers pick up new instances by themselves.
-CREATE FUNCTION df.run(instance_id text DEFAULT NULL) RETURNS text
+CREATE OR REPLACE FUNCTION df.run(instance_id text DEFAULT NULL) RETURNS text
 LANGUAGE sql VOLATILE AS $$
     SELECT CASE WHEN $1 IS NULL THEN 'Triggered run for all pending instances'
                 ELSE 'Triggered run for instance: ' || $1 END;
 $$;
 
 -- ---------------------------------------------------------------------------------------------
--- Variables (spec §5.3). Each role has its own; {name} in a step's SQL is replaced by the
+-- Variables. Each role has its own; {name} in a step's SQL is replaced by the
 -- value the submitter had when the instance started. The explicit owner filter keeps
 -- superusers, who bypass RLS, to their own variables too.
 -- ---------------------------------------------------------------------------------------------
-CREATE FUNCTION df.setvar(name text, value text) RETURNS text
+CREATE OR REPLACE FUNCTION df.setvar(name text, value text) RETURNS text
 LANGUAGE plpgsql VOLATILE STRICT AS $$
 -- Unqualified names in the statements are df.vars columns; parameters are written setvar.x.
 #variable_conflict use_column
@@ -128,13 +129,13 @@ BEGIN
 END;
 $$;
 
-CREATE FUNCTION df.getvar(name text) RETURNS text
+CREATE OR REPLACE FUNCTION df.getvar(name text) RETURNS text
 LANGUAGE sql VOLATILE STRICT AS $$
     SELECT v.value FROM df.vars v
      WHERE v.owner = quote_ident(current_user)::regrole AND v.name = $1;
 $$;
 
-CREATE FUNCTION df.unsetvar(name text) RETURNS text
+CREATE OR REPLACE FUNCTION df.unsetvar(name text) RETURNS text
 LANGUAGE plpgsql VOLATILE STRICT AS $$
 BEGIN
     IF df._in_workflow() THEN
@@ -148,7 +149,7 @@ BEGIN
 END;
 $$;
 
-CREATE FUNCTION df.clearvars() RETURNS text
+CREATE OR REPLACE FUNCTION df.clearvars() RETURNS text
 LANGUAGE plpgsql VOLATILE AS $$
 BEGIN
     IF df._in_workflow() THEN
@@ -162,19 +163,10 @@ END;
 $$;
 
 -- ---------------------------------------------------------------------------------------------
--- Monitoring: df.list_instances, basic overload (spec §9.1)
--- ---------------------------------------------------------------------------------------------
+-- df.list_instances, the basic overload
 
--- pg_durable.list_instances_max_limit, or its default 1000 when unset or out of range. It is
--- a placeholder setting here (no extension registers it), hence the lenient parsing.
-CREATE FUNCTION df._list_instances_max_limit() RETURNS integer
-LANGUAGE sql STABLE AS $$
-    SELECT CASE WHEN s ~ '^\s*[0-9]{1,7}\s*$' AND s::integer BETWEEN 1 AND 1000000
-                THEN s::integer ELSE 1000 END
-      FROM coalesce(current_setting('pg_durable.list_instances_max_limit', true), '') AS s;
-$$;
 
-CREATE FUNCTION df.list_instances(status_filter text DEFAULT NULL, limit_count integer DEFAULT 100)
+CREATE OR REPLACE FUNCTION df.list_instances(status_filter text DEFAULT NULL, limit_count integer DEFAULT 100)
 RETURNS TABLE (instance_id text, label text, function_name text, status text,
                execution_count bigint, output text)
 LANGUAGE plpgsql VOLATILE AS $$
@@ -203,121 +195,130 @@ END;
 $$;
 
 -- ---------------------------------------------------------------------------------------------
--- Misc (spec §5.5)
+-- df.list_instances, the paginated overload. The basic overload above
+-- already orders ties on created_at by id, the order this one pages through.
+--
+-- Keyset pagination: a page is the instances after the last row of the previous page in the
+-- order (created_at DESC, id ASC), so pages neither skip nor repeat rows when instances are
+-- started or removed between two calls. The cursor names that last row: the lower-case hex of
+-- 'v1|<created_at with microseconds and UTC offset>|<id>'. Opaque to callers, but exactly
+-- pg_durable's, so cursors can be passed between the two.
 -- ---------------------------------------------------------------------------------------------
 
--- '<version> (built <time the schema reached this version, UTC>)'. SECURITY DEFINER only to
--- read df._migrations, which users have no privileges on. The version must equal
--- pgdurable.__version__ (a test checks it); a migration that bumps it replaces this function.
-CREATE FUNCTION df.version() RETURNS text
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT '0.1.0 (built '
-           || coalesce(to_char(max(m.applied_at) AT TIME ZONE 'UTC',
-                               'YYYY-MM-DD"T"HH24:MI:SS"Z"'), 'unknown')
-           || ')'
-      FROM df._migrations m;
+-- The row a cursor names, or pg_durable's error for anything that is not a cursor this function
+-- could have produced: odd length, non-hex, more than 512 hex digits, not UTF-8, another
+-- version, an empty part, a timestamp of another shape, or a date that does not exist.
+CREATE OR REPLACE FUNCTION df._list_cursor(cursor text, OUT created_at timestamptz, OUT id text)
+LANGUAGE plpgsql STABLE STRICT SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_text   text;
+    v_parts  text[];
+BEGIN
+    IF length(cursor) <= 512 AND length(cursor) % 2 = 0 AND cursor ~ '^[0-9a-fA-F]*$' THEN
+        BEGIN
+            -- convert_from refuses invalid UTF-8 and NUL bytes.
+            v_text := convert_from(decode(cursor, 'hex'), 'UTF8');
+            -- 'v1|<timestamp>|<id>'; the id is the rest, whatever it holds.
+            v_parts := regexp_match(v_text, '^v1\|([^|]+)\|(.+)$');
+            IF v_parts[1] ~ '^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}[+-]\d{2}(:\d{2})?$' THEN
+                created_at := v_parts[1]::timestamptz;  -- refuses e.g. a 13th month
+                id := v_parts[2];
+                RETURN;
+            END IF;
+        EXCEPTION WHEN others THEN
+            NULL;  -- reported below, like every other malformed cursor
+        END;
+    END IF;
+    RAISE EXCEPTION 'df.list_instances: invalid after_cursor'
+        USING ERRCODE = 'invalid_parameter_value';
+END;
 $$;
 
-CREATE FUNCTION df.duroxide_schema() RETURNS text
+CREATE OR REPLACE FUNCTION df.list_instances(status_filter text, limit_count integer, label_filter text,
+                                  after_cursor text DEFAULT NULL)
+RETURNS TABLE (instance_id text, label text, function_name text, status text,
+               execution_count bigint, output text, created_at timestamptz,
+               completed_at timestamptz, next_cursor text)
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_limit    integer := coalesce(limit_count, 100);
+    v_max      integer := df._list_instances_max_limit();
+    v_after    timestamptz;
+    v_after_id text;
+    v_where    text := '';
+BEGIN
+    IF v_limit < 1 THEN
+        RAISE EXCEPTION 'limit_count must be at least 1' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF v_limit > v_max THEN
+        RAISE EXCEPTION 'df.list_instances: limit_count (%) exceeds pg_durable.list_instances_max_limit (%); request fewer rows, or use the paginated df.list_instances overload (after_cursor/next_cursor) for large result sets',
+            v_limit, v_max USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF after_cursor IS NOT NULL THEN
+        SELECT c.created_at, c.id INTO v_after, v_after_id FROM df._list_cursor(after_cursor) c;
+    END IF;
+    -- Only the filters given are in the statement, planned for these values: each filter has
+    -- an index that yields rows in page order, so a page costs about its size.
+    IF status_filter IS NOT NULL THEN
+        v_where := v_where || ' AND i.status = $2';
+    END IF;
+    IF label_filter IS NOT NULL THEN
+        v_where := v_where || ' AND i.label = $3';
+    END IF;
+    IF v_after IS NOT NULL THEN
+        -- The first condition is implied by the second; spelled out, it bounds the index scan,
+        -- so a deep page does not read every row before it.
+        v_where := v_where || ' AND i.created_at <= $4'
+                           || ' AND (i.created_at < $4 OR (i.created_at = $4 AND i.id > $5))';
+    END IF;
+    -- One row more than the page tells whether there is a next page; the cursor then names
+    -- the page's last row and is repeated on every row, as in pg_durable.
+    RETURN QUERY EXECUTE format($q$
+        WITH page AS (
+            SELECT i.id, i.label, i.status, i.created_at, i.completed_at,
+                   row_number() OVER (ORDER BY i.created_at DESC, i.id) AS n
+              FROM (SELECT i.*
+                      FROM df.instances i
+                     WHERE i.created_at IS NOT NULL %s
+                     ORDER BY i.created_at DESC, i.id
+                     LIMIT $1 + 1) i
+        )
+        SELECT p.id::text, p.label, 'pg_durable::orchestration::execute-function-graph'::text,
+               p.status, r.generation::bigint, r.output, p.created_at, p.completed_at,
+               (SELECT encode(convert_to('v1|' || to_char(l.created_at,
+                                                          'YYYY-MM-DD"T"HH24:MI:SS.USOF')
+                                         || '|' || l.id, 'UTF8'), 'hex')
+                  FROM page l WHERE l.n = $1 AND EXISTS (SELECT 1 FROM page m WHERE m.n > $1))
+          FROM page p
+          LEFT JOIN df._runs r ON r.instance_id = p.id
+         WHERE p.n <= $1
+         ORDER BY p.n
+    $q$, v_where)
+    USING v_limit, status_filter, label_filter, v_after, v_after_id;
+END;
+$$;
+
+-- ---------------------------------------------------------------------------------------------
+-- About the installation
+-- ---------------------------------------------------------------------------------------------
+
+-- '<release> (built <when this release's functions were installed, UTC>)'. SECURITY DEFINER
+-- only to read df._schema, which users have no privileges on.
+CREATE OR REPLACE FUNCTION df.version() RETURNS text
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT s.release || ' (built '
+           || to_char(s.upgraded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"') || ')'
+      FROM df._schema s;
+$$;
+
+CREATE OR REPLACE FUNCTION df.duroxide_schema() RETURNS text
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     SELECT '_duroxide'::text;
 $$;
 
 -- The database SQL steps run in by default: pg_durable.database if set, else this one.
-CREATE FUNCTION df.target_database() RETURNS text
+CREATE OR REPLACE FUNCTION df.target_database() RETURNS text
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     SELECT coalesce(nullif(current_setting('pg_durable.database', true), ''),
                     current_database())::text;
 $$;
-
--- ---------------------------------------------------------------------------------------------
--- Privileges (spec §10.1)
--- ---------------------------------------------------------------------------------------------
-
--- The functions whose EXECUTE is not public, by kind, with their exact signatures. Functions
--- that do not exist (yet) are skipped, so a later migration adding df.http only has to
--- create it and revoke it from PUBLIC.
-CREATE FUNCTION df._private_functions(kind text) RETURNS text[]
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
-    SELECT coalesce(array_agg(f.sig ORDER BY f.ord), '{}')
-      FROM unnest(CASE kind
-                  WHEN 'http' THEN ARRAY['df.http(text,text,text,jsonb,integer)',
-                                         'df.http_multipart(text,text,jsonb,jsonb,integer)']
-                  WHEN 'admin' THEN ARRAY['df.grant_usage(text,boolean,boolean)',
-                                          'df.revoke_usage(text)',
-                                          'df.metrics()']
-                  END) WITH ORDINALITY AS f (sig, ord)
-     WHERE to_regprocedure(f.sig) IS NOT NULL;
-$$;
-
--- Let p_role use pg_durable. Additive; runs as the caller, who needs every privilege it
--- passes on WITH GRANT OPTION (superusers and with_grant admins have them).
-CREATE FUNCTION df.grant_usage(
-    p_role text, include_http boolean DEFAULT false, with_grant boolean DEFAULT false)
-RETURNS void
-LANGUAGE plpgsql VOLATILE SECURITY INVOKER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    grantee text := CASE WHEN lower(p_role) = 'public' THEN 'PUBLIC' ELSE format('%I', p_role) END;
-    opt     text := CASE WHEN with_grant THEN ' WITH GRANT OPTION' ELSE '' END;
-    fn      text;
-BEGIN
-    EXECUTE format('GRANT USAGE ON SCHEMA df TO %s%s', grantee, opt);
-    IF include_http THEN
-        FOREACH fn IN ARRAY df._private_functions('http') LOOP
-            EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %s%s', fn, grantee, opt);
-        END LOOP;
-    END IF;
-    IF with_grant THEN
-        FOREACH fn IN ARRAY df._private_functions('admin') LOOP
-            EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %s%s', fn, grantee, opt);
-        END LOOP;
-    END IF;
-    EXECUTE format('GRANT SELECT ON df.instances TO %s%s', grantee, opt);
-    EXECUTE format('GRANT UPDATE (status, updated_at) ON df.instances TO %s%s', grantee, opt);
-    EXECUTE format('GRANT SELECT ON df.nodes TO %s%s', grantee, opt);
-    EXECUTE format('GRANT INSERT (id, label, root_node, submitted_by, database) ON df.instances '
-                   'TO %s%s', grantee, opt);
-    EXECUTE format('GRANT INSERT (id, instance_id, node_type, query, result_name, left_node, '
-                   'right_node, submitted_by, database) ON df.nodes TO %s%s', grantee, opt);
-    EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON df.vars TO %s%s', grantee, opt);
-    -- For df.list_instances: generation and output of the role's own runs (RLS on df._runs).
-    EXECUTE format('GRANT SELECT (instance_id, generation, output) ON df._runs TO %s%s',
-                   grantee, opt);
-    RAISE NOTICE 'pg_durable: granted df usage privileges to "%"', p_role;
-END;
-$$;
-
--- Undo df.grant_usage. PostgreSQL's grantor rules apply: only grants made by the caller are
--- revoked, CASCADE takes along whatever the grantee passed on.
-CREATE FUNCTION df.revoke_usage(p_role text) RETURNS void
-LANGUAGE plpgsql VOLATILE SECURITY INVOKER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    grantee text := CASE WHEN lower(p_role) = 'public' THEN 'PUBLIC' ELSE format('%I', p_role) END;
-    fn      text;
-BEGIN
-    FOREACH fn IN ARRAY df._private_functions('http') || df._private_functions('admin') LOOP
-        BEGIN
-            EXECUTE format('REVOKE EXECUTE ON FUNCTION %s FROM %s CASCADE', fn, grantee);
-        EXCEPTION WHEN insufficient_privilege THEN
-            -- The caller has no privilege on it at all, so it granted nothing to revoke.
-            NULL;
-        END;
-    END LOOP;
-    EXECUTE format('REVOKE SELECT, INSERT, UPDATE, DELETE ON df.vars FROM %s CASCADE', grantee);
-    EXECUTE format('REVOKE SELECT (instance_id, generation, output) ON df._runs FROM %s CASCADE',
-                   grantee);
-    EXECUTE format('REVOKE INSERT (id, instance_id, node_type, query, result_name, left_node, '
-                   'right_node, submitted_by, database) ON df.nodes FROM %s CASCADE', grantee);
-    EXECUTE format('REVOKE INSERT (id, label, root_node, submitted_by, database) ON df.instances '
-                   'FROM %s CASCADE', grantee);
-    EXECUTE format('REVOKE SELECT ON df.nodes FROM %s CASCADE', grantee);
-    EXECUTE format('REVOKE UPDATE (status, updated_at) ON df.instances FROM %s CASCADE', grantee);
-    EXECUTE format('REVOKE SELECT ON df.instances FROM %s CASCADE', grantee);
-    EXECUTE format('REVOKE USAGE ON SCHEMA df FROM %s CASCADE', grantee);
-    RAISE NOTICE 'pg_durable: revoked df usage privileges granted by "%" from "%"',
-        current_user, p_role;
-END;
-$$;
-
-REVOKE EXECUTE ON FUNCTION df.grant_usage(text, boolean, boolean) FROM PUBLIC;
-REVOKE EXECUTE ON FUNCTION df.revoke_usage(text) FROM PUBLIC;

@@ -1,28 +1,48 @@
--- pgdurable schema, version 17: no tenant can stall the others.
+-- The engine: how a workflow advances, one checkpoint at a time.
 --
--- * Fair shares. Each task carries its submitter's role (df._tasks.role_oid, indexed with
---   visible_at), so a worker claims per role: among the roles with due work, the one holding
---   the fewest of its slots goes first, and no role gets more than the worker's per-role cap
---   (df._claim, at the end of this file).
--- * Checkpoints never wait long on a lock a tenant can hold. A tenant may lock its own
---   df.instances rows (SELECT ... FOR UPDATE, an UPDATE left open), and df.signal locks the
---   instance and its signal tasks until the sender commits. The functions that write progress
---   give up after lock_timeout; the worker then rolls the step back, gives its task back with a
---   growing delay (df._tasks.deferrals) and goes on with other work.
--- * Signal payloads no bigger than a step result may be (df._consume_signal).
+-- The flow of one workflow through this file (start.sql and signals.sql hold the rest):
+--
+--   df.start                        INSERT df.instances, df.nodes (caller's transaction)
+--     trigger instances_created     df._runs row, df.vars snapshot, the 'start' task, NOTIFY
+--   df._claim                       a worker leases due tasks, shared fairly between roles
+--   for each task, one transaction:
+--     df._checkpoint_begin          is the task still ours? lock the instance, return its
+--                                   state and the time
+--     the step itself               SQL on a connection logged in as the submitter, in this
+--                                   same transaction; or an HTTP response, a timer that
+--                                   fired, a signal (df._consume_signal)
+--     df._checkpoint                write the nodes' results, the new state and new tasks;
+--                                   retire the task; lease the steps that follow to this
+--                                   worker; on the last, the instance's status and output
+--     COMMIT                        the step's effect and its record, together
+--   df.cancel → trigger instances_cancelled: the tasks go, NOTIFY pgdurable_cancel
+--
+-- How a step commits. A worker claims a task and gets a secret token. For a SQL step it opens
+-- a transaction on a connection logged in as the submitting role, runs the user's statement,
+-- then calls df._checkpoint_begin and df._checkpoint in that same transaction and commits.
+-- The statement, its recorded result and the graph's advance are therefore one transaction: a
+-- crash before COMMIT undoes all three, and another worker reruns the step. These functions
+-- are SECURITY DEFINER so a user connection can write engine state, and they refuse to do
+-- anything without the current token of the task, which the user's SQL never sees (it is
+-- sent as a bind parameter after the statement ran).
+--
+-- Lock order, everywhere: the df.instances row, then df._tasks rows. Checkpoints never wait
+-- long on a lock a tenant can hold: a tenant may lock its own df.instances rows (SELECT ...
+-- FOR UPDATE, an UPDATE left open), and df.signal locks the instance until the sender
+-- commits. The functions that write progress give up after lock_timeout (500 ms: far above
+-- what checkpoints of one instance make each other wait, a few milliseconds each); the worker
+-- then rolls the step back, gives its task back with a growing delay (df._tasks.deferrals)
+-- and goes on with other work.
+--
+-- Times written here use clock_timestamp(): a step's transaction began before its statement
+-- ran, perhaps long ago, and now() would date its results (and leases) that far back.
+
 -- ---------------------------------------------------------------------------------------------
-
-ALTER TABLE df._tasks ADD COLUMN role_oid oid;
-UPDATE df._tasks t SET role_oid = i.submitted_by FROM df.instances i WHERE i.id = t.instance_id;
-ALTER TABLE df._tasks ALTER COLUMN role_oid SET NOT NULL;
--- How often the task was given back because its checkpoint could not get a lock: the next
--- try waits longer each time.
-ALTER TABLE df._tasks ADD COLUMN deferrals integer NOT NULL DEFAULT 0;
--- The claim walks the roles that have tasks (one index probe each), then takes each role's
--- due tasks in order.
-CREATE INDEX tasks_role_visible_idx ON df._tasks (role_oid, visible_at);
-
--- The start task carries the submitter; every later task inherits it (df._checkpoint).
+-- df.start() inserts the instance row; this trigger creates its engine state, snapshots the
+-- submitter's variables, queues the start task and wakes the workers. All of
+-- it is part of the caller's transaction, so a rollback leaves nothing and NOTIFY is only
+-- delivered on commit.
+-- ---------------------------------------------------------------------------------------------
 CREATE OR REPLACE FUNCTION df._instance_created() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
@@ -30,6 +50,7 @@ BEGIN
     SELECT NEW.id, coalesce(jsonb_object_agg(v.name, v.value), '{}')
       FROM df.vars v
      WHERE v.owner = NEW.submitted_by AND v.value IS NOT NULL;
+    -- The start task carries the submitter; every later task inherits it (df._checkpoint).
     INSERT INTO df._tasks (instance_id, role_oid, activation, kind)
     VALUES (NEW.id, NEW.submitted_by, 0, 'start');
     PERFORM pg_notify('pgdurable_tasks', '');
@@ -37,12 +58,64 @@ BEGIN
 END;
 $$;
 
--- Lock waits. 500 ms is far above what checkpoints of one instance make each other wait (a
--- few milliseconds each), and short enough that a held lock costs a worker slot only briefly.
-ALTER FUNCTION df._checkpoint_begin(bigint, uuid) SET lock_timeout = '500ms';
+REVOKE ALL ON FUNCTION df._instance_created() FROM PUBLIC;
+
+CREATE OR REPLACE TRIGGER instances_created AFTER INSERT ON df.instances
+    FOR EACH ROW EXECUTE FUNCTION df._instance_created();
+
+-- df.cancel() sets status 'cancelled': drop the instance's queued work at once, and tell
+-- workers (the payload is the instance id) to cancel its statements in flight.
+CREATE OR REPLACE FUNCTION df._instance_cancelled() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    DELETE FROM df._tasks WHERE instance_id = NEW.id;
+    PERFORM pg_notify('pgdurable_cancel', NEW.id);
+    RETURN NULL;
+END;
+$$;
+
+REVOKE ALL ON FUNCTION df._instance_cancelled() FROM PUBLIC;
+
+CREATE OR REPLACE TRIGGER instances_cancelled AFTER UPDATE OF status ON df.instances
+    FOR EACH ROW WHEN (NEW.status = 'cancelled' AND OLD.status IS DISTINCT FROM 'cancelled')
+    EXECUTE FUNCTION df._instance_cancelled();
 
 -- ---------------------------------------------------------------------------------------------
--- df._checkpoint (version 9's, with the role carried to new tasks and a lock timeout).
+-- df._checkpoint_begin: lock the instance and return what the interpreter needs, provided the
+-- caller still holds the task. No row back means the task is gone (its instance was cancelled,
+-- or a RACE it belonged to was decided) or its lease was taken over: the caller must roll back.
+-- ---------------------------------------------------------------------------------------------
+-- role_exists is false when the submitter was dropped: a pooled connection may still be logged
+-- in as it, so the step is rolled back and the instance failed instead.
+CREATE OR REPLACE FUNCTION df._checkpoint_begin(p_task bigint, p_token uuid)
+RETURNS TABLE (instance_status text, state jsonb, vars jsonb, now double precision,
+               role_exists boolean)
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp SET lock_timeout = '500ms' AS $$
+DECLARE
+    v_instance varchar(8);
+BEGIN
+    -- A stale token must not even lock the instance: the worker holding it may be frozen
+    -- with this transaction open.
+    SELECT t.instance_id INTO v_instance FROM df._tasks t WHERE t.id = p_task AND t.token = p_token;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    PERFORM 1 FROM df.instances i WHERE i.id = v_instance FOR NO KEY UPDATE;
+    PERFORM 1 FROM df._tasks t WHERE t.id = p_task AND t.token = p_token FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    RETURN QUERY
+        SELECT i.status, r.state, r.vars, extract(epoch FROM clock_timestamp())::float8,
+               EXISTS (SELECT 1 FROM pg_roles WHERE oid = i.submitted_by)
+          FROM df.instances i JOIN df._runs r ON r.instance_id = i.id
+         WHERE i.id = v_instance;
+END;
+$$;
+
+-- ---------------------------------------------------------------------------------------------
+-- df._checkpoint: apply one interpreter transition and retire the task that caused it.
 --
 -- p_change is the transition as JSON:
 --   state       the new interpreter state
@@ -54,6 +127,10 @@ ALTER FUNCTION df._checkpoint_begin(bigint, uuid) SET lock_timeout = '500ms';
 --   outcome     null, or {"status": "completed"|"failed", "output": text}
 -- Up to p_claim of the new SQL and HTTP tasks that can run now are leased to p_worker for
 -- p_lease_seconds and returned, so the worker goes on with them without another claim.
+--
+-- Both checkpoint functions stay executable by PUBLIC: a step's connection is logged in as
+-- the submitting role, whoever that is. The task's token, which the user's SQL never sees, is
+-- the guard.
 -- ---------------------------------------------------------------------------------------------
 CREATE OR REPLACE FUNCTION df._checkpoint(
     p_task bigint, p_token uuid, p_change jsonb,
@@ -150,7 +227,7 @@ BEGIN
                CASE WHEN n.claimed
                     THEN clock_timestamp() + make_interval(secs => p_lease_seconds)
                     -- A signal wait is due at once if its signal is already buffered, else at
-                    -- its deadline (or never); df.signal wakes it (df._signals: migration 7).
+                    -- its deadline (or never); df.signal wakes it (signals.sql).
                     WHEN n.kind = 'signal'
                     THEN CASE WHEN EXISTS (
                                   SELECT 1 FROM df._signals s
@@ -183,44 +260,13 @@ END;
 $$;
 
 -- ---------------------------------------------------------------------------------------------
--- Signal payloads no bigger than a step result (pg_durable.max_result_bytes).
---
--- A wait consumes its signal with df._consume_signal in the worker's own session, which now
--- takes the worker's limit (the setting as the worker's session sees it: users may SET any
--- pg_durable.* placeholder in their own sessions, so only the worker's value counts) and never
--- hands over a payload above it: the signal is consumed all the same, and the worker learns
--- only its size, and fails the wait.
--- ---------------------------------------------------------------------------------------------
-DROP FUNCTION df._consume_signal(varchar, text, integer);
-CREATE FUNCTION df._consume_signal(p_instance varchar, p_name text, p_activation integer,
-                                   p_max_bytes bigint)
-RETURNS TABLE (data jsonb, data_bytes bigint)
-LANGUAGE sql VOLATILE AS $$
-    WITH taken AS (
-        UPDATE df._signals s
-           SET consumed_at = clock_timestamp(), consumed_by = p_activation
-         WHERE s.id = (SELECT o.id FROM df._signals o
-                        WHERE o.instance_id = p_instance AND o.name = p_name
-                          AND o.consumed_at IS NULL
-                        ORDER BY o.id
-                        LIMIT 1
-                          FOR UPDATE)
-        RETURNING s.data, octet_length(s.data::text)::bigint AS data_bytes
-    )
-    SELECT CASE WHEN t.data_bytes <= p_max_bytes THEN t.data END, t.data_bytes FROM taken t;
-$$;
-REVOKE ALL ON FUNCTION df._consume_signal(varchar, text, integer, bigint) FROM PUBLIC;
--- Its lock waits are bounded like the checkpoint's (see the top of this file).
-ALTER FUNCTION df._consume_signal(varchar, text, integer, bigint) SET lock_timeout = '500ms';
-
--- ---------------------------------------------------------------------------------------------
 -- df._waiting_roles: the roles that have due tasks nobody holds (a leased task is due only
 -- once its lease ran out). The roles that have tasks are found by a loose index scan (one
 -- probe of tasks_role_visible_idx per role, none at all when nothing is due), and those with
 -- due tasks kept.
 -- ---------------------------------------------------------------------------------------------
 -- (No SET clause: PostgreSQL then inlines it into df._claim's query and plans them as one.)
-CREATE FUNCTION df._waiting_roles() RETURNS SETOF oid
+CREATE OR REPLACE FUNCTION df._waiting_roles() RETURNS SETOF oid
 LANGUAGE sql STABLE AS $$
     WITH RECURSIVE roles (role_oid) AS (
         (SELECT t.role_oid FROM df._tasks t
@@ -244,8 +290,8 @@ REVOKE ALL ON FUNCTION df._waiting_roles() FROM PUBLIC;
 --
 -- The free slots go to the roles with due tasks (df._waiting_roles) like water: the level is
 -- what each would hold if the free slots and those the roles hold already (p_held_roles,
--- p_held_slots: this worker's) were shared evenly, and each role offers its due tasks, oldest first, up to that level and
--- under p_cap, locking them as it goes (SKIP LOCKED: workers claiming at once take different
+-- p_held_slots: this worker's) were shared evenly, and each role offers its due tasks, oldest
+-- first, up to that level and under p_cap, locking them as it goes (SKIP LOCKED: workers claiming at once take different
 -- tasks). The offers are taken in turns: a role's n-th offer has turn held + n, so the slots
 -- go to the roles holding the fewest, and a lone role gets every slot. Offers not taken (the
 -- level is rounded up) stay locked until the claim commits, a moment later.
@@ -254,7 +300,7 @@ REVOKE ALL ON FUNCTION df._waiting_roles() FROM PUBLIC;
 -- again at every call, for its parameter values, which costs more than running it; here the
 -- plan is made once per session.
 -- ---------------------------------------------------------------------------------------------
-CREATE FUNCTION df._claim(p_worker uuid, p_limit integer, p_lease double precision,
+CREATE OR REPLACE FUNCTION df._claim(p_worker uuid, p_limit integer, p_lease double precision,
                           p_cap integer, p_held_roles oid[], p_held_slots integer[])
 RETURNS TABLE (id bigint, token uuid, kind text, activation integer, node_id varchar(8),
                payload jsonb, attempts integer, instance_id varchar(8), role text,
@@ -307,3 +353,105 @@ END;
 $$;
 REVOKE ALL ON FUNCTION df._claim(uuid, integer, double precision, integer, oid[], integer[])
     FROM PUBLIC;
+
+
+-- ---------------------------------------------------------------------------------------------
+-- Bookkeeping triggers: when an instance finished, when a node last started, and the
+-- executions a root loop ended.
+-- ---------------------------------------------------------------------------------------------
+
+-- df._checkpoint writes the output exactly when the instance ends: the checkpoint's own
+-- UPDATE of df._runs stamps finished_at then (a BEFORE trigger, no second row version).
+CREATE OR REPLACE FUNCTION df._run_finished() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    NEW.finished_at := clock_timestamp();
+    RETURN NEW;
+END;
+$$;
+
+REVOKE ALL ON FUNCTION df._run_finished() FROM PUBLIC;
+
+CREATE OR REPLACE TRIGGER runs_finished BEFORE UPDATE OF output ON df._runs
+    FOR EACH ROW WHEN (NEW.output IS NOT NULL AND NEW.finished_at IS NULL)
+    EXECUTE FUNCTION df._run_finished();
+
+-- What ends without an output (a cancel, a NULL result) is stamped when its status becomes
+-- terminal; otherwise this finds finished_at set and writes nothing. Terminal statuses never
+-- change again (users may only cancel: security.sql), so it fires once per instance.
+-- SECURITY DEFINER because df.cancel runs as the user, who may not write df._runs.
+CREATE OR REPLACE FUNCTION df._instance_finished() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    UPDATE df._runs r SET finished_at = clock_timestamp()
+     WHERE r.instance_id = NEW.id AND r.finished_at IS NULL;
+    RETURN NULL;
+END;
+$$;
+
+REVOKE ALL ON FUNCTION df._instance_finished() FROM PUBLIC;
+
+CREATE OR REPLACE TRIGGER instances_finished AFTER UPDATE OF status ON df.instances
+    FOR EACH ROW WHEN (NEW.status IN ('completed', 'failed', 'cancelled')
+                       AND OLD.status IS DISTINCT FROM NEW.status)
+    EXECUTE FUNCTION df._instance_finished();
+
+-- A node's start, stamped whenever it becomes running (again, in each loop iteration or
+-- retried attempt), so that monitoring can show how long each step took.
+CREATE OR REPLACE FUNCTION df._node_started() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    -- clock_timestamp: a checkpoint's transaction may have begun long before (now()).
+    NEW.started_at := clock_timestamp();
+    RETURN NEW;
+END;
+$$;
+
+REVOKE ALL ON FUNCTION df._node_started() FROM PUBLIC;
+
+CREATE OR REPLACE TRIGGER nodes_started BEFORE UPDATE OF status ON df.nodes
+    FOR EACH ROW WHEN (NEW.status = 'running' AND OLD.status IS DISTINCT FROM 'running')
+    EXECUTE FUNCTION df._node_started();
+
+
+-- A root loop began its next iteration: the execution that ended is recorded. It began when
+-- the one before it ended (or with the instance), at that one's last checkpoint count (or 0).
+-- The interpreter state (graph/interpreter.py) still holds the loop's activation,
+-- whose "last" is the body result of the iteration that ended; the root loop is the one
+-- iterating execution "0". Nothing here may fail a checkpoint, so a state of another shape
+-- only loses that output.
+CREATE OR REPLACE FUNCTION df._execution_continued() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_output  text;
+BEGIN
+    IF jsonb_typeof(NEW.state -> 'acts') = 'object' THEN
+        SELECT a.value ->> 'last' INTO v_output
+          FROM jsonb_each(NEW.state -> 'acts') AS a
+         WHERE jsonb_typeof(a.value) = 'object' AND a.value ->> 'loop_exec' = '0'
+         LIMIT 1;
+    END IF;
+    INSERT INTO df._executions (instance_id, generation, status, started_at, finished_at,
+                                first_event, events, output)
+    SELECT NEW.instance_id, OLD.generation, 'ContinuedAsNew',
+           coalesce(p.finished_at, i.created_at, clock_timestamp()), clock_timestamp(),
+           coalesce(p.first_event + p.events, 0),
+           OLD.checkpoints - coalesce(p.first_event + p.events, 0), v_output
+      FROM df.instances i
+      LEFT JOIN df._executions p
+             ON p.instance_id = NEW.instance_id AND p.generation = OLD.generation - 1
+     WHERE i.id = NEW.instance_id
+    ON CONFLICT (instance_id, generation) DO NOTHING;
+    DELETE FROM df._executions e
+     WHERE e.instance_id = NEW.instance_id AND e.generation <= NEW.generation - 1000;
+    RETURN NULL;
+END;
+$$;
+
+-- Every checkpoint sets generation; the WHEN clause keeps the trigger to real changes, so an
+-- ordinary checkpoint queues nothing.
+CREATE OR REPLACE TRIGGER runs_execution_continued AFTER UPDATE OF generation ON df._runs
+    FOR EACH ROW WHEN (NEW.generation IS DISTINCT FROM OLD.generation)
+    EXECUTE FUNCTION df._execution_continued();
+
+REVOKE ALL ON FUNCTION df._execution_continued() FROM PUBLIC;

@@ -1,0 +1,10 @@
+-- What a release removed, or changed in a way CREATE OR REPLACE cannot.
+--
+-- Every install applies the area files again; CREATE OR REPLACE keeps a function's
+-- privileges, but cannot change its return type or parameter names, or remove an overload,
+-- a trigger or a policy that the new files no longer define. Such changes drop the old object
+-- here, guarded so that the drop happens once (IF EXISTS, or a check of the old definition),
+-- and the area files create the new one. Privileges that df.grant_usage gave on a dropped
+-- function come back through df.refresh_grants, which every upgrade runs.
+--
+-- Nothing yet: 0.1.0 is the first release.
