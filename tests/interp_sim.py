@@ -1,6 +1,10 @@
 """A worker in miniature for pure interpreter tests: ``G`` builds graphs node by node and
-``Sim`` keeps the state (round-tripped through JSON, as the store does), the outstanding
-tasks, every node write and the outcome."""
+``Sim`` keeps the state (round-tripped through its stored JSON, as the store does), the
+outstanding tasks, every node write and the outcome.
+
+At every event the simulator also checks what no test states but every test relies on: the
+interpreter left the state it was given unchanged, the stored form reads back as the same
+state, and the state holds no execution or environment that no live activation uses."""
 
 from __future__ import annotations
 
@@ -9,6 +13,14 @@ from typing import Any
 
 from pgdurable.graph import interpreter as interp
 from pgdurable.graph.model import Graph, Node
+from pgdurable.graph.state import (
+    ROOT,
+    ForkActivation,
+    InstanceState,
+    LoopActivation,
+    from_json,
+    to_json,
+)
 
 INSTANCE = "abcd0123"
 
@@ -93,11 +105,18 @@ class Sim:
         self.tasks: dict[int, interp.TaskSpec] = {}
         self.writes: list[interp.NodeWrite] = []
         self.outcome: interp.Outcome | None = None
-        self.state: dict[str, Any] = {}
+        self.stored: dict[str, Any] = {}  # the state as the store keeps it
+        self.state = InstanceState.initial(graph.instance_id)
         self._apply(interp.start(graph, self.variables, now, **self.limit))
 
     def _apply(self, t: interp.Transition) -> None:
-        self.state = json.loads(json.dumps(t.state))  # what the store would keep
+        assert to_json(self.state) == self.stored or not self.stored, "the old state changed"
+        assert t.next_state is not None
+        _check_ownership(t.next_state)
+        self.stored = json.loads(json.dumps(t.state))  # through JSON text, as jsonb does
+        loaded = from_json(self.stored)
+        assert loaded == t.next_state, "the stored form does not read back as the state"
+        self.state = loaded
         self.writes += t.writes
         for aid in t.dropped:
             self.tasks.pop(aid, None)
@@ -166,3 +185,19 @@ class Sim:
 
     def stamp(self, node_id: str) -> str:
         return [w.execution_id for w in self.writes if w.node_id == node_id][-1]
+
+
+def _check_ownership(state: InstanceState) -> None:
+    """Every execution and environment is the instance's own or used by a live activation,
+    and every one an activation uses exists."""
+    execs, envs = {ROOT}, {ROOT}
+    for act in state.acts.values():
+        execs.add(act.exec_id)
+        envs.add(act.env_id)
+        if isinstance(act, ForkActivation):
+            execs.update(act.branch_execs)
+            envs.update(act.branch_envs)
+        if isinstance(act, LoopActivation):
+            execs.add(act.loop_exec)
+    assert set(state.execs) == execs, (sorted(state.execs), sorted(execs))
+    assert set(state.envs) == envs, (sorted(state.envs), sorted(envs))

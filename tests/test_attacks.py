@@ -271,14 +271,18 @@ def test_dblink_cannot_log_in_as_another_role(
 
 # SECURITY DEFINER functions an ordinary role may call, each reviewed for what a caller can
 # make it do: the checkpoint pair demands the task's secret token; df.version reads the
-# migration list; df._start_in_new_transaction (transaction_mode => 'new') logs its loopback
-# in as the caller's session_user and SET ROLEs to the requested role, which PostgreSQL
-# checks against that login's memberships. A new one must be reviewed and added here.
+# migration list; df._in_new_transaction (transaction_mode => 'new' of df.start and df.signal)
+# logs its loopback in as the caller's session_user and SET ROLEs to the requested role, which
+# PostgreSQL checks against that login's memberships, and calls one of two fixed functions
+# with quoted arguments; df._admin_setting returns what an administrator set a pg_durable.*
+# setting to (and nothing for other names, whose values the configuration files may keep
+# secret). A new one must be reviewed and added here.
 REVIEWED_DEFINERS = {
     "df._checkpoint(bigint,uuid,jsonb,uuid,integer,double precision)",
     "df._checkpoint_begin(bigint,uuid)",
     "df.version()",
-    "df._start_in_new_transaction(text,text,text,text)",
+    "df._in_new_transaction(text,text[],text)",
+    "df._admin_setting(text)",
 }
 
 

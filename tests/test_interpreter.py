@@ -13,6 +13,7 @@ import pytest
 from interp_sim import INSTANCE, G, Sim, rows
 
 from pgdurable.graph import interpreter as interp
+from pgdurable.graph.state import StateFormatError, from_json
 
 # -- SQL and THEN --------------------------------------------------------------------------------
 
@@ -458,7 +459,7 @@ def test_state_stays_small_as_a_loop_runs() -> None:
     for _ in range(50):
         sim.now += 2
         sim.complete(body)
-        sizes.append(len(json.dumps(sim.state)))
+        sizes.append(len(json.dumps(sim.stored)))
     assert max(sizes) - min(sizes) < 16  # only counters grow, by a digit or two
 
 
@@ -562,3 +563,45 @@ def test_schedule_loop_keeps_its_cadence_without_drift() -> None:
         sim.now += 7  # the work takes a while (so no 1 s padding); the ticks must not shift
         sim.complete(work)
     assert [b - a for a, b in itertools.pairwise(ticks)] == [300.0] * 4
+
+
+# -- the stored state ----------------------------------------------------------------------------
+
+
+def test_a_root_loop_keeps_loop_exec_and_last_where_the_database_reads_them() -> None:
+    # The trigger recording a root loop's finished executions finds the loop's activation by
+    # loop_exec = '0' (as text) and takes the body result of the iteration that ended as last.
+    g = G()
+    body = g.sql("SELECT n")
+    looping = g.loop(body)
+    sim = Sim(g.graph(looping))
+    sim.complete(body, rows({"n": 1}))
+    sim.fire(looping)  # the padding timer of the quick iteration
+    assert sim.generation == 2
+    found = [a for a in sim.stored["acts"].values() if str(a.get("loop_exec")) == "0"]
+    assert [a["last"] for a in found] == [rows({"n": 1})]
+
+
+def test_a_state_of_another_format_is_refused() -> None:
+    g = G()
+    sim = Sim(g.graph(g.sql("SELECT 1")))
+    assert from_json(sim.stored) == sim.state
+    with pytest.raises(StateFormatError, match="format 1"):
+        from_json({**sim.stored, "format": 1})
+    assert from_json({}) is None and from_json(None) is None
+
+
+def test_a_malformed_state_is_refused() -> None:
+    g = G()
+    a, b = g.sql("SELECT 1"), g.sql("SELECT 2")
+    sim = Sim(g.graph(g.join(a, b)))
+    sim.complete(a)
+    join = next(x for x in sim.stored["acts"].values() if x.get("kind") == "join")
+    assert join["done"][0][:2] == ["ok", rows()]
+    join["done"][0] = join["done"][0][:2]  # [kind, value]: no failure code
+    with pytest.raises(StateFormatError):
+        from_json(sim.stored)
+    join["done"][0] = None
+    join["exec"] = str(join["exec"])
+    with pytest.raises(StateFormatError, match="activation"):
+        from_json(sim.stored)

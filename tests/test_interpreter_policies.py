@@ -385,7 +385,7 @@ def test_http_under_a_timeout_carries_the_deadline() -> None:
 def test_error_changes_of_one_transition_fold_into_one_write() -> None:
     w = interp.NodeWrite
     transition = interp.Transition(
-        state={},
+        next_state=None,
         writes=[
             w("r", "running", None, "x::1", ("set", "")),
             w("r", "running", None, "x::1", ("append", "attempt 1: a")),

@@ -627,7 +627,8 @@ def test_list_instances_paginated_limits(su: Conn) -> None:
             ),
         ],
     )
-    su.execute("SET pg_durable.list_instances_max_limit = 2")
+    # An administrator's limit (df.set_setting; tests/test_settings.py has the other ways).
+    su.execute("SELECT df.set_setting('pg_durable.list_instances_max_limit', '2')")
     check(
         su,
         [
@@ -653,7 +654,7 @@ def test_list_instances_paginated_limits(su: Conn) -> None:
             )
         ],
     )
-    su.execute("SET pg_durable.list_instances_max_limit = 1000000")
+    su.execute("SELECT df.set_setting('pg_durable.list_instances_max_limit', '1000000')")
     check(su, [("(SELECT count(*) FROM df.list_instances(NULL, 1000000, NULL))", 3)])
 
 

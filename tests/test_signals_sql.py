@@ -8,7 +8,6 @@ End-to-end behaviour with a worker is in test_waits.py.
 
 from __future__ import annotations
 
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -191,8 +190,14 @@ def test_wait_for_signal_builds_the_envelope_byte_for_byte(conn: Conn) -> None:
             ),
             (
                 "(SELECT proisstrict AND NOT prosecdef FROM pg_proc"
-                " WHERE oid = 'df.signal(text,text,text)'::regprocedure)",
+                " WHERE oid = 'df.signal(text,text,text,text)'::regprocedure)",
                 True,
+            ),
+            # One df.signal: the 4-argument one (transaction_mode has a default).
+            (
+                "(SELECT count(*) FROM pg_proc WHERE proname = 'signal'"
+                " AND pronamespace = 'df'::regnamespace)",
+                1,
             ),
         ],
     )
@@ -416,7 +421,16 @@ def test_cascade_on_instance_delete(app: App, conn: Conn) -> None:
 # -- waking waits -------------------------------------------------------------------------------
 
 
-def test_a_signal_wakes_the_waits_of_its_name(app: App, conn: Conn, dsn: str) -> None:
+def wake(conn: Conn, instances: list[str] | None) -> list[str]:
+    """df._wake_signal_waits as the worker calls it, for instances whose signals committed
+    (None: the sweep): the instances it could not lock just then."""
+    rows = conn.execute("SELECT * FROM df._wake_signal_waits(%s::text[])", (instances,)).fetchall()
+    return [str(r[0]) for r in rows]
+
+
+def test_a_committed_signal_is_announced_and_the_worker_wakes_the_waits_of_its_name(
+    app: App, conn: Conn, dsn: str
+) -> None:
     instance = app.start("df.wait_for_signal('go')")
     elsewhere = app.start("df.wait_for_signal('go')")
     waiting = add_task(conn, instance, 1, "go")  # no timeout
@@ -426,8 +440,18 @@ def test_a_signal_wakes_the_waits_of_its_name(app: App, conn: Conn, dsn: str) ->
     timer = add_task(conn, instance, 5, "go", due_in="1 hour", kind="timer")
     other_instance = add_task(conn, elsewhere, 1, "go")
     with psycopg.connect(dsn, autocommit=True) as listener:
+        listener.execute("LISTEN pgdurable_signals")
         listener.execute("LISTEN pgdurable_tasks")
+
+        def heard() -> list[tuple[str, str]]:
+            return [(n.channel, n.payload) for n in listener.notifies(timeout=1, stop_after=2)]
+
         assert signal(app.conn, instance, "go", "1") == "OK"
+        # The sender wakes nothing itself: it tells the workers which instance, at its commit.
+        assert not due(conn, waiting) and not due(conn, deadline)
+        assert heard() == [("pgdurable_signals", instance)]
+        # A worker then wakes the waits of that name.
+        assert wake(conn, [instance]) == []
         assert [due(conn, t) for t in (waiting, deadline)] == [True, True]
         # A leased wait is left to its worker, which is about to look for signals itself.
         assert [due(conn, t) for t in (other_name, leased, timer, other_instance)] == [
@@ -436,20 +460,41 @@ def test_a_signal_wakes_the_waits_of_its_name(app: App, conn: Conn, dsn: str) ->
             False,
             False,
         ]
-        assert [n.channel for n in listener.notifies(timeout=2, stop_after=1)] == [
-            "pgdurable_tasks"
-        ]
-        # A signal nobody waits for is only buffered: no wake-up call.
+        assert heard() == [("pgdurable_tasks", "")]
+        # A signal nobody waits for is only buffered: no wake-up call for the claim loop.
         assert signal(app.conn, instance, "nobody", "2") == "OK"
-        assert list(listener.notifies(timeout=0.5, stop_after=1)) == []
+        assert heard() == [("pgdurable_signals", instance)]
+        assert wake(conn, [instance]) == []
+        assert heard() == []
         assert value(conn, "SELECT df._signal_pending(%s, 'nobody')", (instance,)) is True
+        # One notification per instance and transaction; none for a rollback.
+        with app.conn.transaction():
+            for data in ("a", "b", "c"):
+                signal(app.conn, instance, "later", data)
+            signal(app.conn, elsewhere, "later")
+        assert sorted(heard()) == sorted(
+            [("pgdurable_signals", instance), ("pgdurable_signals", elsewhere)]
+        )
+        with pytest.raises(psycopg.errors.QueryCanceled), app.conn.transaction():
+            signal(app.conn, instance, "undone")
+            app.conn.execute("SET LOCAL statement_timeout = 1; SELECT pg_sleep(1)")
+        assert heard() == []
+        assert value(conn, "SELECT df._signal_pending(%s, 'undone')", (instance,)) is False
+    # The sweep finds what a notification would have named: a wait that sleeps although its
+    # signal is buffered (written by hand here; a checkpoint would have made it due at once).
+    late = add_task(conn, instance, 6, "nobody")
+    assert not due(conn, late)
+    assert wake(conn, None) == []
+    assert due(conn, late)
 
 
 def test_a_signal_is_not_lost_when_a_wait_starts_concurrently(
     app: App, conn: Conn, dsn: str
 ) -> None:
     """The checkpoint that starts (or re-arms) a wait holds the instance row FOR NO KEY UPDATE
-    and sees no signal; df.signal waits for it, then makes the new task visible."""
+    and sees no signal; the signal commits meanwhile (it waits for nothing). The worker's
+    wake-up passes the locked instance over and says so; tried again once the checkpoint
+    committed, it makes the new task due."""
     instance = app.start("df.wait_for_signal('go')")
     with psycopg.connect(dsn) as checkpoint:
         checkpoint.execute(
@@ -457,83 +502,76 @@ def test_a_signal_is_not_lost_when_a_wait_starts_concurrently(
         )
         assert value(checkpoint, "SELECT df._signal_pending(%s, 'go')", (instance,)) is False
         task = add_task(checkpoint, instance, 1, "go")
-        pid = value(app.conn, "SELECT pg_backend_pid()")
-        sent: list[object] = []
-        sender = threading.Thread(target=lambda: sent.append(signal(app.conn, instance, "go")))
-        sender.start()
-        wait_until(
-            lambda: (
-                value(conn, "SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", (pid,))
-                == "Lock"
-            )
-        )
+        assert signal(app.conn, instance, "go") == "OK"
+        assert wake(conn, [instance]) == [instance]  # locked: to be tried again
         checkpoint.commit()
-        sender.join(10)
-    assert sent == ["OK"]
+    assert not due(conn, task)
+    assert wake(conn, [instance]) == []
     assert due(conn, task)
 
 
-def test_a_wait_sees_a_signal_sent_concurrently(app: App, conn: Conn) -> None:
-    """The other order: df.signal holds the instance row FOR SHARE until it commits, so a
-    checkpoint's lock waits for it and then finds the signal."""
+def test_a_wait_sees_a_signal_whose_wake_up_it_waited_for(app: App, conn: Conn, dsn: str) -> None:
+    """The other order: the worker's wake-up holds the instance row FOR SHARE until it commits,
+    so a checkpoint's lock waits for it, and then sees the signal (committed before)."""
     instance = app.start("df.wait_for_signal('go')")
-    with app.conn.transaction():
-        assert signal(app.conn, instance, "go") == "OK"
+    assert signal(app.conn, instance, "go") == "OK"
+    with psycopg.connect(dsn) as waker:
+        assert wake(waker, [instance]) == []
         assert run(
             conn, "SELECT 1 FROM df.instances WHERE id = %s FOR NO KEY UPDATE NOWAIT", (instance,)
         ) == Error('could not obtain lock on row in relation "instances"')
-        assert value(conn, "SELECT df._signal_pending(%s, 'go')", (instance,)) is False
     assert value(conn, "SELECT df._signal_pending(%s, 'go')", (instance,)) is True
 
 
+def test_a_sender_holds_no_lock_the_engine_needs(app: App, conn: Conn) -> None:
+    """Until it commits, an open transaction that signalled an instance holds up none of its
+    checkpoints: they lock the instance and its tasks at once, and do not see the signal."""
+    instance = app.start("df.wait_for_signal('go')")
+    task = add_task(conn, instance, 1, "go")
+    for isolation in ("READ COMMITTED", "REPEATABLE READ", "SERIALIZABLE"):
+        with app.conn.transaction():
+            app.conn.execute(f"SET TRANSACTION ISOLATION LEVEL {isolation}")
+            assert signal(app.conn, instance, "go") == "OK"
+            assert (
+                run(
+                    conn,
+                    "SELECT 1 FROM df.instances WHERE id = %s FOR NO KEY UPDATE NOWAIT",
+                    (instance,),
+                )
+                is None
+            )
+            assert (
+                run(conn, "SELECT 1 FROM df._tasks WHERE id = %s FOR UPDATE NOWAIT", (task,))
+                is None
+            )
+            assert value(conn, "SELECT df._signal_pending(%s, 'go')", (instance,)) is False
+            assert wake(conn, [instance]) == [] and not due(conn, task)
+            conn.execute("SELECT df._consume_signal(%s, 'go', 1, 1000)", (instance,))
+        assert value(conn, "SELECT df._signal_pending(%s, 'go')", (instance,)) is True
+        conn.execute("SELECT df._consume_signal(%s, 'go', 1, 1000)", (instance,))
+
+
 @pytest.mark.parametrize("isolation", ["REPEATABLE READ", "SERIALIZABLE"])
-def test_snapshot_isolation_callers_retry_instead_of_missing_a_wait(
-    app: App, conn: Conn, isolation: str
-) -> None:
-    """A REPEATABLE READ or SERIALIZABLE df.signal cannot see a task written after its
-    snapshot, so it fails with a serialization error when a checkpoint committed meanwhile."""
+def test_snapshot_isolation_senders_miss_no_wait(app: App, conn: Conn, isolation: str) -> None:
+    """A REPEATABLE READ or SERIALIZABLE sender only inserts a row: waits that start or are
+    re-armed after its snapshot are woken all the same, by the worker after the commit."""
     instance = app.start("df.wait_for_signal('go')")
     leased = add_task(conn, instance, 1, "go", due_in="30 s", leased=True)
-
-    def in_snapshot(between: Callable[[], None]) -> object:
-        with psycopg.connect(app.dsn) as c:
-            c.execute(f"SET TRANSACTION ISOLATION LEVEL {isolation}")
-            c.execute("SELECT 1")  # the snapshot
-            between()
-            result = signal(c, instance, "go")
-            if result == "OK":
-                c.commit()
-            return result
-
-    serialization_failure = Error("could not serialize access due to concurrent update")
-
-    # A worker re-arms the leased wait (store.rearm: only the task row changes).
-    def rearm() -> None:
+    with psycopg.connect(app.dsn) as c:
+        c.execute(f"SET TRANSACTION ISOLATION LEVEL {isolation}")
+        c.execute("SELECT 1")  # the snapshot
+        # A worker re-arms the leased wait (store.rearm), and a checkpoint starts another.
         conn.execute(
             "UPDATE df._tasks SET lease_owner = NULL, token = NULL, visible_at = 'infinity'"
             " WHERE id = %s",
             (leased,),
         )
-
-    assert in_snapshot(rearm) == serialization_failure
-    assert not due(conn, leased)
-
-    # A checkpoint starts a second wait (a new task row and the run's checkpoint counter).
-    second: list[int] = []
-
-    def start_wait() -> None:
-        conn.execute(
-            "UPDATE df._runs SET checkpoints = checkpoints + 1 WHERE instance_id = %s", (instance,)
-        )
-        second.append(add_task(conn, instance, 2, "go"))
-
-    assert in_snapshot(start_wait) == serialization_failure
-    assert not due(conn, second[0])
-    assert value(conn, "SELECT df._signal_pending(%s, 'go')", (instance,)) is False
-
-    # Retried with nothing in between, it goes through and wakes both waits.
-    assert in_snapshot(lambda: None) == "OK"
-    assert due(conn, leased) and due(conn, second[0])
+        second = add_task(conn, instance, 2, "go")
+        assert signal(c, instance, "go") == "OK"
+        c.commit()
+    assert not due(conn, leased) and not due(conn, second)
+    assert wake(conn, [instance]) == []
+    assert due(conn, leased) and due(conn, second)
 
 
 # -- privileges and isolation -------------------------------------------------------------------
@@ -560,6 +598,10 @@ def test_signals_are_private(app: App, other: App, conn: Conn) -> None:
                     Error("permission denied for function _signal_pending"),
                 ),
                 ("df._signal_sent()", Error("permission denied for function _signal_sent")),
+                (
+                    f"df._wake_signal_waits(ARRAY['{mine}'])",
+                    Error("permission denied for function _wake_signal_waits"),
+                ),
             ],
         )
         assert run(role.conn, "UPDATE df._signals SET consumed_at = now()") == denied
@@ -574,10 +616,12 @@ def test_signals_are_private(app: App, other: App, conn: Conn) -> None:
     assert run(other.conn, insert, (mine, "go", "{}")) == Error(
         f"Instance not found or access denied: {mine}"
     )
-    # The owner's own INSERT is df.signal without the argument checks: checked, woken.
+    # The owner's own INSERT is df.signal without the argument checks: checked, announced and
+    # woken by the worker.
     waiting = add_task(conn, mine, 1, "go")
     assert not due(conn, waiting)
     assert run(app.conn, insert, (mine, "go", '"direct"')) is None
+    assert wake(conn, [mine]) == []
     assert due(conn, waiting)
     assert run(app.conn, insert, (done, "go", "{}")) == Error(
         f"Instance {done} is completed: signal 'go' was not delivered"

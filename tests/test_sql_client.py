@@ -461,7 +461,8 @@ def test_list_instances(su: Conn, make_role: RoleFactory) -> None:
             ),
         ],
     )
-    su.execute("SET pg_durable.list_instances_max_limit = 3")
+    # An administrator's limit (df.set_setting; tests/test_settings.py has the other ways).
+    su.execute("SELECT df.set_setting('pg_durable.list_instances_max_limit', '3')")
     check(
         su,
         [
@@ -471,9 +472,11 @@ def test_list_instances(su: Conn, make_role: RoleFactory) -> None:
             ("(SELECT count(*) FROM df.list_instances())", Error(too_many.format(100, 3))),
         ],
     )
+    # df.set_setting refuses these; written into its table by the owner, they count as unset.
     for unusable in ("abc", "0", "-5", "99999999"):
         su.execute(
-            "SELECT set_config('pg_durable.list_instances_max_limit', %s, false)", (unusable,)
+            "UPDATE df._settings SET value = %s WHERE name = 'pg_durable.list_instances_max_limit'",
+            (unusable,),
         )
         check(su, [("(SELECT count(*) FROM df.list_instances(NULL, 1000))", 4)])
         check(
@@ -485,7 +488,7 @@ def test_list_instances(su: Conn, make_role: RoleFactory) -> None:
                 )
             ],
         )
-    su.execute("SET pg_durable.list_instances_max_limit = 1000000")
+    su.execute("SELECT df.set_setting('pg_durable.list_instances_max_limit', '1000000')")
     check(su, [("(SELECT count(*) FROM df.list_instances(NULL, 1000000))", 4)])
 
     # A role lists its own instances, with the engine columns of its own runs.

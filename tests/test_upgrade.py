@@ -86,7 +86,7 @@ def test_the_functions_are_applied_again_whatever_became_of_them(
             "CREATE OR REPLACE FUNCTION df.status(instance_id text) RETURNS text"
             " LANGUAGE sql AS $$ SELECT 'tampered' $$"
         )
-        c.execute("DROP TRIGGER nodes_started ON df.nodes")
+        c.execute("DROP TRIGGER instances_cancelled ON df.instances")
         c.execute("DROP POLICY runs_user_isolation ON df._runs")
         c.execute(
             "GRANT EXECUTE ON FUNCTION df._claim(uuid, integer, double precision,"

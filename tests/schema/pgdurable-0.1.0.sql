@@ -259,6 +259,15 @@ CREATE TABLE df._retention (
 );
 INSERT INTO df._retention DEFAULT VALUES;
 
+-- Limits an administrator set with df.set_setting (settings.sql): they win over the server
+-- configuration. The owner's alone: users get no privileges on it, and read it only through
+-- df._admin_setting, so no session of theirs can raise a limit.
+CREATE TABLE df._settings (
+    name    text PRIMARY KEY,         -- e.g. 'pg_durable.list_instances_max_limit'
+    value   text NOT NULL,
+    set_at  timestamptz NOT NULL DEFAULT now()
+);
+
 -- pg_durable's readiness probe: the worker writes its row once it runs.
 CREATE SCHEMA IF NOT EXISTS _duroxide;
 CREATE TABLE _duroxide._worker_ready (
@@ -297,7 +306,7 @@ ALTER TABLE df.nodes SET (autovacuum_vacuum_scale_factor = 0.05);
 ALTER TABLE df._runs SET (autovacuum_vacuum_scale_factor = 0.05);
 ALTER TABLE df._signals SET (autovacuum_vacuum_scale_factor = 0.05);
 
-INSERT INTO df._schema (release, migration, code_digest) VALUES ('0.1.0', 0, '72328d4e5955a6e86553794a3c3728a8a610670bf898d036addfdbd3a3dd01ad');
+INSERT INTO df._schema (release, migration, code_digest) VALUES ('0.1.0', 0, '726e5af4ceaedcdf154a394e97ba932af23105cbaf6f9c1d5b01b60d8c807207');
 -- What a release removed, or changed in a way CREATE OR REPLACE cannot.
 --
 -- Every install applies the area files again; CREATE OR REPLACE keeps a function's
@@ -313,28 +322,176 @@ INSERT INTO df._schema (release, migration, code_digest) VALUES ('0.1.0', 0, '72
 --
 -- pg_durable.* settings are placeholders: no extension registers them, so PostgreSQL accepts
 -- any text for them, and these functions parse leniently, falling back to the default.
+--
+-- A placeholder is also a setting every role may SET in its own session, or pass as a
+-- connection option (options='-c pg_durable.x=...', PGOPTIONS); current_setting() returns
+-- that value, even inside a SECURITY DEFINER function. The settings read here limit what a
+-- user may do to the server (the rows df.list_instances returns, the loopback connections
+-- transaction_mode => 'new' opens, instances that run as a superuser), so they are read from
+-- where only an administrator writes, never from the caller's session:
+--
+--   1. df._settings, which df.set_setting writes (the schema owner and superusers only), for
+--      the limits it accepts (df._setting_bounds). It wins over the server configuration, and
+--      it is the way on managed PostgreSQL, where the configuration file is out of reach.
+--   2. ALTER ROLE ... SET / ALTER DATABASE ... SET / ALTER ROLE ALL SET for the session's
+--      login role and this database (pg_db_role_setting), in PostgreSQL's order of
+--      precedence. PostgreSQL lets only superusers, or roles a superuser granted SET on the
+--      parameter (GRANT SET ON PARAMETER, PostgreSQL 15+), store a placeholder there: a user
+--      cannot ALTER ROLE itself.
+--   3. The server's configuration files: postgresql.conf, its includes, and
+--      postgresql.auto.conf, which ALTER SYSTEM writes (pg_file_settings). Only where the
+--      schema owner may read them: superusers may; another owner needs
+--      GRANT SELECT ON pg_file_settings and GRANT EXECUTE ON FUNCTION
+--      pg_show_all_file_settings() from a superuser. They are read as they are now, so an
+--      edit counts without a reload.
+--   4. The default.
+--
+-- Except that a session logged in as a superuser reads its own value in place of 2 and 3
+-- for the two settings pg_durable documents as superuser-settable (PGC_SUSET):
+-- pg_durable.list_instances_max_limit and pg_durable.enable_superuser_instances. A superuser
+-- may SET those in pg_durable, and its session's value already holds 2 and 3. A non-superuser
+-- login's SET still does not count, even when it then reaches df.start as a superuser
+-- (SET ROLE to a superuser role it is a member of, or a superuser's SECURITY DEFINER
+-- function): pg_durable would have refused that SET. The worker reads its own settings on
+-- its own session (worker/loop.py), which only the server configuration reaches.
+
+-- The limits df.set_setting stores, with the default and the range their readers apply
+-- (transaction_mode => 'new', start.sql, passes the same to df._int_setting for the launch
+-- limits). NULLs for any other name.
+CREATE OR REPLACE FUNCTION df._setting_bounds(
+    setting text, OUT fallback integer, OUT lo integer, OUT hi integer)
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT b.fallback, b.lo, b.hi
+      FROM (VALUES ('pg_durable.list_instances_max_limit', 1000, 1, 1000000),
+                   ('pg_durable.max_new_transaction_starts', 2, 1, 1000),
+                   ('pg_durable.new_transaction_start_timeout', 5, 1, 3600))
+           AS b (name, fallback, lo, hi)
+     WHERE b.name = lower(setting);
+$$;
+
+-- s as an integer in [lo, hi], or NULL when it is not one (surrounding blanks allowed).
+CREATE OR REPLACE FUNCTION df._int_in_range(s text, lo integer, hi integer) RETURNS integer
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE WHEN t ~ '^[0-9]{1,7}$' AND t::integer BETWEEN lo AND hi THEN t::integer END
+      FROM btrim(s, E' \t\n\r\f\v') AS t;
+$$;
+
+-- The value an administrator gave a pg_durable.* setting (1-3 above, or a superuser session's
+-- own for the PGC_SUSET pair), or NULL for none. SECURITY DEFINER to read df._settings and
+-- pg_file_settings, which users may not; it answers for pg_durable.* names only, as the
+-- configuration files may hold other settings' secrets.
+CREATE OR REPLACE FUNCTION df._admin_setting(setting text) RETURNS text
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_name  text := lower(setting);
+    v_value text;
+BEGIN
+    IF v_name IS NULL OR v_name !~ '^pg_durable\.[a-z0-9_]+$' THEN
+        RETURN NULL;
+    END IF;
+
+    -- 1. df.set_setting's value. Only for the limits it accepts: the worker does not read this
+    --    table, so e.g. enable_superuser_instances here would pass df.start and be refused there.
+    IF (df._setting_bounds(v_name)).fallback IS NOT NULL THEN
+        SELECT s.value INTO v_value FROM df._settings s WHERE s.name = v_name;
+        IF FOUND THEN
+            RETURN v_value;
+        END IF;
+    END IF;
+
+    -- A superuser's session, for the settings pg_durable lets superusers SET.
+    IF v_name IN ('pg_durable.list_instances_max_limit', 'pg_durable.enable_superuser_instances')
+       AND EXISTS (SELECT 1 FROM pg_roles r WHERE r.rolname = session_user AND r.rolsuper) THEN
+        RETURN nullif(current_setting(v_name, true), '');
+    END IF;
+
+    -- 2. The login role's and this database's settings: (database, role) over (role) over
+    --    (database) over ALTER ROLE ALL, as PostgreSQL applies them at login.
+    SELECT substr(c.item, strpos(c.item, '=') + 1) INTO v_value
+      FROM pg_db_role_setting s, unnest(s.setconfig) AS c (item)
+     WHERE s.setdatabase IN (0, (SELECT d.oid FROM pg_database d
+                                  WHERE d.datname = current_database()))
+       AND s.setrole IN (0, (SELECT r.oid FROM pg_roles r WHERE r.rolname = session_user))
+       AND lower(split_part(c.item, '=', 1)) = v_name
+     ORDER BY s.setrole <> 0 DESC, s.setdatabase <> 0 DESC
+     LIMIT 1;
+    IF FOUND THEN
+        RETURN v_value;
+    END IF;
+
+    -- 3. The configuration files, where this function's owner may read them: the last entry
+    --    for the name that PostgreSQL would apply (an earlier duplicate is not).
+    IF has_table_privilege('pg_catalog.pg_file_settings', 'SELECT')
+       AND has_function_privilege('pg_catalog.pg_show_all_file_settings()', 'EXECUTE') THEN
+        SELECT f.setting INTO v_value
+          FROM pg_file_settings f
+         WHERE lower(f.name) = v_name AND f.applied
+         ORDER BY f.seqno DESC
+         LIMIT 1;
+        IF FOUND THEN
+            RETURN v_value;
+        END IF;
+    END IF;
+    RETURN NULL;
+END;
+$$;
 
 -- An integer pg_durable.* setting, or its default when unset or outside [lo, hi].
 CREATE OR REPLACE FUNCTION df._int_setting(name text, fallback integer, lo integer, hi integer)
 RETURNS integer
-LANGUAGE plpgsql STABLE AS $$
-DECLARE
-    s text := btrim(coalesce(current_setting(name, true), ''));
-BEGIN
-    IF s ~ '^[0-9]{1,7}$' AND s::integer BETWEEN lo AND hi THEN
-        RETURN s::integer;
-    END IF;
-    RETURN fallback;
-END;
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce(df._int_in_range(df._admin_setting(name), lo, hi), fallback);
 $$;
 
 -- pg_durable.list_instances_max_limit, or its default 1000 when unset or out of range.
 CREATE OR REPLACE FUNCTION df._list_instances_max_limit() RETURNS integer
 LANGUAGE sql STABLE AS $$
-    SELECT CASE WHEN s ~ '^\s*[0-9]{1,7}\s*$' AND s::integer BETWEEN 1 AND 1000000
-                THEN s::integer ELSE 1000 END
-      FROM coalesce(current_setting('pg_durable.list_instances_max_limit', true), '') AS s;
+    SELECT df._int_setting('pg_durable.list_instances_max_limit', 1000, 1, 1000000);
 $$;
+
+-- Whether pg_durable.enable_superuser_instances is on: df.start's check (the worker checks
+-- again with its own session's value). Anything but on/true/1/yes is off.
+CREATE OR REPLACE FUNCTION df._superuser_instances_enabled() RETURNS boolean
+LANGUAGE sql STABLE AS $$
+    SELECT lower(coalesce(df._admin_setting('pg_durable.enable_superuser_instances'), 'off'))
+           IN ('on', 'true', '1', 'yes');
+$$;
+
+-- ---------------------------------------------------------------------------------------------
+-- df.set_setting: an administrator's value for one of the limits above, stored in df._settings
+-- where it wins over the server configuration, for every session at once; NULL removes it.
+-- Only the schema owner (and its members) and superusers may: EXECUTE is not public, and
+-- df._settings is the owner's. df.grant_usage(..., with_grant => true) does not hand it out.
+-- ---------------------------------------------------------------------------------------------
+CREATE OR REPLACE FUNCTION df.set_setting(setting text, value text) RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_name   text := lower(btrim(setting));
+    v_bounds record;
+    v_value  integer;
+BEGIN
+    SELECT * INTO v_bounds FROM df._setting_bounds(v_name);
+    IF v_bounds.fallback IS NULL THEN
+        RAISE EXCEPTION 'df.set_setting: % is not a setting df.set_setting stores', quote_literal(setting)
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'It stores pg_durable.list_instances_max_limit, pg_durable.max_new_transaction_starts and pg_durable.new_transaction_start_timeout. Set the others in the server configuration (postgresql.conf, ALTER SYSTEM or ALTER DATABASE ... SET), where the worker reads them too.';
+    END IF;
+    IF value IS NULL THEN
+        DELETE FROM df._settings s WHERE s.name = v_name;
+        RETURN;
+    END IF;
+    v_value := df._int_in_range(value, v_bounds.lo, v_bounds.hi);
+    IF v_value IS NULL THEN
+        RAISE EXCEPTION 'df.set_setting: % must be an integer from % to %, not %',
+            v_name, v_bounds.lo, v_bounds.hi, quote_literal(value)
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    INSERT INTO df._settings AS s (name, value) VALUES (v_name, v_value::text)
+    ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value, set_at = now();
+END;
+$$;
+
+REVOKE EXECUTE ON FUNCTION df.set_setting(text, text) FROM PUBLIC;
 
 -- The graph DSL: builders, wrappers and operators.
 --
@@ -1267,64 +1424,60 @@ $$;
 --     KEY UPDATE) and then, in the same transaction, df._consume_signal: a signal → the wait
 --     completes; none and the deadline passed → it times out; else the task is re-armed (put
 --     back to sleep with its lease cleared).
---   * df.signal makes waiting tasks of that name visible at once and NOTIFYs the workers.
+--   * Sending takes no lock the engine needs, so a sender that keeps its transaction open
+--     holds up nothing: the row is inserted, and its trigger (df._signal_sent) checks the
+--     instance's status and NOTIFYs pgdurable_signals with the instance id, which PostgreSQL
+--     delivers when the sender commits (and never if it rolls back). A worker that hears it
+--     wakes the instance's sleeping waits that have a signal buffered, in a short transaction
+--     of its own (df._wake_signal_waits); and every few seconds it sweeps for any it missed.
 --
 -- Who may signal. df.signal runs as the caller (SECURITY INVOKER), like df.cancel, and its
 -- authority is the caller's own: it INSERTs into df._signals, which users may do only through
 -- a column grant (instance_id, name, data) and a row-level security policy that admits an
--- instance the caller can see in df.instances, with sent_by = the caller. Everything that needs
--- more than that (locking, the status check, waking the task) happens in a SECURITY DEFINER
--- trigger, which PostgreSQL runs only for rows that passed the policy and which cannot be
--- called directly. A SECURITY DEFINER function callable by users would be the alternative, but
--- inside it current_user is the owner and PostgreSQL offers no trustworthy way to learn who
--- called it: a user could call it directly and signal anybody's instance.
+-- instance the caller can see in df.instances, with sent_by = the caller. The status check and
+-- the notification happen in a SECURITY DEFINER trigger, which PostgreSQL runs only for rows
+-- that passed the policy and which cannot be called directly; waking tasks is the worker's
+-- alone (only the schema owner may call df._wake_signal_waits). A SECURITY DEFINER function
+-- callable by users would be the alternative, but inside it current_user is the owner and
+-- PostgreSQL offers no trustworthy way to learn who called it: a user could call it directly
+-- and signal anybody's instance.
 --
 -- A user may therefore also INSERT INTO df._signals (instance_id, name, data) directly, with
 -- exactly df.signal's effect (minus its argument checks and the text-to-JSON conversion).
 -- Users cannot read, change or delete signals. The policy and the grant are in security.sql.
+--
+-- transaction_mode => 'new' sends the signal in a transaction of its own, on the loopback
+-- connection df.start's 'new' mode uses (df._in_new_transaction, start.sql): it is delivered
+-- at once and stays sent whatever the caller's transaction does.
 
 -- ---------------------------------------------------------------------------------------------
--- df._signal_sent: after a signal row is inserted, check its instance and wake its waits.
+-- df._signal_sent: after a signal row is inserted, refuse a finished instance, note the signal
+-- for df.await_instance, and have the workers wake the instance's waits after the commit.
 --
--- Why a signal and a wait that starts or re-arms concurrently cannot miss each other:
--- every transaction that creates or re-arms a 'signal' task is a checkpoint transaction; it
--- holds the instance row FOR NO KEY UPDATE (df._checkpoint_begin) while it looks for a buffered
--- signal (df._consume_signal, or the EXISTS in df._checkpoint) and writes the task. This
--- trigger takes the instance row FOR SHARE, which conflicts with that, before it looks for
--- tasks to wake. So one of the two commits first:
---   * the signal first: the checkpoint's lock waits for the signal's commit, and its later
---     statements (READ COMMITTED: a new snapshot each) see the signal and consume it, or make
---     the new task visible at once;
---   * the checkpoint first: the signal's FOR SHARE waits for it, and the UPDATE below (a new
---     snapshot) sees the task the checkpoint wrote or re-armed, and makes it visible.
--- The signal row is inserted just before this trigger takes the lock; that is no earlier than
--- it matters, because nobody else sees the row before the commit (a checkpoint running
--- meanwhile neither sees nor waits for it). What counts is that the lock is held before the
--- UPDATE below looks for tasks, and until the commit.
--- A task leased to a worker is left alone: the worker is about to checkpoint it, which is one
--- of the two cases above; making it visible would only let another worker steal the lease.
+-- The status is read without a lock, in the sender's snapshot. A signal to an instance that
+-- finishes meanwhile (or, in REPEATABLE READ and SERIALIZABLE, after the sender's snapshot)
+-- is accepted and never consumed, as if it had come a moment later; one to an instance
+-- already finished is refused. The foreign key check holds the instance row FOR KEY SHARE,
+-- which conflicts with no lock the engine takes but a DELETE (the retention purge, of
+-- finished instances only).
 --
--- The UPDATE's fresh snapshot is what READ COMMITTED gives. A caller in a REPEATABLE READ or
--- SERIALIZABLE transaction keeps the snapshot of its first statement, which may predate a
--- checkpoint that committed while this trigger waited for the lock; the UPDATE would not see
--- that checkpoint's task. Such a caller therefore also locks FOR SHARE the instance's df._runs
--- row (df._checkpoint, which inserts every new task, updates it) and the signal tasks of that
--- name (a re-arm updates its task row): in those isolation levels
--- PostgreSQL raises a serialization failure (SQLSTATE 40001, "could not serialize access due to
--- concurrent update") if any of them changed since the snapshot, and the caller retries, as
--- it must for any serialization failure.
+-- df.undelivered_signals, a transaction-local setting, lists (",id,id,") the instances this
+-- transaction has signalled: df.await_instance refuses to wait for one of them, which cannot
+-- get the signal before the commit. A savepoint rolled back takes its entries along. (A user
+-- who sets it only fails its own awaits.)
 --
--- Lock order, as everywhere: the instance row, then (df._runs and) df._tasks rows.
+-- NOTIFY sends one notification per channel and payload and transaction, however many
+-- signals the transaction inserted for the instance.
 -- ---------------------------------------------------------------------------------------------
 CREATE OR REPLACE FUNCTION df._signal_sent() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_status text;
-    v_woken  integer;
+    v_sent   text := coalesce(nullif(current_setting('df.undelivered_signals', true), ''), ',');
 BEGIN
-    SELECT i.status INTO v_status FROM df.instances i WHERE i.id = NEW.instance_id FOR SHARE;
+    SELECT i.status INTO v_status FROM df.instances i WHERE i.id = NEW.instance_id;
     IF NOT FOUND THEN
-        -- Deleted since the foreign key check (it can only have been deleted, not hidden).
+        -- Not visible in this snapshot (it can only have been deleted, not hidden).
         RAISE EXCEPTION 'Instance not found or access denied: %', NEW.instance_id
             USING ERRCODE = 'no_data_found';
     END IF;
@@ -1334,25 +1487,10 @@ BEGIN
             NEW.instance_id, v_status, NEW.name
             USING ERRCODE = 'object_not_in_prerequisite_state';
     END IF;
-    IF current_setting('transaction_isolation') <> 'read committed' THEN
-        PERFORM 1 FROM df._runs r WHERE r.instance_id = NEW.instance_id FOR SHARE;
-        PERFORM 1 FROM df._tasks t
-          WHERE t.instance_id = NEW.instance_id AND t.kind = 'signal'
-            AND t.payload ->> 'signal_name' = NEW.name
-          ORDER BY t.id
-            FOR SHARE;
+    IF position(',' || NEW.instance_id || ',' IN v_sent) = 0 THEN
+        PERFORM set_config('df.undelivered_signals', v_sent || NEW.instance_id || ',', true);
     END IF;
-    UPDATE df._tasks t
-       SET visible_at = now()
-     WHERE t.instance_id = NEW.instance_id
-       AND t.kind = 'signal'
-       AND t.payload ->> 'signal_name' = NEW.name
-       AND t.lease_owner IS NULL
-       AND t.visible_at > now();
-    GET DIAGNOSTICS v_woken = ROW_COUNT;
-    IF v_woken > 0 THEN
-        PERFORM pg_notify('pgdurable_tasks', '');
-    END IF;
+    PERFORM pg_notify('pgdurable_signals', NEW.instance_id);
     RETURN NULL;
 END;
 $$;
@@ -1362,8 +1500,7 @@ CREATE OR REPLACE TRIGGER signals_sent AFTER INSERT ON df._signals
 
 -- ---------------------------------------------------------------------------------------------
 -- For the worker (the schema owner), in its checkpoint transaction, after df._checkpoint_begin
--- locked the instance. Under that lock nothing else consumes this instance's signals, and no
--- df.signal of it is between its lock and its commit.
+-- locked the instance. Under that lock nothing else consumes this instance's signals.
 -- ---------------------------------------------------------------------------------------------
 
 -- Take the oldest unconsumed signal p_name of p_instance for the wait of activation
@@ -1399,7 +1536,88 @@ LANGUAGE sql STABLE AS $$
                       AND s.consumed_at IS NULL);
 $$;
 
+-- ---------------------------------------------------------------------------------------------
+-- df._wake_signal_waits: for the worker (the schema owner). Makes the sleeping waits of
+-- p_instances (or, for NULL, a sweep: of every instance) that have a signal buffered due now,
+-- and returns the instances among them whose row it could not lock at that moment (a
+-- checkpoint, or its tenant, holds it): the worker calls again for those shortly. The worker
+-- calls it, in a transaction of its own, when NOTIFY pgdurable_signals tells it that signals
+-- to those instances were committed; and, with NULL, when it starts listening and every few
+-- seconds, for a notification nobody heard (no worker listening at the commit, a worker
+-- stopped before it woke the waits, an instance it could not lock and gave up on).
+--
+-- Why a signal S and a checkpoint C that starts or re-arms a wait concurrently cannot miss
+-- each other. Every transaction that creates or re-arms a 'signal' task is a checkpoint
+-- transaction; it holds the instance row FOR NO KEY UPDATE (df._checkpoint_begin) from
+-- before it looks for a buffered signal (df._consume_signal, or the EXISTS in df._checkpoint)
+-- until its commit. This function runs only after S committed, and locks the instance row
+-- FOR SHARE, which conflicts with that, before it looks for tasks to wake:
+--   * this function got the lock first: C's lock waits for our commit, so C's statements
+--     after it (READ COMMITTED: a new snapshot each) see S, and consume it or make the new
+--     task due at once;
+--   * C holds the lock: SKIP LOCKED passes the instance over and returns it, and the worker
+--     calls again until it gets the lock, when C has committed; the UPDATE below (a new
+--     snapshot, taken after the lock) then sees the task C wrote or re-armed.
+--   * C committed before this function took the lock: as in the second case, the UPDATE
+--     sees C's task.
+-- What the sender's transaction saw or locked plays no part (it only inserted a row): its
+-- isolation level does not matter. The worker's connections are READ COMMITTED whatever the
+-- role's default (worker/connections.py).
+-- A task leased to a worker is left alone: the worker is about to checkpoint it, which is one
+-- of the cases above; making it visible would only let another worker steal the lease.
+--
+-- Lock order, as everywhere: the instance rows (in id order), then df._tasks rows (in id
+-- order; SKIP LOCKED, since only another worker waking the same task can hold a sleeping
+-- wait's row: claims, heartbeats and deferrals lock only due or leased tasks, checkpoints
+-- and cancels only under the instance lock).
+-- ---------------------------------------------------------------------------------------------
+CREATE OR REPLACE FUNCTION df._wake_signal_waits(p_instances text[]) RETURNS SETOF text
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_wanted text[] := p_instances;
+    v_locked text[];
+    v_woken  integer;
+BEGIN
+    IF v_wanted IS NULL THEN
+        SELECT array_agg(DISTINCT t.instance_id) INTO v_wanted
+          FROM df._tasks t
+         WHERE t.kind = 'signal' AND t.lease_owner IS NULL AND t.visible_at > now()
+           AND EXISTS (SELECT 1 FROM df._signals s
+                        WHERE s.instance_id = t.instance_id
+                          AND s.name = t.payload ->> 'signal_name'
+                          AND s.consumed_at IS NULL);
+    END IF;
+    SELECT array_agg(l.id) INTO v_locked
+      FROM (SELECT i.id FROM df.instances i
+             WHERE i.id = ANY (v_wanted)
+             ORDER BY i.id
+               FOR SHARE SKIP LOCKED) l;
+    WITH due AS (
+        SELECT t.id FROM df._tasks t
+         WHERE t.instance_id = ANY (v_locked)
+           AND t.kind = 'signal' AND t.lease_owner IS NULL AND t.visible_at > now()
+           AND EXISTS (SELECT 1 FROM df._signals s
+                        WHERE s.instance_id = t.instance_id
+                          AND s.name = t.payload ->> 'signal_name'
+                          AND s.consumed_at IS NULL)
+         ORDER BY t.id
+           FOR UPDATE SKIP LOCKED
+    )
+    UPDATE df._tasks t SET visible_at = now() FROM due WHERE t.id = due.id;
+    GET DIAGNOSTICS v_woken = ROW_COUNT;
+    IF v_woken > 0 THEN
+        PERFORM pg_notify('pgdurable_tasks', '');
+    END IF;
+    -- Passed over: to be tried again (a finished or deleted instance waits for nothing).
+    RETURN QUERY
+        SELECT i.id::text FROM df.instances i
+         WHERE i.id = ANY (v_wanted) AND NOT i.id = ANY (coalesce(v_locked, '{}'))
+           AND i.status NOT IN ('completed', 'failed', 'cancelled');
+END;
+$$;
+
 REVOKE ALL ON FUNCTION df._signal_sent() FROM PUBLIC;
+REVOKE ALL ON FUNCTION df._wake_signal_waits(text[]) FROM PUBLIC;
 REVOKE ALL ON FUNCTION df._consume_signal(varchar, text, integer, bigint) FROM PUBLIC;
 REVOKE ALL ON FUNCTION df._signal_pending(varchar, text) FROM PUBLIC;
 
@@ -1428,13 +1646,25 @@ $$;
 -- ---------------------------------------------------------------------------------------------
 -- df.signal: send a signal to one of the caller's instances. Returns 'OK'.
 -- signal_data is JSON if it parses as JSON, else it is delivered as a JSON string.
+-- transaction_mode 'caller' (the default): part of the caller's transaction, delivered when it
+-- commits; 'new': sent and committed at once by a transaction of its own (on the loopback, as
+-- df.start's 'new' mode), whatever becomes of the caller's. STRICT: any NULL argument gives
+-- NULL and sends nothing.
 -- ---------------------------------------------------------------------------------------------
-CREATE OR REPLACE FUNCTION df.signal(instance_id text, signal_name text, signal_data text DEFAULT '{}')
+CREATE OR REPLACE FUNCTION df.signal(instance_id text, signal_name text,
+                                     signal_data text DEFAULT '{}',
+                                     transaction_mode text DEFAULT 'caller')
 RETURNS text
 LANGUAGE plpgsql VOLATILE STRICT AS $$
 DECLARE
-    v_data jsonb;
+    v_mode   text := lower(transaction_mode);
+    v_status text;
+    v_data   jsonb;
 BEGIN
+    IF v_mode NOT IN ('caller', 'new') THEN
+        RAISE EXCEPTION 'invalid transaction_mode "%" for df.signal(): expected ''caller'' or ''new''',
+            transaction_mode USING ERRCODE = 'invalid_parameter_value';
+    END IF;
     IF instance_id = '' THEN
         RAISE EXCEPTION 'Instance ID cannot be empty' USING ERRCODE = 'invalid_parameter_value';
     END IF;
@@ -1442,16 +1672,28 @@ BEGIN
         RAISE EXCEPTION 'Signal name cannot be empty' USING ERRCODE = 'invalid_parameter_value';
     END IF;
     -- Under RLS, someone else's instance looks exactly like a missing one.
-    IF NOT EXISTS (SELECT 1 FROM df.instances i WHERE i.id = signal.instance_id) THEN
+    SELECT i.status INTO v_status FROM df.instances i WHERE i.id = signal.instance_id;
+    IF NOT FOUND THEN
         RAISE EXCEPTION 'Instance not found or access denied: %', instance_id
             USING ERRCODE = 'no_data_found';
+    END IF;
+    -- The trigger says so too (for a direct INSERT); here first, for either mode.
+    IF v_status IN ('completed', 'failed', 'cancelled') THEN
+        RAISE EXCEPTION 'Instance % is %: signal ''%'' was not delivered',
+            instance_id, v_status, signal_name
+            USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
+    IF v_mode = 'new' THEN
+        -- current_user, not session_user: the effective role signals, as in caller mode.
+        RETURN df._in_new_transaction('signal', ARRAY[instance_id, signal_name, signal_data],
+                                      current_user::text);
     END IF;
     BEGIN
         v_data := signal_data::jsonb;
     EXCEPTION WHEN data_exception THEN
         v_data := to_jsonb(signal_data);
     END;
-    -- The trigger locks the instance, refuses a finished one and wakes the waits.
+    -- The trigger checks the instance again and has it woken after the commit.
     INSERT INTO df._signals (instance_id, name, data)
     VALUES (signal.instance_id, signal.signal_name, v_data);
     RETURN 'OK';
@@ -1476,7 +1718,8 @@ $$;
 -- whatever the caller's transaction does afterwards. PL/pgSQL cannot commit part of its
 -- caller's transaction, so the start runs on a second connection to this database (the
 -- "loopback"), opened with the dblink contrib extension, and that connection runs an ordinary
--- df.start in caller mode and commits.
+-- df.start in caller mode and commits. df.signal(..., transaction_mode => 'new') goes the same
+-- way (df._in_new_transaction serves both).
 --
 -- Security (SQL runs as the role that submitted it, no escalation):
 --
@@ -1490,9 +1733,9 @@ $$;
 --     opened by dblink_connect_u inside a SECURITY DEFINER function owned by the schema
 --     owner. Its connection string is built from server settings (socket directory, port),
 --     the current database and session_user; the caller chooses none of them.
---   * The graph, label and database travel to the loopback as quoted literals (format %L),
---     the role name as a quoted identifier (%I): no text the caller passes is ever parsed
---     as SQL.
+--   * The graph, label and database (a signal's instance, name and data) travel to the
+--     loopback as quoted literals (format %L), the role name as a quoted identifier (%I): no
+--     text the caller passes is ever parsed as SQL.
 --
 -- dblink is installed, when it is not there yet and the installer may (a superuser), into a
 -- schema of its own that PUBLIC has no USAGE on: users cannot reach dblink through schema df
@@ -1814,24 +2057,30 @@ EXCEPTION WHEN OTHERS THEN
 END;
 $$;
 
--- Only df._start_in_new_transaction (running as the schema owner) needs it.
+-- Only df._in_new_transaction (running as the schema owner) needs it.
 REVOKE ALL ON FUNCTION df._close_loopback(text, text, boolean) FROM PUBLIC;
 
 -- ---------------------------------------------------------------------------------------------
--- df._start_in_new_transaction: df.start(fut, label, database) on a loopback connection that
--- logs in as session_user, does SET ROLE role, and commits on its own. df.start
--- calls it with role = its current_user.
+-- df._in_new_transaction: transaction_mode => 'new', for df.start and df.signal. Runs
+-- df.<action>(args[1], args[2], args[3]) in caller mode on a loopback connection that logs in
+-- as session_user, does SET ROLE role, and commits on its own; returns what it returned.
+-- action is 'start' (args: fut, label, database; df._start_in_new_transaction below) or
+-- 'signal' (args: instance_id, signal_name, signal_data; df.signal in signals.sql); both call
+-- it with role = their current_user. Starts and signals share the launch slots.
 --
 -- Anyone with USAGE on schema df may call it directly, with any role name: the loopback's
 -- SET ROLE then fails unless the caller's login role may become that role, and nothing is
 -- written. SECURITY DEFINER only so that dblink_connect_u (superuser-only: it needs no
--- password) may be used; nothing in here runs the caller's text.
+-- password) may be used; nothing in here runs the caller's text: the function called is one
+-- of two fixed names, its arguments are quoted literals.
 -- ---------------------------------------------------------------------------------------------
-CREATE OR REPLACE FUNCTION df._start_in_new_transaction(
-    fut text, label text, database text, role text)
+CREATE OR REPLACE FUNCTION df._in_new_transaction(action text, args text[], role text)
 RETURNS text
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
+    -- How errors name the function called ('df.start()'), and what it does.
+    v_what       text := format('df.%s()', action);
+    v_verb       text := CASE action WHEN 'start' THEN 'submit' ELSE 'signal' END;
     -- Advisory lock class of the launch slots: ASCII "PGDF", as in pg_durable.
     c_lock_class constant integer := 1346982470;
     -- dblink connections are per backend; this name is reserved for this function.
@@ -1848,8 +2097,8 @@ DECLARE
     v_host       text;
     v_conninfo   text;
     v_slot       integer;
-    v_phase      text := 'slot';  -- slot, connect, role, start: what an error interrupted
-    v_id         text;
+    v_phase      text := 'slot';  -- slot, connect, role, run: what an error interrupted
+    v_result     text;
     v_state      text;
     v_message    text;
     v_detail     text;
@@ -1859,23 +2108,27 @@ DECLARE
     v_busy       integer;
     v_nap        double precision := 0.0005;  -- seconds, doubling up to 50 ms
 BEGIN
-    -- 1. A workflow step's own df.start already commits with the step; a start that survives
-    --    the step's rollback would be repeated each time the step is retried.
+    IF action IS DISTINCT FROM 'start' AND action IS DISTINCT FROM 'signal' THEN
+        RAISE EXCEPTION 'df._in_new_transaction(): unknown action "%"', action
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- 1. A workflow step's own df.start (df.signal) already commits with the step; one that
+    --    survives the step's rollback would be repeated each time the step is retried.
     IF df._in_workflow() THEN
-        RAISE EXCEPTION 'df.start() with transaction_mode => ''new'' cannot be called inside a workflow - a workflow step''s df.start already commits with the step; use the default transaction_mode'
-            USING ERRCODE = 'feature_not_supported';
+        RAISE EXCEPTION '% with transaction_mode => ''new'' cannot be called inside a workflow - a workflow step''s df.% already commits with the step; use the default transaction_mode',
+            v_what, action USING ERRCODE = 'feature_not_supported';
     END IF;
 
-    -- 2. The submitting role must be able to log in (workers log in as it), as in caller mode.
+    -- 2. A submitting role must be able to log in (workers log in as it), as in caller mode.
     SELECT r.rolcanlogin INTO v_can_login FROM pg_catalog.pg_roles r WHERE r.rolname = role;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'role "%" does not exist', role USING ERRCODE = 'undefined_object';
     END IF;
-    IF NOT v_can_login THEN
+    IF action = 'start' AND NOT v_can_login THEN
         RAISE EXCEPTION 'current_user "%" does not have LOGIN privilege. The background worker must connect as this role to execute SQL. Grant LOGIN to this role or call df.start() as a role with LOGIN.',
             role USING ERRCODE = 'insufficient_privilege';
     END IF;
-    IF fut IS NULL THEN
+    IF action = 'start' AND args[1] IS NULL THEN
         RAISE EXCEPTION 'df.start(): fut cannot be NULL' USING ERRCODE = 'null_value_not_allowed';
     END IF;
 
@@ -1884,18 +2137,18 @@ BEGIN
       FROM pg_catalog.pg_extension e JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace
      WHERE e.extname = 'dblink';
     IF v_schema IS NULL THEN
-        RAISE EXCEPTION 'df.start(): transaction_mode => ''new'' needs the dblink extension; ask an administrator to run CREATE EXTENSION dblink'
-            USING ERRCODE = 'feature_not_supported',
+        RAISE EXCEPTION '%: transaction_mode => ''new'' needs the dblink extension; ask an administrator to run CREATE EXTENSION dblink',
+            v_what USING ERRCODE = 'feature_not_supported',
                   HINT = 'pgdurable opens a second connection to this database with dblink to '
-                         'commit the start on its own. Install dblink into a schema that '
+                         'commit the ' || action || ' on its own. Install dblink into a schema that '
                          'PUBLIC has no USAGE on, e.g. CREATE SCHEMA _pgdurable_dblink; '
                          'CREATE EXTENSION dblink SCHEMA _pgdurable_dblink.';
     END IF;
     IF NOT has_schema_privilege(v_schema, 'USAGE')
        OR NOT has_function_privilege(
                format('%I.dblink_connect_u(text, text)', v_schema), 'EXECUTE') THEN
-        RAISE EXCEPTION 'df.start(): transaction_mode => ''new'' needs USAGE on schema % and EXECUTE on %.dblink_connect_u(text, text) for the pgdurable schema owner "%"; ask an administrator to grant them',
-            quote_ident(v_schema), quote_ident(v_schema), current_user
+        RAISE EXCEPTION '%: transaction_mode => ''new'' needs USAGE on schema % and EXECUTE on %.dblink_connect_u(text, text) for the pgdurable schema owner "%"; ask an administrator to grant them',
+            v_what, quote_ident(v_schema), quote_ident(v_schema), current_user
             USING ERRCODE = 'insufficient_privilege';
     END IF;
 
@@ -1942,7 +2195,7 @@ BEGIN
                 USING c_conn, format('SET ROLE %I', role);
         END IF;
 
-        v_phase := 'start';
+        v_phase := 'run';
         EXECUTE format('SELECT %I.dblink_exec($1, $2)', v_schema)
             USING c_conn, format('SET df.in_workflow = ''false''; SET lock_timeout = %s; '
                                  'SET statement_timeout = %s', c_timeout_ms, c_timeout_ms);
@@ -1951,16 +2204,16 @@ BEGIN
         -- statement_timeout interrupts (a synchronous dblink() call is not interruptible
         -- before PostgreSQL 17); the loopback's statement is then cancelled below.
         EXECUTE format('SELECT %I.dblink_send_query($1, $2)', v_schema)
-            USING c_conn, format('SELECT df.start(%L::text, %L::text, %L::text)',
-                                 fut, label, database);
+            USING c_conn, format('SELECT df.%s(%L::text, %L::text, %L::text)',
+                                 action, args[1], args[2], args[3]);
         LOOP
             EXECUTE format('SELECT %I.dblink_is_busy($1)', v_schema) INTO v_busy USING c_conn;
             EXIT WHEN v_busy = 0;
             PERFORM pg_sleep(v_nap);
             v_nap := least(v_nap * 2, 0.05);
         END LOOP;
-        EXECUTE format('SELECT t.id FROM %I.dblink_get_result($1) AS t (id text)', v_schema)
-            INTO v_id USING c_conn;
+        EXECUTE format('SELECT t.r FROM %I.dblink_get_result($1) AS t (r text)', v_schema)
+            INTO v_result USING c_conn;
 
         PERFORM df._close_loopback(v_schema, c_conn, false);
         PERFORM pg_advisory_unlock(c_lock_class, v_slot);
@@ -1975,7 +2228,7 @@ BEGIN
             v_context LIKE '%on dblink connection named "' || c_conn || '"%', false);
         IF v_phase <> 'slot' THEN
             -- A statement the caller stopped waiting for is cancelled on the loopback too.
-            PERFORM df._close_loopback(v_schema, c_conn, v_phase = 'start' AND NOT v_remote);
+            PERFORM df._close_loopback(v_schema, c_conn, v_phase = 'run' AND NOT v_remote);
         END IF;
         IF v_slot IS NOT NULL THEN
             PERFORM pg_advisory_unlock(c_lock_class, v_slot);
@@ -1984,9 +2237,9 @@ BEGIN
         IF v_phase = 'connect' AND v_state LIKE '08%' THEN
             -- libpq's reason is in the detail ("connection to server ... failed: FATAL: ...").
             v_message := format(
-                'df.start(): transaction_mode => ''new'' could not open its loopback connection '
+                '%s: transaction_mode => ''new'' could not open its loopback connection '
                 'as role "%s": %s',
-                v_login, coalesce(nullif(btrim(v_detail, E' \n'), ''), v_message));
+                v_what, v_login, coalesce(nullif(btrim(v_detail, E' \n'), ''), v_message));
             v_detail := '';
             v_hint := format(
                 'The loopback logs in to this server (host %s, port %s) as your session user, '
@@ -1996,14 +2249,15 @@ BEGIN
                 v_host, current_setting('port'));
         ELSIF v_phase = 'role' AND v_remote THEN
             v_message := format(
-                'df.start(): transaction_mode => ''new'' cannot submit as role "%s": the '
+                '%s: transaction_mode => ''new'' cannot %s as role "%s": the '
                 'loopback logs in as your session user "%s", which may not SET ROLE to it (%s)',
-                role, v_login, v_message);
-            v_hint := 'Inside a SECURITY DEFINER function df.start() submits as the '
-                      'function''s owner; with transaction_mode => ''new'' the role you '
-                      'logged in as must be allowed to SET ROLE to that owner. Use the default '
-                      'transaction_mode there.';
-        ELSIF v_phase = 'start' AND v_remote AND v_state IN ('55P03', '57014') THEN
+                v_what, v_verb, role, v_login, v_message);
+            v_hint := format(
+                'Inside a SECURITY DEFINER function %s %ss as the '
+                'function''s owner; with transaction_mode => ''new'' the role you '
+                'logged in as must be allowed to SET ROLE to that owner. Use the default '
+                'transaction_mode there.', v_what, v_verb);
+        ELSIF v_phase = 'run' AND v_remote AND v_state IN ('55P03', '57014') THEN
             v_message := format(
                 'pg_durable: transaction_mode => ''new'' launch hit %s after %sms in the '
                 'loopback session: %s',
@@ -2012,11 +2266,14 @@ BEGIN
             -- Both limits are 30 s, and the statement's starts first: a lock wait usually
             -- ends as a statement_timeout.
             v_hint := 'The loopback is a session of its own: if the calling transaction holds '
-                      'a lock the start needs (e.g. on a df table), the loopback waits for it '
-                      'while the calling transaction waits for the loopback.';
-        ELSIF v_phase = 'start' AND v_remote THEN
-            -- Validation errors and the like, readable as they came.
-            v_message := 'df.start() on new transaction failed: ' || v_message;
+                      'a lock the ' || action || ' needs (e.g. on a df table), the loopback '
+                      'waits for it while the calling transaction waits for the loopback.';
+        ELSIF v_phase = 'run' AND v_remote THEN
+            -- Validation errors and the like, readable as they came (a signal's as in caller
+            -- mode, since df.signal checked the same before it came here).
+            IF action = 'start' THEN
+                v_message := 'df.start() on new transaction failed: ' || v_message;
+            END IF;
         ELSE
             RAISE;
         END IF;
@@ -2031,8 +2288,17 @@ BEGIN
         END IF;
         RAISE EXCEPTION USING ERRCODE = v_state, MESSAGE = v_message;
     END;
-    RETURN v_id;
+    RETURN v_result;
 END;
+$$;
+
+-- df.start(fut, label, database) in a transaction of its own, as role (df.start passes its
+-- current_user): df._in_new_transaction's 'start'. Runs as the caller.
+CREATE OR REPLACE FUNCTION df._start_in_new_transaction(
+    fut text, label text, database text, role text)
+RETURNS text
+LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT df._in_new_transaction('start', ARRAY[fut, label, database], role);
 $$;
 
 -- ---------------------------------------------------------------------------------------------
@@ -2123,10 +2389,9 @@ BEGIN
             current_user USING ERRCODE = 'insufficient_privilege';
     END IF;
 
-    -- Superusers only where allowed; workers check again when they load the instance.
-    IF v_super AND lower(coalesce(
-            current_setting('pg_durable.enable_superuser_instances', true), 'off'))
-            NOT IN ('on', 'true', '1', 'yes') THEN
+    -- Superusers only where allowed (settings.sql says whose value counts); workers check
+    -- again when they load the instance.
+    IF v_super AND NOT df._superuser_instances_enabled() THEN
         RAISE EXCEPTION 'pg_durable: superuser instances are disabled. current_user "%" is a superuser, but pg_durable.enable_superuser_instances is off. Set pg_durable.enable_superuser_instances = on to allow this.',
             current_user USING ERRCODE = 'insufficient_privilege';
     END IF;
@@ -2187,6 +2452,8 @@ $$;
 --                                   worker; on the last, the instance's status and output
 --     COMMIT                        the step's effect and its record, together
 --   df.cancel → trigger instances_cancelled: the tasks go, NOTIFY pgdurable_cancel
+--   df.signal → trigger signals_sent: NOTIFY pgdurable_signals; after the commit a worker
+--                                   makes the waits due (df._wake_signal_waits, signals.sql)
 --
 -- How a step commits. A worker claims a task and gets a secret token. For a SQL step it opens
 -- a transaction on a connection logged in as the submitting role, runs the user's statement,
@@ -2199,8 +2466,8 @@ $$;
 --
 -- Lock order, everywhere: the df.instances row, then df._tasks rows. Checkpoints never wait
 -- long on a lock a tenant can hold: a tenant may lock its own df.instances rows (SELECT ...
--- FOR UPDATE, an UPDATE left open), and df.signal locks the instance until the sender
--- commits. The functions that write progress give up after lock_timeout (500 ms: far above
+-- FOR UPDATE, an UPDATE or a df.cancel left open; df.signal takes no such lock). The
+-- functions that write progress give up after lock_timeout (500 ms: far above
 -- what checkpoints of one instance make each other wait, a few milliseconds each); the worker
 -- then rolls the step back, gives its task back with a growing delay (df._tasks.deferrals)
 -- and goes on with other work.
@@ -2234,12 +2501,15 @@ REVOKE ALL ON FUNCTION df._instance_created() FROM PUBLIC;
 CREATE OR REPLACE TRIGGER instances_created AFTER INSERT ON df.instances
     FOR EACH ROW EXECUTE FUNCTION df._instance_created();
 
--- df.cancel() sets status 'cancelled': drop the instance's queued work at once, and tell
--- workers (the payload is the instance id) to cancel its statements in flight.
+-- df.cancel() sets status 'cancelled': drop the instance's queued work at once, tell workers
+-- (the payload is the instance id) to cancel its statements in flight, and date its end.
+-- (df.cancel runs as the user, who may not write df._runs.)
 CREATE OR REPLACE FUNCTION df._instance_cancelled() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     DELETE FROM df._tasks WHERE instance_id = NEW.id;
+    UPDATE df._runs r SET finished_at = clock_timestamp()
+     WHERE r.instance_id = NEW.id AND r.finished_at IS NULL;
     PERFORM pg_notify('pgdurable_cancel', NEW.id);
     RETURN NULL;
 END;
@@ -2335,7 +2605,11 @@ BEGIN
                        WHEN 'set' THEN nullif(w.error, '')
                        WHEN 'append' THEN concat_ws(E'\n', n.error, w.error)
                        ELSE n.error END,
-           updated_at = clock_timestamp()
+           updated_at = clock_timestamp(),
+           -- Whenever it becomes running (again, in each loop iteration or retried attempt),
+           -- for the durations monitoring shows.
+           started_at = CASE WHEN w.status = 'running' AND n.status IS DISTINCT FROM 'running'
+                             THEN clock_timestamp() ELSE n.started_at END
       FROM jsonb_to_recordset(p_change -> 'writes')
            AS w(id varchar(8), status text, result text, execution_id text, error_op text,
                 error text)
@@ -2345,6 +2619,9 @@ BEGIN
        SET state = p_change -> 'state',
            generation = coalesce((p_change ->> 'generation')::integer, r.generation),
            output = CASE WHEN v_outcome IS NULL THEN r.output ELSE v_outcome ->> 'output' END,
+           -- When the instance ended: retention dates it by this.
+           finished_at = CASE WHEN v_outcome IS NULL THEN r.finished_at
+                              ELSE coalesce(r.finished_at, clock_timestamp()) END,
            checkpoints = r.checkpoints + 1
      WHERE r.instance_id = v_instance;
 
@@ -2398,7 +2675,8 @@ BEGIN
                CASE WHEN n.claimed
                     THEN clock_timestamp() + make_interval(secs => p_lease_seconds)
                     -- A signal wait is due at once if its signal is already buffered, else at
-                    -- its deadline (or never); df.signal wakes it (signals.sql).
+                    -- its deadline (or never); a worker wakes it when a signal to it commits
+                    -- (df._wake_signal_waits, signals.sql).
                     WHEN n.kind = 'signal'
                     THEN CASE WHEN EXISTS (
                                   SELECT 1 FROM df._signals s
@@ -2527,63 +2805,8 @@ REVOKE ALL ON FUNCTION df._claim(uuid, integer, double precision, integer, oid[]
 
 
 -- ---------------------------------------------------------------------------------------------
--- Bookkeeping triggers: when an instance finished, when a node last started, and the
--- executions a root loop ended.
+-- The executions a root loop ended.
 -- ---------------------------------------------------------------------------------------------
-
--- df._checkpoint writes the output exactly when the instance ends: the checkpoint's own
--- UPDATE of df._runs stamps finished_at then (a BEFORE trigger, no second row version).
-CREATE OR REPLACE FUNCTION df._run_finished() RETURNS trigger
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    NEW.finished_at := clock_timestamp();
-    RETURN NEW;
-END;
-$$;
-
-REVOKE ALL ON FUNCTION df._run_finished() FROM PUBLIC;
-
-CREATE OR REPLACE TRIGGER runs_finished BEFORE UPDATE OF output ON df._runs
-    FOR EACH ROW WHEN (NEW.output IS NOT NULL AND NEW.finished_at IS NULL)
-    EXECUTE FUNCTION df._run_finished();
-
--- What ends without an output (a cancel, a NULL result) is stamped when its status becomes
--- terminal; otherwise this finds finished_at set and writes nothing. Terminal statuses never
--- change again (users may only cancel: security.sql), so it fires once per instance.
--- SECURITY DEFINER because df.cancel runs as the user, who may not write df._runs.
-CREATE OR REPLACE FUNCTION df._instance_finished() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    UPDATE df._runs r SET finished_at = clock_timestamp()
-     WHERE r.instance_id = NEW.id AND r.finished_at IS NULL;
-    RETURN NULL;
-END;
-$$;
-
-REVOKE ALL ON FUNCTION df._instance_finished() FROM PUBLIC;
-
-CREATE OR REPLACE TRIGGER instances_finished AFTER UPDATE OF status ON df.instances
-    FOR EACH ROW WHEN (NEW.status IN ('completed', 'failed', 'cancelled')
-                       AND OLD.status IS DISTINCT FROM NEW.status)
-    EXECUTE FUNCTION df._instance_finished();
-
--- A node's start, stamped whenever it becomes running (again, in each loop iteration or
--- retried attempt), so that monitoring can show how long each step took.
-CREATE OR REPLACE FUNCTION df._node_started() RETURNS trigger
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    -- clock_timestamp: a checkpoint's transaction may have begun long before (now()).
-    NEW.started_at := clock_timestamp();
-    RETURN NEW;
-END;
-$$;
-
-REVOKE ALL ON FUNCTION df._node_started() FROM PUBLIC;
-
-CREATE OR REPLACE TRIGGER nodes_started BEFORE UPDATE OF status ON df.nodes
-    FOR EACH ROW WHEN (NEW.status = 'running' AND OLD.status IS DISTINCT FROM 'running')
-    EXECUTE FUNCTION df._node_started();
-
 
 -- A root loop began its next iteration: the execution that ended is recorded. It began when
 -- the one before it ended (or with the instance), at that one's last checkpoint count (or 0).
@@ -2661,6 +2884,9 @@ $$;
 -- Wait until the instance is terminal and return its status. PL/pgSQL in READ COMMITTED
 -- takes a new snapshot per statement, so every poll sees what workers committed meanwhile.
 -- (LISTEN cannot help here: notifications only arrive between transactions.)
+-- An instance this transaction has signalled (df.undelivered_signals, set by the signal
+-- trigger, signals.sql) and that has not finished cannot get that signal before the commit:
+-- waiting for it would only wait out the timeout, so that is an error at once.
 CREATE OR REPLACE FUNCTION df.await_instance(instance_id text, timeout_seconds integer DEFAULT 30)
 RETURNS text
 LANGUAGE plpgsql VOLATILE STRICT AS $$
@@ -2668,6 +2894,9 @@ DECLARE
     v_status text;
     -- bigint: timeout_seconds * 10 overflows integer for timeouts of years.
     v_polls  bigint := timeout_seconds::bigint * 10;
+    v_signalled boolean := position(',' || instance_id || ','
+                                    IN coalesce(current_setting('df.undelivered_signals', true),
+                                                '')) > 0;
 BEGIN
     IF df._in_workflow() THEN
         RAISE EXCEPTION 'df.await_instance() cannot be called inside a workflow - wait for instances from the client that started them'
@@ -2685,6 +2914,10 @@ BEGIN
             v_status := lower(v_status);
             PERFORM df._mark_non_future_helper('df.await_instance()', v_status);
             RETURN v_status;
+        END IF;
+        IF v_signalled THEN
+            RAISE EXCEPTION 'df.await_instance(): this transaction signalled instance % and has not committed; the signal is delivered only when it commits, so commit first, or send it with df.signal(..., transaction_mode => ''new'')',
+                instance_id USING ERRCODE = 'active_sql_transaction';
         END IF;
         PERFORM pg_sleep(0.1);
         v_polls := v_polls - 1;

@@ -7,32 +7,50 @@ tested without a database.
 
 Model. An *activation* is one execution of one node. Activations form a tree mirroring the
 part of the graph that is running; a finished activation reports its outcome to its parent,
-which decides what runs next (spec §7). Outcomes are ``ok`` (with a result), ``fail`` (with
-an error text) or ``brk`` (a df.break unwinding to the nearest loop, with its value).
+which decides what runs next. Outcomes are ``ok`` (with a result), ``fail`` (with an error
+text) or ``brk`` (a df.break unwinding to the nearest loop, with its value).
 
-Named results live in *environments*: JOIN/RACE branches get a copy of the parent's
-environment and merge back when the fork finishes (§7.4). *Executions* give the
-``status_details`` stamps of §9.4: the instance root and every JOIN/RACE branch and nested
-loop have one, with a generation bumped per loop iteration.
+Named results live in *environments*: JOIN/RACE branches start from the names their fork
+had and their names merge back into it when the fork finishes, so concurrent branches never
+see each other's results. *Executions* give the ``status_details`` stamps that monitoring
+groups nodes by: the instance root and every JOIN/RACE branch and nested loop have one, with
+a generation bumped per loop iteration.
+
+The state types, and the rule that a transition never changes the state it is given, are in
+:mod:`pgdurable.graph.state`. What each node type does is in :data:`NODE_HANDLERS`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal, TypeVar
 
 from .cron import cron_error, next_tick
 from .http_request import build_request, idempotency_key
 from .model import UNNAMED_RESULT_TYPES, Graph, Node
+from .state import (
+    ROOT,
+    Activation,
+    Ended,
+    Execution,
+    ForkActivation,
+    InstanceState,
+    JoinActivation,
+    LoopActivation,
+    RetryActivation,
+    Slot,
+    TimeoutActivation,
+    to_json,
+)
 from .substitute import SubstitutionError, substitute_sql
 from .truth import is_true
 
-STATE_FORMAT = 1
 MAX_LOOP_ITERATIONS = 100_000
 # A loop iteration takes at least this long; a quick one waits on a timer before the next,
-# so a loop without a sleep cannot spin (spec §7.7).
+# so a loop without a sleep cannot spin through its iteration limit in a burst of checkpoints.
 MIN_ITERATION_SECONDS = 1.0
 
 LOOP_LOST_RACE = "Loop branch cancelled after losing RACE"
@@ -66,9 +84,6 @@ STATEMENT_TOO_LARGE = (
     "SQL step statement too large after substitution: more than {limit} bytes "
     "(pg_durable.max_result_bytes)"
 )
-
-OutcomeKind = Literal["ok", "fail", "brk"]
-State = dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -108,19 +123,25 @@ class Outcome:
 
 @dataclass
 class Transition:
-    """Everything one event changed."""
+    """Everything one event changed. ``next_state`` is the state to pass with the next event
+    (None: the instance failed before it had one)."""
 
-    state: State
+    next_state: InstanceState | None
     writes: list[NodeWrite] = field(default_factory=list)
     tasks: list[TaskSpec] = field(default_factory=list)
     dropped: list[int] = field(default_factory=list)  # activations whose tasks must go
     outcome: Outcome | None = None
 
     @property
+    def state(self) -> dict[str, Any]:
+        """``next_state`` in the form the store keeps (:func:`state.to_json`), built anew at
+        each access."""
+        return to_json(self.next_state)
+
+    @property
     def generation(self) -> int:
         """The root execution's generation (iterations of a root loop), for monitoring."""
-        gen: int = self.state["execs"]["0"]["gen"] if self.state.get("execs") else 1
-        return gen
+        return self.next_state.execs[ROOT].gen if self.next_state else 1
 
 
 # -- public entry points -----------------------------------------------------------------------
@@ -135,21 +156,15 @@ def start(
 ) -> Transition:
     """Begin executing an instance: activate the root node. (Every entry point takes
     ``max_statement_bytes``: a SQL step whose statement is longer once substituted fails.)"""
-    state: State = {
-        "format": STATE_FORMAT,
-        "next": 1,
-        "acts": {},
-        "execs": {"0": {"scope": graph.instance_id, "gen": 1}},
-        "envs": {"0": {}},
-    }
-    run = _Run(graph, state, variables, now, max_statement_bytes)
-    run.activate(graph.root, parent=None, slot=None, exec_id="0", env_id="0")
+    initial = InstanceState.initial(graph.instance_id)
+    run = _Run(graph, initial, variables, now, max_statement_bytes)
+    run.activate(graph.root, parent=None, slot=None, exec_id=ROOT, env_id=ROOT)
     return run.finish_transition()
 
 
 def step_succeeded(
     graph: Graph,
-    state: State,
+    state: InstanceState,
     variables: dict[str, str],
     activation: int,
     result: str,
@@ -159,13 +174,13 @@ def step_succeeded(
 ) -> Transition:
     """A SQL step's statement ran; ``result`` is its result JSON."""
     return _leaf_finished(
-        graph, state, variables, activation, "ok", result, now, None, max_statement_bytes
+        graph, state, variables, activation, Ended("ok", result), now, max_statement_bytes
     )
 
 
 def step_failed(
     graph: Graph,
-    state: State,
+    state: InstanceState,
     variables: dict[str, str],
     activation: int,
     error: str,
@@ -174,33 +189,17 @@ def step_failed(
     *,
     max_statement_bytes: int = DEFAULT_MAX_BYTES,
 ) -> Transition:
-    """A step failed with ``error``; the failure propagates (spec §7.1). ``code`` classifies
-    it for df.retry: a SQLSTATE, or one of the ``http_*`` classes of HTTP steps."""
+    """A step failed with ``error``; the failure propagates to the enclosing nodes until one
+    handles it (a df.retry, or the instance fails). ``code`` classifies it for df.retry: a
+    SQLSTATE, or one of the ``http_*`` classes of HTTP steps."""
     return _leaf_finished(
-        graph, state, variables, activation, "fail", error, now, code, max_statement_bytes
+        graph, state, variables, activation, Ended("fail", error, code), now, max_statement_bytes
     )
-
-
-def _leaf_finished(
-    graph: Graph,
-    state: State,
-    variables: dict[str, str],
-    activation: int,
-    kind: OutcomeKind,
-    value: str,
-    now: float,
-    code: str | None,
-    max_statement_bytes: int,
-) -> Transition:
-    run = _Run(graph, _copy(state), variables, now, max_statement_bytes)
-    if run.act(activation) is not None:  # else a stale event: the activation is gone
-        run.finish(activation, kind, value, code)
-    return run.finish_transition()
 
 
 def timer_fired(
     graph: Graph,
-    state: State,
+    state: InstanceState,
     variables: dict[str, str],
     activation: int,
     now: float,
@@ -209,27 +208,19 @@ def timer_fired(
 ) -> Transition:
     """A timer of ``activation`` is due: a SLEEP ends, a padded loop iteration begins, a
     df.retry backoff is over, or a df.timeout expires."""
-    run = _Run(graph, _copy(state), variables, now, max_statement_bytes)
-    act = run.act(activation)
-    if act is not None:
-        node = graph[act["node"]]
-        if node.type == "SLEEP":
-            seconds = int(node.query or "0")
-            run.finish(activation, "ok", f'{{"slept": true, "seconds": {seconds}}}')
-        elif node.type == "WAIT_SCHEDULE":
-            run.finish(activation, "ok", '{"scheduled": true}')
-        elif node.type == "LOOP" and act.get("phase") == "pad":
-            run.begin_iteration(activation)
-        elif node.type == "RETRY" and act.get("phase") == "backoff":
-            run.begin_attempt(activation)
-        elif node.type == "TIMEOUT":
-            run.time_out(activation)
+    run = _Run(graph, state, variables, now, max_statement_bytes)
+    act = run.acts.get(activation)
+    if act is not None:  # else a stale timer: the activation is gone
+        node = graph[act.node]
+        handlers = NODE_HANDLERS.get(node.type)
+        if handlers is not None and handlers.timer is not None:
+            handlers.timer(run, activation, act, node)
     return run.finish_transition()
 
 
 def signal_received(
     graph: Graph,
-    state: State,
+    state: InstanceState,
     variables: dict[str, str],
     activation: int,
     data: Any,
@@ -241,13 +232,13 @@ def signal_received(
     result = {"signal_name": _signal_name(graph, state, activation), "timed_out": False}
     result["data"] = data
     return _leaf_finished(
-        graph, state, variables, activation, "ok", _compact(result), now, None, max_statement_bytes
+        graph, state, variables, activation, Ended("ok", _compact(result)), now, max_statement_bytes
     )
 
 
 def signal_timed_out(
     graph: Graph,
-    state: State,
+    state: InstanceState,
     variables: dict[str, str],
     activation: int,
     now: float,
@@ -258,59 +249,18 @@ def signal_timed_out(
     result = {"signal_name": _signal_name(graph, state, activation), "timed_out": True}
     result["data"] = None
     return _leaf_finished(
-        graph, state, variables, activation, "ok", _compact(result), now, None, max_statement_bytes
+        graph, state, variables, activation, Ended("ok", _compact(result)), now, max_statement_bytes
     )
 
 
-def _signal_name(graph: Graph, state: State, activation: int) -> Any:
-    act = state["acts"].get(str(activation))
-    return graph[act["node"]].config.get("signal_name") if act else None
-
-
-def is_waiting(state: State | None, activation: int) -> bool:
+def is_waiting(state: InstanceState | None, activation: int) -> bool:
     """Whether ``activation`` still exists, i.e. a task of it is still wanted."""
-    return bool(state) and str(activation) in state["acts"]  # type: ignore[index]
+    return state is not None and activation in state.acts
 
 
-def fail_instance(state: State | None, error: str) -> Transition:
+def fail_instance(state: InstanceState | None, error: str) -> Transition:
     """The instance cannot run at all (e.g. its role is gone): fail it without running nodes."""
-    return Transition(state=state or {}, outcome=Outcome("failed", error))
-
-
-# -- the machinery -----------------------------------------------------------------------------
-
-
-def _copy(state: State) -> State:
-    """A private copy of a JSON state: the caller's stays untouched (faster than deepcopy)."""
-    copied: State = json.loads(json.dumps(state))
-    return copied
-
-
-def _compact(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-
-
-def _parse(text: str) -> Any:
-    """A result string as JSON; text that is not JSON counts as a JSON string (spec §7.1)."""
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
-
-
-def _as_json_text(text: str) -> str:
-    """Text suitable for a jsonb column: the text itself if it is JSON, else a JSON string."""
-    try:
-        json.loads(text)
-    except ValueError:
-        return _compact(text)
-    return text
-
-
-def _number_text(value: Any) -> str:
-    """A number as a person writes it: 10, 0.5 (not 10.0)."""
-    number = float(value)
-    return str(int(number)) if number.is_integer() else str(number)
+    return Transition(next_state=state, outcome=Outcome("failed", error))
 
 
 def retryable(code: str | None, retry_on: Any) -> bool:
@@ -345,6 +295,57 @@ def backoff_delay(config: Any, attempt: int, seed: str) -> float:
     return delay * (0.5 + 0.5 * fraction)
 
 
+def _leaf_finished(
+    graph: Graph,
+    state: InstanceState,
+    variables: dict[str, str],
+    activation: int,
+    ended: Ended,
+    now: float,
+    max_statement_bytes: int,
+) -> Transition:
+    run = _Run(graph, state, variables, now, max_statement_bytes)
+    if activation in run.acts:  # else a stale event: the activation is gone
+        run.finish(activation, ended)
+    return run.finish_transition()
+
+
+def _signal_name(graph: Graph, state: InstanceState, activation: int) -> Any:
+    act = state.acts.get(activation)
+    return graph[act.node].config.get("signal_name") if act else None
+
+
+# -- values ------------------------------------------------------------------------------------
+
+
+def _compact(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def _parse(text: str) -> Any:
+    """A result string as JSON; text that is not JSON counts as a JSON string, as it does
+    wherever a result is read."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _as_json_text(text: str) -> str:
+    """Text suitable for a jsonb column: the text itself if it is JSON, else a JSON string."""
+    try:
+        json.loads(text)
+    except ValueError:
+        return _compact(text)
+    return text
+
+
+def _number_text(value: Any) -> str:
+    """A number as a person writes it: 10, 0.5 (not 10.0)."""
+    number = float(value)
+    return str(int(number)) if number.is_integer() else str(number)
+
+
 def _break_value(node: Node) -> str:
     raw = node.config.get("break_value")
     if raw is None:
@@ -357,448 +358,535 @@ def _break_value(node: Node) -> str:
         return _compact(raw)
 
 
-@dataclass(frozen=True)
-class _Ended:
-    """How a child activation ended, as its parent's ``_child_of_<type>`` handler sees it:
-    in which slot of the parent, with which outcome, value and failure code."""
+_A = TypeVar("_A", bound=Activation)
 
-    slot: Any
-    kind: OutcomeKind
-    value: str
-    code: str | None
+
+def _expect(act: Activation, kind: type[_A]) -> _A:
+    """``act`` as the record its node type keeps (its start handler stored that one)."""
+    assert isinstance(act, kind), f"activation of node {act.node} is a {type(act).__name__}"
+    return act
+
+
+def _fields(act: Activation) -> tuple[str, int | None, Slot, int, int]:
+    """The fields every activation has, to build a node type's own record from the plain one
+    that :meth:`_Run.activate` made."""
+    return act.node, act.parent, act.slot, act.exec_id, act.env_id
+
+
+# -- the machinery -----------------------------------------------------------------------------
 
 
 class _Run:
-    """One transition in progress: mutates ``state`` and collects the effects."""
+    """One transition in progress: private copies of the state's tables, changed in place
+    (the records in them are replaced, never changed), and the effects collected so far."""
 
     def __init__(
         self,
         graph: Graph,
-        state: State,
+        state: InstanceState,
         variables: dict[str, str],
         now: float,
         max_statement_bytes: int = DEFAULT_MAX_BYTES,
     ):
         self.graph = graph
-        self.state = state
         self.variables = variables
         self.now = now
         self.max_statement_bytes = max_statement_bytes
-        self.out = Transition(state=state)
+        self.next_id = state.next_id
+        # Shallow copies: the caller's state keeps its tables; records and environments,
+        # immutable, are shared until replaced.
+        self.acts: dict[int, Activation] = dict(state.acts)
+        self.execs: dict[int, Execution] = dict(state.execs)
+        self.envs: dict[int, Mapping[str, str]] = dict(state.envs)
+        self.writes: list[NodeWrite] = []
+        self.tasks: list[TaskSpec] = []
+        self.dropped: list[int] = []
+        self.outcome: Outcome | None = None
 
     # -- bookkeeping ---------------------------------------------------------------------------
 
-    def act(self, aid: int) -> dict[str, Any] | None:
-        found: dict[str, Any] | None = self.state["acts"].get(str(aid))
-        return found
-
     def _new_id(self) -> int:
-        n: int = self.state["next"]
-        self.state["next"] = n + 1
+        n = self.next_id
+        self.next_id = n + 1
         return n
 
-    def _new_exec(self, parent_exec: str, child_root: str) -> str:
-        parent = self.state["execs"][parent_exec]
-        eid = str(self._new_id())
-        scope = f"{parent['scope']}::{parent['gen']}::{child_root}"
-        self.state["execs"][eid] = {"scope": scope, "gen": 1}
+    def _new_exec(self, parent_exec: int, child_root: str) -> int:
+        parent = self.execs[parent_exec]
+        eid = self._new_id()
+        self.execs[eid] = Execution(f"{parent.scope}::{parent.gen}::{child_root}", 1)
         return eid
 
-    def _new_env(self, copy_of: str) -> str:
-        eid = str(self._new_id())
-        self.state["envs"][eid] = dict(self.state["envs"][copy_of])
+    def _new_env(self, copy_of: int) -> int:
+        eid = self._new_id()
+        self.envs[eid] = self.envs[copy_of]  # shared until one of them binds a name
         return eid
 
-    def _stamp(self, exec_id: str) -> str:
-        ex = self.state["execs"][exec_id]
-        return f"{ex['scope']}::{ex['gen']}"
+    def _bind(self, env_id: int, names: Mapping[str, str]) -> None:
+        self.envs[env_id] = {**self.envs[env_id], **names}
+
+    def _stamp(self, exec_id: int) -> str:
+        ex = self.execs[exec_id]
+        return f"{ex.scope}::{ex.gen}"
 
     def _write(
         self,
-        act: dict[str, Any],
-        status: Any,
+        act: Activation,
+        status: Literal["running", "completed", "failed"],
         result: str | None,
         error: tuple[Literal["set", "append"], str] | None = None,
     ) -> None:
-        stamp = self._stamp(act["exec"])
-        self.out.writes.append(NodeWrite(act["node"], status, result, stamp, error))
+        stamp = self._stamp(act.exec_id)
+        self.writes.append(NodeWrite(act.node, status, result, stamp, error))
+
+    def _remove(self, aid: int) -> Activation:
+        """Take activation ``aid`` out of the state with the executions and environments it
+        owns. Its children are gone already: a node ends only after its children ended or
+        were dropped. (Freeing by owner costs nothing where a sweep for unused ones at each
+        transition would read the whole state, as many times as a large JOIN has branches.)"""
+        act = self.acts.pop(aid)
+        if isinstance(act, ForkActivation):
+            for eid in act.branch_execs:
+                del self.execs[eid]
+            for eid in act.branch_envs:
+                del self.envs[eid]
+        elif isinstance(act, LoopActivation) and not act.inline:
+            del self.execs[act.loop_exec]
+        return act
+
+    def _children(self) -> dict[int, list[tuple[int, Slot]]]:
+        """Every live activation's children, in activation order: one pass over the state,
+        for the few events that drop whole subtrees."""
+        index: dict[int, list[tuple[int, Slot]]] = {}
+        for aid, act in self.acts.items():
+            if act.parent is not None:
+                index.setdefault(act.parent, []).append((aid, act.slot))
+        return index
 
     def finish_transition(self) -> Transition:
+        """The transition: the new state and the effects collected."""
         # A RACE decided while its branches were still starting dropped activations that
         # had already asked for work; that work must never be queued.
-        live = self.state["acts"]
-        self.out.tasks = [t for t in self.out.tasks if str(t.activation) in live]
-        self._collect_garbage()
-        return self.out
-
-    def _collect_garbage(self) -> None:
-        acts = self.state["acts"].values()
-        live_execs = {"0"} | {a["exec"] for a in acts}
-        live_envs = {"0"} | {a["env"] for a in acts}
-        for a in acts:
-            live_execs.update(a.get("branch_execs", ()))
-            if "loop_exec" in a:  # also while no body activation runs (padding timer)
-                live_execs.add(a["loop_exec"])
-            live_envs.update(a.get("branch_envs", ()))
-        for key, live in (("execs", live_execs), ("envs", live_envs)):
-            table = self.state[key]
-            for k in [k for k in table if k not in live]:
-                del table[k]
+        tasks = [t for t in self.tasks if t.activation in self.acts]
+        state = InstanceState(self.next_id, self.acts, self.execs, self.envs)
+        return Transition(state, self.writes, tasks, self.dropped, self.outcome)
 
     # -- activation ----------------------------------------------------------------------------
 
     def activate(
-        self, node_id: str, parent: int | None, slot: Any, exec_id: str, env_id: str
+        self, node_id: str, parent: int | None, slot: Slot, exec_id: int, env_id: int
     ) -> None:
         """Start executing ``node_id`` as a child of ``parent``."""
         node = self.graph[node_id]
         aid = self._new_id()
-        act: dict[str, Any] = {
-            "node": node_id,
-            "parent": parent,
-            "slot": slot,
-            "exec": exec_id,
-            "env": env_id,
-        }
-        self.state["acts"][str(aid)] = act
+        act = Activation(node_id, parent, slot, exec_id, env_id)
+        self.acts[aid] = act
         self._write(act, "running", None)
-        handler = getattr(self, f"_start_{node.type.lower()}", None)
-        if handler is None:
-            self.finish(
-                aid, "fail", f"{node.type} steps are not supported by this pgdurable worker yet"
-            )
+        handlers = NODE_HANDLERS.get(node.type)
+        if handlers is None:
+            error = f"{node.type} steps are not supported by this pgdurable worker yet"
+            self.finish(aid, Ended("fail", error))
         else:
-            handler(aid, act, node)
+            handlers.start(self, aid, act, node)
 
-    def _start_sql(self, aid: int, act: dict[str, Any], node: Node) -> None:
+    def _start_sql(self, aid: int, act: Activation, node: Node) -> None:
         try:
             text = substitute_sql(
                 node.query or "",
-                self.state["envs"][act["env"]],
+                self.envs[act.env_id],
                 self.variables,
                 self.graph.instance_id,
                 self.graph.label,
             )
         except SubstitutionError as exc:
-            self.finish(aid, "fail", str(exc))
+            self.finish(aid, Ended("fail", str(exc)))
             return
         # Named results are at most this big each, but a statement may use many, or one many
         # times; the task row and the worker that claims it must not hold more.
         limit = self.max_statement_bytes
         if len(text) > limit or (not text.isascii() and len(text.encode()) > limit):
-            self.finish(aid, "fail", STATEMENT_TOO_LARGE.format(limit=limit))
+            self.finish(aid, Ended("fail", STATEMENT_TOO_LARGE.format(limit=limit)))
             return
         payload: dict[str, Any] = {"sql": text}
         self._add_deadline(act, payload)
-        self.out.tasks.append(TaskSpec(aid, "sql", node.id, payload))
+        self.tasks.append(TaskSpec(aid, "sql", node.id, payload))
 
-    def _start_http(self, aid: int, act: dict[str, Any], node: Node) -> None:
-        key = idempotency_key(self._stamp(act["exec"]), node.id)
+    def _start_http(self, aid: int, act: Activation, node: Node) -> None:
+        key = idempotency_key(self._stamp(act.exec_id), node.id)
         try:
             payload = build_request(
                 node,
-                self.state["envs"][act["env"]],
+                self.envs[act.env_id],
                 self.variables,
                 self.graph.instance_id,
                 self.graph.label,
                 key,
             )
         except SubstitutionError as exc:
-            self.finish(aid, "fail", str(exc))
+            self.finish(aid, Ended("fail", str(exc)))
             return
         self._add_deadline(act, payload)
-        self.out.tasks.append(TaskSpec(aid, "http", node.id, payload))
+        self.tasks.append(TaskSpec(aid, "http", node.id, payload))
 
-    _start_http_multipart = _start_http
-
-    def _add_deadline(self, act: dict[str, Any], payload: dict[str, Any]) -> None:
+    def _add_deadline(self, act: Activation, payload: dict[str, Any]) -> None:
         """Tell the worker when the nearest enclosing df.timeout expires, so a statement or
         request cannot outlive it even if the cancel that the timeout sends is lost."""
         deadlines = []
-        parent = act["parent"]
+        parent = act.parent
         while parent is not None:
-            ancestor = self.state["acts"][str(parent)]
-            if "deadline" in ancestor:
-                deadlines.append(ancestor["deadline"])
-            parent = ancestor["parent"]
+            ancestor = self.acts[parent]
+            if isinstance(ancestor, TimeoutActivation):
+                deadlines.append(ancestor.deadline)
+            parent = ancestor.parent
         if deadlines:
             payload["deadline"] = min(deadlines)
 
-    def _start_sleep(self, aid: int, act: dict[str, Any], node: Node) -> None:
+    def _start_sleep(self, aid: int, act: Activation, node: Node) -> None:
         seconds = min(int(node.query or "0"), MAX_WAIT_SECONDS)
-        self.out.tasks.append(TaskSpec(aid, "timer", node.id, None, self.now + seconds))
+        self.tasks.append(TaskSpec(aid, "timer", node.id, None, self.now + seconds))
 
-    def _start_wait_schedule(self, aid: int, act: dict[str, Any], node: Node) -> None:
+    def _sleep_over(self, aid: int, act: Activation, node: Node) -> None:
+        seconds = int(node.query or "0")
+        self.finish(aid, Ended("ok", f'{{"slept": true, "seconds": {seconds}}}'))
+
+    def _start_wait_schedule(self, aid: int, act: Activation, node: Node) -> None:
         # The next tick is computed now, when the wait starts, from the database clock (UTC);
         # a tick missed while no worker ran fires once, late (docs/schedules.md).
         expr = str(node.config.get("cron_expr", ""))
         error = cron_error(expr)
         if error is not None:
-            self.finish(aid, "fail", f"Invalid cron expression '{expr}': {error}")
+            self.finish(aid, Ended("fail", f"Invalid cron expression '{expr}': {error}"))
             return
         tick = next_tick(expr, self.now)
-        self.out.tasks.append(TaskSpec(aid, "timer", node.id, None, tick))
+        self.tasks.append(TaskSpec(aid, "timer", node.id, None, tick))
 
-    def _start_signal(self, aid: int, act: dict[str, Any], node: Node) -> None:
+    def _schedule_reached(self, aid: int, act: Activation, node: Node) -> None:
+        self.finish(aid, Ended("ok", '{"scheduled": true}'))
+
+    def _start_signal(self, aid: int, act: Activation, node: Node) -> None:
         name = node.config.get("signal_name")
         timeout = node.config.get("timeout_seconds")
         deadline = self.now + float(timeout) if timeout else None
         payload = {"signal_name": name, "deadline": deadline}
-        self.out.tasks.append(TaskSpec(aid, "signal", node.id, payload, deadline))
+        self.tasks.append(TaskSpec(aid, "signal", node.id, payload, deadline))
 
-    def _start_break(self, aid: int, act: dict[str, Any], node: Node) -> None:
-        self.finish(aid, "brk", _break_value(node))
+    def _start_break(self, aid: int, act: Activation, node: Node) -> None:
+        self.finish(aid, Ended("brk", _break_value(node)))
 
-    def _start_retry(self, aid: int, act: dict[str, Any], node: Node) -> None:
-        act["attempt"] = 0
+    def _start_retry(self, aid: int, act: Activation, node: Node) -> None:
         self._write(act, "running", None, ("set", ""))  # a new execution: a new history
-        self.begin_attempt(aid)
+        self._begin_attempt(aid, RetryActivation(*_fields(act), attempt=0, phase="body"))
 
-    def begin_attempt(self, aid: int) -> None:
+    def _retry_timer(self, aid: int, act: Activation, node: Node) -> None:
+        retry = _expect(act, RetryActivation)
+        if retry.phase == "backoff":  # else a stale timer
+            self._begin_attempt(aid, retry)
+
+    def _begin_attempt(self, aid: int, retry: RetryActivation) -> None:
         """Run the next attempt of df.retry ``aid``."""
-        act = self.act(aid)
-        assert act is not None
-        act["attempt"] += 1
-        act["phase"] = "body"
-        body = self.graph[act["node"]].left
+        retry = replace(retry, attempt=retry.attempt + 1, phase="body")
+        self.acts[aid] = retry
+        body = self.graph[retry.node].left
         assert body
-        self.activate(body, aid, "body", act["exec"], act["env"])
+        self.activate(body, aid, "body", retry.exec_id, retry.env_id)
 
-    def _start_timeout(self, aid: int, act: dict[str, Any], node: Node) -> None:
-        act["deadline"] = self.now + min(float(node.config["timeout_seconds"]), MAX_WAIT_SECONDS)
-        self.out.tasks.append(TaskSpec(aid, "timer", node.id, None, act["deadline"]))
+    def _start_timeout(self, aid: int, act: Activation, node: Node) -> None:
+        limit = min(float(node.config["timeout_seconds"]), MAX_WAIT_SECONDS)
+        timeout = TimeoutActivation(*_fields(act), deadline=self.now + limit)
+        self.acts[aid] = timeout
+        self.tasks.append(TaskSpec(aid, "timer", node.id, None, timeout.deadline))
         assert node.left
-        self.activate(node.left, aid, "body", act["exec"], act["env"])
+        self.activate(node.left, aid, "body", act.exec_id, act.env_id)
 
-    def time_out(self, aid: int) -> None:
+    def _time_out(self, aid: int, act: Activation, node: Node) -> None:
         """df.timeout ``aid`` expired before its step finished: abandon the step."""
-        act = self.act(aid)
-        assert act is not None
-        seconds = _number_text(self.graph[act["node"]].config["timeout_seconds"])
-        for child, _ in self._children(aid):
-            self._drop_subtree(child, CANCELLED_BY_TIMEOUT.format(seconds=seconds))
-        self.out.dropped.append(aid)  # its timer, unless that is what fired
-        self.finish(aid, "fail", TIMED_OUT.format(seconds=seconds), "timeout")
+        seconds = _number_text(node.config["timeout_seconds"])
+        children = self._children()
+        for child, _ in children.get(aid, ()):
+            self._drop_subtree(child, children, CANCELLED_BY_TIMEOUT.format(seconds=seconds))
+        self.dropped.append(aid)  # its timer, unless that is what fired
+        self.finish(aid, Ended("fail", TIMED_OUT.format(seconds=seconds), "timeout"))
 
-    def _start_then(self, aid: int, act: dict[str, Any], node: Node) -> None:
+    def _start_then(self, aid: int, act: Activation, node: Node) -> None:
         assert node.left
-        self.activate(node.left, aid, "left", act["exec"], act["env"])
+        self.activate(node.left, aid, "left", act.exec_id, act.env_id)
 
-    def _start_if(self, aid: int, act: dict[str, Any], node: Node) -> None:
+    def _start_if(self, aid: int, act: Activation, node: Node) -> None:
         if node.condition:
-            self.activate(node.condition, aid, "cond", act["exec"], act["env"])
+            self.activate(node.condition, aid, "cond", act.exec_id, act.env_id)
             return
-        # df.if_rows: branch on a named SQL result without running anything (spec §7.6).
+        # df.if_rows: branch on a named SQL result without running anything.
         name = str(node.config.get("result_name"))
-        env = self.state["envs"][act["env"]]
+        env = self.envs[act.env_id]
         if name not in env:
-            self.finish(aid, "fail", f"df.if_rows: result '{name}' not found")
+            self.finish(aid, Ended("fail", f"df.if_rows: result '{name}' not found"))
             return
         try:
             parsed = json.loads(env[name])
         except ValueError as exc:
-            self.finish(aid, "fail", f"df.if_rows: invalid result JSON: {exc}")
+            self.finish(aid, Ended("fail", f"df.if_rows: invalid result JSON: {exc}"))
             return
         count = parsed.get("row_count") if isinstance(parsed, dict) else None
         if not isinstance(count, int | float) or isinstance(count, bool):
-            self.finish(
-                aid, "fail", f"df.if_rows: result '{name}' is not a SQL result (missing row_count)"
-            )
+            error = f"df.if_rows: result '{name}' is not a SQL result (missing row_count)"
+            self.finish(aid, Ended("fail", error))
             return
         self._take_branch(aid, act, node, count > 0)
 
-    def _take_branch(self, aid: int, act: dict[str, Any], node: Node, condition: bool) -> None:
+    def _take_branch(self, aid: int, act: Activation, node: Node, condition: bool) -> None:
         branch = node.left if condition else node.right
         assert branch
-        self.activate(branch, aid, "branch", act["exec"], act["env"])
+        self.activate(branch, aid, "branch", act.exec_id, act.env_id)
 
-    def _start_join(self, aid: int, act: dict[str, Any], node: Node) -> None:
-        self._fork(aid, act, node)
+    def _start_join(self, aid: int, act: Activation, node: Node) -> None:
+        execs, envs = self._branch_scopes(act, node)
+        done = (None,) * len(node.branches)
+        self._fork(aid, JoinActivation(*_fields(act), execs, envs, done), node)
 
-    def _start_race(self, aid: int, act: dict[str, Any], node: Node) -> None:
-        self._fork(aid, act, node)
+    def _start_race(self, aid: int, act: Activation, node: Node) -> None:
+        execs, envs = self._branch_scopes(act, node)
+        self._fork(aid, ForkActivation(*_fields(act), execs, envs), node)
 
-    def _fork(self, aid: int, act: dict[str, Any], node: Node) -> None:
-        branches = node.branches
-        act["branch_execs"] = [self._new_exec(act["exec"], b) for b in branches]
-        act["branch_envs"] = [self._new_env(act["env"]) for _ in branches]
-        act["done"] = [None] * len(branches)
-        for i, branch in enumerate(branches):
-            if self.act(aid) is None:  # an earlier branch already decided a RACE
+    def _branch_scopes(
+        self, act: Activation, node: Node
+    ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """An execution and an environment for each branch of a fork."""
+        execs = tuple(self._new_exec(act.exec_id, b) for b in node.branches)
+        envs = tuple(self._new_env(act.env_id) for _ in node.branches)
+        return execs, envs
+
+    def _fork(self, aid: int, fork: ForkActivation, node: Node) -> None:
+        self.acts[aid] = fork
+        for i, branch in enumerate(node.branches):
+            if aid not in self.acts:  # an earlier branch already decided a RACE
                 return
-            self.activate(branch, aid, i, act["branch_execs"][i], act["branch_envs"][i])
+            self.activate(branch, aid, i, fork.branch_execs[i], fork.branch_envs[i])
 
-    def _start_loop(self, aid: int, act: dict[str, Any], node: Node) -> None:
-        parent = self.act(act["parent"]) if act["parent"] is not None else None
+    def _start_loop(self, aid: int, act: Activation, node: Node) -> None:
+        parent = self.acts[act.parent] if act.parent is not None else None
         # A loop at the root of an execution (the instance, or a JOIN/RACE branch) iterates that
-        # execution; any other loop gets an execution of its own (spec §7.7, §9.4).
-        inline = parent is None or self.graph[parent["node"]].type in ("JOIN", "RACE")
-        act["inline"] = inline
-        act["loop_exec"] = act["exec"] if inline else self._new_exec(act["exec"], node.id)
-        act["iter"] = 0
-        if inline:
-            # A root loop starts every iteration with the names it started with (spec §7.4).
-            act["base_env"] = dict(self.state["envs"][act["env"]])
-        self.begin_iteration(aid)
+        # execution, whose generation counts the iterations; any other loop gets an execution
+        # of its own, so its iterations do not re-stamp the nodes around it.
+        inline = parent is None or self.graph[parent.node].type in ("JOIN", "RACE")
+        loop = LoopActivation(
+            *_fields(act),
+            loop_exec=act.exec_id if inline else self._new_exec(act.exec_id, node.id),
+            iteration=0,
+            phase="body",
+            started=self.now,
+            # Each iteration of a root loop starts again from the names the loop started with,
+            # so the state does not grow with iterations.
+            base_env=self.envs[act.env_id] if inline else None,
+        )
+        self._begin_iteration(aid, loop)
 
-    def begin_iteration(self, aid: int) -> None:
+    def _loop_timer(self, aid: int, act: Activation, node: Node) -> None:
+        loop = _expect(act, LoopActivation)
+        if loop.phase == "pad":  # else a stale timer
+            self._begin_iteration(aid, loop)
+
+    def _begin_iteration(self, aid: int, loop: LoopActivation) -> None:
         """Start the next iteration of loop ``aid``."""
-        act = self.act(aid)
-        assert act is not None
-        node = self.graph[act["node"]]
-        if act["iter"] >= MAX_LOOP_ITERATIONS:
-            self.finish(aid, "fail", LOOP_LIMIT)
+        if loop.iteration >= MAX_LOOP_ITERATIONS:
+            self.finish(aid, Ended("fail", LOOP_LIMIT))
             return
-        act["iter"] += 1
-        act["phase"] = "body"
-        act["started"] = self.now
-        if act["iter"] > 1:
-            self.state["execs"][act["loop_exec"]]["gen"] += 1
-            if act["inline"]:
-                self.state["envs"][act["env"]] = dict(act["base_env"])
-                self._write(act, "running", None)
-        assert node.left
-        self.activate(node.left, aid, "body", act["loop_exec"], act["env"])
+        loop = replace(loop, iteration=loop.iteration + 1, phase="body", started=self.now)
+        self.acts[aid] = loop
+        if loop.iteration > 1:
+            ex = self.execs[loop.loop_exec]
+            self.execs[loop.loop_exec] = Execution(ex.scope, ex.gen + 1)
+            if loop.base_env is not None:
+                self.envs[loop.env_id] = loop.base_env
+                self._write(loop, "running", None)
+        body = self.graph[loop.node].left
+        assert body
+        self.activate(body, aid, "body", loop.loop_exec, loop.env_id)
 
     # -- completion ----------------------------------------------------------------------------
 
-    def finish(self, aid: int, kind: OutcomeKind, value: str, code: str | None = None) -> None:
-        """Activation ``aid`` ended; stamp it, bind its name, and tell its parent. ``code``
-        classifies a failure (see step_failed)."""
-        act = self.state["acts"].pop(str(aid))
-        node = self.graph[act["node"]]
-        if kind == "fail":
-            self._write(act, "failed", _compact(value))
+    def finish(self, aid: int, ended: Ended) -> None:
+        """Activation ``aid`` ended; stamp it, bind its name, and tell its parent."""
+        act = self._remove(aid)
+        node = self.graph[act.node]
+        if ended.kind == "fail":
+            self._write(act, "failed", _compact(ended.value))
         else:
-            self._write(act, "completed", _as_json_text(value))
-        if kind == "ok" and node.result_name and node.type not in UNNAMED_RESULT_TYPES:
-            self.state["envs"][act["env"]][node.result_name] = value
-        parent = act["parent"]
-        if parent is None:
-            self._finish_instance(act, kind, value)
+            self._write(act, "completed", _as_json_text(ended.value))
+        if ended.kind == "ok" and node.result_name and node.type not in UNNAMED_RESULT_TYPES:
+            self._bind(act.env_id, {node.result_name: ended.value})
+        if act.parent is None:
+            self._finish_instance(act, ended)
         else:
-            self._child_done(parent, act["slot"], kind, value, code)
+            parent = self.acts[act.parent]
+            parent_node = self.graph[parent.node]
+            on_child = NODE_HANDLERS[parent_node.type].child_ended
+            assert on_child is not None, f"{parent_node.type} nodes have no children"
+            on_child(self, act.parent, parent, parent_node, act.slot, ended)
 
-    def _finish_instance(self, act: dict[str, Any], kind: OutcomeKind, value: str) -> None:
-        if kind == "ok":
-            self.out.outcome = Outcome("completed", value)
-        elif kind == "fail":
-            self.out.outcome = Outcome("failed", value)
+    def _finish_instance(self, act: Activation, ended: Ended) -> None:
+        if ended.kind == "ok":
+            self.outcome = Outcome("completed", ended.value)
+        elif ended.kind == "fail":
+            self.outcome = Outcome("failed", ended.value)
         else:
             self._write(act, "failed", _compact(BREAK_OUTSIDE_LOOP))
-            self.out.outcome = Outcome("failed", BREAK_OUTSIDE_LOOP)
+            self.outcome = Outcome("failed", BREAK_OUTSIDE_LOOP)
 
-    def _child_done(
-        self, aid: int, slot: Any, kind: OutcomeKind, value: str, code: str | None
-    ) -> None:
-        act = self.act(aid)
-        assert act is not None
-        node = self.graph[act["node"]]
-        ended = _Ended(slot, kind, value, code)
-        getattr(self, f"_child_of_{node.type.lower()}")(aid, act, node, ended)
-
-    def _child_of_then(self, aid: int, act: dict[str, Any], node: Node, end: _Ended) -> None:
-        if end.kind == "ok" and end.slot == "left":
+    def _child_of_then(self, aid: int, act: Activation, node: Node, slot: Slot, end: Ended) -> None:
+        if end.kind == "ok" and slot == "left":
             assert node.right
-            self.activate(node.right, aid, "right", act["exec"], act["env"])
+            self.activate(node.right, aid, "right", act.exec_id, act.env_id)
         else:
-            self.finish(aid, end.kind, end.value, end.code)
+            self.finish(aid, end)
 
-    def _child_of_if(self, aid: int, act: dict[str, Any], node: Node, end: _Ended) -> None:
-        if end.kind == "ok" and end.slot == "cond":
+    def _child_of_if(self, aid: int, act: Activation, node: Node, slot: Slot, end: Ended) -> None:
+        if end.kind == "ok" and slot == "cond":
             self._take_branch(aid, act, node, is_true(end.value))
         else:
-            self.finish(aid, end.kind, end.value, end.code)
+            self.finish(aid, end)
 
-    def _child_of_join(self, aid: int, act: dict[str, Any], node: Node, end: _Ended) -> None:
-        act["done"][end.slot] = [end.kind, end.value, end.code]
-        if any(d is None for d in act["done"]):
+    def _child_of_join(self, aid: int, act: Activation, node: Node, slot: Slot, end: Ended) -> None:
+        join = _expect(act, JoinActivation)
+        assert isinstance(slot, int)
+        done = (*join.done[:slot], end, *join.done[slot + 1 :])
+        ends = [d for d in done if d is not None]
+        if len(ends) < len(done):
+            self.acts[aid] = replace(join, done=done)
             return
-        # Entries of states written before failure codes existed have two elements.
-        for i, (k, v, *c) in enumerate(act["done"], start=1):
-            if k == "fail":
-                self.finish(aid, "fail", f"JOIN branch {i} failed: {v}", c[0] if c else None)
+        for i, d in enumerate(ends, start=1):
+            if d.kind == "fail":
+                self.finish(aid, Ended("fail", f"JOIN branch {i} failed: {d.value}", d.code))
                 return
-        for env_id in act["branch_envs"]:
-            self.state["envs"][act["env"]].update(self.state["envs"][env_id])
-        for k, v, *_ in act["done"]:
-            if k == "brk":
-                self.finish(aid, "brk", v)
+        merged: dict[str, str] = {}
+        for env_id in join.branch_envs:
+            merged.update(self.envs[env_id])
+        self._bind(join.env_id, merged)
+        for d in ends:
+            if d.kind == "brk":
+                self.finish(aid, Ended("brk", d.value))
                 return
-        self.finish(aid, "ok", _compact([_parse(d[1]) for d in act["done"]]))
+        self.finish(aid, Ended("ok", _compact([_parse(d.value) for d in ends])))
 
-    def _child_of_race(self, aid: int, act: dict[str, Any], node: Node, end: _Ended) -> None:
-        for loser in [a for a, b in self._children(aid) if b != end.slot]:
-            self._drop_subtree(loser)
+    def _child_of_race(self, aid: int, act: Activation, node: Node, slot: Slot, end: Ended) -> None:
+        race = _expect(act, ForkActivation)
+        children = self._children()
+        for loser, loser_slot in children.get(aid, ()):
+            if loser_slot != slot:
+                self._drop_subtree(loser, children)
         if end.kind == "fail":
-            side = "left" if end.slot == 0 else "right"
-            self.finish(aid, "fail", f"RACE {side} branch failed: {end.value}", end.code)
+            side = "left" if slot == 0 else "right"
+            self.finish(aid, Ended("fail", f"RACE {side} branch failed: {end.value}", end.code))
             return
-        self.state["envs"][act["env"]].update(self.state["envs"][act["branch_envs"][end.slot]])
-        self.finish(aid, end.kind, end.value)
+        assert isinstance(slot, int)
+        self._bind(race.env_id, self.envs[race.branch_envs[slot]])
+        self.finish(aid, Ended(end.kind, end.value))
 
-    def _child_of_loop(self, aid: int, act: dict[str, Any], node: Node, end: _Ended) -> None:
+    def _child_of_loop(self, aid: int, act: Activation, node: Node, slot: Slot, end: Ended) -> None:
+        loop = _expect(act, LoopActivation)
         if end.kind == "fail":
-            self.finish(aid, "fail", end.value, end.code)
+            self.finish(aid, end)
         elif end.kind == "brk":
-            self.finish(aid, "ok", end.value)
-        elif end.slot == "body":
-            act["last"] = end.value
+            self.finish(aid, Ended("ok", end.value))
+        elif slot == "body":
+            loop = replace(loop, last=end.value)
             if node.condition:
-                act["phase"] = "cond"
-                self.activate(node.condition, aid, "cond", act["loop_exec"], act["env"])
+                self.acts[aid] = replace(loop, phase="cond")
+                self.activate(node.condition, aid, "cond", loop.loop_exec, loop.env_id)
             else:
-                self._next_iteration(aid, act)
+                self._next_iteration(aid, loop)
         elif is_true(end.value):
-            self._next_iteration(aid, act)
+            self._next_iteration(aid, loop)
         else:
-            self.finish(aid, "ok", act["last"])
+            assert loop.last is not None  # the body ran before its condition
+            self.finish(aid, Ended("ok", loop.last))
 
-    def _next_iteration(self, aid: int, act: dict[str, Any]) -> None:
-        due = act["started"] + MIN_ITERATION_SECONDS
+    def _next_iteration(self, aid: int, loop: LoopActivation) -> None:
+        due = loop.started + MIN_ITERATION_SECONDS
         if self.now < due:
-            act["phase"] = "pad"
-            self.out.tasks.append(TaskSpec(aid, "timer", act["node"], None, due))
+            self.acts[aid] = replace(loop, phase="pad")
+            self.tasks.append(TaskSpec(aid, "timer", loop.node, None, due))
         else:
-            self.begin_iteration(aid)
+            self._begin_iteration(aid, loop)
 
-    def _child_of_retry(self, aid: int, act: dict[str, Any], node: Node, end: _Ended) -> None:
+    def _child_of_retry(
+        self, aid: int, act: Activation, node: Node, slot: Slot, end: Ended
+    ) -> None:
+        retry = _expect(act, RetryActivation)
         if end.kind != "fail":
-            self.finish(aid, end.kind, end.value, end.code)
+            self.finish(aid, end)
             return
-        attempt = int(act["attempt"])
-        self._write(act, "running", None, ("append", f"attempt {attempt}: {end.value}"))
+        attempt = retry.attempt
+        self._write(retry, "running", None, ("append", f"attempt {attempt}: {end.value}"))
         if attempt >= int(node.config["max_attempts"]) or not retryable(
             end.code, node.config.get("retry_on")
         ):
-            self.finish(aid, end.kind, end.value, end.code)
+            self.finish(aid, end)
             return
-        act["phase"] = "backoff"
-        delay = backoff_delay(node.config, attempt, f"{self._stamp(act['exec'])}:{node.id}")
-        self.out.tasks.append(TaskSpec(aid, "timer", node.id, None, self.now + delay))
+        self.acts[aid] = replace(retry, phase="backoff")
+        delay = backoff_delay(node.config, attempt, f"{self._stamp(retry.exec_id)}:{node.id}")
+        self.tasks.append(TaskSpec(aid, "timer", node.id, None, self.now + delay))
 
-    def _child_of_timeout(self, aid: int, act: dict[str, Any], node: Node, end: _Ended) -> None:
-        if end.kind == "fail" and end.code in _BACKSTOPS and self.now >= act["deadline"]:
+    def _child_of_timeout(
+        self, aid: int, act: Activation, node: Node, slot: Slot, end: Ended
+    ) -> None:
+        timeout = _expect(act, TimeoutActivation)
+        if end.kind == "fail" and end.code in _BACKSTOPS and self.now >= timeout.deadline:
             # The backstop (see _add_deadline) beat the timer: the same outcome.
-            self.time_out(aid)
+            self._time_out(aid, act, node)
             return
-        self.out.dropped.append(aid)  # the step finished in time: its timer goes
-        self.finish(aid, end.kind, end.value, end.code)
+        self.dropped.append(aid)  # the step finished in time: its timer goes
+        self.finish(aid, end)
 
-    # -- RACE losers ---------------------------------------------------------------------------
+    # -- abandoned subtrees --------------------------------------------------------------------
 
-    def _children(self, aid: int) -> list[tuple[int, Any]]:
-        return [(int(k), a["slot"]) for k, a in self.state["acts"].items() if a["parent"] == aid]
-
-    def _drop_subtree(self, aid: int, reason: str | None = None) -> None:
+    def _drop_subtree(
+        self, aid: int, children: Mapping[int, list[tuple[int, Slot]]], reason: str | None = None
+    ) -> None:
         """Abandon a RACE loser (or a step a df.timeout gave up on, ``reason`` saying so):
         its activations vanish and their tasks are dropped. RACE losers are left for
         monitoring to infer, except loops; timed-out nodes are stamped failed."""
-        for child, _ in self._children(aid):
-            self._drop_subtree(child, reason)
-        act = self.state["acts"].pop(str(aid))
-        self.out.dropped.append(aid)
+        for child, _ in children.get(aid, ()):
+            self._drop_subtree(child, children, reason)
+        act = self._remove(aid)
+        self.dropped.append(aid)
         if reason is not None:
             self._write(act, "failed", _compact(reason))
-        elif self.graph[act["node"]].type == "LOOP":
+        elif self.graph[act.node].type == "LOOP":
             self._write(act, "failed", _compact(LOOP_LOST_RACE))
+
+
+# -- dispatch by node type ---------------------------------------------------------------------
+
+StartHandler = Callable[[_Run, int, Activation, Node], None]
+ChildHandler = Callable[[_Run, int, Activation, Node, Slot, Ended], None]
+
+
+@dataclass(frozen=True)
+class NodeHandlers:
+    """What the interpreter does for one node type. Every handler gets the transition in
+    progress, the activation's id and record, and its node."""
+
+    start: StartHandler
+    """The node activates (its record is the plain :class:`Activation` just stored)."""
+    child_ended: ChildHandler | None = None
+    """A child activation ended, in the given slot (nodes with children)."""
+    timer: StartHandler | None = None
+    """A timer the node set is due (nodes that set timers)."""
+
+
+NODE_HANDLERS: Mapping[str, NodeHandlers] = {
+    "SQL": NodeHandlers(_Run._start_sql),
+    "HTTP": NodeHandlers(_Run._start_http),
+    "HTTP_MULTIPART": NodeHandlers(_Run._start_http),
+    "SIGNAL": NodeHandlers(_Run._start_signal),
+    "SLEEP": NodeHandlers(_Run._start_sleep, timer=_Run._sleep_over),
+    "WAIT_SCHEDULE": NodeHandlers(_Run._start_wait_schedule, timer=_Run._schedule_reached),
+    "BREAK": NodeHandlers(_Run._start_break),
+    "THEN": NodeHandlers(_Run._start_then, _Run._child_of_then),
+    "IF": NodeHandlers(_Run._start_if, _Run._child_of_if),
+    "JOIN": NodeHandlers(_Run._start_join, _Run._child_of_join),
+    "RACE": NodeHandlers(_Run._start_race, _Run._child_of_race),
+    "LOOP": NodeHandlers(_Run._start_loop, _Run._child_of_loop, timer=_Run._loop_timer),
+    "RETRY": NodeHandlers(_Run._start_retry, _Run._child_of_retry, timer=_Run._retry_timer),
+    "TIMEOUT": NodeHandlers(_Run._start_timeout, _Run._child_of_timeout, timer=_Run._time_out),
+}
+"""Each node type's handlers; a type missing here fails when it activates."""

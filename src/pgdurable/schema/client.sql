@@ -32,6 +32,9 @@ $$;
 -- Wait until the instance is terminal and return its status. PL/pgSQL in READ COMMITTED
 -- takes a new snapshot per statement, so every poll sees what workers committed meanwhile.
 -- (LISTEN cannot help here: notifications only arrive between transactions.)
+-- An instance this transaction has signalled (df.undelivered_signals, set by the signal
+-- trigger, signals.sql) and that has not finished cannot get that signal before the commit:
+-- waiting for it would only wait out the timeout, so that is an error at once.
 CREATE OR REPLACE FUNCTION df.await_instance(instance_id text, timeout_seconds integer DEFAULT 30)
 RETURNS text
 LANGUAGE plpgsql VOLATILE STRICT AS $$
@@ -39,6 +42,9 @@ DECLARE
     v_status text;
     -- bigint: timeout_seconds * 10 overflows integer for timeouts of years.
     v_polls  bigint := timeout_seconds::bigint * 10;
+    v_signalled boolean := position(',' || instance_id || ','
+                                    IN coalesce(current_setting('df.undelivered_signals', true),
+                                                '')) > 0;
 BEGIN
     IF df._in_workflow() THEN
         RAISE EXCEPTION 'df.await_instance() cannot be called inside a workflow - wait for instances from the client that started them'
@@ -56,6 +62,10 @@ BEGIN
             v_status := lower(v_status);
             PERFORM df._mark_non_future_helper('df.await_instance()', v_status);
             RETURN v_status;
+        END IF;
+        IF v_signalled THEN
+            RAISE EXCEPTION 'df.await_instance(): this transaction signalled instance % and has not committed; the signal is delivered only when it commits, so commit first, or send it with df.signal(..., transaction_mode => ''new'')',
+                instance_id USING ERRCODE = 'active_sql_transaction';
         END IF;
         PERFORM pg_sleep(0.1);
         v_polls := v_polls - 1;

@@ -16,6 +16,8 @@
 --                                   worker; on the last, the instance's status and output
 --     COMMIT                        the step's effect and its record, together
 --   df.cancel → trigger instances_cancelled: the tasks go, NOTIFY pgdurable_cancel
+--   df.signal → trigger signals_sent: NOTIFY pgdurable_signals; after the commit a worker
+--                                   makes the waits due (df._wake_signal_waits, signals.sql)
 --
 -- How a step commits. A worker claims a task and gets a secret token. For a SQL step it opens
 -- a transaction on a connection logged in as the submitting role, runs the user's statement,
@@ -28,8 +30,8 @@
 --
 -- Lock order, everywhere: the df.instances row, then df._tasks rows. Checkpoints never wait
 -- long on a lock a tenant can hold: a tenant may lock its own df.instances rows (SELECT ...
--- FOR UPDATE, an UPDATE left open), and df.signal locks the instance until the sender
--- commits. The functions that write progress give up after lock_timeout (500 ms: far above
+-- FOR UPDATE, an UPDATE or a df.cancel left open; df.signal takes no such lock). The
+-- functions that write progress give up after lock_timeout (500 ms: far above
 -- what checkpoints of one instance make each other wait, a few milliseconds each); the worker
 -- then rolls the step back, gives its task back with a growing delay (df._tasks.deferrals)
 -- and goes on with other work.
@@ -63,12 +65,15 @@ REVOKE ALL ON FUNCTION df._instance_created() FROM PUBLIC;
 CREATE OR REPLACE TRIGGER instances_created AFTER INSERT ON df.instances
     FOR EACH ROW EXECUTE FUNCTION df._instance_created();
 
--- df.cancel() sets status 'cancelled': drop the instance's queued work at once, and tell
--- workers (the payload is the instance id) to cancel its statements in flight.
+-- df.cancel() sets status 'cancelled': drop the instance's queued work at once, tell workers
+-- (the payload is the instance id) to cancel its statements in flight, and date its end.
+-- (df.cancel runs as the user, who may not write df._runs.)
 CREATE OR REPLACE FUNCTION df._instance_cancelled() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     DELETE FROM df._tasks WHERE instance_id = NEW.id;
+    UPDATE df._runs r SET finished_at = clock_timestamp()
+     WHERE r.instance_id = NEW.id AND r.finished_at IS NULL;
     PERFORM pg_notify('pgdurable_cancel', NEW.id);
     RETURN NULL;
 END;
@@ -164,7 +169,11 @@ BEGIN
                        WHEN 'set' THEN nullif(w.error, '')
                        WHEN 'append' THEN concat_ws(E'\n', n.error, w.error)
                        ELSE n.error END,
-           updated_at = clock_timestamp()
+           updated_at = clock_timestamp(),
+           -- Whenever it becomes running (again, in each loop iteration or retried attempt),
+           -- for the durations monitoring shows.
+           started_at = CASE WHEN w.status = 'running' AND n.status IS DISTINCT FROM 'running'
+                             THEN clock_timestamp() ELSE n.started_at END
       FROM jsonb_to_recordset(p_change -> 'writes')
            AS w(id varchar(8), status text, result text, execution_id text, error_op text,
                 error text)
@@ -174,6 +183,9 @@ BEGIN
        SET state = p_change -> 'state',
            generation = coalesce((p_change ->> 'generation')::integer, r.generation),
            output = CASE WHEN v_outcome IS NULL THEN r.output ELSE v_outcome ->> 'output' END,
+           -- When the instance ended: retention dates it by this.
+           finished_at = CASE WHEN v_outcome IS NULL THEN r.finished_at
+                              ELSE coalesce(r.finished_at, clock_timestamp()) END,
            checkpoints = r.checkpoints + 1
      WHERE r.instance_id = v_instance;
 
@@ -227,7 +239,8 @@ BEGIN
                CASE WHEN n.claimed
                     THEN clock_timestamp() + make_interval(secs => p_lease_seconds)
                     -- A signal wait is due at once if its signal is already buffered, else at
-                    -- its deadline (or never); df.signal wakes it (signals.sql).
+                    -- its deadline (or never); a worker wakes it when a signal to it commits
+                    -- (df._wake_signal_waits, signals.sql).
                     WHEN n.kind = 'signal'
                     THEN CASE WHEN EXISTS (
                                   SELECT 1 FROM df._signals s
@@ -356,63 +369,8 @@ REVOKE ALL ON FUNCTION df._claim(uuid, integer, double precision, integer, oid[]
 
 
 -- ---------------------------------------------------------------------------------------------
--- Bookkeeping triggers: when an instance finished, when a node last started, and the
--- executions a root loop ended.
+-- The executions a root loop ended.
 -- ---------------------------------------------------------------------------------------------
-
--- df._checkpoint writes the output exactly when the instance ends: the checkpoint's own
--- UPDATE of df._runs stamps finished_at then (a BEFORE trigger, no second row version).
-CREATE OR REPLACE FUNCTION df._run_finished() RETURNS trigger
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    NEW.finished_at := clock_timestamp();
-    RETURN NEW;
-END;
-$$;
-
-REVOKE ALL ON FUNCTION df._run_finished() FROM PUBLIC;
-
-CREATE OR REPLACE TRIGGER runs_finished BEFORE UPDATE OF output ON df._runs
-    FOR EACH ROW WHEN (NEW.output IS NOT NULL AND NEW.finished_at IS NULL)
-    EXECUTE FUNCTION df._run_finished();
-
--- What ends without an output (a cancel, a NULL result) is stamped when its status becomes
--- terminal; otherwise this finds finished_at set and writes nothing. Terminal statuses never
--- change again (users may only cancel: security.sql), so it fires once per instance.
--- SECURITY DEFINER because df.cancel runs as the user, who may not write df._runs.
-CREATE OR REPLACE FUNCTION df._instance_finished() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    UPDATE df._runs r SET finished_at = clock_timestamp()
-     WHERE r.instance_id = NEW.id AND r.finished_at IS NULL;
-    RETURN NULL;
-END;
-$$;
-
-REVOKE ALL ON FUNCTION df._instance_finished() FROM PUBLIC;
-
-CREATE OR REPLACE TRIGGER instances_finished AFTER UPDATE OF status ON df.instances
-    FOR EACH ROW WHEN (NEW.status IN ('completed', 'failed', 'cancelled')
-                       AND OLD.status IS DISTINCT FROM NEW.status)
-    EXECUTE FUNCTION df._instance_finished();
-
--- A node's start, stamped whenever it becomes running (again, in each loop iteration or
--- retried attempt), so that monitoring can show how long each step took.
-CREATE OR REPLACE FUNCTION df._node_started() RETURNS trigger
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    -- clock_timestamp: a checkpoint's transaction may have begun long before (now()).
-    NEW.started_at := clock_timestamp();
-    RETURN NEW;
-END;
-$$;
-
-REVOKE ALL ON FUNCTION df._node_started() FROM PUBLIC;
-
-CREATE OR REPLACE TRIGGER nodes_started BEFORE UPDATE OF status ON df.nodes
-    FOR EACH ROW WHEN (NEW.status = 'running' AND OLD.status IS DISTINCT FROM 'running')
-    EXECUTE FUNCTION df._node_started();
-
 
 -- A root loop began its next iteration: the execution that ended is recorded. It began when
 -- the one before it ended (or with the instance), at that one's last checkpoint count (or 0).

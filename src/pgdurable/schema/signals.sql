@@ -13,64 +13,60 @@
 --     KEY UPDATE) and then, in the same transaction, df._consume_signal: a signal → the wait
 --     completes; none and the deadline passed → it times out; else the task is re-armed (put
 --     back to sleep with its lease cleared).
---   * df.signal makes waiting tasks of that name visible at once and NOTIFYs the workers.
+--   * Sending takes no lock the engine needs, so a sender that keeps its transaction open
+--     holds up nothing: the row is inserted, and its trigger (df._signal_sent) checks the
+--     instance's status and NOTIFYs pgdurable_signals with the instance id, which PostgreSQL
+--     delivers when the sender commits (and never if it rolls back). A worker that hears it
+--     wakes the instance's sleeping waits that have a signal buffered, in a short transaction
+--     of its own (df._wake_signal_waits); and every few seconds it sweeps for any it missed.
 --
 -- Who may signal. df.signal runs as the caller (SECURITY INVOKER), like df.cancel, and its
 -- authority is the caller's own: it INSERTs into df._signals, which users may do only through
 -- a column grant (instance_id, name, data) and a row-level security policy that admits an
--- instance the caller can see in df.instances, with sent_by = the caller. Everything that needs
--- more than that (locking, the status check, waking the task) happens in a SECURITY DEFINER
--- trigger, which PostgreSQL runs only for rows that passed the policy and which cannot be
--- called directly. A SECURITY DEFINER function callable by users would be the alternative, but
--- inside it current_user is the owner and PostgreSQL offers no trustworthy way to learn who
--- called it: a user could call it directly and signal anybody's instance.
+-- instance the caller can see in df.instances, with sent_by = the caller. The status check and
+-- the notification happen in a SECURITY DEFINER trigger, which PostgreSQL runs only for rows
+-- that passed the policy and which cannot be called directly; waking tasks is the worker's
+-- alone (only the schema owner may call df._wake_signal_waits). A SECURITY DEFINER function
+-- callable by users would be the alternative, but inside it current_user is the owner and
+-- PostgreSQL offers no trustworthy way to learn who called it: a user could call it directly
+-- and signal anybody's instance.
 --
 -- A user may therefore also INSERT INTO df._signals (instance_id, name, data) directly, with
 -- exactly df.signal's effect (minus its argument checks and the text-to-JSON conversion).
 -- Users cannot read, change or delete signals. The policy and the grant are in security.sql.
+--
+-- transaction_mode => 'new' sends the signal in a transaction of its own, on the loopback
+-- connection df.start's 'new' mode uses (df._in_new_transaction, start.sql): it is delivered
+-- at once and stays sent whatever the caller's transaction does.
 
 -- ---------------------------------------------------------------------------------------------
--- df._signal_sent: after a signal row is inserted, check its instance and wake its waits.
+-- df._signal_sent: after a signal row is inserted, refuse a finished instance, note the signal
+-- for df.await_instance, and have the workers wake the instance's waits after the commit.
 --
--- Why a signal and a wait that starts or re-arms concurrently cannot miss each other:
--- every transaction that creates or re-arms a 'signal' task is a checkpoint transaction; it
--- holds the instance row FOR NO KEY UPDATE (df._checkpoint_begin) while it looks for a buffered
--- signal (df._consume_signal, or the EXISTS in df._checkpoint) and writes the task. This
--- trigger takes the instance row FOR SHARE, which conflicts with that, before it looks for
--- tasks to wake. So one of the two commits first:
---   * the signal first: the checkpoint's lock waits for the signal's commit, and its later
---     statements (READ COMMITTED: a new snapshot each) see the signal and consume it, or make
---     the new task visible at once;
---   * the checkpoint first: the signal's FOR SHARE waits for it, and the UPDATE below (a new
---     snapshot) sees the task the checkpoint wrote or re-armed, and makes it visible.
--- The signal row is inserted just before this trigger takes the lock; that is no earlier than
--- it matters, because nobody else sees the row before the commit (a checkpoint running
--- meanwhile neither sees nor waits for it). What counts is that the lock is held before the
--- UPDATE below looks for tasks, and until the commit.
--- A task leased to a worker is left alone: the worker is about to checkpoint it, which is one
--- of the two cases above; making it visible would only let another worker steal the lease.
+-- The status is read without a lock, in the sender's snapshot. A signal to an instance that
+-- finishes meanwhile (or, in REPEATABLE READ and SERIALIZABLE, after the sender's snapshot)
+-- is accepted and never consumed, as if it had come a moment later; one to an instance
+-- already finished is refused. The foreign key check holds the instance row FOR KEY SHARE,
+-- which conflicts with no lock the engine takes but a DELETE (the retention purge, of
+-- finished instances only).
 --
--- The UPDATE's fresh snapshot is what READ COMMITTED gives. A caller in a REPEATABLE READ or
--- SERIALIZABLE transaction keeps the snapshot of its first statement, which may predate a
--- checkpoint that committed while this trigger waited for the lock; the UPDATE would not see
--- that checkpoint's task. Such a caller therefore also locks FOR SHARE the instance's df._runs
--- row (df._checkpoint, which inserts every new task, updates it) and the signal tasks of that
--- name (a re-arm updates its task row): in those isolation levels
--- PostgreSQL raises a serialization failure (SQLSTATE 40001, "could not serialize access due to
--- concurrent update") if any of them changed since the snapshot, and the caller retries, as
--- it must for any serialization failure.
+-- df.undelivered_signals, a transaction-local setting, lists (",id,id,") the instances this
+-- transaction has signalled: df.await_instance refuses to wait for one of them, which cannot
+-- get the signal before the commit. A savepoint rolled back takes its entries along. (A user
+-- who sets it only fails its own awaits.)
 --
--- Lock order, as everywhere: the instance row, then (df._runs and) df._tasks rows.
+-- NOTIFY sends one notification per channel and payload and transaction, however many
+-- signals the transaction inserted for the instance.
 -- ---------------------------------------------------------------------------------------------
 CREATE OR REPLACE FUNCTION df._signal_sent() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_status text;
-    v_woken  integer;
+    v_sent   text := coalesce(nullif(current_setting('df.undelivered_signals', true), ''), ',');
 BEGIN
-    SELECT i.status INTO v_status FROM df.instances i WHERE i.id = NEW.instance_id FOR SHARE;
+    SELECT i.status INTO v_status FROM df.instances i WHERE i.id = NEW.instance_id;
     IF NOT FOUND THEN
-        -- Deleted since the foreign key check (it can only have been deleted, not hidden).
+        -- Not visible in this snapshot (it can only have been deleted, not hidden).
         RAISE EXCEPTION 'Instance not found or access denied: %', NEW.instance_id
             USING ERRCODE = 'no_data_found';
     END IF;
@@ -80,25 +76,10 @@ BEGIN
             NEW.instance_id, v_status, NEW.name
             USING ERRCODE = 'object_not_in_prerequisite_state';
     END IF;
-    IF current_setting('transaction_isolation') <> 'read committed' THEN
-        PERFORM 1 FROM df._runs r WHERE r.instance_id = NEW.instance_id FOR SHARE;
-        PERFORM 1 FROM df._tasks t
-          WHERE t.instance_id = NEW.instance_id AND t.kind = 'signal'
-            AND t.payload ->> 'signal_name' = NEW.name
-          ORDER BY t.id
-            FOR SHARE;
+    IF position(',' || NEW.instance_id || ',' IN v_sent) = 0 THEN
+        PERFORM set_config('df.undelivered_signals', v_sent || NEW.instance_id || ',', true);
     END IF;
-    UPDATE df._tasks t
-       SET visible_at = now()
-     WHERE t.instance_id = NEW.instance_id
-       AND t.kind = 'signal'
-       AND t.payload ->> 'signal_name' = NEW.name
-       AND t.lease_owner IS NULL
-       AND t.visible_at > now();
-    GET DIAGNOSTICS v_woken = ROW_COUNT;
-    IF v_woken > 0 THEN
-        PERFORM pg_notify('pgdurable_tasks', '');
-    END IF;
+    PERFORM pg_notify('pgdurable_signals', NEW.instance_id);
     RETURN NULL;
 END;
 $$;
@@ -108,8 +89,7 @@ CREATE OR REPLACE TRIGGER signals_sent AFTER INSERT ON df._signals
 
 -- ---------------------------------------------------------------------------------------------
 -- For the worker (the schema owner), in its checkpoint transaction, after df._checkpoint_begin
--- locked the instance. Under that lock nothing else consumes this instance's signals, and no
--- df.signal of it is between its lock and its commit.
+-- locked the instance. Under that lock nothing else consumes this instance's signals.
 -- ---------------------------------------------------------------------------------------------
 
 -- Take the oldest unconsumed signal p_name of p_instance for the wait of activation
@@ -145,7 +125,88 @@ LANGUAGE sql STABLE AS $$
                       AND s.consumed_at IS NULL);
 $$;
 
+-- ---------------------------------------------------------------------------------------------
+-- df._wake_signal_waits: for the worker (the schema owner). Makes the sleeping waits of
+-- p_instances (or, for NULL, a sweep: of every instance) that have a signal buffered due now,
+-- and returns the instances among them whose row it could not lock at that moment (a
+-- checkpoint, or its tenant, holds it): the worker calls again for those shortly. The worker
+-- calls it, in a transaction of its own, when NOTIFY pgdurable_signals tells it that signals
+-- to those instances were committed; and, with NULL, when it starts listening and every few
+-- seconds, for a notification nobody heard (no worker listening at the commit, a worker
+-- stopped before it woke the waits, an instance it could not lock and gave up on).
+--
+-- Why a signal S and a checkpoint C that starts or re-arms a wait concurrently cannot miss
+-- each other. Every transaction that creates or re-arms a 'signal' task is a checkpoint
+-- transaction; it holds the instance row FOR NO KEY UPDATE (df._checkpoint_begin) from
+-- before it looks for a buffered signal (df._consume_signal, or the EXISTS in df._checkpoint)
+-- until its commit. This function runs only after S committed, and locks the instance row
+-- FOR SHARE, which conflicts with that, before it looks for tasks to wake:
+--   * this function got the lock first: C's lock waits for our commit, so C's statements
+--     after it (READ COMMITTED: a new snapshot each) see S, and consume it or make the new
+--     task due at once;
+--   * C holds the lock: SKIP LOCKED passes the instance over and returns it, and the worker
+--     calls again until it gets the lock, when C has committed; the UPDATE below (a new
+--     snapshot, taken after the lock) then sees the task C wrote or re-armed.
+--   * C committed before this function took the lock: as in the second case, the UPDATE
+--     sees C's task.
+-- What the sender's transaction saw or locked plays no part (it only inserted a row): its
+-- isolation level does not matter. The worker's connections are READ COMMITTED whatever the
+-- role's default (worker/connections.py).
+-- A task leased to a worker is left alone: the worker is about to checkpoint it, which is one
+-- of the cases above; making it visible would only let another worker steal the lease.
+--
+-- Lock order, as everywhere: the instance rows (in id order), then df._tasks rows (in id
+-- order; SKIP LOCKED, since only another worker waking the same task can hold a sleeping
+-- wait's row: claims, heartbeats and deferrals lock only due or leased tasks, checkpoints
+-- and cancels only under the instance lock).
+-- ---------------------------------------------------------------------------------------------
+CREATE OR REPLACE FUNCTION df._wake_signal_waits(p_instances text[]) RETURNS SETOF text
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_wanted text[] := p_instances;
+    v_locked text[];
+    v_woken  integer;
+BEGIN
+    IF v_wanted IS NULL THEN
+        SELECT array_agg(DISTINCT t.instance_id) INTO v_wanted
+          FROM df._tasks t
+         WHERE t.kind = 'signal' AND t.lease_owner IS NULL AND t.visible_at > now()
+           AND EXISTS (SELECT 1 FROM df._signals s
+                        WHERE s.instance_id = t.instance_id
+                          AND s.name = t.payload ->> 'signal_name'
+                          AND s.consumed_at IS NULL);
+    END IF;
+    SELECT array_agg(l.id) INTO v_locked
+      FROM (SELECT i.id FROM df.instances i
+             WHERE i.id = ANY (v_wanted)
+             ORDER BY i.id
+               FOR SHARE SKIP LOCKED) l;
+    WITH due AS (
+        SELECT t.id FROM df._tasks t
+         WHERE t.instance_id = ANY (v_locked)
+           AND t.kind = 'signal' AND t.lease_owner IS NULL AND t.visible_at > now()
+           AND EXISTS (SELECT 1 FROM df._signals s
+                        WHERE s.instance_id = t.instance_id
+                          AND s.name = t.payload ->> 'signal_name'
+                          AND s.consumed_at IS NULL)
+         ORDER BY t.id
+           FOR UPDATE SKIP LOCKED
+    )
+    UPDATE df._tasks t SET visible_at = now() FROM due WHERE t.id = due.id;
+    GET DIAGNOSTICS v_woken = ROW_COUNT;
+    IF v_woken > 0 THEN
+        PERFORM pg_notify('pgdurable_tasks', '');
+    END IF;
+    -- Passed over: to be tried again (a finished or deleted instance waits for nothing).
+    RETURN QUERY
+        SELECT i.id::text FROM df.instances i
+         WHERE i.id = ANY (v_wanted) AND NOT i.id = ANY (coalesce(v_locked, '{}'))
+           AND i.status NOT IN ('completed', 'failed', 'cancelled');
+END;
+$$;
+
 REVOKE ALL ON FUNCTION df._signal_sent() FROM PUBLIC;
+REVOKE ALL ON FUNCTION df._wake_signal_waits(text[]) FROM PUBLIC;
 REVOKE ALL ON FUNCTION df._consume_signal(varchar, text, integer, bigint) FROM PUBLIC;
 REVOKE ALL ON FUNCTION df._signal_pending(varchar, text) FROM PUBLIC;
 
@@ -174,13 +235,25 @@ $$;
 -- ---------------------------------------------------------------------------------------------
 -- df.signal: send a signal to one of the caller's instances. Returns 'OK'.
 -- signal_data is JSON if it parses as JSON, else it is delivered as a JSON string.
+-- transaction_mode 'caller' (the default): part of the caller's transaction, delivered when it
+-- commits; 'new': sent and committed at once by a transaction of its own (on the loopback, as
+-- df.start's 'new' mode), whatever becomes of the caller's. STRICT: any NULL argument gives
+-- NULL and sends nothing.
 -- ---------------------------------------------------------------------------------------------
-CREATE OR REPLACE FUNCTION df.signal(instance_id text, signal_name text, signal_data text DEFAULT '{}')
+CREATE OR REPLACE FUNCTION df.signal(instance_id text, signal_name text,
+                                     signal_data text DEFAULT '{}',
+                                     transaction_mode text DEFAULT 'caller')
 RETURNS text
 LANGUAGE plpgsql VOLATILE STRICT AS $$
 DECLARE
-    v_data jsonb;
+    v_mode   text := lower(transaction_mode);
+    v_status text;
+    v_data   jsonb;
 BEGIN
+    IF v_mode NOT IN ('caller', 'new') THEN
+        RAISE EXCEPTION 'invalid transaction_mode "%" for df.signal(): expected ''caller'' or ''new''',
+            transaction_mode USING ERRCODE = 'invalid_parameter_value';
+    END IF;
     IF instance_id = '' THEN
         RAISE EXCEPTION 'Instance ID cannot be empty' USING ERRCODE = 'invalid_parameter_value';
     END IF;
@@ -188,16 +261,28 @@ BEGIN
         RAISE EXCEPTION 'Signal name cannot be empty' USING ERRCODE = 'invalid_parameter_value';
     END IF;
     -- Under RLS, someone else's instance looks exactly like a missing one.
-    IF NOT EXISTS (SELECT 1 FROM df.instances i WHERE i.id = signal.instance_id) THEN
+    SELECT i.status INTO v_status FROM df.instances i WHERE i.id = signal.instance_id;
+    IF NOT FOUND THEN
         RAISE EXCEPTION 'Instance not found or access denied: %', instance_id
             USING ERRCODE = 'no_data_found';
+    END IF;
+    -- The trigger says so too (for a direct INSERT); here first, for either mode.
+    IF v_status IN ('completed', 'failed', 'cancelled') THEN
+        RAISE EXCEPTION 'Instance % is %: signal ''%'' was not delivered',
+            instance_id, v_status, signal_name
+            USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
+    IF v_mode = 'new' THEN
+        -- current_user, not session_user: the effective role signals, as in caller mode.
+        RETURN df._in_new_transaction('signal', ARRAY[instance_id, signal_name, signal_data],
+                                      current_user::text);
     END IF;
     BEGIN
         v_data := signal_data::jsonb;
     EXCEPTION WHEN data_exception THEN
         v_data := to_jsonb(signal_data);
     END;
-    -- The trigger locks the instance, refuses a finished one and wakes the waits.
+    -- The trigger checks the instance again and has it woken after the commit.
     INSERT INTO df._signals (instance_id, name, data)
     VALUES (signal.instance_id, signal.signal_name, v_data);
     RETURN 'OK';

@@ -14,7 +14,8 @@
 -- whatever the caller's transaction does afterwards. PL/pgSQL cannot commit part of its
 -- caller's transaction, so the start runs on a second connection to this database (the
 -- "loopback"), opened with the dblink contrib extension, and that connection runs an ordinary
--- df.start in caller mode and commits.
+-- df.start in caller mode and commits. df.signal(..., transaction_mode => 'new') goes the same
+-- way (df._in_new_transaction serves both).
 --
 -- Security (SQL runs as the role that submitted it, no escalation):
 --
@@ -28,9 +29,9 @@
 --     opened by dblink_connect_u inside a SECURITY DEFINER function owned by the schema
 --     owner. Its connection string is built from server settings (socket directory, port),
 --     the current database and session_user; the caller chooses none of them.
---   * The graph, label and database travel to the loopback as quoted literals (format %L),
---     the role name as a quoted identifier (%I): no text the caller passes is ever parsed
---     as SQL.
+--   * The graph, label and database (a signal's instance, name and data) travel to the
+--     loopback as quoted literals (format %L), the role name as a quoted identifier (%I): no
+--     text the caller passes is ever parsed as SQL.
 --
 -- dblink is installed, when it is not there yet and the installer may (a superuser), into a
 -- schema of its own that PUBLIC has no USAGE on: users cannot reach dblink through schema df
@@ -352,24 +353,30 @@ EXCEPTION WHEN OTHERS THEN
 END;
 $$;
 
--- Only df._start_in_new_transaction (running as the schema owner) needs it.
+-- Only df._in_new_transaction (running as the schema owner) needs it.
 REVOKE ALL ON FUNCTION df._close_loopback(text, text, boolean) FROM PUBLIC;
 
 -- ---------------------------------------------------------------------------------------------
--- df._start_in_new_transaction: df.start(fut, label, database) on a loopback connection that
--- logs in as session_user, does SET ROLE role, and commits on its own. df.start
--- calls it with role = its current_user.
+-- df._in_new_transaction: transaction_mode => 'new', for df.start and df.signal. Runs
+-- df.<action>(args[1], args[2], args[3]) in caller mode on a loopback connection that logs in
+-- as session_user, does SET ROLE role, and commits on its own; returns what it returned.
+-- action is 'start' (args: fut, label, database; df._start_in_new_transaction below) or
+-- 'signal' (args: instance_id, signal_name, signal_data; df.signal in signals.sql); both call
+-- it with role = their current_user. Starts and signals share the launch slots.
 --
 -- Anyone with USAGE on schema df may call it directly, with any role name: the loopback's
 -- SET ROLE then fails unless the caller's login role may become that role, and nothing is
 -- written. SECURITY DEFINER only so that dblink_connect_u (superuser-only: it needs no
--- password) may be used; nothing in here runs the caller's text.
+-- password) may be used; nothing in here runs the caller's text: the function called is one
+-- of two fixed names, its arguments are quoted literals.
 -- ---------------------------------------------------------------------------------------------
-CREATE OR REPLACE FUNCTION df._start_in_new_transaction(
-    fut text, label text, database text, role text)
+CREATE OR REPLACE FUNCTION df._in_new_transaction(action text, args text[], role text)
 RETURNS text
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
+    -- How errors name the function called ('df.start()'), and what it does.
+    v_what       text := format('df.%s()', action);
+    v_verb       text := CASE action WHEN 'start' THEN 'submit' ELSE 'signal' END;
     -- Advisory lock class of the launch slots: ASCII "PGDF", as in pg_durable.
     c_lock_class constant integer := 1346982470;
     -- dblink connections are per backend; this name is reserved for this function.
@@ -386,8 +393,8 @@ DECLARE
     v_host       text;
     v_conninfo   text;
     v_slot       integer;
-    v_phase      text := 'slot';  -- slot, connect, role, start: what an error interrupted
-    v_id         text;
+    v_phase      text := 'slot';  -- slot, connect, role, run: what an error interrupted
+    v_result     text;
     v_state      text;
     v_message    text;
     v_detail     text;
@@ -397,23 +404,27 @@ DECLARE
     v_busy       integer;
     v_nap        double precision := 0.0005;  -- seconds, doubling up to 50 ms
 BEGIN
-    -- 1. A workflow step's own df.start already commits with the step; a start that survives
-    --    the step's rollback would be repeated each time the step is retried.
+    IF action IS DISTINCT FROM 'start' AND action IS DISTINCT FROM 'signal' THEN
+        RAISE EXCEPTION 'df._in_new_transaction(): unknown action "%"', action
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- 1. A workflow step's own df.start (df.signal) already commits with the step; one that
+    --    survives the step's rollback would be repeated each time the step is retried.
     IF df._in_workflow() THEN
-        RAISE EXCEPTION 'df.start() with transaction_mode => ''new'' cannot be called inside a workflow - a workflow step''s df.start already commits with the step; use the default transaction_mode'
-            USING ERRCODE = 'feature_not_supported';
+        RAISE EXCEPTION '% with transaction_mode => ''new'' cannot be called inside a workflow - a workflow step''s df.% already commits with the step; use the default transaction_mode',
+            v_what, action USING ERRCODE = 'feature_not_supported';
     END IF;
 
-    -- 2. The submitting role must be able to log in (workers log in as it), as in caller mode.
+    -- 2. A submitting role must be able to log in (workers log in as it), as in caller mode.
     SELECT r.rolcanlogin INTO v_can_login FROM pg_catalog.pg_roles r WHERE r.rolname = role;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'role "%" does not exist', role USING ERRCODE = 'undefined_object';
     END IF;
-    IF NOT v_can_login THEN
+    IF action = 'start' AND NOT v_can_login THEN
         RAISE EXCEPTION 'current_user "%" does not have LOGIN privilege. The background worker must connect as this role to execute SQL. Grant LOGIN to this role or call df.start() as a role with LOGIN.',
             role USING ERRCODE = 'insufficient_privilege';
     END IF;
-    IF fut IS NULL THEN
+    IF action = 'start' AND args[1] IS NULL THEN
         RAISE EXCEPTION 'df.start(): fut cannot be NULL' USING ERRCODE = 'null_value_not_allowed';
     END IF;
 
@@ -422,18 +433,18 @@ BEGIN
       FROM pg_catalog.pg_extension e JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace
      WHERE e.extname = 'dblink';
     IF v_schema IS NULL THEN
-        RAISE EXCEPTION 'df.start(): transaction_mode => ''new'' needs the dblink extension; ask an administrator to run CREATE EXTENSION dblink'
-            USING ERRCODE = 'feature_not_supported',
+        RAISE EXCEPTION '%: transaction_mode => ''new'' needs the dblink extension; ask an administrator to run CREATE EXTENSION dblink',
+            v_what USING ERRCODE = 'feature_not_supported',
                   HINT = 'pgdurable opens a second connection to this database with dblink to '
-                         'commit the start on its own. Install dblink into a schema that '
+                         'commit the ' || action || ' on its own. Install dblink into a schema that '
                          'PUBLIC has no USAGE on, e.g. CREATE SCHEMA _pgdurable_dblink; '
                          'CREATE EXTENSION dblink SCHEMA _pgdurable_dblink.';
     END IF;
     IF NOT has_schema_privilege(v_schema, 'USAGE')
        OR NOT has_function_privilege(
                format('%I.dblink_connect_u(text, text)', v_schema), 'EXECUTE') THEN
-        RAISE EXCEPTION 'df.start(): transaction_mode => ''new'' needs USAGE on schema % and EXECUTE on %.dblink_connect_u(text, text) for the pgdurable schema owner "%"; ask an administrator to grant them',
-            quote_ident(v_schema), quote_ident(v_schema), current_user
+        RAISE EXCEPTION '%: transaction_mode => ''new'' needs USAGE on schema % and EXECUTE on %.dblink_connect_u(text, text) for the pgdurable schema owner "%"; ask an administrator to grant them',
+            v_what, quote_ident(v_schema), quote_ident(v_schema), current_user
             USING ERRCODE = 'insufficient_privilege';
     END IF;
 
@@ -480,7 +491,7 @@ BEGIN
                 USING c_conn, format('SET ROLE %I', role);
         END IF;
 
-        v_phase := 'start';
+        v_phase := 'run';
         EXECUTE format('SELECT %I.dblink_exec($1, $2)', v_schema)
             USING c_conn, format('SET df.in_workflow = ''false''; SET lock_timeout = %s; '
                                  'SET statement_timeout = %s', c_timeout_ms, c_timeout_ms);
@@ -489,16 +500,16 @@ BEGIN
         -- statement_timeout interrupts (a synchronous dblink() call is not interruptible
         -- before PostgreSQL 17); the loopback's statement is then cancelled below.
         EXECUTE format('SELECT %I.dblink_send_query($1, $2)', v_schema)
-            USING c_conn, format('SELECT df.start(%L::text, %L::text, %L::text)',
-                                 fut, label, database);
+            USING c_conn, format('SELECT df.%s(%L::text, %L::text, %L::text)',
+                                 action, args[1], args[2], args[3]);
         LOOP
             EXECUTE format('SELECT %I.dblink_is_busy($1)', v_schema) INTO v_busy USING c_conn;
             EXIT WHEN v_busy = 0;
             PERFORM pg_sleep(v_nap);
             v_nap := least(v_nap * 2, 0.05);
         END LOOP;
-        EXECUTE format('SELECT t.id FROM %I.dblink_get_result($1) AS t (id text)', v_schema)
-            INTO v_id USING c_conn;
+        EXECUTE format('SELECT t.r FROM %I.dblink_get_result($1) AS t (r text)', v_schema)
+            INTO v_result USING c_conn;
 
         PERFORM df._close_loopback(v_schema, c_conn, false);
         PERFORM pg_advisory_unlock(c_lock_class, v_slot);
@@ -513,7 +524,7 @@ BEGIN
             v_context LIKE '%on dblink connection named "' || c_conn || '"%', false);
         IF v_phase <> 'slot' THEN
             -- A statement the caller stopped waiting for is cancelled on the loopback too.
-            PERFORM df._close_loopback(v_schema, c_conn, v_phase = 'start' AND NOT v_remote);
+            PERFORM df._close_loopback(v_schema, c_conn, v_phase = 'run' AND NOT v_remote);
         END IF;
         IF v_slot IS NOT NULL THEN
             PERFORM pg_advisory_unlock(c_lock_class, v_slot);
@@ -522,9 +533,9 @@ BEGIN
         IF v_phase = 'connect' AND v_state LIKE '08%' THEN
             -- libpq's reason is in the detail ("connection to server ... failed: FATAL: ...").
             v_message := format(
-                'df.start(): transaction_mode => ''new'' could not open its loopback connection '
+                '%s: transaction_mode => ''new'' could not open its loopback connection '
                 'as role "%s": %s',
-                v_login, coalesce(nullif(btrim(v_detail, E' \n'), ''), v_message));
+                v_what, v_login, coalesce(nullif(btrim(v_detail, E' \n'), ''), v_message));
             v_detail := '';
             v_hint := format(
                 'The loopback logs in to this server (host %s, port %s) as your session user, '
@@ -534,14 +545,15 @@ BEGIN
                 v_host, current_setting('port'));
         ELSIF v_phase = 'role' AND v_remote THEN
             v_message := format(
-                'df.start(): transaction_mode => ''new'' cannot submit as role "%s": the '
+                '%s: transaction_mode => ''new'' cannot %s as role "%s": the '
                 'loopback logs in as your session user "%s", which may not SET ROLE to it (%s)',
-                role, v_login, v_message);
-            v_hint := 'Inside a SECURITY DEFINER function df.start() submits as the '
-                      'function''s owner; with transaction_mode => ''new'' the role you '
-                      'logged in as must be allowed to SET ROLE to that owner. Use the default '
-                      'transaction_mode there.';
-        ELSIF v_phase = 'start' AND v_remote AND v_state IN ('55P03', '57014') THEN
+                v_what, v_verb, role, v_login, v_message);
+            v_hint := format(
+                'Inside a SECURITY DEFINER function %s %ss as the '
+                'function''s owner; with transaction_mode => ''new'' the role you '
+                'logged in as must be allowed to SET ROLE to that owner. Use the default '
+                'transaction_mode there.', v_what, v_verb);
+        ELSIF v_phase = 'run' AND v_remote AND v_state IN ('55P03', '57014') THEN
             v_message := format(
                 'pg_durable: transaction_mode => ''new'' launch hit %s after %sms in the '
                 'loopback session: %s',
@@ -550,11 +562,14 @@ BEGIN
             -- Both limits are 30 s, and the statement's starts first: a lock wait usually
             -- ends as a statement_timeout.
             v_hint := 'The loopback is a session of its own: if the calling transaction holds '
-                      'a lock the start needs (e.g. on a df table), the loopback waits for it '
-                      'while the calling transaction waits for the loopback.';
-        ELSIF v_phase = 'start' AND v_remote THEN
-            -- Validation errors and the like, readable as they came.
-            v_message := 'df.start() on new transaction failed: ' || v_message;
+                      'a lock the ' || action || ' needs (e.g. on a df table), the loopback '
+                      'waits for it while the calling transaction waits for the loopback.';
+        ELSIF v_phase = 'run' AND v_remote THEN
+            -- Validation errors and the like, readable as they came (a signal's as in caller
+            -- mode, since df.signal checked the same before it came here).
+            IF action = 'start' THEN
+                v_message := 'df.start() on new transaction failed: ' || v_message;
+            END IF;
         ELSE
             RAISE;
         END IF;
@@ -569,8 +584,17 @@ BEGIN
         END IF;
         RAISE EXCEPTION USING ERRCODE = v_state, MESSAGE = v_message;
     END;
-    RETURN v_id;
+    RETURN v_result;
 END;
+$$;
+
+-- df.start(fut, label, database) in a transaction of its own, as role (df.start passes its
+-- current_user): df._in_new_transaction's 'start'. Runs as the caller.
+CREATE OR REPLACE FUNCTION df._start_in_new_transaction(
+    fut text, label text, database text, role text)
+RETURNS text
+LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT df._in_new_transaction('start', ARRAY[fut, label, database], role);
 $$;
 
 -- ---------------------------------------------------------------------------------------------
@@ -661,10 +685,9 @@ BEGIN
             current_user USING ERRCODE = 'insufficient_privilege';
     END IF;
 
-    -- Superusers only where allowed; workers check again when they load the instance.
-    IF v_super AND lower(coalesce(
-            current_setting('pg_durable.enable_superuser_instances', true), 'off'))
-            NOT IN ('on', 'true', '1', 'yes') THEN
+    -- Superusers only where allowed (settings.sql says whose value counts); workers check
+    -- again when they load the instance.
+    IF v_super AND NOT df._superuser_instances_enabled() THEN
         RAISE EXCEPTION 'pg_durable: superuser instances are disabled. current_user "%" is a superuser, but pg_durable.enable_superuser_instances is off. Set pg_durable.enable_superuser_instances = on to allow this.',
             current_user USING ERRCODE = 'insufficient_privilege';
     END IF;

@@ -258,6 +258,15 @@ CREATE TABLE df._retention (
 );
 INSERT INTO df._retention DEFAULT VALUES;
 
+-- Limits an administrator set with df.set_setting (settings.sql): they win over the server
+-- configuration. The owner's alone: users get no privileges on it, and read it only through
+-- df._admin_setting, so no session of theirs can raise a limit.
+CREATE TABLE df._settings (
+    name    text PRIMARY KEY,         -- e.g. 'pg_durable.list_instances_max_limit'
+    value   text NOT NULL,
+    set_at  timestamptz NOT NULL DEFAULT now()
+);
+
 -- pg_durable's readiness probe: the worker writes its row once it runs.
 CREATE SCHEMA IF NOT EXISTS _duroxide;
 CREATE TABLE _duroxide._worker_ready (

@@ -23,11 +23,14 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from .. import __version__
-from ..graph.interpreter import NodeWrite, State, Transition
+from ..graph.interpreter import NodeWrite, Transition
 from ..graph.model import Graph, GraphError, graph_from_rows
+from ..graph.state import InstanceState, from_json
 
 TASKS_CHANNEL = "pgdurable_tasks"
 CANCEL_CHANNEL = "pgdurable_cancel"
+# Signals to the instance in the payload were committed: wake its waits (wake_signal_waits).
+SIGNALS_CHANNEL = "pgdurable_signals"
 
 AsyncConn = AsyncConnection[Any]
 
@@ -59,7 +62,7 @@ class Checkpoint:
     """What df._checkpoint_begin returns: the locked instance's status and interpreter input."""
 
     instance_status: str
-    state: State | None
+    state: InstanceState | None
     variables: dict[str, str]
     now: float
     role_exists: bool
@@ -113,7 +116,7 @@ async def waiting_roles(conn: AsyncConn) -> set[int]:
 # A task whose checkpoint could not get a lock (a tenant holds its instance row, say) goes
 # back to the queue: 0.25 s, doubling with each deferral, at most 10 s, with some jitter so
 # that many deferred tasks do not come back together. Never waiting itself: a tenant can hold
-# the task row too (df.signal does, until its transaction ends); then the lease runs out.
+# the task row too (a df.cancel left uncommitted deleted it); then the lease runs out.
 _DEFER = """
 UPDATE df._tasks t
    SET lease_owner = NULL, token = NULL, deferrals = t.deferrals + 1,
@@ -154,7 +157,7 @@ def checkpoint_from_row(row: tuple[Any, ...] | None) -> Checkpoint | None:
     if row is None:
         return None
     status, state, variables, now, role_exists = row
-    return Checkpoint(status, state, variables or {}, now, role_exists)
+    return Checkpoint(status, from_json(state), variables or {}, now, role_exists)
 
 
 async def checkpoint_begin(conn: AsyncConn, task: Task) -> Checkpoint | None:
@@ -314,8 +317,9 @@ async def consume_signal(conn: AsyncConn, task: Task, name: str, max_bytes: int)
     """Take the oldest unconsumed signal ``name`` of the task's instance, or None if there is
     none. Data bigger than ``max_bytes`` never leaves the server (the signal is consumed).
 
-    Called in the checkpoint transaction, under the instance lock that df.signal also takes,
-    so a signal is either seen here or wakes the re-armed wait afterwards (migration 0007).
+    Called in the checkpoint transaction, under the instance lock that the worker waking
+    signalled waits also takes, so a signal is either seen here or wakes the re-armed wait
+    afterwards (signals.sql).
     """
     cur = await conn.execute(
         "SELECT data, data_bytes FROM df._consume_signal(%s, %s, %s, %s)",
@@ -326,6 +330,16 @@ async def consume_signal(conn: AsyncConn, task: Task, name: str, max_bytes: int)
         return None
     data, size = row
     return Signal(data, int(size), int(size) > max_bytes)
+
+
+async def wake_signal_waits(conn: AsyncConn, instances: list[str] | None) -> list[str]:
+    """Make the sleeping waits of ``instances`` that have a signal buffered due now (None:
+    sweep every instance). Returns those whose row was locked just then: try them again
+    shortly (df._wake_signal_waits, signals.sql, says why that loses no wake-up)."""
+    cur = await conn.execute(
+        "SELECT * FROM df._wake_signal_waits(%s::text[])", (instances,), prepare=False
+    )
+    return [str(row[0]) for row in await cur.fetchall()]
 
 
 async def rearm(conn: AsyncConn, task: Task) -> None:

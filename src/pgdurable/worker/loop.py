@@ -54,6 +54,13 @@ RECONCILE_INTERVAL = 300.0
 RETENTION_DAYS = 30
 RETENTION_MAX_INSTANCES = 10_000
 PURGE_BATCH_SIZE = 500
+# Signals (docs/signals.md, "Delivery"): every this often each worker sweeps for waits whose
+# signal was committed while nobody listened. An instance locked when its waits were to be
+# woken is tried again after SIGNAL_RETRY_DELAY, doubling up to the sweep interval. Beyond
+# MAX_SIGNALLED instances notified at once, one sweep does for all of them.
+SIGNAL_SWEEP_INTERVAL = 3.0
+SIGNAL_RETRY_DELAY = 0.1
+MAX_SIGNALLED = 10_000
 
 
 class WorkerError(Exception):
@@ -77,6 +84,7 @@ class WorkerConfig:
     reconcile_interval: float | None = None
     purge_batch_size: int = PURGE_BATCH_SIZE
     role_slots: int | None = None  # the most slots one role may hold (None: concurrency)
+    signal_sweep_interval: float = SIGNAL_SWEEP_INTERVAL
 
 
 def parse_interval(text: str | None, default: float, unit: str = "ms") -> float:
@@ -165,6 +173,11 @@ class Worker:
         self._waiting: set[int] = set()
         self._waiting_checked = 0.0  # when (monotonic) the claim loop last asked
         self._wake = asyncio.Event()
+        # Instances whose signals were committed (NOTIFY), for _wake_signal_waits; and when
+        # (monotonic) it sweeps next: at once, and whenever the listener (re)connects.
+        self._signalled: set[str] = set()
+        self._signals_event = asyncio.Event()
+        self._sweep_at = 0.0
         self._stopping = asyncio.Event()
         # Set once the background duties must end. They are also cancelled, but a cancel that
         # lands in a pool or connection call may surface as a psycopg error, which their
@@ -183,6 +196,7 @@ class Worker:
         await self._connect()
         helpers = [
             asyncio.create_task(self._listen(), name="pgdurable-listen"),
+            asyncio.create_task(self._wake_signal_waits(), name="pgdurable-signals"),
             asyncio.create_task(self._heartbeat(), name="pgdurable-heartbeat"),
             asyncio.create_task(self._prune(), name="pgdurable-prune"),
             asyncio.create_task(self._retention(), name="pgdurable-retention"),
@@ -455,7 +469,8 @@ class Worker:
     # -- background duties ---------------------------------------------------------------------
 
     async def _listen(self) -> None:
-        """Wake the claim loop on NOTIFY; reconnect when the connection drops."""
+        """Wake the claim loop, cancel steps or wake signal waits on NOTIFY; reconnect when
+        the connection drops."""
         delay = 0.5
         while not self._closing:
             try:
@@ -464,11 +479,17 @@ class Worker:
                 ) as conn:
                     await conn.execute(f"LISTEN {store.TASKS_CHANNEL}")
                     await conn.execute(f"LISTEN {store.CANCEL_CHANNEL}")
+                    await conn.execute(f"LISTEN {store.SIGNALS_CHANNEL}")
                     delay = 0.5
-                    self._wake.set()  # work may have arrived while we were not listening
+                    # Work, and signals, may have arrived while we were not listening.
+                    self._wake.set()
+                    self._sweep_at = 0.0
+                    self._signals_event.set()
                     async for notice in conn.notifies():
                         if notice.channel == store.CANCEL_CHANNEL:
                             self._cancel(notice.payload)
+                        elif notice.channel == store.SIGNALS_CHANNEL:
+                            self._signal_committed(notice.payload)
                         else:
                             self._wake.set()
             except psycopg.Error as exc:
@@ -489,6 +510,57 @@ class Worker:
         )
         self._cancels.add(cancel)
         cancel.add_done_callback(self._cancel_done)
+
+    def _signal_committed(self, payload: str) -> None:
+        """A NOTIFY on the signals channel: signals to instance ``payload`` were committed."""
+        # Any role may NOTIFY on this channel; waking an instance's waits for nothing is
+        # harmless (only those with a signal buffered are woken), but floods are bounded.
+        if not 0 < len(payload) <= 8:  # instance ids are varchar(8)
+            return
+        if len(self._signalled) >= MAX_SIGNALLED:
+            self._sweep_at = 0.0
+        else:
+            self._signalled.add(payload)
+        self._signals_event.set()
+
+    async def _wake_signal_waits(self) -> None:
+        """Wake the waits of the instances whose signals were committed, a batch per
+        transaction; sweep for those nobody was told of (see SIGNAL_SWEEP_INTERVAL). An
+        instance that was locked is tried again (signals.sql says why no wake-up is lost)."""
+        interval = self.config.signal_sweep_interval
+        retry: dict[str, tuple[float, float]] = {}  # instance -> (when to try again, delay)
+        while not self._closing:
+            now = time.monotonic()
+            due = {instance for instance, (at, _) in retry.items() if at <= now}
+            sweep = now >= self._sweep_at
+            if not (self._signalled or due or sweep):
+                next_at = min([self._sweep_at, *(at for at, _ in retry.values())])
+                self._signals_event.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._signals_event.wait(), next_at - now)
+                continue
+            batch, self._signalled = self._signalled | due, set()
+            if sweep:
+                self._sweep_at = now + interval
+            try:
+                async with self.conns.worker.connection(timeout=POOL_TIMEOUT) as conn:
+                    locked: set[str] = set()
+                    if batch:
+                        locked = set(await store.wake_signal_waits(conn, sorted(batch)))
+                    if sweep:
+                        locked |= set(await store.wake_signal_waits(conn, None))
+            except Exception as exc:  # a database outage: the same again, in a moment
+                log.warning("waking signal waits failed: %s", _first_line(exc))
+                self._signalled |= batch
+                if sweep:
+                    self._sweep_at = now
+                await asyncio.sleep(1.0)
+                continue
+            for instance in batch - locked:
+                retry.pop(instance, None)
+            for instance in locked:
+                delay = min(retry.get(instance, (0.0, SIGNAL_RETRY_DELAY / 2))[1] * 2, interval)
+                retry[instance] = (time.monotonic() + delay, delay)
 
     def _cancel_done(self, cancel: asyncio.Task[int]) -> None:
         self._cancels.discard(cancel)

@@ -32,6 +32,7 @@ from .. import store
 from ..graph import interpreter
 from ..graph.interpreter import Transition
 from ..graph.model import Graph, GraphError
+from ..graph.state import InstanceState
 from ..store import AsyncConn, Checkpoint, Task
 from . import http
 from .connections import RESET_SESSION, Connections, is_transient
@@ -614,7 +615,7 @@ class StepRunner:
 
         async def wait(conn: AsyncConn, graph: Graph, cp: Checkpoint) -> Transition | None:
             if not interpreter.is_waiting(cp.state, task.activation):
-                return Transition(state=_state(cp))  # a stale wait: just retire its task
+                return Transition(next_state=_state(cp))  # a stale wait: just retire its task
             name = str(payload.get("signal_name"))
             limit = self.settings.max_result_bytes
             signal = await store.consume_signal(conn, task, name, limit)
@@ -792,7 +793,7 @@ async def _busy_on_lock_timeout() -> AsyncIterator[None]:
         raise CheckpointBusy(_message(exc)) from None
 
 
-def _state(cp: Checkpoint) -> dict[str, Any]:
+def _state(cp: Checkpoint) -> InstanceState:
     if cp.state is None:
         raise RuntimeError("instance state missing: the start task has not run")
     return cp.state
