@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pgdurable.graph import interpreter as interp
-from pgdurable.graph.model import Graph, Node
-from pgdurable.graph.state import (
+from pgdurable.core import interpreter as interp
+from pgdurable.core.model import Graph, Node
+from pgdurable.core.state import (
     ROOT,
     ForkActivation,
     InstanceState,
@@ -105,6 +105,7 @@ class Sim:
         self.tasks: dict[int, interp.TaskSpec] = {}
         self.writes: list[interp.NodeWrite] = []
         self.outcome: interp.Outcome | None = None
+        self.ended_executions: list[interp.EndedExecution] = []  # as monitoring records them
         self.stored: dict[str, Any] = {}  # the state as the store keeps it
         self.state = InstanceState.initial(graph.instance_id)
         self._apply(interp.start(graph, self.variables, now, **self.limit))
@@ -126,6 +127,8 @@ class Sim:
             assert self.outcome is None, "an instance finishes once"
             self.outcome = t.outcome
             self.tasks.clear()
+        if t.ended_execution:
+            self.ended_executions.append(t.ended_execution)
         self.generation = t.generation
 
     def task(self, node_id: str) -> interp.TaskSpec:

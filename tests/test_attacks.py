@@ -11,6 +11,7 @@ complements it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
@@ -353,6 +354,34 @@ def test_forged_checkpoints_with_null_or_guessed_tokens_touch_no_task(
     assert status_of(conn, waiting) == status_of(conn, sleeping) == "running"
 
 
+def test_a_step_elsewhere_cannot_checkpoint_or_see_tokens(
+    cluster: EmbeddedPostgres, conn: Conn, tenants: TenantFactory, worker: ThreadWorker
+) -> None:
+    victim, attacker = tenants(), tenants()
+    other = f"o_{uuid.uuid4().hex[:8]}"
+    conn.execute(f"CREATE DATABASE {other}")
+    try:
+        with psycopg.connect(cluster.dsn(other), autocommit=True) as c:
+            c.execute(f"GRANT CREATE ON SCHEMA public TO {attacker.name}")
+        waiting = victim.start("df.wait_for_signal('go')")
+        poll(lambda: status_of(conn, waiting) == "running", "the victim's wait")
+        tasks = "SELECT id, token, visible_at::text FROM df._tasks ORDER BY id"
+        before = conn.execute(tasks).fetchall()
+        # In the other database the step sees nothing of df, and a df schema it creates there
+        # is only its own.
+        step = (
+            "SELECT current_database()::text AS db, to_regclass('df._tasks') IS NULL AS no_df,"
+            " current_setting('df.in_workflow') AS wf"
+        )
+        instance = attacker.start("%s, NULL, %s", (step, other))
+        assert wait_terminal(conn, instance) == "completed", output_of(conn, instance)
+        assert rows_of(conn, instance) == [{"db": other, "no_df": True, "wf": "true"}]
+        assert conn.execute(tasks).fetchall() == before
+        assert status_of(conn, waiting) == "running"
+    finally:
+        conn.execute(f"DROP DATABASE IF EXISTS {other} WITH (FORCE)")
+
+
 def test_other_roles_backends_cannot_be_cancelled_or_spied_on(
     conn: Conn, tenants: TenantFactory, worker: ThreadWorker
 ) -> None:
@@ -643,6 +672,49 @@ def test_foreign_rows_cannot_be_changed(
     assert after == before
 
 
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "COPY df.vars (name, value, owner) FROM STDIN",
+        "COPY df.instances (id, root_node, submitted_by) FROM STDIN",
+        "MERGE INTO df.vars v USING (SELECT 1) s ON v.owner = '{victim}'::regrole"
+        " AND v.name = 'where_clause' WHEN MATCHED THEN UPDATE SET value = 'true'",
+        "MERGE INTO df.vars v USING (SELECT 1) s ON v.owner = '{victim}'::regrole"
+        " AND v.name = 'where_clause' WHEN MATCHED THEN DELETE",
+        "INSERT INTO df.vars (name, value, owner) VALUES ('where_clause', 'true', '{victim}')"
+        " ON CONFLICT (owner, name) DO UPDATE SET value = 'true'",
+        "INSERT INTO df.vars (name, value) VALUES ('mine', 'x')"
+        " ON CONFLICT (owner, name) DO UPDATE SET owner = '{victim}'::regrole",
+        "MERGE INTO df.vars v USING (SELECT 1) s ON false"
+        " WHEN NOT MATCHED THEN INSERT (name, value, owner) VALUES ('t', 'x', '{victim}')",
+    ],
+)
+@pytest.mark.parametrize("bypass", [False, True])
+def test_copy_merge_upsert_cannot_write_another_roles_rows(
+    conn: Conn, tenants: TenantFactory, statement: str, bypass: bool
+) -> None:
+    victim = tenants()
+    attacker = tenants(attributes="BYPASSRLS" if bypass else "")
+    victim.value("SELECT df.setvar('where_clause', 'id = 1')")
+    attacker.value("SELECT df.setvar('mine', 'x')")
+    before = conn.execute("SELECT * FROM df.vars ORDER BY 1, 3").fetchall()
+    sql = statement.format(victim=victim.name)
+    try:
+        with attacker.conn.transaction():
+            if sql.startswith("COPY df.vars"):
+                with attacker.conn.cursor().copy(sql) as copy:
+                    copy.write_row(("table", "pg_authid", victim.name))
+            elif sql.startswith("COPY df.instances"):
+                with attacker.conn.cursor().copy(sql) as copy:
+                    copy.write_row((node_id(), node_id(), victim.name))
+            else:
+                attacker.conn.execute(sql)
+    except psycopg.Error:
+        pass  # refused; without BYPASSRLS, MERGE simply matches none of the victim's rows
+    assert conn.execute("SELECT * FROM df.vars ORDER BY 1, 3").fetchall() == before
+    assert conn.execute("SELECT count(*) FROM df.instances").fetchone() == (0,)
+
+
 # -- 4. forging progress or identity on one's own instances -------------------------------------
 
 
@@ -743,6 +815,17 @@ def test_a_user_cannot_forge_its_own_instances_status(
         assert isinstance(error, psycopg.errors.InsufficientPrivilege), error
         assert f"permission denied to change the status of instance {own}" in str(error)
     assert status_of(conn, own) == settled
+
+
+def test_a_user_cannot_set_its_instance_status_to_null(
+    conn: Conn, tenants: TenantFactory, worker: ThreadWorker
+) -> None:
+    attacker = tenants()
+    own = attacker.start("df.wait_for_signal('go')")
+    poll(lambda: status_of(conn, own) == "running", "the wait")
+    error = attacker.error("UPDATE df.instances SET status = NULL WHERE id = %s", (own,))
+    assert isinstance(error, psycopg.errors.InsufficientPrivilege), error
+    assert status_of(conn, own) == "running"
 
 
 SQL_LEAF = "SELECT current_user::text AS cu"
@@ -937,6 +1020,155 @@ def test_a_victims_instance_never_picks_up_another_roles_variables(
     assert rows_of(conn, mine) == [{"k": "attacker-key"}]
 
 
+@pytest.fixture
+def inbox(conn: Conn, tenants: TenantFactory) -> tuple[Any, Any]:
+    victim, attacker = tenants(), tenants()
+    conn.execute("CREATE TABLE public.inbox (v text, n int)")
+    conn.execute(f"GRANT INSERT ON public.inbox TO {attacker.name}")
+    conn.execute(f"GRANT SELECT ON public.inbox TO {victim.name}")
+    return victim, attacker
+
+
+def test_a_negative_number_does_not_comment_out_the_rest_of_the_line(
+    conn: Conn, inbox: tuple[Any, Any], worker: ThreadWorker
+) -> None:
+    victim, attacker = inbox
+    victim.conn.execute("CREATE TABLE accounts (id int, balance int)")
+    victim.conn.execute("INSERT INTO accounts VALUES (1, 100), (2, 100), (3, 100)")
+    attacker.conn.execute("INSERT INTO public.inbox (n) VALUES (-5)")  # outside data
+    instance = run(
+        conn,
+        victim,
+        "%s |=> 'amt' ~> %s",
+        (
+            "SELECT n FROM public.inbox",
+            "UPDATE accounts SET balance = 0-$amt WHERE id = 1",
+        ),
+    )
+    assert status_of(conn, instance) == "completed", output_of(conn, instance)
+    balances = victim.conn.execute("SELECT id, balance FROM accounts ORDER BY id").fetchall()
+    assert balances == [(1, 5), (2, 100), (3, 100)], balances
+
+
+@pytest.mark.parametrize(
+    ("template", "payload"),
+    [
+        ("SELECT $$Dear $r$$ AS msg", "x$$ || current_user || $$"),
+        ("SELECT 'Dear $r' AS msg", "' || current_user || '"),
+        ("SELECT 'ok' -- note: $r\n AS msg", "x\n|| current_user --"),
+        ("SELECT 'ok' /* $r */ AS msg", "*/ || current_user /*"),
+    ],
+)
+def test_a_reference_inside_quotes_or_comments_does_not_let_data_in(
+    conn: Conn, inbox: tuple[Any, Any], worker: ThreadWorker, template: str, payload: str
+) -> None:
+    victim, attacker = inbox
+    attacker.conn.execute("INSERT INTO public.inbox (v) VALUES (%s)", (payload,))
+    instance = run(conn, victim, "%s |=> 'r' ~> %s", ("SELECT v FROM public.inbox", template))
+    if status_of(conn, instance) == "completed":
+        msg = rows_of(conn, instance)[0]["msg"]
+        assert victim.name not in msg, f"injected: {msg!r}"
+
+
+# A step's session: the options forced on it win over ALTER ROLE and ALTER DATABASE
+# settings, and what one step sets does not reach the next step's substitution.
+
+
+def test_role_and_database_settings_cannot_override_the_forced_step_options(
+    conn: Conn, tenants: TenantFactory, worker: ThreadWorker, dbname: str
+) -> None:
+    victim = tenants()
+    for setting, value in (
+        ("standard_conforming_strings", "off"),
+        ("client_encoding", "SJIS"),
+        ("df.in_workflow", "false"),
+    ):
+        conn.execute(f"ALTER ROLE {victim.name} SET {setting} = '{value}'")
+        conn.execute(f"ALTER ROLE {victim.name} IN DATABASE {dbname} SET {setting} = '{value}'")
+    instance = run(
+        conn,
+        victim,
+        "%s",
+        (
+            "SELECT current_setting('standard_conforming_strings') AS scs,"
+            " current_setting('client_encoding') AS enc,"
+            " current_setting('df.in_workflow') AS wf",
+        ),
+    )
+    assert rows_of(conn, instance) == [{"scs": "on", "enc": "UTF8", "wf": "true"}]
+
+
+def test_a_steps_encoding_and_quoting_settings_do_not_reach_the_next_step(
+    conn: Conn, inbox: tuple[Any, Any], dsn: str
+) -> None:
+    victim, attacker = inbox
+    w = ThreadWorker(dsn, concurrency=1)  # one step connection per role: it is reused
+    try:
+        setter = run(
+            conn,
+            victim,
+            "%s",
+            (
+                "SELECT set_config('standard_conforming_strings', 'off', false) AS scs,"
+                " set_config('client_encoding', 'SJIS', false) AS enc",
+            ),
+        )
+        assert status_of(conn, setter) == "completed", output_of(conn, setter)
+        payload = "\\' || current_user || '"
+        attacker.conn.execute("INSERT INTO public.inbox (v) VALUES (%s)", (payload,))
+        instance = run(
+            conn,
+            victim,
+            "%s |=> 'r' ~> %s",
+            (
+                "SELECT v FROM public.inbox",
+                "SELECT $r AS v, current_setting('standard_conforming_strings') AS scs,"
+                " current_setting('client_encoding') AS enc",
+            ),
+        )
+        assert rows_of(conn, instance) == [{"v": payload, "scs": "on", "enc": "UTF8"}]
+    finally:
+        w.stop()
+
+
+# Templates PostgreSQL's lexer reads differently from a naive scan, end to end
+# (tests/test_substitute_lexer.py checks the class against the lexer itself).
+
+ROLE_LIST = "|| (SELECT string_agg(rolname, chr(44)) FROM pg_roles WHERE rolcanlogin) ||"
+
+
+def test_a_value_in_a_continued_e_string_stays_text(
+    conn: Conn, tenants: TenantFactory, worker: ThreadWorker
+) -> None:
+    tenant = tenants()
+    instance = run(
+        conn,
+        tenant,
+        "%s |=> 'v' ~> %s",
+        (
+            f"SELECT '{ROLE_LIST}'::text AS data",
+            "SELECT E'Dear customer\\n'\n       'it\\'s for $v.data' AS greeting",
+        ),
+    )
+    assert rows_of(conn, instance) == [{"greeting": f"Dear customer\nit's for {ROLE_LIST}"}]
+
+
+def test_a_value_after_a_unicode_string_with_uescape_stays_text(
+    conn: Conn, tenants: TenantFactory, worker: ThreadWorker
+) -> None:
+    tenant = tenants()
+    instance = run(
+        conn,
+        tenant,
+        "%s |=> 'v' ~> %s",
+        (
+            "SELECT '(SELECT current_user)'::text AS x",
+            "SELECT U&'C:\\' UESCAPE '!' || $v AS path",  # a backslash is no escape here
+        ),
+    )
+    assert rows_of(conn, instance) == [{"path": "C:\\(SELECT current_user)"}]
+
+
 # -- 6. a role with BYPASSRLS (but not superuser) -----------------------------------------------
 
 
@@ -1014,6 +1246,26 @@ def test_bypassrls_cannot_cancel_or_signal_another_roles_instance(
     victim.value("SELECT df.signal(%s, 'approve', '\"real\"')", (instance,))
     assert wait_terminal(conn, instance) == "completed"
     assert rows_of(conn, instance) == [{"d": "real"}]
+
+
+def test_bypassrls_cannot_write_updated_at_of_another_roles_instance(
+    conn: Conn, tenants: TenantFactory, worker: ThreadWorker
+) -> None:
+    victim, attacker = tenants(), tenants(attributes="BYPASSRLS")
+    foreign = victim.start("df.wait_for_signal('go')")
+    poll(lambda: status_of(conn, foreign) == "running", "the wait")
+    before = conn.execute(
+        "SELECT updated_at FROM df.instances WHERE id = %s", (foreign,)
+    ).fetchone()
+    for stmt in (
+        "UPDATE df.instances SET updated_at = '2000-01-01' WHERE id = %s",
+        f"INSERT INTO df.instances (id, root_node, submitted_by) VALUES (%s, '00000000',"
+        f" '{attacker.name}') ON CONFLICT (id) DO UPDATE SET updated_at = '2000-01-01'",
+    ):
+        with contextlib.suppress(psycopg.Error):
+            attacker.conn.execute(stmt, (foreign,))
+    after = conn.execute("SELECT updated_at FROM df.instances WHERE id = %s", (foreign,)).fetchone()
+    assert after == before
 
 
 def test_a_new_transaction_start_cannot_submit_as_another_role(
@@ -1117,7 +1369,7 @@ def test_a_hand_built_http_node_is_refused_at_run_time(
         assert server.hits("/exfiltrate") == []
 
 
-# -- holes closed after the first review -------------------------------------------------------
+# -- cancel notifications, escapes, hand-made graphs, renamed roles -------------------------------
 
 
 def test_notify_on_the_cancel_channel_cannot_kill_another_roles_step(

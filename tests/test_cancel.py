@@ -6,7 +6,11 @@ import time
 
 import psycopg
 import pytest
+import test_attacks as attacks
 from conftest import App, ThreadWorker
+from test_attacks import Conn, TenantFactory, poll
+
+tenants = attacks.tenants  # the fixture
 
 
 def running_sleeps(conn: psycopg.Connection[tuple[object, ...]]) -> int:
@@ -94,3 +98,39 @@ def test_cancel_of_an_unknown_or_finished_instance_touches_nothing_running(
     assert app.conn.execute("SELECT df.status(%s)", (finished,)).fetchone() == ("completed",)
     app.conn.execute("SELECT df.cancel(%s)", (survivor,))
     wait_for(lambda: running_sleeps(conn) == 0, timeout=5)
+
+
+def _sleeping(conn: Conn) -> int:
+    row = conn.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name ="
+        " 'pg_durable:worker:workflow-sql' AND state = 'active' AND query LIKE '%pg_sleep(8)%'"
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def test_a_forged_cancel_notify_does_not_disable_cancellation(
+    conn: Conn, tenants: TenantFactory, dsn: str
+) -> None:
+    victim = tenants()
+    stranger = tenants(grant=False)  # CONNECT is enough to NOTIFY
+    w = ThreadWorker(dsn, concurrency=2)
+    stop_error: BaseException | None = None
+    try:
+        time.sleep(1.0)  # listener up
+        stranger.conn.execute("SELECT pg_notify('pgdurable_cancel', 'deadbeef:\u00b2')")
+        time.sleep(0.5)
+        instance = victim.start("%s", ("SELECT pg_sleep(8)::text AS s",))
+        poll(lambda: _sleeping(conn) == 1, "the step")
+        victim.value("SELECT df.cancel(%s)", (instance,))
+        interrupted = True
+        try:
+            poll(lambda: _sleeping(conn) == 0, "the cancel to interrupt the step", timeout=4)
+        except AssertionError:
+            interrupted = False
+    finally:
+        try:
+            w.stop()
+        except BaseException as exc:
+            stop_error = exc
+    assert (interrupted, repr(stop_error)) == (True, "None")

@@ -34,8 +34,8 @@ from conftest import ThreadWorker
 from httpserver import LocalHttpServer
 
 from pgdurable import schema
+from pgdurable.core.model import NODE_TYPES
 from pgdurable.embedded import EmbeddedPostgres, bin_path, free_port
-from pgdurable.graph.model import NODE_TYPES
 from pgdurable.worker.egress import EgressPolicy
 
 SUPPORTED = range(14, 19)

@@ -1,4 +1,4 @@
-"""Regression tests for engine bugs found in review: each failed before its fix."""
+"""Regression tests for engine bugs: each failed before its fix."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import time
 import psycopg
 import pytest
 from conftest import App, ThreadWorker
+from test_cli_monitor import _write_graph
 from test_interpreter import G
 
-from pgdurable.graph import interpreter as interp
+from pgdurable.core import interpreter as interp
 
 # -- a RACE decided while it forks ---------------------------------------------------------------
 
@@ -132,6 +133,31 @@ def test_a_malformed_wait_config_fails_the_instance(
         " WHERE i.id = '0badbad0'"
     ).fetchone()
     assert row is not None and row[0] == "failed", row
+
+
+def test_worker_fails_an_instance_whose_join_config_is_malformed(
+    app: App, worker: ThreadWorker
+) -> None:
+    """queries.load_graph -> node_from_row raised TypeError (not GraphError) for a JOIN whose
+    "extra_nodes" is a number; steps._start caught only GraphError/LookupError, so the start
+    task was never turned into a failed instance."""
+    _write_graph(
+        app.conn,
+        "0000000d",
+        [
+            ("000000d1", "JOIN", '{"extra_nodes": 5}', "000000d2", "000000d3"),
+            ("000000d2", "SQL", "SELECT 1", None, None),
+            ("000000d3", "SQL", "SELECT 2", None, None),
+        ],
+    )
+    deadline = time.monotonic() + 15
+    status = None
+    while time.monotonic() < deadline:
+        status = app.conn.execute("SELECT df.status('0000000d')").fetchone()[0]
+        if status in ("failed", "completed"):
+            break
+        time.sleep(0.2)
+    assert status == "failed", status
 
 
 # -- cancels that arrive before the statement starts ----------------------------------------------

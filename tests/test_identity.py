@@ -7,7 +7,13 @@ import time
 
 import psycopg
 import pytest
+import test_attacks as attacks
 from conftest import App, ThreadWorker
+from test_attacks import Conn, TenantFactory
+
+from pgdurable.embedded import EmbeddedPostgres
+
+tenants = attacks.tenants  # the fixture
 
 
 def only_row(app: App, instance: str) -> dict[str, object]:
@@ -323,6 +329,40 @@ def test_role_names_that_need_quoting_run_end_to_end(
             result = c.execute("SELECT df.result(%s)::jsonb", (instance,)).fetchone()
         assert result is not None
         assert result[0]["rows"] == [{"cu": name, "v": "me"}]
+    finally:
+        conn.execute(f"DROP OWNED BY {quoted} CASCADE")
+        conn.execute(f"DROP ROLE {quoted}")
+
+
+ODD_NAMES = ["Upper", "a.b", '"q"', "sp ace ", "current_user", "select", "ünï", 'x""y', "o'k"]
+
+
+@pytest.mark.parametrize("name", ODD_NAMES)
+def test_odd_role_names_write_only_under_their_own_name(
+    cluster: EmbeddedPostgres, dbname: str, conn: Conn, tenants: TenantFactory, name: str
+) -> None:
+    victim = tenants()
+    quoted = '"' + name.replace('"', '""') + '"'
+    conn.execute(f"CREATE ROLE {quoted} LOGIN")
+    conn.execute("SELECT df.grant_usage(%s)", (name,))
+    try:
+        dsn = psycopg.conninfo.make_conninfo(cluster.dsn(dbname), user=name)
+        with psycopg.connect(dsn, autocommit=True) as c:
+            c.execute("SELECT df.setvar('k', 'v')")
+            c.execute("INSERT INTO df.vars (name, value) VALUES ('k2', 'v')")
+            own = c.execute("SELECT df.start('SELECT 1')").fetchone()
+            assert own is not None
+            with pytest.raises(psycopg.Error), c.transaction():
+                c.execute(
+                    "INSERT INTO df.vars (name, value, owner) VALUES ('k3', 'v', %s::regrole)",
+                    (victim.name,),
+                )
+        rows = conn.execute(
+            "SELECT DISTINCT owner::oid FROM df.vars UNION ALL"
+            " SELECT DISTINCT submitted_by::oid FROM df.instances"
+        ).fetchall()
+        oid = conn.execute("SELECT oid FROM pg_roles WHERE rolname = %s", (name,)).fetchone()
+        assert set(rows) == {oid}
     finally:
         conn.execute(f"DROP OWNED BY {quoted} CASCADE")
         conn.execute(f"DROP ROLE {quoted}")

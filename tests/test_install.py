@@ -11,8 +11,8 @@ import pytest
 from catalog import differences, snapshot
 
 from pgdurable import __version__, schema
+from pgdurable.core.model import NODE_TYPES
 from pgdurable.embedded import EmbeddedPostgres
-from pgdurable.graph.model import NODE_TYPES
 from pgdurable.worker.loop import Worker, WorkerConfig, WorkerError
 
 
@@ -151,3 +151,18 @@ def test_the_node_types_are_one_list(conn: psycopg.Connection[tuple[object, ...]
         "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conname = 'nodes_type_chk'"
     ).fetchone()
     assert check == ("CHECK ((node_type = ANY (df._node_types())))",)
+
+
+def test_an_upgrade_that_fails_changes_nothing(
+    conn: psycopg.Connection[tuple[object, ...]],
+) -> None:
+    """CREATE OR REPLACE cannot change a function's return type: an older release whose
+    function differs that way needs its drop in obsolete.sql. Without it the upgrade fails, as
+    a whole: never half applied."""
+    conn.execute("DROP FUNCTION df.version()")
+    conn.execute("CREATE FUNCTION df.version() RETURNS integer LANGUAGE sql AS 'SELECT 1'")
+    conn.execute("UPDATE df._schema SET release = '0.0.9', code_digest = 'older'")
+    before = snapshot(conn)
+    with pytest.raises(psycopg.errors.InvalidFunctionDefinition, match="return type"):
+        schema.install(conn)
+    assert differences(snapshot(conn), before) == []

@@ -12,8 +12,8 @@ import json
 import pytest
 from interp_sim import INSTANCE, G, Sim, rows
 
-from pgdurable.graph import interpreter as interp
-from pgdurable.graph.state import StateFormatError, from_json
+from pgdurable.core import interpreter as interp
+from pgdurable.core.state import StateFormatError, from_json
 
 # -- SQL and THEN --------------------------------------------------------------------------------
 
@@ -568,18 +568,31 @@ def test_schedule_loop_keeps_its_cadence_without_drift() -> None:
 # -- the stored state ----------------------------------------------------------------------------
 
 
-def test_a_root_loop_keeps_loop_exec_and_last_where_the_database_reads_them() -> None:
-    # The trigger recording a root loop's finished executions finds the loop's activation by
-    # loop_exec = '0' (as text) and takes the body result of the iteration that ended as last.
+def test_a_root_loop_says_which_execution_ended_with_which_result() -> None:
+    """Monitoring's execution history comes from this fact, not from reading the state."""
     g = G()
     body = g.sql("SELECT n")
     looping = g.loop(body)
     sim = Sim(g.graph(looping))
     sim.complete(body, rows({"n": 1}))
-    sim.fire(looping)  # the padding timer of the quick iteration
+    assert sim.ended_executions == []  # the next iteration waits for its padding timer
+    sim.fire(looping)
     assert sim.generation == 2
-    found = [a for a in sim.stored["acts"].values() if str(a.get("loop_exec")) == "0"]
-    assert [a["last"] for a in found] == [rows({"n": 1})]
+    assert sim.ended_executions == [interp.EndedExecution(1, rows({"n": 1}))]
+    sim.complete(body, rows({"n": 2}))
+    sim.fire(looping)
+    assert sim.ended_executions[1:] == [interp.EndedExecution(2, rows({"n": 2}))]
+
+
+def test_a_nested_loop_ends_no_root_execution() -> None:
+    g = G()
+    first, body = g.sql("SELECT 0"), g.sql("SELECT 1")
+    inner = g.loop(body)
+    sim = Sim(g.graph(g.then(first, inner)))
+    sim.complete(first)
+    sim.complete(body)
+    sim.fire(inner)
+    assert sim.ended_executions == [] and sim.generation == 1
 
 
 def test_a_state_of_another_format_is_refused() -> None:

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 from interp_sim import INSTANCE, G, Sim, rows
 
-from pgdurable.graph import interpreter as interp
-from pgdurable.store import change_document
+from pgdurable.core import interpreter as interp
+from pgdurable.worker.change import change_of
 
 
 def retry(g: G, body: str, attempts: int, **config: Any) -> str:
@@ -379,7 +379,7 @@ def test_http_under_a_timeout_carries_the_deadline() -> None:
     assert sim.task(call).payload["deadline"] == 1003  # type: ignore[index]
 
 
-# -- what the store writes ---------------------------------------------------------------------
+# -- what a checkpoint writes -------------------------------------------------------------------
 
 
 def test_error_changes_of_one_transition_fold_into_one_write() -> None:
@@ -395,7 +395,7 @@ def test_error_changes_of_one_transition_fold_into_one_write() -> None:
             w("q", "completed", "1", "x::1"),
         ],
     )
-    writes = {d["id"]: d for d in change_document(transition)["writes"]}
+    writes = {d["id"]: d for d in json.loads(change_of(transition).to_json())["writes"]}
     assert (writes["r"]["status"], writes["r"]["error_op"], writes["r"]["error"]) == (
         "failed",
         "set",

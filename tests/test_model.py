@@ -1,4 +1,4 @@
-"""Loading a graph from df.nodes rows (graph/model.py): rows may have been written by hand,
+"""Loading a graph from df.nodes rows (core/model.py): rows may have been written by hand,
 bypassing df.start, so loading enforces df.start's limits again."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from interp_sim import Sim, rows
 
-from pgdurable.graph.model import MAX_DEPTH, MAX_NODES, GraphError, graph_from_rows
+from pgdurable.core.model import MAX_DEPTH, MAX_NODES, GraphError, graph_from_rows
 
 
 def chain(depth: int) -> list[dict[str, Any]]:

@@ -8,7 +8,7 @@ from typing import Any
 
 from rich.console import Console
 
-from pgdurable.graph.model import Node
+from pgdurable.core.model import Node
 from pgdurable.monitor import render
 
 T0 = datetime(2026, 11, 21, 12, 0, 0, tzinfo=UTC)
@@ -139,6 +139,35 @@ def test_retry_history_and_missing_rows() -> None:
         "    └── ✓ SQL: SELECT 1",
     ]
     assert render.node_tree("gone", rows, now=T0) is None
+
+
+def test_render_tolerates_odd_configs() -> None:
+    def row(i: str, t: str, **kw: Any) -> dict[str, Any]:
+        base: dict[str, Any] = dict(
+            node_id=i,
+            node_type=t,
+            query=None,
+            result_name=None,
+            left_node=None,
+            right_node=None,
+            status="pending",
+            inferred_status="pending",
+            result=None,
+            error=None,
+            started_at=None,
+            updated_at=T0,
+        )
+        base.update(kw)
+        return base
+
+    leaves = [row("a", "SQL", query="SELECT 1"), row("b", "SQL", query="SELECT 2")]
+    for root in (
+        row("r", "JOIN", query='{"extra_nodes": [["x"]]}', left_node="a", right_node="b"),
+        row("r", "IF", query='{"condition_node": {"k": 1}}', left_node="a", right_node="b"),
+    ):
+        tree = render.node_tree("r", [root, *leaves], T0)
+        assert tree is not None
+        assert "SELECT 1" in text_of(tree)
 
 
 def test_json_records() -> None:

@@ -284,6 +284,115 @@ def test_superseded_join_branch_of_an_earlier_iteration(app: App, worker: Thread
     c.execute("SELECT df.cancel(%s)", (instance,))
 
 
+def _waiting(c: Conn, instance: str, node: str, prefix: str) -> bool:
+    return (stamp_of(c, instance, node) or "").startswith(prefix) and views(c, instance)[node][
+        0
+    ] == "running"
+
+
+def test_nested_loops_superseded_generations(app: App, worker: ThreadWorker) -> None:
+    c = app.conn
+    c.execute("CREATE TABLE app.c (n int)")
+    c.execute("INSERT INTO app.c VALUES (0)")
+    instance = app.start(
+        "@> (df.loop(df.wait_for_signal('i') ~> 'UPDATE app.c SET n = n + 1 RETURNING n',"
+        " 'SELECT n %% 2 <> 0 AS again FROM app.c') ~> df.wait_for_signal('o'))"
+    )
+    waits = {
+        str(r[0]): str(r[1])
+        for r in c.execute(
+            "SELECT id, query::jsonb ->> 'signal_name' FROM df.nodes"
+            " WHERE instance_id = %s AND node_type = 'SIGNAL'",
+            (instance,),
+        ).fetchall()
+    }
+    inner_wait = next(k for k, v in waits.items() if v == "i")
+    outer_wait = next(k for k, v in waits.items() if v == "o")
+    update = node_id(c, instance, query="UPDATE app.c SET n = n + 1 RETURNING n")
+    cond = node_id(c, instance, query="SELECT n % 2 <> 0 AS again FROM app.c")
+    loops = [
+        str(r[0])
+        for r in c.execute(
+            "SELECT id FROM df.nodes WHERE instance_id = %s AND node_type = 'LOOP'", (instance,)
+        ).fetchall()
+    ]
+    wait_until(lambda: views(c, instance)[inner_wait][0] == "running", "first inner wait")
+    signal(app, instance, "i")
+    wait_until(
+        lambda: (
+            _waiting(c, instance, inner_wait, f"{instance}::1::")
+            and stamp_of(c, instance, inner_wait).endswith("::2")
+        ),
+        "second inner wait",
+    )
+    # inner iteration 2: the update/condition of inner iteration 1 are superseded, not reached
+    nodes = views(c, instance)
+    assert nodes[inner_wait][1] == "running"
+    assert nodes[update][1] == "pending", nodes[update]
+    assert nodes[cond][1] == "pending", nodes[cond]
+    assert nodes[outer_wait] == ("pending", "pending", None)
+    signal(app, instance, "i")
+    wait_until(lambda: views(c, instance)[outer_wait][0] == "running", "outer wait")
+    nodes = views(c, instance)
+    assert nodes[update][1] == "completed" and nodes[cond][1] == "completed"
+    signal(app, instance, "o")
+    wait_until(lambda: _waiting(c, instance, inner_wait, f"{instance}::2::"), "root generation 2")
+    nodes = views(c, instance)
+    assert nodes[outer_wait][:2] == ("completed", "pending"), nodes[outer_wait]
+    assert nodes[update][:2] == ("completed", "pending"), nodes[update]
+    assert nodes[cond][:2] == ("completed", "pending"), nodes[cond]
+    assert nodes[inner_wait][1] == "running"
+    for loop in loops:
+        assert nodes[loop][1] == "running", (loop, nodes[loop])
+    text = c.execute("SELECT df.explain(%s)", (instance,)).fetchone()[0]
+    assert "SIGNAL 'o' ○" in text, text
+    c.execute("SELECT df.cancel(%s)", (instance,))
+
+
+def test_race_in_a_loop_second_iteration_other_winner(app: App, worker: ThreadWorker) -> None:
+    c = app.conn
+    instance = app.start(
+        "@> (df.race(df.wait_for_signal('a') ~> 'SELECT 1 AS a1',"
+        " df.wait_for_signal('b') ~> 'SELECT 2 AS b1') ~> df.wait_for_signal('o'))"
+    )
+    waits = {
+        str(r[1]): str(r[0])
+        for r in c.execute(
+            "SELECT id, query::jsonb ->> 'signal_name' FROM df.nodes"
+            " WHERE instance_id = %s AND node_type = 'SIGNAL'",
+            (instance,),
+        ).fetchall()
+    }
+    race = node_id(c, instance, kind="RACE")
+    a1 = node_id(c, instance, query="SELECT 1 AS a1")
+    b1 = node_id(c, instance, query="SELECT 2 AS b1")
+    wait_until(lambda: views(c, instance)[waits["b"]][0] == "running", "race 1")
+    signal(app, instance, "a")
+    wait_until(lambda: views(c, instance)[waits["o"]][0] == "running", "outer wait 1")
+    nodes = views(c, instance)
+    assert nodes[a1][1] == "completed"
+    assert nodes[waits["b"]][1:] == ("skipped", race)
+    assert nodes[b1][1:] == ("skipped", race)
+    signal(app, instance, "o")
+    wait_until(
+        lambda: (
+            _waiting(c, instance, waits["a"], f"{instance}::2::")
+            and _waiting(c, instance, waits["b"], f"{instance}::2::")
+        ),
+        "race 2",
+    )
+    nodes = views(c, instance)
+    assert nodes[a1][1] == "pending", nodes[a1]
+    assert nodes[waits["o"]][1] == "pending"
+    signal(app, instance, "b")
+    wait_until(lambda: _waiting(c, instance, waits["o"], f"{instance}::2"), "outer wait 2")
+    nodes = views(c, instance)
+    assert nodes[b1][1] == "completed"
+    assert nodes[a1][1:] == ("skipped", race), nodes[a1]
+    assert nodes[waits["a"]][1:] == ("skipped", race), nodes[waits["a"]]
+    c.execute("SELECT df.cancel(%s)", (instance,))
+
+
 def test_cancelled_instance_keeps_running_and_pending(app: App, worker: ThreadWorker) -> None:
     c = app.conn
     instance = app.start("'SELECT 1' ~> df.sleep(60) ~> 'SELECT 2'")
@@ -569,6 +678,39 @@ def test_list_instances_pages_in_order(su: Conn) -> None:
     assert ids[0] not in flat(all_pages(su, 3))
 
 
+def test_pagination_ties_last_row_and_combined_filters(app: App) -> None:
+    with app.conn.transaction():  # one now(): every created_at ties
+        tied = [app.start("'SELECT 1'", label=("a" if i % 2 else "b")) for i in range(7)]
+    for _i in range(3):
+        app.start("'SELECT 1'", label="a")
+    for instance in tied[:3]:
+        app.conn.execute("SELECT df.cancel(%s)", (instance,))
+    everything = [
+        str(r[0])
+        for r in app.conn.execute(
+            "SELECT id FROM df.instances ORDER BY created_at DESC, id"
+        ).fetchall()
+    ]
+    for status in (None, "pending", "cancelled"):
+        for label in (None, "a", "b"):
+            expected = [
+                i
+                for i, s, lab in app.conn.execute(
+                    "SELECT id, status, label FROM df.instances ORDER BY created_at DESC, id"
+                ).fetchall()
+                if (status is None or s == status) and (label is None or lab == label)
+            ]
+            for limit in (1, 2, 3, len(expected) or 1, len(expected) + 1):
+                pages = all_pages(app.conn, limit, status=status, label=label)
+                flat = [i for p in pages for i in p]
+                assert flat == expected, (status, label, limit, pages)
+                # the last page never carries a cursor, even when it is exactly full
+                assert all(len(p) == limit for p in pages[:-1])
+                if expected:
+                    assert pages[-1], (status, label, limit, pages)
+    assert len(everything) == 10
+
+
 def test_list_instances_paginated_columns(su: Conn) -> None:
     done = start(su, "'SELECT 1', 'done'")
     waiting = start(su, "'SELECT 1'")
@@ -707,6 +849,48 @@ def test_list_instances_refuses_every_malformed_cursor(su: Conn) -> None:
     # A cursor after nothing at all is no error.
     assert page(su, 10, hex_of(f"v1|{ts}|ffffffff"))[0] == []
     assert page(su, 10, hex_of("v1|3000-01-01T00:00:00.000000+00|0"))[0] == [instance]
+
+
+def test_a_deep_page_reads_about_its_size_not_everything_before_it(conn: Conn) -> None:
+    """Migration 12: 'each filter has an index that yields rows in page order, so a page
+    costs about its size'. The cursor condition (created_at < $4 OR (created_at = $4 AND
+    id > $5)) is not an index bound: the scan starts at the newest instance and filters
+    (EXPLAIN: Index Cond: created_at IS NOT NULL, Rows Removed by Filter: <depth>), so page k
+    reads k*limit rows and paging through N instances costs O(N^2). Measured on 40,000
+    instances: 1 ms for page 1, 10 ms for the last. Adding the redundant bound
+    `AND i.created_at <= $4` makes it an Index Cond."""
+    conn.execute("SET pg_durable.enable_superuser_instances = on")
+    with conn.transaction():
+        conn.execute("SELECT df.start('SELECT 1') FROM generate_series(1, 3000)")
+    conn.execute(
+        "UPDATE df.instances SET created_at = created_at - make_interval(secs => random() * 100000)"
+    )
+    conn.execute("VACUUM ANALYZE df.instances")
+    rows = conn.execute(
+        "SELECT id, created_at FROM df.instances ORDER BY created_at DESC, id"
+    ).fetchall()
+    ts, last_id = rows[2500][1], rows[2500][0]
+    cursor = conn.execute(
+        "SELECT encode(convert_to('v1|' || to_char(%s::timestamptz,"
+        " 'YYYY-MM-DD\"T\"HH24:MI:SS.USOF') || '|' || %s, 'UTF8'), 'hex')",
+        (ts, last_id),
+    ).fetchone()[0]
+
+    def index_reads() -> int:
+        conn.execute("SELECT pg_stat_force_next_flush()")
+        conn.execute("SELECT pg_stat_clear_snapshot()")
+        row = conn.execute(
+            "SELECT sum(idx_tup_read) FROM pg_stat_user_indexes WHERE relname = 'instances'"
+        ).fetchone()
+        return int(row[0] or 0)
+
+    before = index_reads()
+    page = conn.execute(
+        "SELECT instance_id FROM df.list_instances(NULL, 10, NULL, %s)", (cursor,)
+    ).fetchall()
+    read = index_reads() - before
+    assert [r[0] for r in page] == [r[0] for r in rows[2501:2511]]
+    assert read < 200, f"a 10-row page at depth 2,500 read {read} index entries"
 
 
 # -- df.instance_info and df.instance_executions -------------------------------------------------
@@ -868,16 +1052,37 @@ def test_executions_while_running_and_when_cancelled(
     assert events == checkpoints(su, failed) and duration >= 0
 
 
+def end_root_execution(su: Conn, instance: str, generation: int, then: int) -> None:
+    """Checkpoint what a root loop beginning its next iteration hands df._checkpoint: the
+    execution ``generation`` ended, the root is at generation ``then``."""
+    task = su.execute(
+        "INSERT INTO df._tasks (instance_id, role_oid, activation, kind, token)"
+        " SELECT i.id, i.submitted_by, 1000000 + %s, 'timer', gen_random_uuid()"
+        "   FROM df.instances i WHERE i.id = %s RETURNING id, token",
+        (generation, instance),
+    ).fetchone()
+    assert task is not None
+    change = {
+        "state": None,
+        "generation": then,
+        "writes": [],
+        "tasks": [],
+        "dropped": [],
+        "outcome": None,
+        "ended_execution": {"generation": generation, "output": None},
+    }
+    su.execute(
+        "SELECT * FROM df._checkpoint(%s, %s, %s, %s, 0, 30)",
+        (task[0], task[1], Jsonb(change), uuid.uuid4()),
+    )
+
+
 def test_executions_of_a_pending_instance_and_the_kept_history(su: Conn) -> None:
     instance = start(su, "'SELECT 1'")
     assert executions(su, instance) == [(1, "Running", 0, 0, None)]
     # A loop that iterated for long keeps its newest 1,000 executions.
-    for generation in (2, 3, 1002):
-        su.execute(
-            "UPDATE df._runs SET generation = %s, checkpoints = checkpoints + 1"
-            " WHERE instance_id = %s",
-            (generation, instance),
-        )
+    for ended, generation in ((1, 2), (2, 3), (3, 1002)):
+        end_root_execution(su, instance, ended, generation)
     rows = executions(su, instance)
     assert [(r[0], r[1]) for r in rows] == [(1002, "Running"), (3, "ContinuedAsNew")]
     assert executions(su, instance, 10_000)[-1][0] == 3
@@ -897,6 +1102,12 @@ def test_monitoring_shows_only_the_callers_instances(su: Conn, make_role: RoleFa
     su_own = start(su, "'SELECT 1', 'shared label'")
     # As if a root loop had iterated once: each has an ended execution in the history.
     su.execute("UPDATE df._runs SET generation = 2 WHERE instance_id IN (%s, %s)", (mine, theirs))
+    su.execute(
+        "INSERT INTO df._executions (instance_id, generation, status, started_at, finished_at,"
+        " first_event, events) SELECT id, 1, 'ContinuedAsNew', created_at, now(), 0, 0"
+        " FROM df.instances WHERE id IN (%s, %s)",
+        (mine, theirs),
+    )
     counts = (
         "(SELECT count(*) FROM df.list_instances())",
         "(SELECT count(*) FROM df.list_instances(NULL, 10, 'shared label'))",

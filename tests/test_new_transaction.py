@@ -12,11 +12,15 @@ from typing import Any
 
 import psycopg
 import pytest
+import test_attacks as attacks
 from conftest import App, ThreadWorker
 from sqlcheck import Conn, Error, outcome
+from test_attacks import TenantFactory, poll
 
 from pgdurable import schema
 from pgdurable.embedded import EmbeddedPostgres
+
+tenants = attacks.tenants  # the fixture
 
 LOCK_CLASS = 1346982470  # ASCII "PGDF"
 LOOPBACK_APP = "pg_durable:backend:new-transaction"
@@ -387,6 +391,40 @@ def test_a_cancelled_caller_cancels_the_loopback(app: App, conn: Conn) -> None:
     assert slots_held(conn, app.conn.info.backend_pid) == 0
 
 
+def _leftovers(conn: Conn) -> tuple[int, int]:
+    loopbacks = conn.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+        (LOOPBACK_APP,),
+    ).fetchone()
+    locks = conn.execute(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = %s",
+        (LOCK_CLASS,),
+    ).fetchone()
+    assert loopbacks is not None and locks is not None
+    return int(loopbacks[0]), int(locks[0])
+
+
+def test_new_transaction_leaks_no_loopback_or_slot_on_errors_and_timeouts(
+    conn: Conn, tenants: TenantFactory
+) -> None:
+    conn.execute("CREATE EXTENSION IF NOT EXISTS dblink")
+    victim, attacker = tenants(), tenants()
+    # 1. refused SET ROLE
+    attacker.error(
+        "SELECT df._start_in_new_transaction('SELECT 1', NULL, NULL, %s)", (victim.name,)
+    )
+    # 2. the caller's statement_timeout while the loopback waits for a lock the caller holds
+    with pytest.raises(psycopg.Error), attacker.conn.transaction():
+        attacker.conn.execute("LOCK TABLE df.vars IN ACCESS EXCLUSIVE MODE")
+        attacker.conn.execute("SET LOCAL statement_timeout = '300ms'")
+        attacker.conn.execute("SELECT df.start('SELECT 1', transaction_mode => 'new')")
+    # 3. a validation error on the loopback
+    attacker.error("SELECT df.start('{\"node_type\": \"NOPE\"}', transaction_mode => 'new')")
+    poll(lambda: _leftovers(conn) == (0, 0), "no loopback sessions and no slot locks", 5)
+    # and the session still works
+    assert attacker.value("SELECT df.start('SELECT 1', transaction_mode => 'new')")
+
+
 # -- identity and injection ---------------------------------------------------------------------
 
 
@@ -442,6 +480,26 @@ def test_the_definer_function_cannot_submit_as_another_role(
     assert instances(conn) == [(got, None, app.role, "pending")]
 
 
+def test_new_transaction_ignores_the_callers_temp_objects(
+    conn: Conn, tenants: TenantFactory
+) -> None:
+    conn.execute("CREATE EXTENSION IF NOT EXISTS dblink")
+    attacker = tenants()
+    attacker.conn.execute(
+        "CREATE TEMP TABLE pg_roles (rolname text, rolcanlogin boolean, rolsuper boolean)"
+    )
+    attacker.conn.execute("INSERT INTO pg_temp.pg_roles VALUES ('postgres', true, false)")
+    attacker.conn.execute(
+        "CREATE TEMP VIEW pg_extension AS SELECT 'dblink'::name AS extname,"
+        " pg_my_temp_schema() AS extnamespace"
+    )
+    error = attacker.error(
+        "SELECT df._start_in_new_transaction('SELECT 1', NULL, NULL, 'postgres')"
+    )
+    assert "may not SET ROLE" in str(error), error
+    assert conn.execute("SELECT count(*) FROM df.instances").fetchone() == (0,)
+
+
 @pytest.mark.parametrize(
     "label",
     [
@@ -463,6 +521,45 @@ def test_graph_and_label_cannot_inject_sql(app: App, conn: Conn, label: str) -> 
     ).fetchone()
     assert row == (fut,)
     assert conn.execute("SELECT to_regclass('app.x') IS NOT NULL").fetchone() == (True,)
+
+
+NASTY = [
+    "'",
+    "\\'",
+    "$$",
+    "'); SELECT 1; --",
+    "E'\\''",
+    "x' user='postgres",
+]
+
+
+@pytest.mark.parametrize("nasty", NASTY)
+def test_new_transaction_quotes_fut_label_and_database(
+    conn: Conn, tenants: TenantFactory, nasty: str
+) -> None:
+    conn.execute("CREATE EXTENSION IF NOT EXISTS dblink")
+    attacker = tenants()
+    attacker.conn.execute("SET standard_conforming_strings = off")
+    own = attacker.value(
+        "SELECT df.start(%s, %s, transaction_mode => 'new')",
+        (f"SELECT {psycopg.sql.Literal(nasty).as_string(attacker.conn)} AS v", nasty),
+    )
+    row = conn.execute(
+        "SELECT label, submitted_by::text FROM df.instances WHERE id = %s", (own,)
+    ).fetchone()
+    assert row == (nasty, attacker.name)
+    error = attacker.error(
+        "SELECT df.start('SELECT 1', NULL, %s, transaction_mode => 'new')", (nasty,)
+    )
+    assert "does not exist" in str(error)
+    # the role argument: an identifier, never SQL
+    error = attacker.error(
+        "SELECT df._start_in_new_transaction('SELECT 1', NULL, NULL, %s)", (nasty,)
+    )
+    assert "does not exist" in str(error) or "may not SET ROLE" in str(error)
+    assert conn.execute(
+        "SELECT array_agg(DISTINCT submitted_by::text) FROM df.instances"
+    ).fetchone() == ([attacker.name],)
 
 
 @pytest.mark.parametrize("prefix", ['Odd "Name" ', "it's \\ odd ", "x' password='y "])

@@ -8,12 +8,14 @@ import math
 import random
 import re
 import struct
+import time
 from collections.abc import Iterator
 from datetime import date, datetime, timedelta
 from typing import Any
 
 import psycopg
 import pytest
+from conftest import App, ThreadWorker
 
 from pgdurable.worker import results
 from pgdurable.worker.results import (
@@ -474,6 +476,27 @@ def test_json_number_beyond_float_range_fails(db: StepSession) -> None:
     for query in ("SELECT '1e400'::json", "SELECT to_jsonb(1e400 + 0.5)"):
         with pytest.raises(ResultError, match="out of range"):
             run(db, query)
+
+
+def test_a_step_returning_a_huge_jsonb_number_fails_instead_of_retrying_for_ever(
+    app: App, worker: ThreadWorker
+) -> None:
+    """worker/results.py's _finite_float raises ValueError('JSON number out of range') (its
+    comment says only json, not jsonb, can hold one: jsonb can). The ValueError escapes the
+    step as a task error: the step is retried (attempt 1, 2, ...) and the instance stays
+    'running' instead of the step failing."""
+    instance = app.start("$$SELECT jsonb_build_object('big', 1e400 + 0.5) AS j$$")
+    deadline = time.monotonic() + 20
+    status = None
+    while time.monotonic() < deadline:
+        status = app.conn.execute("SELECT df.status(%s)", (instance,)).fetchone()[0]
+        if status in ("failed", "completed"):
+            break
+        time.sleep(0.2)
+    try:
+        assert status == "failed", status
+    finally:
+        app.conn.execute("SELECT df.cancel(%s)", (instance,))
 
 
 def test_domain_over_supported_type_is_its_base_type(db: StepSession) -> None:

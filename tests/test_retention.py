@@ -15,15 +15,15 @@ from conftest import App, ThreadWorker
 from psycopg import sql as pgsql
 
 from pgdurable.cli import main as cli_main
+from pgdurable.core.model import Graph
 from pgdurable.embedded import EmbeddedPostgres
-from pgdurable.graph.model import Graph
-from pgdurable.store import Task
 from pgdurable.worker.loop import (
     RECONCILE_INTERVAL,
     Retention,
     read_reconcile_interval,
     read_retention,
 )
+from pgdurable.worker.queries import Task
 
 Conn = psycopg.Connection[tuple[object, ...]]
 TERMINAL = ("completed", "failed", "cancelled")
@@ -262,6 +262,27 @@ def test_a_held_instance_is_skipped_not_waited_for(app: App, conn: Conn, dsn: st
         assert exists(conn, first) and not exists(conn, second)
     assert purge(conn, days=0) == 1
     assert not exists(conn, first)
+
+
+def test_a_tenant_holding_its_oldest_finished_rows_stops_retention_for_everyone(
+    app: App, conn: Conn, dsn: str
+) -> None:
+    """A non-superuser may lock its own instance rows (it holds UPDATE (status, updated_at)),
+    e.g. SELECT ... FOR KEY SHARE in a transaction left open. When the whole head of the
+    oldest-first batch is held, df._purge_finished removes 0 and the worker's pass stops
+    (`if not count: break`), although later instances are past retention too."""
+    held = cancelled_instances(app, conn, 2)
+    others = cancelled_instances(app, conn, 3)
+    with psycopg.connect(app.dsn) as tenant:  # not autocommit: the transaction stays open
+        locked = tenant.execute(
+            "SELECT id FROM df.instances WHERE id = ANY(%s) FOR KEY SHARE", (held,)
+        ).fetchall()
+        assert len(locked) == 2
+        # batch 2 stands for the worker's 500 (or for 5 instances of 10,000 nodes, the node cap)
+        removed = purge(conn, days=0, keep=0, batch=2)
+        # Observed: 0 -> the worker ends its pass, every pass, for as long as the tenant wants.
+        assert removed == 2, f"purge removed {removed}; the 3 unheld finished instances stay"
+        assert not any(exists(conn, i) for i in others[:2])
 
 
 def test_only_one_session_purges_at_a_time(app: App, conn: Conn, dsn: str) -> None:

@@ -1,4 +1,4 @@
-"""Cron schedules: df.wait_for_schedule and its validator in SQL, and pgdurable.graph.cron.
+"""Cron schedules: df.wait_for_schedule and its validator in SQL, and pgdurable.core.cron.
 
 The point of CASES is that the SQL builder and the worker's Python read cron expressions the
 same way: every case runs through df._cron_error, df.wait_for_schedule and cron_error, and all
@@ -23,7 +23,7 @@ from conftest import App
 from cronsim import CronSim, CronSimError
 from sqlcheck import Conn, Error, outcome
 
-from pgdurable.graph.cron import CronError, cron_error, next_tick
+from pgdurable.core.cron import CronError, cron_error, next_tick
 
 FIELDS = "expected 5 fields (minute hour day-of-month month day-of-week), got"
 

@@ -398,7 +398,7 @@ def test_a_flood_is_buffered_and_consumed_one_by_one_in_order(app: App, conn: Co
 def test_consume_returns_json_null_and_sql_null_apart(app: App, conn: Conn) -> None:
     instance = app.start("df.wait_for_signal('n')")
     signal(app.conn, instance, "n", "null")
-    # What the worker runs (store.consume_signal): a row (data, its size) or none.
+    # What the worker runs (queries.consume_signal): a row (data, its size) or none.
     query = "SELECT data, data_bytes FROM df._consume_signal(%s, 'n', 1, 1000)"
     assert conn.execute(query, (instance,)).fetchall() == [(None, 4)]
     assert conn.execute(query, (instance,)).fetchall() == []
@@ -560,7 +560,7 @@ def test_snapshot_isolation_senders_miss_no_wait(app: App, conn: Conn, isolation
     with psycopg.connect(app.dsn) as c:
         c.execute(f"SET TRANSACTION ISOLATION LEVEL {isolation}")
         c.execute("SELECT 1")  # the snapshot
-        # A worker re-arms the leased wait (store.rearm), and a checkpoint starts another.
+        # A worker re-arms the leased wait (queries.rearm), and a checkpoint starts another.
         conn.execute(
             "UPDATE df._tasks SET lease_owner = NULL, token = NULL, visible_at = 'infinity'"
             " WHERE id = %s",

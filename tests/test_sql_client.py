@@ -14,10 +14,14 @@ import uuid
 from datetime import UTC
 
 import psycopg
+import test_attacks as attacks
 from conftest import RoleFactory, quote
 from sqlcheck import Conn, Error, check, outcome
+from test_attacks import TenantFactory
 
 import pgdurable
+
+tenants = attacks.tenants  # the fixture
 
 # -- helpers ------------------------------------------------------------------------------------
 
@@ -683,6 +687,24 @@ def test_grant_usage_to_public(su: Conn, make_role: RoleFactory) -> None:
     ]
 
 
+def test_grant_usage_to_a_role_named_Public_does_not_grant_to_everybody(
+    conn: Conn, tenants: TenantFactory
+) -> None:
+    bystander = tenants(grant=False)
+    conn.execute('CREATE ROLE "Public" LOGIN')
+    try:
+        conn.execute("SELECT df.grant_usage('Public')")
+        assert conn.execute("SELECT has_schema_privilege('Public', 'df', 'USAGE')").fetchone() == (
+            True,
+        )
+        # Only "Public" was meant; every other role must not have gained df usage.
+        assert bystander.value("SELECT has_schema_privilege('df', 'USAGE')") is False
+    finally:
+        conn.execute("SELECT df.revoke_usage('public')")
+        conn.execute('DROP OWNED BY "Public"')
+        conn.execute('DROP ROLE "Public"')
+
+
 HTTP = "df.http(text,text,text,jsonb,integer)"
 
 
@@ -803,6 +825,57 @@ def test_refresh_grants_names_the_grantor_it_cannot_act_for(
     ) in seen
     # It granted nothing in anybody's name.
     assert grants_on(su, "df._signals", "instance_id", user.name) == [(admin.name, False)]
+
+
+def test_refresh_grants_leaves_the_callers_role_as_it_was(
+    conn: Conn, tenants: TenantFactory
+) -> None:
+    tenants()  # at least one grant to renew
+    caller = f"r_{uuid.uuid4().hex[:8]}"
+    conn.execute(f"CREATE ROLE {caller} NOLOGIN")
+    conn.execute(f"GRANT EXECUTE ON FUNCTION df.refresh_grants() TO {caller}")
+    conn.execute(f"GRANT USAGE ON SCHEMA df TO {caller}")
+    try:
+        conn.execute(f"SET ROLE {caller}")
+        conn.execute("SELECT df.refresh_grants()")
+        who = conn.execute("SELECT current_user::text").fetchone()
+        conn.execute("RESET ROLE")
+        assert who == (caller,)
+    finally:
+        conn.execute("RESET ROLE")
+        conn.execute(f"DROP OWNED BY {caller}")
+        conn.execute(f"DROP ROLE {caller}")
+
+
+def test_refresh_grants_by_a_non_member_grants_nothing_in_others_names(
+    conn: Conn, tenants: TenantFactory
+) -> None:
+    admin, user, caller = tenants(grant=False), tenants(grant=False), tenants(grant=False)
+    conn.execute("SELECT df.grant_usage(%s, with_grant => true)", (admin.name,))
+    admin.conn.execute("SELECT df.grant_usage(%s)", (user.name,))
+    # pretend an upgrade added something: take a privilege away from user, keep USAGE
+    conn.execute(f"REVOKE SELECT ON df.nodes FROM {user.name} CASCADE")
+    admin.conn.execute(f"REVOKE SELECT ON df.nodes FROM {user.name}")
+    conn.execute(f"GRANT EXECUTE ON FUNCTION df.refresh_grants() TO {caller.name}")
+    conn.execute(f"GRANT USAGE ON SCHEMA df TO {caller.name}")
+    acl = "SELECT relacl::text FROM pg_class WHERE oid = 'df.nodes'::regclass"
+    before = conn.execute(acl).fetchone()
+    caller.conn.execute("SELECT df.refresh_grants()")
+    assert conn.execute(acl).fetchone() == before
+
+
+def test_refresh_grants_does_not_widen_a_plain_usage_grant(
+    conn: Conn, tenants: TenantFactory
+) -> None:
+    monitor = tenants(grant=False)
+    conn.execute(f"GRANT USAGE ON SCHEMA df TO {monitor.name} WITH GRANT OPTION")
+    conn.execute("SELECT df.refresh_grants()")
+    got = conn.execute(
+        "SELECT has_any_column_privilege(%s, 'df.instances', 'INSERT'),"
+        " has_function_privilege(%s, 'df.metrics()', 'EXECUTE')",
+        (monitor.name, monitor.name),
+    ).fetchone()
+    assert got == (False, False)
 
 
 # -- tenancy beyond row-level security ------------------------------------------------------------

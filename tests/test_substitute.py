@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pgdurable.graph.substitute import (
+from pgdurable.core.substitute import (
     MAX_EXPANDED_ROWS,
     SubstitutionError,
     substitute_raw,

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from pgdurable.graph.substitute import SubstitutionError, substitute_sql
+from pgdurable.core.substitute import SubstitutionError, substitute_sql
 
 ATTACKS = {
     "q": "x' || current_user || '",

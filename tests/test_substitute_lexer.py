@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from pglast import parser as pg
 
-from pgdurable.graph.substitute import SubstitutionError, substitute_sql
+from pgdurable.core.substitute import SubstitutionError, substitute_sql
 
 
 def rowset(value: object) -> str:

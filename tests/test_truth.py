@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pgdurable.graph.truth import condition_value, is_true, parse_result, truthy
+from pgdurable.core.truth import condition_value, is_true, parse_result, truthy
 
 HTTP = '{"status":404,"body":"","encoding":"text","headers":{},"ok":false,"duration_ms":3}'
 

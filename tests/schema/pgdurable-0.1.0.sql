@@ -306,7 +306,7 @@ ALTER TABLE df.nodes SET (autovacuum_vacuum_scale_factor = 0.05);
 ALTER TABLE df._runs SET (autovacuum_vacuum_scale_factor = 0.05);
 ALTER TABLE df._signals SET (autovacuum_vacuum_scale_factor = 0.05);
 
-INSERT INTO df._schema (release, migration, code_digest) VALUES ('0.1.0', 0, '726e5af4ceaedcdf154a394e97ba932af23105cbaf6f9c1d5b01b60d8c807207');
+INSERT INTO df._schema (release, migration, code_digest) VALUES ('0.1.0', 0, '43bd1034b79b00d8da22b36ab462e68676cc7521eed69b5adea5b53c7f5f842d');
 -- What a release removed, or changed in a way CREATE OR REPLACE cannot.
 --
 -- Every install applies the area files again; CREATE OR REPLACE keeps a function's
@@ -930,7 +930,7 @@ $$;
 -- ---------------------------------------------------------------------------------------------
 
 -- Why a RETRY/TIMEOUT node's config (its query, present) is unacceptable, or NULL. Accepts what
--- the builders produce and what the worker's loader (pgdurable.graph.model) can run: absent
+-- the builders produce and what the worker's loader (pgdurable.core.model) can run: absent
 -- backoff keys and a null retry_on are allowed, as the loader has defaults for them. Values
 -- are read from the `json` text, as the worker reads them: 3.0 is not an integer there.
 CREATE OR REPLACE FUNCTION df._wrapper_config_error(node_type text, query text) RETURNS text
@@ -1225,7 +1225,7 @@ REVOKE EXECUTE ON FUNCTION df.http_multipart(text, text, jsonb, jsonb, integer) 
 --
 -- df.wait_for_schedule(cron) builds a WAIT_SCHEDULE node; the expression is checked here, at
 -- build time, so a bad schedule never reaches df.start(). The worker computes fire times with
--- pgdurable.graph.cron, whose cron_error() accepts exactly what df._cron_error() accepts,
+-- pgdurable.core.cron, whose cron_error() accepts exactly what df._cron_error() accepts,
 -- with the same messages (tests/test_schedule.py runs one table of cases through both).
 --
 -- The dialect is standard five-field crontab: `minute hour day-of-month month day-of-week`,
@@ -1283,7 +1283,7 @@ END;
 $$;
 
 -- Why expr is not a valid cron expression (the reason only), or NULL if it is valid.
--- Keep in step with pgdurable/graph/cron.py: same checks, same order, same texts.
+-- Keep in step with pgdurable/core/cron.py: same checks, same order, same texts.
 CREATE OR REPLACE FUNCTION df._cron_error(expr text) RETURNS text
 LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE AS $$
 DECLARE
@@ -2449,7 +2449,9 @@ $$;
 --                                   fired, a signal (df._consume_signal)
 --     df._checkpoint                write the nodes' results, the new state and new tasks;
 --                                   retire the task; lease the steps that follow to this
---                                   worker; on the last, the instance's status and output
+--                                   worker; stamp when nodes started, record an execution a
+--                                   root loop ended; on the last, the instance's status,
+--                                   output and end
 --     COMMIT                        the step's effect and its record, together
 --   df.cancel → trigger instances_cancelled: the tasks go, NOTIFY pgdurable_cancel
 --   df.signal → trigger signals_sent: NOTIFY pgdurable_signals; after the commit a worker
@@ -2467,19 +2469,24 @@ $$;
 -- Lock order, everywhere: the df.instances row, then df._tasks rows. Checkpoints never wait
 -- long on a lock a tenant can hold: a tenant may lock its own df.instances rows (SELECT ...
 -- FOR UPDATE, an UPDATE or a df.cancel left open; df.signal takes no such lock). The
--- functions that write progress give up after lock_timeout (500 ms: far above
--- what checkpoints of one instance make each other wait, a few milliseconds each); the worker
--- then rolls the step back, gives its task back with a growing delay (df._tasks.deferrals)
--- and goes on with other work.
+-- functions that write progress give up after lock_timeout (500 ms: far above what
+-- checkpoints of one instance make each other wait, a few milliseconds each); the worker then
+-- rolls the step back, gives its task back with a growing delay (df._tasks.deferrals) and
+-- goes on with other work.
+--
+-- Triggers are left only where users write: df.start and df.cancel run as the user, who may
+-- not write engine tables, so the engine's part of them is done by the triggers on
+-- df.instances below; security.sql's triggers guard identities and statuses. A checkpoint
+-- does its own bookkeeping.
 --
 -- Times written here use clock_timestamp(): a step's transaction began before its statement
 -- ran, perhaps long ago, and now() would date its results (and leases) that far back.
 
 -- ---------------------------------------------------------------------------------------------
 -- df.start() inserts the instance row; this trigger creates its engine state, snapshots the
--- submitter's variables, queues the start task and wakes the workers. All of
--- it is part of the caller's transaction, so a rollback leaves nothing and NOTIFY is only
--- delivered on commit.
+-- submitter's variables, queues the start task and wakes the workers. All of it is part of
+-- the caller's transaction, so a rollback leaves nothing and NOTIFY is only delivered on
+-- commit.
 -- ---------------------------------------------------------------------------------------------
 CREATE OR REPLACE FUNCTION df._instance_created() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
@@ -2558,14 +2565,15 @@ $$;
 -- ---------------------------------------------------------------------------------------------
 -- df._checkpoint: apply one interpreter transition and retire the task that caused it.
 --
--- p_change is the transition as JSON:
---   state       the new interpreter state
---   generation  root execution number
---   writes      [{"id", "status", "result" (JSON text or null), "execution_id",
---                 "error_op" ('set' | 'append' | null), "error"}], one per node
---   tasks       [{"activation", "kind", "node_id", "payload", "run_at" (epoch s or null)}]
---   dropped     activation numbers whose tasks are abandoned (RACE losers)
---   outcome     null, or {"status": "completed"|"failed", "output": text}
+-- p_change is the transition as JSON, the contract written down in worker/change.py:
+--   state            the new interpreter state (stored as is, never read here)
+--   generation       root execution number
+--   writes           [{"id", "status", "result" (JSON text or null), "execution_id",
+--                      "error_op" ('set' | 'append' | null), "error"}], one per node
+--   tasks            [{"activation", "kind", "node_id", "payload", "run_at" (epoch s or null)}]
+--   dropped          activation numbers whose tasks are abandoned (RACE losers)
+--   outcome          null, or {"status": "completed"|"failed", "output": text}
+--   ended_execution  null, or {"generation", "output"}: a root loop began its next iteration
 -- Up to p_claim of the new SQL and HTTP tasks that can run now are leased to p_worker for
 -- p_lease_seconds and returned, so the worker goes on with them without another claim.
 --
@@ -2584,8 +2592,9 @@ DECLARE
     v_instance varchar(8);
     v_role     oid;       -- the submitter, carried from task to task
     v_outcome  jsonb := nullif(p_change -> 'outcome', 'null'::jsonb);
+    v_ended    jsonb := nullif(p_change -> 'ended_execution', 'null'::jsonb);
     v_unclaimed integer;
-    v_cancelled integer;  -- tasks withdrawn whose workers were told to cancel them
+    v_notified integer;   -- the count that makes each cancel notification run
 BEGIN
     DELETE FROM df._tasks t WHERE t.id = p_task AND t.token = p_token
     RETURNING t.instance_id, t.role_oid INTO v_instance, v_role;
@@ -2615,6 +2624,28 @@ BEGIN
                 error text)
      WHERE n.instance_id = v_instance AND n.id = w.id;
 
+    -- An execution a root loop ended goes into the history before df._runs counts this
+    -- checkpoint, which belongs to the next execution. It began when the one before it ended
+    -- (or with the instance), at that one's last checkpoint count (or 0). Only the newest
+    -- 1,000 of an instance are kept.
+    IF v_ended IS NOT NULL THEN
+        INSERT INTO df._executions (instance_id, generation, status, started_at, finished_at,
+                                    first_event, events, output)
+        SELECT v_instance, g.generation, 'ContinuedAsNew',
+               coalesce(p.finished_at, i.created_at, clock_timestamp()), clock_timestamp(),
+               coalesce(p.first_event + p.events, 0),
+               r.checkpoints - coalesce(p.first_event + p.events, 0), v_ended ->> 'output'
+          FROM (SELECT (v_ended ->> 'generation')::integer AS generation) AS g
+          JOIN df.instances i ON i.id = v_instance
+          JOIN df._runs r ON r.instance_id = v_instance
+          LEFT JOIN df._executions p
+                 ON p.instance_id = v_instance AND p.generation = g.generation - 1
+        ON CONFLICT (instance_id, generation) DO NOTHING;
+        DELETE FROM df._executions e
+         WHERE e.instance_id = v_instance
+           AND e.generation <= (p_change ->> 'generation')::integer - 1000;
+    END IF;
+
     UPDATE df._runs r
        SET state = p_change -> 'state',
            generation = coalesce((p_change ->> 'generation')::integer, r.generation),
@@ -2637,7 +2668,7 @@ BEGIN
             DELETE FROM df._tasks t WHERE t.instance_id = v_instance RETURNING t.activation
         )
         SELECT count(pg_notify('pgdurable_cancel', v_instance || ':' || g.activation))
-          INTO v_cancelled
+          INTO v_notified
           FROM gone g;
         RETURN;
     END IF;
@@ -2655,7 +2686,7 @@ BEGIN
         RETURNING t.activation
     )
     SELECT count(pg_notify('pgdurable_cancel', v_instance || ':' || d.activation))
-      INTO v_cancelled
+      INTO v_notified
       FROM dropped d;
 
     RETURN QUERY
@@ -2802,53 +2833,6 @@ END;
 $$;
 REVOKE ALL ON FUNCTION df._claim(uuid, integer, double precision, integer, oid[], integer[])
     FROM PUBLIC;
-
-
--- ---------------------------------------------------------------------------------------------
--- The executions a root loop ended.
--- ---------------------------------------------------------------------------------------------
-
--- A root loop began its next iteration: the execution that ended is recorded. It began when
--- the one before it ended (or with the instance), at that one's last checkpoint count (or 0).
--- The interpreter state (graph/interpreter.py) still holds the loop's activation,
--- whose "last" is the body result of the iteration that ended; the root loop is the one
--- iterating execution "0". Nothing here may fail a checkpoint, so a state of another shape
--- only loses that output.
-CREATE OR REPLACE FUNCTION df._execution_continued() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    v_output  text;
-BEGIN
-    IF jsonb_typeof(NEW.state -> 'acts') = 'object' THEN
-        SELECT a.value ->> 'last' INTO v_output
-          FROM jsonb_each(NEW.state -> 'acts') AS a
-         WHERE jsonb_typeof(a.value) = 'object' AND a.value ->> 'loop_exec' = '0'
-         LIMIT 1;
-    END IF;
-    INSERT INTO df._executions (instance_id, generation, status, started_at, finished_at,
-                                first_event, events, output)
-    SELECT NEW.instance_id, OLD.generation, 'ContinuedAsNew',
-           coalesce(p.finished_at, i.created_at, clock_timestamp()), clock_timestamp(),
-           coalesce(p.first_event + p.events, 0),
-           OLD.checkpoints - coalesce(p.first_event + p.events, 0), v_output
-      FROM df.instances i
-      LEFT JOIN df._executions p
-             ON p.instance_id = NEW.instance_id AND p.generation = OLD.generation - 1
-     WHERE i.id = NEW.instance_id
-    ON CONFLICT (instance_id, generation) DO NOTHING;
-    DELETE FROM df._executions e
-     WHERE e.instance_id = NEW.instance_id AND e.generation <= NEW.generation - 1000;
-    RETURN NULL;
-END;
-$$;
-
--- Every checkpoint sets generation; the WHEN clause keeps the trigger to real changes, so an
--- ordinary checkpoint queues nothing.
-CREATE OR REPLACE TRIGGER runs_execution_continued AFTER UPDATE OF generation ON df._runs
-    FOR EACH ROW WHEN (NEW.generation IS DISTINCT FROM OLD.generation)
-    EXECUTE FUNCTION df._execution_continued();
-
-REVOKE ALL ON FUNCTION df._execution_continued() FROM PUBLIC;
 
 -- The client functions: control of instances, variables, listing, and the installation.
 --
@@ -3203,7 +3187,7 @@ $$;
 --
 -- 1. Each stamped node has a scope and a generation: status_details is
 --    {"execution_id": "<scope>::<generation>"} (written by the interpreter,
---    src/pgdurable/graph/interpreter.py). scope_max[scope] is the highest generation stamped
+--    src/pgdurable/core/interpreter.py). scope_max[scope] is the highest generation stamped
 --    in a scope.
 -- 2. A node is superseded if its generation is below scope_max of its scope, or if its scope
 --    (a JOIN/RACE branch or nested loop, "<parent scope>::<parent generation>::<child root>")

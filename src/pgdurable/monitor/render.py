@@ -12,7 +12,7 @@ from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
 
-from ..graph.model import GraphError, Node, node_from_row
+from ..core.model import GraphError, Node, node_from_row
 
 Row = Mapping[str, Any]
 

@@ -435,7 +435,7 @@ $$;
 -- ---------------------------------------------------------------------------------------------
 
 -- Why a RETRY/TIMEOUT node's config (its query, present) is unacceptable, or NULL. Accepts what
--- the builders produce and what the worker's loader (pgdurable.graph.model) can run: absent
+-- the builders produce and what the worker's loader (pgdurable.core.model) can run: absent
 -- backoff keys and a null retry_on are allowed, as the loader has defaults for them. Values
 -- are read from the `json` text, as the worker reads them: 3.0 is not an integer there.
 CREATE OR REPLACE FUNCTION df._wrapper_config_error(node_type text, query text) RETURNS text

@@ -16,7 +16,7 @@
 --
 -- 1. Each stamped node has a scope and a generation: status_details is
 --    {"execution_id": "<scope>::<generation>"} (written by the interpreter,
---    src/pgdurable/graph/interpreter.py). scope_max[scope] is the highest generation stamped
+--    src/pgdurable/core/interpreter.py). scope_max[scope] is the highest generation stamped
 --    in a scope.
 -- 2. A node is superseded if its generation is below scope_max of its scope, or if its scope
 --    (a JOIN/RACE branch or nested loop, "<parent scope>::<parent generation>::<child root>")

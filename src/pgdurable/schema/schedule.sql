@@ -2,7 +2,7 @@
 --
 -- df.wait_for_schedule(cron) builds a WAIT_SCHEDULE node; the expression is checked here, at
 -- build time, so a bad schedule never reaches df.start(). The worker computes fire times with
--- pgdurable.graph.cron, whose cron_error() accepts exactly what df._cron_error() accepts,
+-- pgdurable.core.cron, whose cron_error() accepts exactly what df._cron_error() accepts,
 -- with the same messages (tests/test_schedule.py runs one table of cases through both).
 --
 -- The dialect is standard five-field crontab: `minute hour day-of-month month day-of-week`,
@@ -60,7 +60,7 @@ END;
 $$;
 
 -- Why expr is not a valid cron expression (the reason only), or NULL if it is valid.
--- Keep in step with pgdurable/graph/cron.py: same checks, same order, same texts.
+-- Keep in step with pgdurable/core/cron.py: same checks, same order, same texts.
 CREATE OR REPLACE FUNCTION df._cron_error(expr text) RETURNS text
 LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE AS $$
 DECLARE

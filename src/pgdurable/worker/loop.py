@@ -25,10 +25,11 @@ import psycopg
 from psycopg import AsyncConnection
 from psycopg.conninfo import conninfo_to_dict
 
-from .. import schema, store
-from ..store import AsyncConn, Task
+from .. import schema
+from . import queries
 from .connections import Connections, is_transient
 from .egress import EgressPolicy
+from .queries import AsyncConn, Task
 from .results import MAX_RESULT_BYTES_SETTING, parse_size
 from .steps import CheckpointBusy, StepRunner, StepSettings
 
@@ -124,8 +125,8 @@ def _count_setting(text: str | None, name: str, default: int, maximum: int) -> i
 async def read_retention(conn: AsyncConn) -> Retention:
     """``pg_durable.retention_days`` and ``pg_durable.retention_max_instances`` as the worker's
     own session sees them (server configuration, never a user's SET)."""
-    days = await store.setting(conn, "pg_durable.retention_days")
-    cap = await store.setting(conn, "pg_durable.retention_max_instances")
+    days = await queries.setting(conn, "pg_durable.retention_days")
+    cap = await queries.setting(conn, "pg_durable.retention_max_instances")
     return Retention(
         days=_count_setting(days, "pg_durable.retention_days", RETENTION_DAYS, 36500),
         max_instances=_count_setting(
@@ -136,7 +137,7 @@ async def read_retention(conn: AsyncConn) -> Retention:
 
 async def read_reconcile_interval(conn: AsyncConn) -> float:
     """``pg_durable.reconcile_interval`` in seconds ('300', '300s', '5min'); 0 disables."""
-    text = await store.setting(conn, "pg_durable.reconcile_interval")
+    text = await queries.setting(conn, "pg_durable.reconcile_interval")
     seconds = parse_interval(text, RECONCILE_INTERVAL, unit="s")
     if seconds > 86400:
         log.warning("ignoring pg_durable.reconcile_interval = %r (want 0 to 86400 s)", text)
@@ -237,7 +238,7 @@ class Worker:
         await self.conns.open()
         self._runner = StepRunner(self.conns, settings)
         async with self.conns.worker.connection() as conn:
-            await store.register_worker(conn, self.id, self.config.concurrency)
+            await queries.register_worker(conn, self.id, self.config.concurrency)
         log.info(
             "worker %s ready: concurrency %d, poll every %.0f ms",
             self.id,
@@ -253,14 +254,15 @@ class Worker:
 
     async def _read_settings(self, conn: AsyncConnection[tuple[object, ...]]) -> StepSettings:
         # Read from the worker's own session: server configuration, never a user's SET.
-        superuser = await store.setting(conn, "pg_durable.enable_superuser_instances")
+        superuser = await queries.setting(conn, "pg_durable.enable_superuser_instances")
         if self.config.poll_interval is None:
             self.poll_interval = parse_interval(
-                await store.setting(conn, "pg_durable.poll_interval"), 0.1
+                await queries.setting(conn, "pg_durable.poll_interval"), 0.1
             )
-        max_bytes = parse_size(await store.setting(conn, MAX_RESULT_BYTES_SETTING))
+        max_bytes = parse_size(await queries.setting(conn, MAX_RESULT_BYTES_SETTING))
         max_state = parse_size(
-            await store.setting(conn, store.MAX_STATE_BYTES_SETTING), store.DEFAULT_MAX_STATE_BYTES
+            await queries.setting(conn, queries.MAX_STATE_BYTES_SETTING),
+            queries.DEFAULT_MAX_STATE_BYTES,
         )
         return StepSettings(
             worker_id=self.id,
@@ -303,7 +305,7 @@ class Worker:
         self._waiting_checked = time.monotonic()
         try:
             async with self.conns.worker.connection(timeout=POOL_TIMEOUT) as conn:
-                self._waiting = await store.waiting_roles(conn)
+                self._waiting = await queries.waiting_roles(conn)
         except Exception as exc:  # the claim loop's own error handling reports outages
             log.debug("could not read waiting roles: %s", _first_line(exc))
 
@@ -318,7 +320,7 @@ class Worker:
                     # A short pool timeout keeps the loop responsive to stop requests while
                     # the server is down.
                     async with self.conns.worker.connection(timeout=POOL_TIMEOUT) as conn:
-                        tasks = await store.claim(
+                        tasks = await queries.claim(
                             conn,
                             self.id,
                             free,
@@ -434,7 +436,7 @@ class Worker:
         )
         try:
             async with self.conns.worker.connection(timeout=POOL_TIMEOUT) as conn:
-                await store.defer(conn, task)
+                await queries.defer(conn, task)
         except Exception as exc:  # its lease runs out instead
             log.warning("could not defer task %s: %s", task.id, _first_line(exc))
 
@@ -477,18 +479,18 @@ class Worker:
                 async with await AsyncConnection.connect(
                     self.config.dsn, autocommit=True, connect_timeout=10
                 ) as conn:
-                    await conn.execute(f"LISTEN {store.TASKS_CHANNEL}")
-                    await conn.execute(f"LISTEN {store.CANCEL_CHANNEL}")
-                    await conn.execute(f"LISTEN {store.SIGNALS_CHANNEL}")
+                    await conn.execute(f"LISTEN {queries.TASKS_CHANNEL}")
+                    await conn.execute(f"LISTEN {queries.CANCEL_CHANNEL}")
+                    await conn.execute(f"LISTEN {queries.SIGNALS_CHANNEL}")
                     delay = 0.5
                     # Work, and signals, may have arrived while we were not listening.
                     self._wake.set()
                     self._sweep_at = 0.0
                     self._signals_event.set()
                     async for notice in conn.notifies():
-                        if notice.channel == store.CANCEL_CHANNEL:
+                        if notice.channel == queries.CANCEL_CHANNEL:
                             self._cancel(notice.payload)
-                        elif notice.channel == store.SIGNALS_CHANNEL:
+                        elif notice.channel == queries.SIGNALS_CHANNEL:
                             self._signal_committed(notice.payload)
                         else:
                             self._wake.set()
@@ -546,9 +548,9 @@ class Worker:
                 async with self.conns.worker.connection(timeout=POOL_TIMEOUT) as conn:
                     locked: set[str] = set()
                     if batch:
-                        locked = set(await store.wake_signal_waits(conn, sorted(batch)))
+                        locked = set(await queries.wake_signal_waits(conn, sorted(batch)))
                     if sweep:
-                        locked |= set(await store.wake_signal_waits(conn, None))
+                        locked |= set(await queries.wake_signal_waits(conn, None))
             except Exception as exc:  # a database outage: the same again, in a moment
                 log.warning("waking signal waits failed: %s", _first_line(exc))
                 self._signalled |= batch
@@ -575,7 +577,7 @@ class Worker:
             await asyncio.sleep(interval)
             try:
                 async with self.conns.worker.connection(timeout=POOL_TIMEOUT) as conn:
-                    await store.heartbeat(
+                    await queries.heartbeat(
                         conn, self.id, list(self._inflight), self.config.lease_seconds
                     )
             except Exception as exc:
@@ -625,7 +627,7 @@ class Worker:
         while not self._stopping.is_set() and time.monotonic() < deadline:
             # A connection per batch: a long pass does not hold one the claim loop needs.
             async with self.conns.worker.connection(timeout=POOL_TIMEOUT) as conn:
-                count = await store.purge_finished(
+                count = await queries.purge_finished(
                     conn, retention.days, retention.max_instances, self.config.purge_batch_size
                 )
             if not count:  # nothing left (0), or another worker is purging (None)
@@ -652,7 +654,7 @@ class Worker:
                 await running
         try:
             async with self.conns.worker.connection(timeout=5) as conn:
-                await store.release(conn, self.id)
+                await queries.release(conn, self.id)
         except Exception as exc:
             log.warning("could not release leases (%s); they expire by themselves", exc)
 

@@ -34,7 +34,7 @@ from psycopg.pq import Format
 from psycopg.types.bool import BoolBinaryLoader
 from psycopg.types.numeric import Int2BinaryLoader, Int4BinaryLoader, Int8BinaryLoader
 
-from ..graph.interpreter import DEFAULT_MAX_BYTES
+from ..core.interpreter import DEFAULT_MAX_BYTES
 
 __all__ = [
     "DEFAULT_MAX_RESULT_BYTES",

@@ -78,9 +78,9 @@ async def run_statement(
     max_bytes: int,
     before: Sequence[Query] = (),
     after: Query | None = None,
-) -> tuple[str, list[tuple[Any, ...]]]:
+) -> tuple[str, list[dict[str, Any]]]:
     """Run ``before``, ``statement`` and ``after`` in one pipeline; return the statement's
-    result JSON and the rows of ``after`` (an empty list without ``after``).
+    result JSON and the rows of ``after`` as dicts by column name (none without ``after``).
 
     Raises the first server error (``psycopg.Error``; the connection is usable, its
     transaction aborted), a :class:`~pgdurable.worker.results.ResultError` for a result
@@ -107,7 +107,7 @@ async def _pipeline(
     max_bytes: int,
     before: Sequence[Query],
     after: Query | None,
-) -> tuple[str, list[tuple[Any, ...]]]:
+) -> tuple[str, list[dict[str, Any]]]:
     if conn.closed:
         raise e.OperationalError("the connection is closed")
     pgconn = conn.pgconn
@@ -132,7 +132,7 @@ async def _pipeline(
             else:
                 pgconn.set_single_row_mode()
         result, rejected, error = await _read_statement(conn, max_bytes, error)
-        rows: list[tuple[Any, ...]] = []
+        rows: list[dict[str, Any]] = []
         if after is not None:
             for res in await _results(conn):
                 if res.status == ExecStatus.FATAL_ERROR:
@@ -140,7 +140,11 @@ async def _pipeline(
                 elif res.status == ExecStatus.TUPLES_OK and error is None:
                     loader = Transformer(conn)
                     loader.set_pgresult(res)
-                    rows = loader.load_rows(0, res.ntuples, tuple)
+                    names = [(res.fname(i) or b"").decode() for i in range(res.nfields)]
+                    rows = [
+                        dict(zip(names, row, strict=True))
+                        for row in loader.load_rows(0, res.ntuples, tuple)
+                    ]
         sync = await conn.wait(generators.fetch(pgconn))
         if sync is None or sync.status != ExecStatus.PIPELINE_SYNC:
             raise e.InternalError("pipeline out of step: no Sync where one was expected")

@@ -27,16 +27,16 @@ from datetime import datetime
 from typing import Any, TypedDict
 
 import psycopg
+from psycopg.rows import dict_row
 
-from .. import store
-from ..graph import interpreter
-from ..graph.interpreter import Transition
-from ..graph.model import Graph, GraphError
-from ..graph.state import InstanceState
-from ..store import AsyncConn, Checkpoint, Task
-from . import http
+from ..core import interpreter
+from ..core.interpreter import Transition
+from ..core.model import Graph, GraphError
+from ..core.state import InstanceState
+from . import http, queries
 from .connections import RESET_SESSION, Connections, is_transient
 from .egress import EgressPolicy
+from .queries import AsyncConn, Checkpoint, Task
 from .results import DEFAULT_MAX_RESULT_BYTES, MAX_RESULT_BYTES_SETTING, ResultError
 from .statement import Query, run_statement
 
@@ -87,7 +87,7 @@ class CheckpointBusy(Exception):
     step was rolled back; the worker gives the task back to the queue for a later try."""
 
 
-# The engine's functions that take locks with a lock_timeout (migration 0017), as the error
+# The engine's functions that take locks with a lock_timeout (schema/engine.sql), as the error
 # context names them: schema-qualified, since they run with a search_path without df.
 _CHECKPOINT_FUNCTIONS = (
     "PL/pgSQL function df._checkpoint_begin(",
@@ -131,7 +131,7 @@ class StepSettings:
     allow_superuser: bool
     single_role: bool
     egress: EgressPolicy = field(default_factory=EgressPolicy)
-    max_state_bytes: int = store.DEFAULT_MAX_STATE_BYTES  # pg_durable.max_state_bytes
+    max_state_bytes: int = queries.DEFAULT_MAX_STATE_BYTES  # pg_durable.max_state_bytes
     max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES  # pg_durable.max_result_bytes
 
 
@@ -275,17 +275,17 @@ class StepRunner:
             deadline = (task.payload or {}).get("deadline")
             if deadline is not None:
                 limit = float(deadline) + _DEADLINE_GRACE_SECONDS
-                before.append(Query(store.LIMIT_STATEMENT, (limit,)))
+                before.append(Query(queries.LIMIT_STATEMENT, (limit,)))
             after = None
             if checkpoint:
-                after = Query(store.CHECKPOINT_BEGIN, store.checkpoint_begin_params(task))
+                after = Query(queries.CHECKPOINT_BEGIN, queries.checkpoint_begin_params(task))
             # One round trip; the result is read as it arrives, up to the size limit.
             result, rows = await run_statement(
                 conn, statement, self.settings.max_result_bytes, before, after
             )
             if not checkpoint:
                 return result, None
-            return result, store.checkpoint_from_row(rows[0] if rows else None)
+            return result, queries.checkpoint_from_row(rows[0] if rows else None)
         finally:
             if self._statements.get(task.id) is running:
                 del self._statements[task.id]
@@ -312,7 +312,7 @@ class StepRunner:
         candidates += [r.task for r in self._statements.values() if wanted(r.task)]
         if not candidates:
             return 0
-        held = await store.tasks_still_held(self.conns.worker, candidates)
+        held = await queries.tasks_still_held(self.conns.worker, candidates)
         count = 0
         for request_task, request in list(self._requests.values()):
             if wanted(request_task) and request_task.id not in held:
@@ -391,7 +391,7 @@ class StepRunner:
             return await self._advance(task, succeeded, claim_limit)
         await conn.execute("BEGIN ISOLATION LEVEL READ COMMITTED")
         try:
-            cp = await store.checkpoint_begin(conn, task)
+            cp = await queries.checkpoint_begin(conn, task)
         except psycopg.Error as exc:
             if is_transient(exc):
                 raise
@@ -433,13 +433,13 @@ class StepRunner:
         )
         try:
             params = self._checkpoint_params(task, transition, claim_limit())
-        except store.StateTooLarge as exc:
+        except queries.StateTooLarge as exc:
             await conn.execute("ROLLBACK")  # the step does not take effect
             return await self._fail_instance(task, str(exc), claim_limit), False
         try:
             async with conn.pipeline() as pipeline:
-                checkpoint = conn.cursor()
-                await checkpoint.execute(store.CHECKPOINT, params)
+                checkpoint = conn.cursor(row_factory=dict_row)
+                await checkpoint.execute(queries.CHECKPOINT, params)
                 for statement in RESET_SESSION:
                     await conn.execute(statement)
                 await conn.execute("COMMIT")
@@ -454,7 +454,7 @@ class StepRunner:
                 raise CheckpointBusy(_message(exc)) from None
             # Else the user's own error at COMMIT (a deferred constraint or trigger).
             return await self.fail(task, _sql_error(exc), claim_limit, exc.sqlstate), False
-        return store.followups(rows, task), True
+        return queries.followups(rows, task), True
 
     async def _commit_elsewhere(
         self,
@@ -476,14 +476,14 @@ class StepRunner:
         """
         cp: Checkpoint | None = None
         commit_error: psycopg.Error | None = None
-        too_large: store.StateTooLarge | None = None
+        too_large: queries.StateTooLarge | None = None
         followups: list[Task] = []
         async with (
             self.conns.worker.connection() as own,
             _busy_on_lock_timeout(),
             own.transaction(),
         ):
-            cp = await store.checkpoint_begin(own, task)
+            cp = await queries.checkpoint_begin(own, task)
             if cp is None or not cp.role_exists:
                 await conn.execute("ROLLBACK")
                 raise psycopg.Rollback()
@@ -492,7 +492,7 @@ class StepRunner:
             )
             try:
                 followups = await self._write(own, task, transition, claim_limit())
-            except store.StateTooLarge as exc:
+            except queries.StateTooLarge as exc:
                 await conn.execute("ROLLBACK")
                 too_large = exc
                 raise psycopg.Rollback() from None
@@ -618,7 +618,7 @@ class StepRunner:
                 return Transition(next_state=_state(cp))  # a stale wait: just retire its task
             name = str(payload.get("signal_name"))
             limit = self.settings.max_result_bytes
-            signal = await store.consume_signal(conn, task, name, limit)
+            signal = await queries.consume_signal(conn, task, name, limit)
             if signal is not None and signal.too_large:  # its data never left the server
                 error = (
                     f"Signal '{name}' data too large: {signal.size} bytes, more than {limit}"
@@ -662,7 +662,7 @@ class StepRunner:
             _busy_on_lock_timeout(),
             conn.transaction(),
         ):
-            cp = await store.checkpoint_begin(conn, task)
+            cp = await queries.checkpoint_begin(conn, task)
             if cp is None:
                 return []
             if decide is None:
@@ -671,22 +671,22 @@ class StepRunner:
                 graph = await self._graph(task, conn)
                 decided = await decide(conn, graph, cp)
                 if decided is None:
-                    await store.rearm(conn, task)
+                    await queries.rearm(conn, task)
                     return []
                 transition = decided
             try:
                 return await self._write(conn, task, transition, claim_limit())
-            except store.StateTooLarge as exc:
+            except queries.StateTooLarge as exc:
                 # The state last written fitted; if the limit was lowered since, none is kept.
                 for state in (cp.state, None):
                     failed = interpreter.fail_instance(state, f"Instance {task.instance_id}: {exc}")
-                    with contextlib.suppress(store.StateTooLarge):
+                    with contextlib.suppress(queries.StateTooLarge):
                         return await self._write(conn, task, failed, 0)
                 raise
 
     def _checkpoint_params(self, task: Task, transition: Transition, claim: int) -> tuple[Any, ...]:
-        """store.checkpoint_params with this worker's id, lease and state limit."""
-        return store.checkpoint_params(
+        """queries.checkpoint_params with this worker's id, lease and state limit."""
+        return queries.checkpoint_params(
             task,
             transition,
             self.settings.worker_id,
@@ -699,8 +699,10 @@ class StepRunner:
         self, conn: AsyncConn, task: Task, transition: Transition, claim: int
     ) -> list[Task]:
         """Checkpoint ``transition`` on ``conn``, leasing up to ``claim`` follow-ups to us
-        (raises store.StateTooLarge)."""
-        return await store.checkpoint(conn, task, self._checkpoint_params(task, transition, claim))
+        (raises queries.StateTooLarge)."""
+        return await queries.checkpoint(
+            conn, task, self._checkpoint_params(task, transition, claim)
+        )
 
     async def _fail_instance(
         self, task: Task, error: str, claim_limit: Callable[[], int]
@@ -716,7 +718,7 @@ class StepRunner:
         """Load and admit the instance's graph (its submitter must still exist, and may be a
         superuser only if allowed), then activate its root."""
         try:
-            graph, facts = await store.load_graph(
+            graph, facts = await queries.load_graph(
                 conn, task.instance_id, self.settings.max_state_bytes
             )
         except (GraphError, LookupError) as exc:
@@ -725,7 +727,7 @@ class StepRunner:
             return interpreter.fail_instance(
                 cp.state,
                 f"Instance {task.instance_id}: its variables (df.vars) are larger than "
-                f"{self.settings.max_state_bytes} bytes ({store.MAX_STATE_BYTES_SETTING})",
+                f"{self.settings.max_state_bytes} bytes ({queries.MAX_STATE_BYTES_SETTING})",
             )
         if not facts["role_exists"]:
             return interpreter.fail_instance(
@@ -764,11 +766,11 @@ class StepRunner:
             return graph
         if conn is None:
             async with self.conns.worker.connection() as own:
-                graph, facts = await store.load_graph(
+                graph, facts = await queries.load_graph(
                     own, task.instance_id, self.settings.max_state_bytes
                 )
         else:
-            graph, facts = await store.load_graph(
+            graph, facts = await queries.load_graph(
                 conn, task.instance_id, self.settings.max_state_bytes
             )
         # Under the creation time just read: if the task's instance was purged and its id taken

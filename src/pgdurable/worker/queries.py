@@ -1,18 +1,18 @@
-"""Every query the worker runs, in one place.
+"""The worker's queries: claims, checkpoints, leases, signals, graphs, retention.
 
 The worker's own connection (the schema owner) claims tasks, heartbeats and loads graphs.
-Checkpoints go through ``df._checkpoint_begin`` / ``df._checkpoint`` (migration 0005), which
-work on any connection that holds a task's token — the worker's, or a step's connection
-logged in as the submitting role.
+Checkpoints go through ``df._checkpoint_begin`` / ``df._checkpoint`` (schema/engine.sql),
+which work on any connection that holds a task's token — the worker's, or a step's
+connection logged in as the submitting role. What a checkpoint writes is change.py's.
+Rows are read by column name.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -23,9 +23,10 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from .. import __version__
-from ..graph.interpreter import NodeWrite, Transition
-from ..graph.model import Graph, GraphError, graph_from_rows
-from ..graph.state import InstanceState, from_json
+from ..core.interpreter import Transition
+from ..core.model import Graph, GraphError, graph_from_rows
+from ..core.state import InstanceState, from_json
+from .change import change_of
 
 TASKS_CHANNEL = "pgdurable_tasks"
 CANCEL_CHANNEL = "pgdurable_cancel"
@@ -68,7 +69,7 @@ class Checkpoint:
     role_exists: bool
 
 
-# The fair claim is df._claim (migration 0017): a plpgsql function, so that its plan is made
+# The fair claim is df._claim (schema/engine.sql): a plpgsql function, so that its plan is made
 # once per session rather than at every call (PostgreSQL re-plans this query for each set of
 # parameter values otherwise, which cost more than running it).
 _CLAIM = """
@@ -152,17 +153,23 @@ def checkpoint_begin_params(task: Task) -> tuple[Any, ...]:
     return (task.id, task.token)
 
 
-def checkpoint_from_row(row: tuple[Any, ...] | None) -> Checkpoint | None:
+def checkpoint_from_row(row: Mapping[str, Any] | None) -> Checkpoint | None:
     """CHECKPOINT_BEGIN's answer; None means the task is no longer ours (roll back then)."""
     if row is None:
         return None
-    status, state, variables, now, role_exists = row
-    return Checkpoint(status, from_json(state), variables or {}, now, role_exists)
+    return Checkpoint(
+        row["instance_status"],
+        from_json(row["state"]),
+        row["vars"] or {},
+        row["now"],
+        row["role_exists"],
+    )
 
 
 async def checkpoint_begin(conn: AsyncConn, task: Task) -> Checkpoint | None:
     """Lock the task's instance; None if the task is no longer ours (roll back then)."""
-    cur = await conn.execute(CHECKPOINT_BEGIN, checkpoint_begin_params(task), prepare=False)
+    cur = conn.cursor(row_factory=dict_row)
+    await cur.execute(CHECKPOINT_BEGIN, checkpoint_begin_params(task), prepare=False)
     return checkpoint_from_row(await cur.fetchone())
 
 
@@ -176,64 +183,6 @@ async def tasks_still_held(pool: AsyncConnectionPool[Any], tasks: list[Task]) ->
             ([t.id for t in tasks], [t.token for t in tasks]),
         )
         return {row[0] for row in await cur.fetchall()}
-
-
-def change_document(transition: Transition) -> dict[str, Any]:
-    """The p_change argument of df._checkpoint for a transition."""
-    by_node: dict[str, list[NodeWrite]] = {}
-    for w in transition.writes:  # one UPDATE per node: its last write, errors folded
-        by_node.setdefault(w.node_id, []).append(w)
-    writes = []
-    for node_id, node_writes in by_node.items():
-        last = node_writes[-1]
-        error_op, error = _fold_errors(node_writes)
-        writes.append(
-            {
-                "id": node_id,
-                "status": last.status,
-                "result": last.result,
-                "execution_id": last.execution_id,
-                "error_op": error_op,
-                "error": error,
-            }
-        )
-    return {
-        "state": transition.state,
-        "generation": transition.generation,
-        "writes": writes,
-        "tasks": [
-            {
-                "activation": t.activation,
-                "kind": t.kind,
-                "node_id": t.node_id,
-                "payload": t.payload,
-                "run_at": t.run_at,
-            }
-            for t in transition.tasks
-        ],
-        "dropped": transition.dropped,
-        "outcome": (
-            {"status": transition.outcome.status, "output": transition.outcome.output}
-            if transition.outcome
-            else None
-        ),
-    }
-
-
-def _fold_errors(writes: list[NodeWrite]) -> tuple[str | None, str | None]:
-    """The net effect of a node's error changes within one transition."""
-    op: str | None = None
-    lines: list[str] = []
-    for w in writes:
-        if w.error is None:
-            continue
-        kind, text = w.error
-        if kind == "set":
-            op, lines = "set", [text] if text else []
-        else:
-            op = op or "append"
-            lines.append(text)
-    return op, "\n".join(lines) if op else None
 
 
 MAX_STATE_BYTES_SETTING = "pg_durable.max_state_bytes"
@@ -263,25 +212,24 @@ def checkpoint_params(
 ) -> tuple[Any, ...]:
     """Parameters of CHECKPOINT: write ``transition``, retire ``task``, lease follow-ups.
     Raises :class:`StateTooLarge` if the change is larger than ``max_bytes``."""
-    document = change_document(transition)
-    text = _dumps(document)  # once, here, so that its size can be checked
+    text = change_of(transition).to_json()  # once, here, so that its size can be checked
     if len(text) > max_bytes or (not text.isascii() and len(text.encode()) > max_bytes):
         raise StateTooLarge(max_bytes)
-    change = Jsonb(document, dumps=lambda _: text)
+    change = Jsonb(None, dumps=lambda _: text)
     return (task.id, task.token, change, worker, claim_limit, lease)
 
 
-def followups(rows: list[tuple[Any, ...]], previous: Task) -> list[Task]:
+def followups(rows: Sequence[Mapping[str, Any]], previous: Task) -> list[Task]:
     """CHECKPOINT's answer: the new tasks leased to us, as Task objects of the same instance."""
     return [
         Task(
-            id=r[0],
-            token=r[1],
-            kind=r[6],
-            activation=r[2],
-            node_id=r[3],
-            payload=r[4],
-            attempts=r[5],
+            id=r["task_id"],
+            token=r["token"],
+            kind=r["kind"],
+            activation=r["activation"],
+            node_id=r["node_id"],
+            payload=r["payload"],
+            attempts=r["attempts"],
             instance_id=previous.instance_id,
             role=previous.role,
             role_oid=previous.role_oid,
@@ -296,12 +244,9 @@ def followups(rows: list[tuple[Any, ...]], previous: Task) -> list[Task]:
 async def checkpoint(conn: AsyncConn, task: Task, params: tuple[Any, ...]) -> list[Task]:
     """Run CHECKPOINT with ``params`` (see :func:`checkpoint_params`); returns the follow-up
     tasks it leased."""
-    cur = await conn.execute(CHECKPOINT, params, prepare=False)
+    cur = conn.cursor(row_factory=dict_row)
+    await cur.execute(CHECKPOINT, params, prepare=False)
     return followups(await cur.fetchall(), task)
-
-
-def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
 @dataclass(frozen=True)
@@ -321,15 +266,16 @@ async def consume_signal(conn: AsyncConn, task: Task, name: str, max_bytes: int)
     signalled waits also takes, so a signal is either seen here or wakes the re-armed wait
     afterwards (signals.sql).
     """
-    cur = await conn.execute(
+    cur = conn.cursor(row_factory=dict_row)
+    await cur.execute(
         "SELECT data, data_bytes FROM df._consume_signal(%s, %s, %s, %s)",
         (task.instance_id, name, task.activation, max_bytes),
     )
     row = await cur.fetchone()
     if row is None:
         return None
-    data, size = row
-    return Signal(data, int(size), int(size) > max_bytes)
+    size = int(row["data_bytes"])
+    return Signal(row["data"], size, size > max_bytes)
 
 
 async def wake_signal_waits(conn: AsyncConn, instances: list[str] | None) -> list[str]:
@@ -400,7 +346,7 @@ async def setting(conn: AsyncConn, name: str) -> str | None:
 
 
 async def purge_finished(conn: AsyncConn, retention_days: int, keep: int, batch: int) -> int | None:
-    """Remove one batch of finished instances past retention (migration 0014), in a transaction
+    """Remove one batch of finished instances past retention (df._purge_finished), in a transaction
     of its own; how many it removed, or None if another session is purging right now."""
     cur = await conn.execute(
         "SELECT df._purge_finished(%s, %s, %s)", (retention_days, keep, batch), prepare=False

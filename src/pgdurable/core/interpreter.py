@@ -17,7 +17,7 @@ groups nodes by: the instance root and every JOIN/RACE branch and nested loop ha
 a generation bumped per loop iteration.
 
 The state types, and the rule that a transition never changes the state it is given, are in
-:mod:`pgdurable.graph.state`. What each node type does is in :data:`NODE_HANDLERS`.
+:mod:`pgdurable.core.state`. What each node type does is in :data:`NODE_HANDLERS`.
 """
 
 from __future__ import annotations
@@ -121,6 +121,16 @@ class Outcome:
     output: str
 
 
+@dataclass(frozen=True)
+class EndedExecution:
+    """A root loop began its next iteration: the root execution of ``generation`` ended, its
+    body's result ``output`` (JSON text; None for a NULL result). Monitoring keeps a history
+    of these (df._executions)."""
+
+    generation: int
+    output: str | None
+
+
 @dataclass
 class Transition:
     """Everything one event changed. ``next_state`` is the state to pass with the next event
@@ -131,6 +141,7 @@ class Transition:
     tasks: list[TaskSpec] = field(default_factory=list)
     dropped: list[int] = field(default_factory=list)  # activations whose tasks must go
     outcome: Outcome | None = None
+    ended_execution: EndedExecution | None = None
 
     @property
     def state(self) -> dict[str, Any]:
@@ -402,6 +413,7 @@ class _Run:
         self.tasks: list[TaskSpec] = []
         self.dropped: list[int] = []
         self.outcome: Outcome | None = None
+        self.ended_execution: EndedExecution | None = None
 
     # -- bookkeeping ---------------------------------------------------------------------------
 
@@ -468,7 +480,9 @@ class _Run:
         # had already asked for work; that work must never be queued.
         tasks = [t for t in self.tasks if t.activation in self.acts]
         state = InstanceState(self.next_id, self.acts, self.execs, self.envs)
-        return Transition(state, self.writes, tasks, self.dropped, self.outcome)
+        return Transition(
+            state, self.writes, tasks, self.dropped, self.outcome, self.ended_execution
+        )
 
     # -- activation ----------------------------------------------------------------------------
 
@@ -694,6 +708,10 @@ class _Run:
         if loop.iteration > 1:
             ex = self.execs[loop.loop_exec]
             self.execs[loop.loop_exec] = Execution(ex.scope, ex.gen + 1)
+            if loop.loop_exec == ROOT:
+                # Iterations are at least MIN_ITERATION_SECONDS apart: one per transition.
+                assert self.ended_execution is None
+                self.ended_execution = EndedExecution(ex.gen, loop.last)
             if loop.base_env is not None:
                 self.envs[loop.env_id] = loop.base_env
                 self._write(loop, "running", None)

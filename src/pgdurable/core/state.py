@@ -15,9 +15,8 @@ mutate a record or an environment it read from a state; mypy enforces that throu
 
 Stored form. :func:`to_json` and :func:`from_json` alone know the JSON keys. The form carries
 ``format`` (:data:`STATE_FORMAT`); a state of another format is refused rather than guessed at.
-Database code reads two keys of it (the trigger df._execution_continued, recording a root
-loop's finished iterations for monitoring, finds the root loop's activation by ``loop_exec`` =
-0 and takes its ``last``): those keep their names and meaning.
+The database stores it and never reads into it: what SQL needs to know of a transition, the
+transition says explicitly (worker/change.py).
 """
 
 from __future__ import annotations
@@ -223,7 +222,6 @@ def _activation_to_json(act: Activation) -> dict[str, Any]:
             out["kind"] = "race"
     elif isinstance(act, LoopActivation):
         out["kind"] = "loop"
-        # df._execution_continued reads these two keys (see the module docstring).
         out["loop_exec"] = act.loop_exec
         if act.last is not None:
             out["last"] = act.last
