@@ -166,3 +166,31 @@ def test_an_upgrade_that_fails_changes_nothing(
     with pytest.raises(psycopg.errors.InvalidFunctionDefinition, match="return type"):
         schema.install(conn)
     assert differences(snapshot(conn), before) == []
+
+
+def test_triggers_remain_only_where_users_write(
+    conn: psycopg.Connection[tuple[object, ...]],
+) -> None:
+    """A checkpoint does its own bookkeeping: no trigger fires on the engine's own tables, and
+    those on the users' tables guard identities and statuses or do the engine's part of
+    df.start, df.cancel and df.signal, which run as the user."""
+    found = conn.execute(
+        "SELECT tgrelid::regclass::text, array_agg(tgname::text ORDER BY tgname)"
+        " FROM pg_trigger WHERE NOT tgisinternal"
+        "  AND tgrelid::regclass::text LIKE 'df.%' GROUP BY 1 ORDER BY 1"
+    ).fetchall()
+    assert found == [
+        ("df._signals", ["signals_identity", "signals_owner", "signals_sent"]),
+        (
+            "df.instances",
+            [
+                "instances_cancelled",
+                "instances_created",
+                "instances_identity",
+                "instances_owner",
+                "instances_status",
+            ],
+        ),
+        ("df.nodes", ["nodes_identity"]),
+        ("df.vars", ["vars_identity_delete", "vars_identity_insert", "vars_identity_update"]),
+    ]
