@@ -100,7 +100,11 @@ def test_a_schema_newer_than_the_package_is_refused(
     conn.execute("UPDATE df._schema SET release = '99.0.0', code_digest = 'newer'")
     with pytest.raises(WorkerError, match=r"release 99\.0\.0, newer than this pgdurable"):
         asyncio.run(Worker(WorkerConfig(dsn=dsn)).run())
-    conn.execute("UPDATE df._schema SET migration = 9999")
+    # install never downgrades the functions of a later release...
+    with pytest.raises(schema.SchemaError, match=r"newer than this pgdurable.*upgrade pgdurable"):
+        schema.install(conn)
+    # ...nor runs over its tables.
+    conn.execute("UPDATE df._schema SET release = %s, migration = 9999", (__version__,))
     with pytest.raises(schema.SchemaError, match=r"newer than this pgdurable.*upgrade pgdurable"):
         schema.install(conn)
 

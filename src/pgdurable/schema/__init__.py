@@ -174,11 +174,7 @@ def check(have: Installed | None, database: str) -> None:
         )
     if have.migration == latest_migration() and have.code_digest == code_digest():
         return
-    newer = (have.migration, _release_key(have.release)) > (
-        latest_migration(),
-        _release_key(__version__),
-    )
-    if newer:
+    if _newer(have):
         raise SchemaError(
             f'the pgdurable schema in database "{database}" is from release {have.release},'
             f" newer than this pgdurable ({__version__}); upgrade pgdurable"
@@ -187,6 +183,12 @@ def check(have: Installed | None, database: str) -> None:
         f'the pgdurable schema in database "{database}" is from release {have.release}, older'
         f" than this pgdurable ({__version__}); run: pgdurable install --dsn <DSN>"
     )
+
+
+def _newer(have: Installed) -> bool:
+    """Whether ``have`` comes from a later release than this package."""
+    ours = (latest_migration(), _release_key(__version__))
+    return (have.migration, _release_key(have.release)) > ours
 
 
 def _release_key(release: str) -> tuple[int, ...]:
@@ -218,9 +220,10 @@ def _lock_installs(conn: psycopg.Connection[Any], timeout: float = 60) -> None:
 def install(conn: psycopg.Connection[Any]) -> list[str]:
     """Install or upgrade pgdurable's schema; returns what was applied (empty if up to date).
 
-    A fresh install runs tables.sql; an upgrade runs the missing migrations and then renews
-    the privileges of roles granted usage (df.refresh_grants). Both then apply the area files
-    if they changed. Commits any transaction open on ``conn`` and leaves it in autocommit mode.
+    A fresh install runs tables.sql, an upgrade the missing migrations; both then apply the
+    area files if they changed, and an upgrade renews the privileges of the roles granted
+    usage (df.refresh_grants). A schema of a newer release is refused, never downgraded.
+    Commits any transaction open on ``conn`` and leaves it in autocommit mode.
     """
     if not conn.autocommit:
         conn.commit()
@@ -228,7 +231,7 @@ def install(conn: psycopg.Connection[Any]) -> list[str]:
     _lock_installs(conn)
     try:
         have = installed(conn)
-        if have is not None and have.migration > latest_migration():
+        if have is not None and _newer(have):
             check(have, conn.info.dbname)  # says the schema is newer than this package
         applied: list[str] = []
         with conn.transaction():
