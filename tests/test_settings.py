@@ -36,10 +36,11 @@ TOO_MANY = re.compile(
     r"df\.list_instances: limit_count \(1000001\) exceeds "
     r"pg_durable\.list_instances_max_limit \((\d+)\); .*"
 )
-# How df._start_in_new_transaction reads the launch limits (start.sql).
+# How df._in_new_transaction reads the launch limits (start.sql): defaults and ranges are
+# df._setting_bounds'.
 LAUNCH_LIMITS = (
-    "df._int_setting('pg_durable.max_new_transaction_starts', 2, 1, 1000)",
-    "df._int_setting('pg_durable.new_transaction_start_timeout', 5, 1, 3600)",
+    "df._int_setting('pg_durable.max_new_transaction_starts')",
+    "df._int_setting('pg_durable.new_transaction_start_timeout')",
 )
 
 

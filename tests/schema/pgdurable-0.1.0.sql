@@ -306,7 +306,7 @@ ALTER TABLE df.nodes SET (autovacuum_vacuum_scale_factor = 0.05);
 ALTER TABLE df._runs SET (autovacuum_vacuum_scale_factor = 0.05);
 ALTER TABLE df._signals SET (autovacuum_vacuum_scale_factor = 0.05);
 
-INSERT INTO df._schema (release, migration, code_digest) VALUES ('0.1.0', 0, '43bd1034b79b00d8da22b36ab462e68676cc7521eed69b5adea5b53c7f5f842d');
+INSERT INTO df._schema (release, migration, code_digest) VALUES ('0.1.0', 0, 'a06f9546eb4f79801325fc275e5f7e8c7501342ee3261923e1f994f6326e8eaa');
 -- What a release removed, or changed in a way CREATE OR REPLACE cannot.
 --
 -- Every install applies the area files again; CREATE OR REPLACE keeps a function's
@@ -355,9 +355,8 @@ INSERT INTO df._schema (release, migration, code_digest) VALUES ('0.1.0', 0, '43
 -- function): pg_durable would have refused that SET. The worker reads its own settings on
 -- its own session (worker/loop.py), which only the server configuration reaches.
 
--- The limits df.set_setting stores, with the default and the range their readers apply
--- (transaction_mode => 'new', start.sql, passes the same to df._int_setting for the launch
--- limits). NULLs for any other name.
+-- The integer limits, with the default and the range df._int_setting applies to each and
+-- df.set_setting accepts. NULLs for any other name.
 CREATE OR REPLACE FUNCTION df._setting_bounds(
     setting text, OUT fallback integer, OUT lo integer, OUT hi integer)
 LANGUAGE sql IMMUTABLE AS $$
@@ -436,17 +435,17 @@ BEGIN
 END;
 $$;
 
--- An integer pg_durable.* setting, or its default when unset or outside [lo, hi].
-CREATE OR REPLACE FUNCTION df._int_setting(name text, fallback integer, lo integer, hi integer)
-RETURNS integer
+-- An integer limit of df._setting_bounds, or its default when unset or out of its range.
+CREATE OR REPLACE FUNCTION df._int_setting(name text) RETURNS integer
 LANGUAGE sql STABLE AS $$
-    SELECT coalesce(df._int_in_range(df._admin_setting(name), lo, hi), fallback);
+    SELECT coalesce(df._int_in_range(df._admin_setting(name), b.lo, b.hi), b.fallback)
+      FROM df._setting_bounds(name) AS b;
 $$;
 
 -- pg_durable.list_instances_max_limit, or its default 1000 when unset or out of range.
 CREATE OR REPLACE FUNCTION df._list_instances_max_limit() RETURNS integer
 LANGUAGE sql STABLE AS $$
-    SELECT df._int_setting('pg_durable.list_instances_max_limit', 1000, 1, 1000000);
+    SELECT df._int_setting('pg_durable.list_instances_max_limit');
 $$;
 
 -- Whether pg_durable.enable_superuser_instances is on: df.start's check (the worker checks
@@ -1549,8 +1548,8 @@ $$;
 -- Why a signal S and a checkpoint C that starts or re-arms a wait concurrently cannot miss
 -- each other. Every transaction that creates or re-arms a 'signal' task is a checkpoint
 -- transaction; it holds the instance row FOR NO KEY UPDATE (df._checkpoint_begin) from
--- before it looks for a buffered signal (df._consume_signal, or the EXISTS in df._checkpoint)
--- until its commit. This function runs only after S committed, and locks the instance row
+-- before it looks for a buffered signal (df._consume_signal, or df._signal_pending in
+-- df._checkpoint) until its commit. This function runs only after S committed, and locks the instance row
 -- FOR SHARE, which conflicts with that, before it looks for tasks to wake:
 --   * this function got the lock first: C's lock waits for our commit, so C's statements
 --     after it (READ COMMITTED: a new snapshot each) see S, and consume it or make the new
@@ -1582,10 +1581,7 @@ BEGIN
         SELECT array_agg(DISTINCT t.instance_id) INTO v_wanted
           FROM df._tasks t
          WHERE t.kind = 'signal' AND t.lease_owner IS NULL AND t.visible_at > now()
-           AND EXISTS (SELECT 1 FROM df._signals s
-                        WHERE s.instance_id = t.instance_id
-                          AND s.name = t.payload ->> 'signal_name'
-                          AND s.consumed_at IS NULL);
+           AND df._signal_pending(t.instance_id, t.payload ->> 'signal_name');
     END IF;
     SELECT array_agg(l.id) INTO v_locked
       FROM (SELECT i.id FROM df.instances i
@@ -1596,10 +1592,7 @@ BEGIN
         SELECT t.id FROM df._tasks t
          WHERE t.instance_id = ANY (v_locked)
            AND t.kind = 'signal' AND t.lease_owner IS NULL AND t.visible_at > now()
-           AND EXISTS (SELECT 1 FROM df._signals s
-                        WHERE s.instance_id = t.instance_id
-                          AND s.name = t.payload ->> 'signal_name'
-                          AND s.consumed_at IS NULL)
+           AND df._signal_pending(t.instance_id, t.payload ->> 'signal_name')
          ORDER BY t.id
            FOR UPDATE SKIP LOCKED
     )
@@ -1658,7 +1651,6 @@ RETURNS text
 LANGUAGE plpgsql VOLATILE STRICT AS $$
 DECLARE
     v_mode   text := lower(transaction_mode);
-    v_status text;
     v_data   jsonb;
 BEGIN
     IF v_mode NOT IN ('caller', 'new') THEN
@@ -1672,17 +1664,11 @@ BEGIN
         RAISE EXCEPTION 'Signal name cannot be empty' USING ERRCODE = 'invalid_parameter_value';
     END IF;
     -- Under RLS, someone else's instance looks exactly like a missing one.
-    SELECT i.status INTO v_status FROM df.instances i WHERE i.id = signal.instance_id;
-    IF NOT FOUND THEN
+    IF NOT EXISTS (SELECT 1 FROM df.instances i WHERE i.id = signal.instance_id) THEN
         RAISE EXCEPTION 'Instance not found or access denied: %', instance_id
             USING ERRCODE = 'no_data_found';
     END IF;
-    -- The trigger says so too (for a direct INSERT); here first, for either mode.
-    IF v_status IN ('completed', 'failed', 'cancelled') THEN
-        RAISE EXCEPTION 'Instance % is %: signal ''%'' was not delivered',
-            instance_id, v_status, signal_name
-            USING ERRCODE = 'object_not_in_prerequisite_state';
-    END IF;
+    -- A finished instance is refused by the trigger (in 'new' mode, on the loopback).
     IF v_mode = 'new' THEN
         -- current_user, not session_user: the effective role signals, as in caller mode.
         RETURN df._in_new_transaction('signal', ARRAY[instance_id, signal_name, signal_data],
@@ -2089,8 +2075,8 @@ DECLARE
     c_timeout_ms constant integer := 30000;
     v_login      text := session_user;
     v_can_login  boolean;
-    v_max        integer := df._int_setting('pg_durable.max_new_transaction_starts', 2, 1, 1000);
-    v_wait_s     integer := df._int_setting('pg_durable.new_transaction_start_timeout', 5, 1, 3600);
+    v_max        integer := df._int_setting('pg_durable.max_new_transaction_starts');
+    v_wait_s     integer := df._int_setting('pg_durable.new_transaction_start_timeout');
     v_deadline   timestamptz;
     v_schema     text;
     v_sockets    text[];
@@ -2709,11 +2695,7 @@ BEGIN
                     -- its deadline (or never); a worker wakes it when a signal to it commits
                     -- (df._wake_signal_waits, signals.sql).
                     WHEN n.kind = 'signal'
-                    THEN CASE WHEN EXISTS (
-                                  SELECT 1 FROM df._signals s
-                                   WHERE s.instance_id = v_instance
-                                     AND s.name = n.payload ->> 'signal_name'
-                                     AND s.consumed_at IS NULL)
+                    THEN CASE WHEN df._signal_pending(v_instance, n.payload ->> 'signal_name')
                               THEN clock_timestamp()
                               ELSE coalesce(to_timestamp(n.run_at), 'infinity') END
                     WHEN n.run_at IS NULL THEN clock_timestamp()

@@ -18,6 +18,7 @@ upgrade is one transaction, under an advisory lock so two installers never race.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import time
@@ -76,14 +77,15 @@ def _read(name: str) -> str:
     return resources.files(__package__).joinpath(name).read_text("utf-8")
 
 
-def migrations() -> list[Migration]:
+@functools.cache
+def migrations() -> tuple[Migration, ...]:
     """The table migrations shipped with this version of pgdurable, in order."""
     found = []
     for entry in resources.files(__package__).joinpath("migrations").iterdir():
         match = _MIGRATION.match(entry.name)
         if match:
             found.append(Migration(int(match.group(1)), entry.name, entry.read_text("utf-8")))
-    return sorted(found, key=lambda m: m.version)
+    return tuple(sorted(found, key=lambda m: m.version))
 
 
 def latest_migration() -> int:
@@ -92,11 +94,14 @@ def latest_migration() -> int:
     return found[-1].version if found else 0
 
 
+# Read once per process: the worker checks the digest at start, an install uses it thrice.
+@functools.cache
 def code() -> str:
     """The SQL every install applies: obsolete.sql, then the area files."""
     return "\n".join(_read(f"{name}.sql") for name in ("obsolete", *AREAS))
 
 
+@functools.cache
 def code_digest() -> str:
     """The digest of :func:`code`, recorded in df._schema by the install that applied it."""
     return hashlib.sha256(code().encode()).hexdigest()

@@ -273,11 +273,7 @@ BEGIN
                     -- its deadline (or never); a worker wakes it when a signal to it commits
                     -- (df._wake_signal_waits, signals.sql).
                     WHEN n.kind = 'signal'
-                    THEN CASE WHEN EXISTS (
-                                  SELECT 1 FROM df._signals s
-                                   WHERE s.instance_id = v_instance
-                                     AND s.name = n.payload ->> 'signal_name'
-                                     AND s.consumed_at IS NULL)
+                    THEN CASE WHEN df._signal_pending(v_instance, n.payload ->> 'signal_name')
                               THEN clock_timestamp()
                               ELSE coalesce(to_timestamp(n.run_at), 'infinity') END
                     WHEN n.run_at IS NULL THEN clock_timestamp()

@@ -35,9 +35,8 @@
 -- function): pg_durable would have refused that SET. The worker reads its own settings on
 -- its own session (worker/loop.py), which only the server configuration reaches.
 
--- The limits df.set_setting stores, with the default and the range their readers apply
--- (transaction_mode => 'new', start.sql, passes the same to df._int_setting for the launch
--- limits). NULLs for any other name.
+-- The integer limits, with the default and the range df._int_setting applies to each and
+-- df.set_setting accepts. NULLs for any other name.
 CREATE OR REPLACE FUNCTION df._setting_bounds(
     setting text, OUT fallback integer, OUT lo integer, OUT hi integer)
 LANGUAGE sql IMMUTABLE AS $$
@@ -116,17 +115,17 @@ BEGIN
 END;
 $$;
 
--- An integer pg_durable.* setting, or its default when unset or outside [lo, hi].
-CREATE OR REPLACE FUNCTION df._int_setting(name text, fallback integer, lo integer, hi integer)
-RETURNS integer
+-- An integer limit of df._setting_bounds, or its default when unset or out of its range.
+CREATE OR REPLACE FUNCTION df._int_setting(name text) RETURNS integer
 LANGUAGE sql STABLE AS $$
-    SELECT coalesce(df._int_in_range(df._admin_setting(name), lo, hi), fallback);
+    SELECT coalesce(df._int_in_range(df._admin_setting(name), b.lo, b.hi), b.fallback)
+      FROM df._setting_bounds(name) AS b;
 $$;
 
 -- pg_durable.list_instances_max_limit, or its default 1000 when unset or out of range.
 CREATE OR REPLACE FUNCTION df._list_instances_max_limit() RETURNS integer
 LANGUAGE sql STABLE AS $$
-    SELECT df._int_setting('pg_durable.list_instances_max_limit', 1000, 1, 1000000);
+    SELECT df._int_setting('pg_durable.list_instances_max_limit');
 $$;
 
 -- Whether pg_durable.enable_superuser_instances is on: df.start's check (the worker checks

@@ -138,8 +138,8 @@ $$;
 -- Why a signal S and a checkpoint C that starts or re-arms a wait concurrently cannot miss
 -- each other. Every transaction that creates or re-arms a 'signal' task is a checkpoint
 -- transaction; it holds the instance row FOR NO KEY UPDATE (df._checkpoint_begin) from
--- before it looks for a buffered signal (df._consume_signal, or the EXISTS in df._checkpoint)
--- until its commit. This function runs only after S committed, and locks the instance row
+-- before it looks for a buffered signal (df._consume_signal, or df._signal_pending in
+-- df._checkpoint) until its commit. This function runs only after S committed, and locks the instance row
 -- FOR SHARE, which conflicts with that, before it looks for tasks to wake:
 --   * this function got the lock first: C's lock waits for our commit, so C's statements
 --     after it (READ COMMITTED: a new snapshot each) see S, and consume it or make the new
@@ -171,10 +171,7 @@ BEGIN
         SELECT array_agg(DISTINCT t.instance_id) INTO v_wanted
           FROM df._tasks t
          WHERE t.kind = 'signal' AND t.lease_owner IS NULL AND t.visible_at > now()
-           AND EXISTS (SELECT 1 FROM df._signals s
-                        WHERE s.instance_id = t.instance_id
-                          AND s.name = t.payload ->> 'signal_name'
-                          AND s.consumed_at IS NULL);
+           AND df._signal_pending(t.instance_id, t.payload ->> 'signal_name');
     END IF;
     SELECT array_agg(l.id) INTO v_locked
       FROM (SELECT i.id FROM df.instances i
@@ -185,10 +182,7 @@ BEGIN
         SELECT t.id FROM df._tasks t
          WHERE t.instance_id = ANY (v_locked)
            AND t.kind = 'signal' AND t.lease_owner IS NULL AND t.visible_at > now()
-           AND EXISTS (SELECT 1 FROM df._signals s
-                        WHERE s.instance_id = t.instance_id
-                          AND s.name = t.payload ->> 'signal_name'
-                          AND s.consumed_at IS NULL)
+           AND df._signal_pending(t.instance_id, t.payload ->> 'signal_name')
          ORDER BY t.id
            FOR UPDATE SKIP LOCKED
     )
@@ -247,7 +241,6 @@ RETURNS text
 LANGUAGE plpgsql VOLATILE STRICT AS $$
 DECLARE
     v_mode   text := lower(transaction_mode);
-    v_status text;
     v_data   jsonb;
 BEGIN
     IF v_mode NOT IN ('caller', 'new') THEN
@@ -261,17 +254,11 @@ BEGIN
         RAISE EXCEPTION 'Signal name cannot be empty' USING ERRCODE = 'invalid_parameter_value';
     END IF;
     -- Under RLS, someone else's instance looks exactly like a missing one.
-    SELECT i.status INTO v_status FROM df.instances i WHERE i.id = signal.instance_id;
-    IF NOT FOUND THEN
+    IF NOT EXISTS (SELECT 1 FROM df.instances i WHERE i.id = signal.instance_id) THEN
         RAISE EXCEPTION 'Instance not found or access denied: %', instance_id
             USING ERRCODE = 'no_data_found';
     END IF;
-    -- The trigger says so too (for a direct INSERT); here first, for either mode.
-    IF v_status IN ('completed', 'failed', 'cancelled') THEN
-        RAISE EXCEPTION 'Instance % is %: signal ''%'' was not delivered',
-            instance_id, v_status, signal_name
-            USING ERRCODE = 'object_not_in_prerequisite_state';
-    END IF;
+    -- A finished instance is refused by the trigger (in 'new' mode, on the loopback).
     IF v_mode = 'new' THEN
         -- current_user, not session_user: the effective role signals, as in caller mode.
         RETURN df._in_new_transaction('signal', ARRAY[instance_id, signal_name, signal_data],

@@ -385,8 +385,8 @@ DECLARE
     c_timeout_ms constant integer := 30000;
     v_login      text := session_user;
     v_can_login  boolean;
-    v_max        integer := df._int_setting('pg_durable.max_new_transaction_starts', 2, 1, 1000);
-    v_wait_s     integer := df._int_setting('pg_durable.new_transaction_start_timeout', 5, 1, 3600);
+    v_max        integer := df._int_setting('pg_durable.max_new_transaction_starts');
+    v_wait_s     integer := df._int_setting('pg_durable.new_transaction_start_timeout');
     v_deadline   timestamptz;
     v_schema     text;
     v_sockets    text[];
