@@ -775,18 +775,25 @@ class Runner:
         self, conn: psycopg.Connection[Any], count: int
     ) -> tuple[float, list[dict[str, Any]]]:
         rows = conn.execute(
-            "SELECT s.calls, r.rolname, regexp_replace(s.query, '\\s+', ' ', 'g')"
+            "SELECT s.calls, r.rolname, regexp_replace(s.query, '\\s+', ' ', 'g'),"
+            " s.total_exec_time + s.total_plan_time, s.toplevel"
             "  FROM pg_stat_statements s JOIN pg_roles r ON r.oid = s.userid"
             "  JOIN pg_database d ON d.oid = s.dbid"
             " WHERE d.datname = %s AND s.query !~ 'pg_stat_statements|pg_current_wal_lsn'"
             "   AND NOT (s.query ~ 'FROM df.instances WHERE label' AND r.rolname = 'postgres')"
-            " ORDER BY s.calls DESC",
+            " ORDER BY s.toplevel DESC, s.calls DESC",
             (DATABASE,),
         ).fetchall()
-        total = sum(int(r[0]) for r in rows) / count
+        total = sum(int(r[0]) for r in rows if r[4]) / count
         top = [
-            {"per_workflow": round(int(r[0]) / count, 2), "role": r[1], "query": str(r[2])[:160]}
-            for r in rows[:20]
+            {
+                "per_workflow": round(int(r[0]) / count, 2),
+                "ms_per_workflow": round(float(r[3]) / count, 3),
+                "toplevel": bool(r[4]),
+                "role": r[1],
+                "query": str(r[2])[:160],
+            }
+            for r in sorted(rows, key=lambda r: -float(r[3]))[:30]
         ]
         return total, top
 
@@ -1071,6 +1078,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.statements:
         server.pg.settings["shared_preload_libraries"] = "'pg_stat_statements'"
         server.pg.settings["pg_stat_statements.track_utility"] = "on"
+        server.pg.settings["pg_stat_statements.track"] = "all"
+        server.pg.settings["pg_stat_statements.track_planning"] = "on"
     failed = True
     began = time.monotonic()
     try:

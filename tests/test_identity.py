@@ -143,6 +143,26 @@ def test_session_state_does_not_leak_between_steps(app: App, worker: ThreadWorke
     assert only_row(app, instance) == {"p": "app, public", "no_temp": True}
 
 
+def test_no_kind_of_session_state_reaches_the_next_step(app: App, worker: ThreadWorker) -> None:
+    # One step after another on the same pooled connection (sequential steps go back to the
+    # pool and out again): each leaves something behind, the last looks for all of it.
+    instance, status = app.run(
+        "'SELECT set_config(''work_mem'', ''7MB'', false)'"
+        " ~> 'LISTEN leak_channel'"
+        " ~> 'PREPARE leak_statement AS SELECT 1'"
+        " ~> 'DECLARE leak_cursor CURSOR WITH HOLD FOR SELECT 1'"
+        " ~> 'SELECT current_setting(''work_mem'') AS work_mem,"
+        " (SELECT count(*) FROM pg_listening_channels()) AS listening,"
+        " (SELECT count(*) FROM pg_prepared_statements) AS prepared,"
+        " (SELECT count(*) FROM pg_cursors WHERE left(name, 4) = ''leak'') AS cursors,"
+        " pg_backend_pid() AS pid'"
+    )
+    assert status == "completed", error_of(app, instance)
+    row = only_row(app, instance)
+    assert row.pop("pid")
+    assert row == {"work_mem": "4MB", "listening": 0, "prepared": 0, "cursors": 0}
+
+
 def test_set_role_before_start_is_respected(
     app: App, worker: ThreadWorker, conn: psycopg.Connection[tuple[object, ...]]
 ) -> None:

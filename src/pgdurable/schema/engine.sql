@@ -300,6 +300,33 @@ END;
 $$;
 
 -- ---------------------------------------------------------------------------------------------
+-- df._reset_session: what DISCARD ALL does, in one call allowed inside a transaction block, so
+-- a SQL step resets its session in the transaction that commits it rather than in one more
+-- round trip. A step may SET things, SET ROLE to a role it is a member of, create temp tables,
+-- LISTEN, PREPARE or take advisory locks; none of that may reach the next step on the same
+-- connection. Two things it cannot do: close cursors (a function may not; the worker sends
+-- CLOSE ALL beside it) and DISCARD PLANS, which is not wanted anyway: PostgreSQL would plan
+-- the checkpoint functions' statements again for every step, and no plan depends on the
+-- session once temp tables and settings are reset.
+--
+-- Run as the step's role: no SECURITY DEFINER, which SET SESSION AUTHORIZATION refuses; and no
+-- SET clause, whose value would be restored on return, undoing RESET ALL's. So every name in
+-- it is schema-qualified: the caller's search_path is whatever the step left.
+-- ---------------------------------------------------------------------------------------------
+CREATE OR REPLACE FUNCTION df._reset_session() RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    SET SESSION AUTHORIZATION DEFAULT;
+    RESET ALL;
+    UNLISTEN *;
+    PERFORM pg_catalog.pg_advisory_unlock_all();
+    DISCARD TEMP;
+    DISCARD SEQUENCES;
+    DEALLOCATE ALL;
+END;
+$$;
+
+-- ---------------------------------------------------------------------------------------------
 -- df._waiting_roles: the roles that have due tasks nobody holds (a leased task is due only
 -- once its lease ran out). The roles that have tasks are found by a loose index scan (one
 -- probe of tasks_role_visible_idx per role, none at all when nothing is due), and those with

@@ -38,22 +38,9 @@ WORKER_LOCK_TIMEOUT = "1s"
 _TRANSIENT_STATES = {"57P01", "57P02", "57P03", "53300"}
 
 
-# What DISCARD ALL does, in statements allowed inside a transaction block, so a step resets
-# its session in the transaction that commits it instead of in one more round trip. A step may
-# SET things, SET ROLE to a role it is a member of, create temp tables, LISTEN or take advisory
-# locks; none of that may reach the next step on this connection. Not DISCARD PLANS: it would
-# make PostgreSQL plan the checkpoint functions' statements again for every step, and no plan
-# can depend on the session once temp tables and settings are reset.
-RESET_SESSION = (
-    "SET SESSION AUTHORIZATION DEFAULT",
-    "RESET ALL",
-    "CLOSE ALL",
-    "UNLISTEN *",
-    "SELECT pg_advisory_unlock_all()",
-    "DISCARD TEMP",
-    "DISCARD SEQUENCES",
-    "DEALLOCATE ALL",
-)
+# What a SQL step sends after its checkpoint, in the transaction that commits it: the session
+# reset (docs/engine.md; df._reset_session says what it resets and why CLOSE ALL is apart).
+RESET_SESSION = ("SELECT df._reset_session()", "CLOSE ALL")
 
 
 def is_transient(exc: BaseException) -> bool:

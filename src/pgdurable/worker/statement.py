@@ -45,7 +45,7 @@ from .results import (
     unsupported_type,
 )
 
-__all__ = ["CHUNK_ROWS", "Query", "run_statement"]
+__all__ = ["CHUNK_ROWS", "Query", "run_queries", "run_statement"]
 
 CHUNK_ROWS = 256
 """Rows libpq gathers before handing them over: the rows held at once besides the JSON text."""
@@ -134,21 +134,8 @@ async def _pipeline(
         result, rejected, error = await _read_statement(conn, max_bytes, error)
         rows: list[dict[str, Any]] = []
         if after is not None:
-            for res in await _results(conn):
-                if res.status == ExecStatus.FATAL_ERROR:
-                    error = error or e.error_from_result(res, encoding=conn.info.encoding)
-                elif res.status == ExecStatus.TUPLES_OK and error is None:
-                    loader = Transformer(conn)
-                    loader.set_pgresult(res)
-                    names = [(res.fname(i) or b"").decode() for i in range(res.nfields)]
-                    rows = [
-                        dict(zip(names, row, strict=True))
-                        for row in loader.load_rows(0, res.ntuples, tuple)
-                    ]
-        sync = await conn.wait(generators.fetch(pgconn))
-        if sync is None or sync.status != ExecStatus.PIPELINE_SYNC:
-            raise e.InternalError("pipeline out of step: no Sync where one was expected")
-        pgconn.exit_pipeline_mode()
+            rows, error = _rows(conn, await _results(conn), error)
+        await _sync(conn)
     except BaseException:
         # Cancelled, the connection lost, or a result we cannot go on reading after: the
         # session is in an unknown state.
@@ -159,6 +146,68 @@ async def _pipeline(
     if rejected is not None:
         raise rejected
     return result, rows
+
+
+async def run_queries(
+    conn: psycopg.AsyncConnection[Any], queries: Sequence[Query]
+) -> list[list[dict[str, Any]]]:
+    """Run ``queries`` in one pipeline (one round trip); return each one's rows as dicts by
+    column name. Raises the first server error once all was read (the connection usable, its
+    transaction aborted), or anything else with the connection closed.
+
+    The same as a psycopg pipeline of cursors, for a fraction of the client's CPU: this is
+    the commit of every step.
+    """
+    async with conn.lock:
+        if conn.closed:
+            raise e.OperationalError("the connection is closed")
+        pgconn = conn.pgconn
+        pgconn.enter_pipeline_mode()
+        try:
+            for query in queries:
+                _send(conn, query)
+            pgconn.pipeline_sync()
+            await conn.wait(generators.send(pgconn))
+            error: psycopg.Error | None = None
+            results = []
+            for _ in queries:
+                rows, error = _rows(conn, await _results(conn), error)
+                results.append(rows)
+            await _sync(conn)
+        except BaseException:
+            await _close(conn)
+            raise
+    if error is not None:
+        raise error
+    return results
+
+
+def _rows(
+    conn: psycopg.AsyncConnection[Any],
+    results: Sequence[pq.abc.PGresult],
+    error: psycopg.Error | None,
+) -> tuple[list[dict[str, Any]], psycopg.Error | None]:
+    """The rows of one query's results by column name (none once an error came), and the
+    first error so far."""
+    rows: list[dict[str, Any]] = []
+    for res in results:
+        if res.status == ExecStatus.FATAL_ERROR:
+            error = error or e.error_from_result(res, encoding=conn.info.encoding)
+        elif res.status == ExecStatus.TUPLES_OK and error is None:
+            loader = Transformer(conn)
+            loader.set_pgresult(res)
+            names = [(res.fname(i) or b"").decode() for i in range(res.nfields)]
+            loaded = loader.load_rows(0, res.ntuples, tuple)
+            rows = [dict(zip(names, row, strict=True)) for row in loaded]
+    return rows, error
+
+
+async def _sync(conn: psycopg.AsyncConnection[Any]) -> None:
+    """Read the pipeline's Sync and leave pipeline mode."""
+    sync = await conn.wait(generators.fetch(conn.pgconn))
+    if sync is None or sync.status != ExecStatus.PIPELINE_SYNC:
+        raise e.InternalError("pipeline out of step: no Sync where one was expected")
+    conn.pgconn.exit_pipeline_mode()
 
 
 def _send(conn: psycopg.AsyncConnection[Any], query: Query) -> None:

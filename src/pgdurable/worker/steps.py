@@ -27,7 +27,6 @@ from datetime import datetime
 from typing import Any, TypedDict
 
 import psycopg
-from psycopg.rows import dict_row
 
 from ..core import interpreter
 from ..core.interpreter import Transition
@@ -38,7 +37,7 @@ from .connections import RESET_SESSION, Connections, is_transient
 from .egress import EgressPolicy
 from .queries import AsyncConn, Checkpoint, Task
 from .results import DEFAULT_MAX_RESULT_BYTES, MAX_RESULT_BYTES_SETTING, ResultError
-from .statement import Query, run_statement
+from .statement import Query, run_queries, run_statement
 
 log = logging.getLogger("pgdurable.worker")
 
@@ -52,6 +51,7 @@ _SERVER_BUSY = (
 )
 # SQLSTATEs of statements that cannot run inside a transaction block.
 _NEEDS_OWN_TRANSACTION = {"25001", "2D000"}
+COMMIT = Query("COMMIT")
 _GRAPH_CACHE_SIZE = 2048
 # A statement under a df.timeout gets a statement_timeout this much past the deadline: the
 # timeout's own timer cancels it first; this is the backstop if that cancel is lost.
@@ -437,14 +437,8 @@ class StepRunner:
             await conn.execute("ROLLBACK")  # the step does not take effect
             return await self._fail_instance(task, str(exc), claim_limit), False
         try:
-            async with conn.pipeline() as pipeline:
-                checkpoint = conn.cursor(row_factory=dict_row)
-                await checkpoint.execute(queries.CHECKPOINT, params)
-                for statement in RESET_SESSION:
-                    await conn.execute(statement)
-                await conn.execute("COMMIT")
-                await pipeline.sync()
-                rows = await checkpoint.fetchall()
+            commit = [Query(queries.CHECKPOINT, params), *map(Query, RESET_SESSION), COMMIT]
+            rows = (await run_queries(conn, commit))[0]
         except psycopg.Error as exc:
             if is_transient(exc):
                 raise
@@ -497,10 +491,7 @@ class StepRunner:
                 too_large = exc
                 raise psycopg.Rollback() from None
             try:
-                async with conn.pipeline():
-                    for statement in RESET_SESSION:
-                        await conn.execute(statement)
-                    await conn.execute("COMMIT")
+                await conn.execute("COMMIT")
             except psycopg.Error as exc:
                 if is_transient(exc):
                     raise  # committed or not, we cannot know: the task is retried
@@ -521,7 +512,7 @@ class StepRunner:
                 task, _sql_error(commit_error), claim_limit, commit_error.sqlstate
             )
             return failed, False
-        return followups, True
+        return followups, False  # no df._reset_session in that database: DISCARD ALL
 
     # -- HTTP steps ----------------------------------------------------------------------------
 
