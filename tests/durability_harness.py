@@ -119,7 +119,7 @@ class WorkerProcess:
         return match.group(1) if match else None
 
     def kill(self) -> None:
-        """SIGKILL: no cleanup at all, leases stay held until they expire."""
+        """SIGKILL: no cleanup at all; its leases are given back once others see its session end."""
         if self.alive():
             os.kill(self.pid, signal.SIGKILL)
         self.proc.wait(timeout=10)

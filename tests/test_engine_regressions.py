@@ -138,7 +138,7 @@ def test_a_malformed_wait_config_fails_the_instance(
 def test_worker_fails_an_instance_whose_join_config_is_malformed(
     app: App, worker: ThreadWorker
 ) -> None:
-    """queries.load_graph -> node_from_row raised TypeError (not GraphError) for a JOIN whose
+    """graph_from_rows_of -> node_from_row raised TypeError (not GraphError) for a JOIN whose
     "extra_nodes" is a number; steps._start caught only GraphError/LookupError, so the start
     task was never turned into a failed instance."""
     _write_graph(

@@ -31,7 +31,9 @@ def test_install_is_idempotent(conn: psycopg.Connection[tuple[object, ...]]) -> 
     before = snapshot(conn)
     assert schema.install(conn) == []
     assert differences(snapshot(conn), before) == []
-    assert schema.installed(conn) == schema.Installed(__version__, 0, schema.code_digest())
+    assert schema.installed(conn) == schema.Installed(
+        __version__, schema.latest_migration(), schema.code_digest()
+    )
 
 
 def test_a_fresh_install_creates_the_tables_and_the_functions(

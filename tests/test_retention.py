@@ -23,7 +23,8 @@ from pgdurable.worker.loop import (
     read_reconcile_interval,
     read_retention,
 )
-from pgdurable.worker.queries import Task
+from pgdurable.worker.queries import Task, graph_queries
+from pgdurable.worker.statement import run_queries
 
 Conn = psycopg.Connection[tuple[object, ...]]
 TERMINAL = ("completed", "failed", "cancelled")
@@ -470,9 +471,12 @@ def test_a_purged_instance_is_never_served_from_the_graph_cache(
         created_at=created[0],  # type: ignore[arg-type]
     )  # fmt: skip
 
+    assert runner._cached_graph(task) is None  # not the purged instance's
+
     async def lookup() -> Graph:
         async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as own:
-            return await runner._graph(task, own)
+            facts, nodes = await run_queries(own, graph_queries(second))
+        return runner._loaded_graph(task, facts, nodes)
 
     graph = asyncio.run(lookup())
     queries = sorted(str(n.query) for n in graph.nodes.values() if n.query)

@@ -300,6 +300,54 @@ END;
 $$;
 
 -- ---------------------------------------------------------------------------------------------
+-- df._release_dead_workers: give back at once the leases of workers whose session ended.
+--
+-- A lease is how long others leave a claimed task alone; it runs out 30 s after the last
+-- heartbeat of a worker that was killed. But a worker's death is visible sooner: its
+-- listening session holds an advisory lock (df._worker_epoch.session_lock) until it ends,
+-- which PostgreSQL sees at once when the process dies (its socket closes). Every worker calls
+-- this a few times a second: a lock it can take is a dead worker's, whose tasks become due now
+-- and whose token is voided, and its row goes once it holds nothing. A worker that only froze
+-- (SIGSTOP, a stalled VM) keeps its session, so its leases run out as before.
+--
+-- Giving a task back early never runs a step twice: a step commits only with its task's
+-- current token, and the dead worker's open transactions roll back when PostgreSQL notices
+-- their client is gone. Any role can take any advisory lock; one that takes a dead worker's
+-- makes it look alive, which only leaves its tasks to their leases.
+-- ---------------------------------------------------------------------------------------------
+CREATE OR REPLACE FUNCTION df._release_dead_workers() RETURNS integer
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_worker   uuid;
+    v_count    integer;
+    v_released integer := 0;
+BEGIN
+    FOR v_worker IN
+        SELECT w.epoch_id FROM df._worker_epoch w
+         WHERE w.session_lock IS NOT NULL
+           AND pg_try_advisory_xact_lock_shared(w.session_lock)
+    LOOP
+        -- Rows a checkpoint holds are being retired: skipped, as the heartbeat does.
+        UPDATE df._tasks t
+           SET visible_at = clock_timestamp(), lease_owner = NULL, token = NULL
+          FROM (SELECT d.id FROM df._tasks d WHERE d.lease_owner = v_worker
+                 ORDER BY d.id FOR UPDATE SKIP LOCKED) dead
+         WHERE t.id = dead.id;
+        GET DIAGNOSTICS v_count = ROW_COUNT;
+        v_released := v_released + v_count;
+        DELETE FROM df._worker_epoch w
+         WHERE w.epoch_id = v_worker
+           AND NOT EXISTS (SELECT 1 FROM df._tasks t WHERE t.lease_owner = v_worker);
+    END LOOP;
+    IF v_released > 0 THEN
+        PERFORM pg_notify('pgdurable_tasks', '');
+    END IF;
+    RETURN v_released;
+END;
+$$;
+REVOKE ALL ON FUNCTION df._release_dead_workers() FROM PUBLIC;
+
+-- ---------------------------------------------------------------------------------------------
 -- df._reset_session: what DISCARD ALL does, in one call allowed inside a transaction block, so
 -- a SQL step resets its session in the transaction that commits it rather than in one more
 -- round trip. A step may SET things, SET ROLE to a role it is a member of, create temp tables,

@@ -244,7 +244,11 @@ CREATE TABLE df._worker_epoch (
     hostname      text,
     pid           integer,
     concurrency   integer,
-    version       text
+    version       text,
+    -- The advisory lock the worker's listening session holds while it lives (NULL: none
+    -- yet, or a worker of 0.1.0). When it is free, the worker is gone and its leases are given
+    -- back at once (df._release_dead_workers) rather than when they run out.
+    session_lock  bigint
 );
 
 -- One purger at a time. Its transaction holds this row; others skip it and do nothing. A row

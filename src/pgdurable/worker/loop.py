@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import secrets
 import time
 import uuid
 from collections import Counter
@@ -59,6 +60,10 @@ PURGE_BATCH_SIZE = 500
 # signal was committed while nobody listened. An instance locked when its waits were to be
 # woken is tried again after SIGNAL_RETRY_DELAY, doubling up to the sweep interval. Beyond
 # MAX_SIGNALLED instances notified at once, one sweep does for all of them.
+# Every this often each worker gives back the tasks of workers whose session ended
+# (df._release_dead_workers): a killed worker's steps run again this soon, not when their
+# leases run out.
+REAP_INTERVAL = 0.25
 SIGNAL_SWEEP_INTERVAL = 3.0
 SIGNAL_RETRY_DELAY = 0.1
 MAX_SIGNALLED = 10_000
@@ -179,6 +184,10 @@ class Worker:
         self._signalled: set[str] = set()
         self._signals_event = asyncio.Event()
         self._sweep_at = 0.0
+        # The advisory lock the listening session holds while this worker lives; random, so
+        # that no other session holds it by chance (df._worker_epoch.session_lock).
+        self._session_lock = secrets.randbits(63)
+        self._session_lock_held = False
         self._stopping = asyncio.Event()
         # Set once the background duties must end. They are also cancelled, but a cancel that
         # lands in a pool or connection call may surface as a psycopg error, which their
@@ -200,6 +209,7 @@ class Worker:
             asyncio.create_task(self._wake_signal_waits(), name="pgdurable-signals"),
             asyncio.create_task(self._heartbeat(), name="pgdurable-heartbeat"),
             asyncio.create_task(self._prune(), name="pgdurable-prune"),
+            asyncio.create_task(self._release_dead_workers(), name="pgdurable-reaper"),
             asyncio.create_task(self._retention(), name="pgdurable-retention"),
         ]
         try:
@@ -482,6 +492,7 @@ class Worker:
                     await conn.execute(f"LISTEN {queries.TASKS_CHANNEL}")
                     await conn.execute(f"LISTEN {queries.CANCEL_CHANNEL}")
                     await conn.execute(f"LISTEN {queries.SIGNALS_CHANNEL}")
+                    await self._hold_session_lock(conn)
                     delay = 0.5
                     # Work, and signals, may have arrived while we were not listening.
                     self._wake.set()
@@ -495,9 +506,38 @@ class Worker:
                         else:
                             self._wake.set()
             except psycopg.Error as exc:
+                self._session_lock_held = False
                 log.debug("listen connection lost (%s); reconnecting", _first_line(exc))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
+
+    async def _hold_session_lock(self, conn: AsyncConn) -> None:
+        """Show others, for as long as the listening session lives, that this worker does.
+
+        Registers again first: while the session was away, others may have given this worker
+        up for dead and removed its row (and its leases: its steps in flight then find their
+        tasks gone, and are run again elsewhere)."""
+        await queries.register_worker(conn, self.id, self.config.concurrency)
+        self._session_lock_held = await queries.hold_session_lock(conn, self.id, self._session_lock)
+        if not self._session_lock_held:
+            log.warning(
+                "advisory lock %d is taken: should this worker die, its tasks wait for their"
+                " leases to run out",
+                self._session_lock,
+            )
+
+    async def _release_dead_workers(self) -> None:
+        """Give back the tasks of workers whose session ended (see REAP_INTERVAL)."""
+        while not self._closing:
+            await asyncio.sleep(REAP_INTERVAL)
+            try:
+                async with self.conns.worker.connection(timeout=POOL_TIMEOUT) as conn:
+                    released = await queries.release_dead_workers(conn)
+            except Exception as exc:  # an outage: the claim loop reports those
+                log.debug("releasing dead workers' tasks failed: %s", _first_line(exc))
+                continue
+            if released:
+                log.info("gave back %d task(s) of workers that died", released)
 
     def _cancel(self, payload: str) -> None:
         """A NOTIFY on the cancel channel: ``<instance>`` or ``<instance>:<activation>``."""
@@ -577,9 +617,12 @@ class Worker:
             await asyncio.sleep(interval)
             try:
                 async with self.conns.worker.connection(timeout=POOL_TIMEOUT) as conn:
-                    await queries.heartbeat(
+                    alive = await queries.heartbeat(
                         conn, self.id, list(self._inflight), self.config.lease_seconds
                     )
+                    if not alive:  # given up for dead while the listening session was away
+                        lock = self._session_lock if self._session_lock_held else None
+                        await queries.register_worker(conn, self.id, self.config.concurrency, lock)
             except Exception as exc:
                 log.warning("heartbeat failed: %s", _first_line(exc))
 

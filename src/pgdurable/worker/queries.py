@@ -27,6 +27,7 @@ from ..core.interpreter import Transition
 from ..core.model import Graph, GraphError, graph_from_rows
 from ..core.state import InstanceState, from_json
 from .change import change_of
+from .statement import Query
 
 TASKS_CHANNEL = "pgdurable_tasks"
 CANCEL_CHANNEL = "pgdurable_cancel"
@@ -241,14 +242,6 @@ def followups(rows: Sequence[Mapping[str, Any]], previous: Task) -> list[Task]:
     ]
 
 
-async def checkpoint(conn: AsyncConn, task: Task, params: tuple[Any, ...]) -> list[Task]:
-    """Run CHECKPOINT with ``params`` (see :func:`checkpoint_params`); returns the follow-up
-    tasks it leased."""
-    cur = conn.cursor(row_factory=dict_row)
-    await cur.execute(CHECKPOINT, params, prepare=False)
-    return followups(await cur.fetchall(), task)
-
-
 @dataclass(frozen=True)
 class Signal:
     """A signal a wait consumed: its data, unless it was bigger than the wait could take."""
@@ -299,43 +292,58 @@ async def rearm(conn: AsyncConn, task: Task) -> None:
     )
 
 
-async def load_graph(
-    conn: AsyncConn, instance_id: str, max_bytes: int = DEFAULT_MAX_STATE_BYTES
+def graph_queries(instance_id: str, max_bytes: int = DEFAULT_MAX_STATE_BYTES) -> list[Query]:
+    """The two queries that read an instance's graph, to send in one pipeline: its facts, and
+    its nodes (none when their texts are larger than ``max_bytes``, so that a huge graph is
+    refused before it is read). :func:`graph_from_rows_of` makes the graph of their rows."""
+    return [
+        Query(
+            """
+            SELECT i.root_node, i.label, i.created_at,
+                   coalesce(r.rolname, i.submitted_by::text) AS role,
+                   r.oid IS NOT NULL AS role_exists, coalesce(r.rolsuper, false) AS superuser,
+                   (SELECT coalesce(sum(coalesce(octet_length(n.query), 0)
+                                       + coalesce(octet_length(n.result_name), 0)), 0)
+                      FROM df.nodes n WHERE n.instance_id = i.id) AS graph_bytes,
+                   (SELECT octet_length(u.vars::text) FROM df._runs u
+                     WHERE u.instance_id = i.id) AS vars_bytes
+              FROM df.instances i LEFT JOIN pg_roles r ON r.oid = i.submitted_by
+             WHERE i.id = %s
+            """,
+            (instance_id,),
+        ),
+        Query(
+            """
+            SELECT id, node_type, query, result_name, left_node, right_node
+              FROM df.nodes
+             WHERE instance_id = %s
+               AND (SELECT coalesce(sum(coalesce(octet_length(n.query), 0)
+                                       + coalesce(octet_length(n.result_name), 0)), 0)
+                      FROM df.nodes n WHERE n.instance_id = %s) <= %s
+            """,
+            (instance_id, instance_id, max_bytes),
+        ),
+    ]
+
+
+def graph_from_rows_of(
+    instance_id: str,
+    facts: Sequence[Mapping[str, Any]],
+    nodes: Sequence[Mapping[str, Any]],
+    max_bytes: int = DEFAULT_MAX_STATE_BYTES,
 ) -> tuple[Graph, dict[str, Any]]:
-    """An instance's graph and facts: role existence, superuser-ness, label, created_at, and
-    the size of its variables' snapshot (``vars_bytes``). A graph whose texts are larger than
-    ``max_bytes`` is refused (GraphError) before it is read."""
-    cur = conn.cursor(row_factory=dict_row)
-    await cur.execute(
-        """
-        SELECT i.root_node, i.label, i.created_at,
-               coalesce(r.rolname, i.submitted_by::text) AS role,
-               r.oid IS NOT NULL AS role_exists, coalesce(r.rolsuper, false) AS superuser,
-               (SELECT coalesce(sum(coalesce(octet_length(n.query), 0)
-                                   + coalesce(octet_length(n.result_name), 0)), 0)
-                  FROM df.nodes n WHERE n.instance_id = i.id) AS graph_bytes,
-               (SELECT octet_length(u.vars::text) FROM df._runs u
-                 WHERE u.instance_id = i.id) AS vars_bytes
-          FROM df.instances i LEFT JOIN pg_roles r ON r.oid = i.submitted_by
-         WHERE i.id = %s
-        """,
-        (instance_id,),
-    )
-    facts = await cur.fetchone()
-    if facts is None:
+    """An instance's graph and facts from the rows of :func:`graph_queries`: role
+    existence, superuser-ness, label, created_at, and the size of its variables' snapshot
+    (``vars_bytes``). Raises LookupError (no such instance) or GraphError."""
+    if not facts:
         raise LookupError(f"Instance {instance_id} not found")
-    if facts["graph_bytes"] > max_bytes:
+    first = dict(facts[0])
+    if first["graph_bytes"] > max_bytes:
         raise GraphError(
             f"its graph's texts are larger than {max_bytes} bytes ({MAX_STATE_BYTES_SETTING})"
         )
-    await cur.execute(
-        "SELECT id, node_type, query, result_name, left_node, right_node"
-        " FROM df.nodes WHERE instance_id = %s",
-        (instance_id,),
-    )
-    rows = await cur.fetchall()
-    graph = graph_from_rows(instance_id, facts["root_node"], rows, facts["label"])
-    return graph, facts
+    graph = graph_from_rows(instance_id, first["root_node"], nodes, first["label"])
+    return graph, first
 
 
 async def setting(conn: AsyncConn, name: str) -> str | None:
@@ -355,7 +363,9 @@ async def purge_finished(conn: AsyncConn, retention_days: int, keep: int, batch:
     return None if row is None or row[0] is None else int(row[0])
 
 
-async def register_worker(conn: AsyncConn, worker: uuid.UUID, concurrency: int) -> None:
+async def register_worker(
+    conn: AsyncConn, worker: uuid.UUID, concurrency: int, session_lock: int | None = None
+) -> None:
     """Record this worker in df._worker_epoch and mark the engine ready in
     _duroxide._worker_ready, the table scripts written for pg_durable wait for.
 
@@ -366,10 +376,12 @@ async def register_worker(conn: AsyncConn, worker: uuid.UUID, concurrency: int) 
     )
     await conn.execute(
         """
-        INSERT INTO df._worker_epoch (epoch_id, hostname, pid, concurrency, version)
-        VALUES (%s, %s, %s, %s, %s)
+        INSERT INTO df._worker_epoch
+               (epoch_id, hostname, pid, concurrency, version, session_lock)
+        VALUES (%s, %s, %s, %s, %s, %s)
+        ON CONFLICT (epoch_id) DO NOTHING
         """,
-        (worker, socket.gethostname(), os.getpid(), concurrency, __version__),
+        (worker, socket.gethostname(), os.getpid(), concurrency, __version__, session_lock),
     )
     await conn.execute(
         """
@@ -379,8 +391,31 @@ async def register_worker(conn: AsyncConn, worker: uuid.UUID, concurrency: int) 
     )
 
 
-async def heartbeat(conn: AsyncConn, worker: uuid.UUID, task_ids: list[int], lease: float) -> None:
-    """Extend the leases of tasks in flight and show this worker is alive."""
+async def hold_session_lock(conn: AsyncConn, worker: uuid.UUID, key: int) -> bool:
+    """Take advisory lock ``key`` for as long as ``conn``'s session lives and record it as
+    ``worker``'s: while it is held, others know the worker lives (df._release_dead_workers).
+    False if someone else holds that key, or the worker's row is gone (given up for dead
+    while this session was away: register again)."""
+    cur = await conn.execute("SELECT pg_try_advisory_lock(%s)", (key,))
+    row = await cur.fetchone()
+    if not (row and row[0]):
+        return False
+    cur = await conn.execute(
+        "UPDATE df._worker_epoch SET session_lock = %s WHERE epoch_id = %s", (key, worker)
+    )
+    return cur.rowcount == 1
+
+
+async def release_dead_workers(conn: AsyncConn) -> int:
+    """Give back the tasks of workers whose session ended; returns how many."""
+    cur = await conn.execute("SELECT df._release_dead_workers()")
+    row = await cur.fetchone()
+    return int(row[0]) if row else 0
+
+
+async def heartbeat(conn: AsyncConn, worker: uuid.UUID, task_ids: list[int], lease: float) -> bool:
+    """Extend the leases of tasks in flight and show this worker is alive. False if its row
+    is gone (it was given up for dead: register again)."""
     if task_ids:
         # Rows in id order, skipping those a checkpoint or df.cancel holds (they are being
         # retired): no lock-order deadlock with either.
@@ -391,9 +426,10 @@ async def heartbeat(conn: AsyncConn, worker: uuid.UUID, task_ids: list[int], lea
             " WHERE t.id = held.id",
             (lease, worker, task_ids),
         )
-    await conn.execute(
+    cur = await conn.execute(
         "UPDATE df._worker_epoch SET last_seen_at = now() WHERE epoch_id = %s", (worker,)
     )
+    return cur.rowcount == 1
 
 
 async def release(conn: AsyncConn, worker: uuid.UUID) -> None:

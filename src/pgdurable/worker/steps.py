@@ -27,6 +27,7 @@ from datetime import datetime
 from typing import Any, TypedDict
 
 import psycopg
+from psycopg.pq import TransactionStatus
 
 from ..core import interpreter
 from ..core.interpreter import Transition
@@ -52,6 +53,9 @@ _SERVER_BUSY = (
 # SQLSTATEs of statements that cannot run inside a transaction block.
 _NEEDS_OWN_TRANSACTION = {"25001", "2D000"}
 COMMIT = Query("COMMIT")
+# READ COMMITTED whatever the role's default: a checkpoint must see, and lock, rows that other
+# checkpoints committed after its transaction began.
+BEGIN = Query("BEGIN ISOLATION LEVEL READ COMMITTED")
 _GRAPH_CACHE_SIZE = 2048
 # A statement under a df.timeout gets a statement_timeout this much past the deadline: the
 # timeout's own timer cancels it first; this is the backstop if that cancel is lost.
@@ -269,9 +273,7 @@ class StepRunner:
             if running.cancel_early:
                 raise _Withdrawn()
             statement = sql.encode(conn.info.encoding)
-            # READ COMMITTED whatever the role's default: the checkpoint must see, and lock,
-            # rows that other checkpoints committed after the statement began.
-            before = [Query("BEGIN ISOLATION LEVEL READ COMMITTED")]
+            before = [BEGIN]
             deadline = (task.payload or {}).get("deadline")
             if deadline is not None:
                 limit = float(deadline) + _DEADLINE_GRACE_SECONDS
@@ -389,7 +391,7 @@ class StepRunner:
                 )
 
             return await self._advance(task, succeeded, claim_limit)
-        await conn.execute("BEGIN ISOLATION LEVEL READ COMMITTED")
+        await conn.execute(BEGIN.sql)
         try:
             cp = await queries.checkpoint_begin(conn, task)
         except psycopg.Error as exc:
@@ -643,37 +645,57 @@ class StepRunner:
         decide: Decision | None,
         claim_limit: Callable[[], int],
     ) -> list[Task]:
-        """Lock the instance, compute a transition and checkpoint it, on the worker's connection.
+        """Lock the instance, compute a transition and checkpoint it, on the worker's connection,
+        in two round trips: [BEGIN, df._checkpoint_begin, and the graph if it is not cached],
+        then [df._checkpoint, COMMIT].
 
         ``decide`` None means the task starts the instance; ``decide`` returning None means
         there is nothing to do yet: the task goes back to waiting.
         """
-        async with (
-            self.conns.worker.connection() as conn,
-            _busy_on_lock_timeout(),
-            conn.transaction(),
-        ):
-            cp = await queries.checkpoint_begin(conn, task)
-            if cp is None:
-                return []
-            if decide is None:
-                transition = await self._start(conn, task, cp)
-            else:
-                graph = await self._graph(task, conn)
-                decided = await decide(conn, graph, cp)
-                if decided is None:
-                    await queries.rearm(conn, task)
-                    return []
-                transition = decided
+        async with self.conns.worker.connection() as conn, _busy_on_lock_timeout():
             try:
-                return await self._write(conn, task, transition, claim_limit())
-            except queries.StateTooLarge as exc:
-                # The state last written fitted; if the limit was lowered since, none is kept.
-                for state in (cp.state, None):
-                    failed = interpreter.fail_instance(state, f"Instance {task.instance_id}: {exc}")
-                    with contextlib.suppress(queries.StateTooLarge):
-                        return await self._write(conn, task, failed, 0)
-                raise
+                return await self._advance_on(conn, task, decide, claim_limit)
+            finally:
+                if not conn.closed and conn.info.transaction_status != TransactionStatus.IDLE:
+                    with contextlib.suppress(psycopg.Error):
+                        await conn.execute("ROLLBACK")
+
+    async def _advance_on(
+        self,
+        conn: AsyncConn,
+        task: Task,
+        decide: Decision | None,
+        claim_limit: Callable[[], int],
+    ) -> list[Task]:
+        # A start always reads the graph: with it come the facts that admit the instance.
+        graph = None if decide is None else self._cached_graph(task)
+        first = [BEGIN, Query(queries.CHECKPOINT_BEGIN, queries.checkpoint_begin_params(task))]
+        if graph is None:
+            first += queries.graph_queries(task.instance_id, self.settings.max_state_bytes)
+        results = await run_queries(conn, first)
+        cp = queries.checkpoint_from_row(results[1][0] if results[1] else None)
+        if cp is None:
+            return []
+        if decide is None:
+            transition = self._start(task, cp, results[2], results[3])
+        else:
+            if graph is None:
+                graph = self._loaded_graph(task, results[2], results[3])
+            decided = await decide(conn, graph, cp)
+            if decided is None:
+                await queries.rearm(conn, task)
+                await conn.execute("COMMIT")
+                return []
+            transition = decided
+        try:
+            return await self._write(conn, task, transition, claim_limit(), commit=True)
+        except queries.StateTooLarge as exc:
+            # The state last written fitted; if the limit was lowered since, none is kept.
+            for state in (cp.state, None):
+                failed = interpreter.fail_instance(state, f"Instance {task.instance_id}: {exc}")
+                with contextlib.suppress(queries.StateTooLarge):
+                    return await self._write(conn, task, failed, 0, commit=True)
+            raise
 
     def _checkpoint_params(self, task: Task, transition: Transition, claim: int) -> tuple[Any, ...]:
         """queries.checkpoint_params with this worker's id, lease and state limit."""
@@ -687,13 +709,13 @@ class StepRunner:
         )
 
     async def _write(
-        self, conn: AsyncConn, task: Task, transition: Transition, claim: int
+        self, conn: AsyncConn, task: Task, transition: Transition, claim: int, commit: bool = False
     ) -> list[Task]:
-        """Checkpoint ``transition`` on ``conn``, leasing up to ``claim`` follow-ups to us
-        (raises queries.StateTooLarge)."""
-        return await queries.checkpoint(
-            conn, task, self._checkpoint_params(task, transition, claim)
-        )
+        """Checkpoint ``transition`` on ``conn``, leasing up to ``claim`` follow-ups to us, and
+        ``commit`` in the same round trip (raises queries.StateTooLarge before sending)."""
+        params = self._checkpoint_params(task, transition, claim)
+        sent = [Query(queries.CHECKPOINT, params), *([COMMIT] if commit else [])]
+        return queries.followups((await run_queries(conn, sent))[0], task)
 
     async def _fail_instance(
         self, task: Task, error: str, claim_limit: Callable[[], int]
@@ -705,12 +727,18 @@ class StepRunner:
 
         return await self._advance(task, failed, claim_limit)
 
-    async def _start(self, conn: AsyncConn, task: Task, cp: Checkpoint) -> Transition:
-        """Load and admit the instance's graph (its submitter must still exist, and may be a
-        superuser only if allowed), then activate its root."""
+    def _start(
+        self,
+        task: Task,
+        cp: Checkpoint,
+        facts_rows: list[dict[str, Any]],
+        node_rows: list[dict[str, Any]],
+    ) -> Transition:
+        """Admit the instance's graph, read by queries.graph_queries (its submitter must still
+        exist, and may be a superuser only if allowed), then activate its root."""
         try:
-            graph, facts = await queries.load_graph(
-                conn, task.instance_id, self.settings.max_state_bytes
+            graph, facts = queries.graph_from_rows_of(
+                task.instance_id, facts_rows, node_rows, self.settings.max_state_bytes
             )
         except (GraphError, LookupError) as exc:
             return interpreter.fail_instance(cp.state, f"Instance {task.instance_id}: {exc}")
@@ -744,8 +772,8 @@ class StepRunner:
 
     # -- graphs --------------------------------------------------------------------------------
 
-    async def _graph(self, task: Task, conn: AsyncConn | None = None) -> Graph:
-        """The task's instance's graph, from the cache or the database (graphs never change).
+    def _cached_graph(self, task: Task) -> Graph | None:
+        """The task's instance's graph if this worker read it before (graphs never change).
 
         Cached by instance id and creation time: once retention purged an instance, a new one
         may get its id, and must never be run with the old one's graph.
@@ -754,16 +782,26 @@ class StepRunner:
         graph = self._graphs.get(key)
         if graph is not None:
             self._graphs.move_to_end(key)
+        return graph
+
+    async def _graph(self, task: Task) -> Graph:
+        """The task's instance's graph, from the cache or read on the worker's connection."""
+        graph = self._cached_graph(task)
+        if graph is not None:
             return graph
-        if conn is None:
-            async with self.conns.worker.connection() as own:
-                graph, facts = await queries.load_graph(
-                    own, task.instance_id, self.settings.max_state_bytes
-                )
-        else:
-            graph, facts = await queries.load_graph(
-                conn, task.instance_id, self.settings.max_state_bytes
+        async with self.conns.worker.connection() as conn:
+            facts, nodes = await run_queries(
+                conn, queries.graph_queries(task.instance_id, self.settings.max_state_bytes)
             )
+        return self._loaded_graph(task, facts, nodes)
+
+    def _loaded_graph(
+        self, task: Task, facts_rows: list[dict[str, Any]], node_rows: list[dict[str, Any]]
+    ) -> Graph:
+        """The graph read by queries.graph_queries, remembered (raises GraphError, LookupError)."""
+        graph, facts = queries.graph_from_rows_of(
+            task.instance_id, facts_rows, node_rows, self.settings.max_state_bytes
+        )
         # Under the creation time just read: if the task's instance was purged and its id taken
         # since the claim, this is the newcomer's graph, and the task's checkpoint will find
         # the task gone.
