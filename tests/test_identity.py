@@ -153,7 +153,7 @@ def test_no_kind_of_session_state_reaches_the_next_step(app: App, worker: Thread
         " ~> 'DECLARE leak_cursor CURSOR WITH HOLD FOR SELECT 1'"
         " ~> 'SELECT current_setting(''work_mem'') AS work_mem,"
         " (SELECT count(*) FROM pg_listening_channels()) AS listening,"
-        " (SELECT count(*) FROM pg_prepared_statements) AS prepared,"
+        " (SELECT count(*) FROM pg_prepared_statements WHERE from_sql) AS prepared,"
         " (SELECT count(*) FROM pg_cursors WHERE left(name, 4) = ''leak'') AS cursors,"
         " pg_backend_pid() AS pid'"
     )

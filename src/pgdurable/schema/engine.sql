@@ -158,6 +158,7 @@ DECLARE
     v_outcome  jsonb := nullif(p_change -> 'outcome', 'null'::jsonb);
     v_ended    jsonb := nullif(p_change -> 'ended_execution', 'null'::jsonb);
     v_unclaimed integer;
+    v_first    boolean;   -- the instance's first checkpoint: it is running from now on
     v_notified integer;   -- the count that makes each cancel notification run
 BEGIN
     DELETE FROM df._tasks t WHERE t.id = p_task AND t.token = p_token
@@ -186,7 +187,10 @@ BEGIN
       FROM jsonb_to_recordset(p_change -> 'writes')
            AS w(id varchar(8), status text, result text, execution_id text, error_op text,
                 error text)
-     WHERE n.instance_id = v_instance AND n.id = w.id;
+     WHERE n.instance_id = v_instance AND n.id = w.id
+       -- The written nodes alone are read, by the primary key: a checkpoint costs the same in
+       -- a graph of ten nodes as in one of ten thousand.
+       AND n.id = ANY (ARRAY(SELECT jsonb_array_elements(p_change -> 'writes') ->> 'id'));
 
     -- An execution a root loop ended goes into the history before df._runs counts this
     -- checkpoint, which belongs to the next execution. It began when the one before it ended
@@ -218,7 +222,8 @@ BEGIN
            finished_at = CASE WHEN v_outcome IS NULL THEN r.finished_at
                               ELSE coalesce(r.finished_at, clock_timestamp()) END,
            checkpoints = r.checkpoints + 1
-     WHERE r.instance_id = v_instance;
+     WHERE r.instance_id = v_instance
+    RETURNING r.checkpoints = 1 INTO v_first;
 
     IF v_outcome IS NOT NULL THEN
         UPDATE df.instances i
@@ -237,22 +242,29 @@ BEGIN
         RETURN;
     END IF;
 
-    UPDATE df.instances i SET status = 'running', updated_at = clock_timestamp()
-     WHERE i.id = v_instance AND i.status = 'pending';
+    IF v_first THEN  -- the start's checkpoint
+        UPDATE df.instances i SET status = 'running', updated_at = clock_timestamp()
+         WHERE i.id = v_instance AND i.status = 'pending';
+    END IF;
 
     -- Abandoned work (RACE losers): its tasks go, and a worker running one of their
     -- statements is told to cancel it (delivered only if this transaction commits).
-    WITH dropped AS (
-        DELETE FROM df._tasks t
-         WHERE t.instance_id = v_instance
-           AND t.activation = ANY (
-               ARRAY(SELECT jsonb_array_elements_text(p_change -> 'dropped'))::int[])
-        RETURNING t.activation
-    )
-    SELECT count(pg_notify('pgdurable_cancel', v_instance || ':' || d.activation))
-      INTO v_notified
-      FROM dropped d;
+    IF jsonb_array_length(p_change -> 'dropped') > 0 THEN
+        WITH dropped AS (
+            DELETE FROM df._tasks t
+             WHERE t.instance_id = v_instance
+               AND t.activation = ANY (
+                   ARRAY(SELECT jsonb_array_elements_text(p_change -> 'dropped'))::int[])
+            RETURNING t.activation
+        )
+        SELECT count(pg_notify('pgdurable_cancel', v_instance || ':' || d.activation))
+          INTO v_notified
+          FROM dropped d;
+    END IF;
 
+    IF jsonb_array_length(p_change -> 'tasks') = 0 THEN
+        RETURN;
+    END IF;
     RETURN QUERY
     WITH new_task AS (
         SELECT n.activation, n.kind, n.node_id, n.payload, n.run_at,
@@ -290,11 +302,13 @@ BEGIN
      WHERE i.lease_owner IS NOT NULL;
 
     -- Wake idle workers only for work nobody holds yet; timers are found by polling.
-    SELECT count(*) INTO v_unclaimed
-      FROM jsonb_to_recordset(p_change -> 'tasks') AS n(kind text, run_at double precision)
-     WHERE n.kind IN ('sql', 'http') AND n.run_at IS NULL;
-    IF v_unclaimed > p_claim THEN
-        PERFORM pg_notify('pgdurable_tasks', '');
+    IF jsonb_array_length(p_change -> 'tasks') > p_claim THEN
+        SELECT count(*) INTO v_unclaimed
+          FROM jsonb_to_recordset(p_change -> 'tasks') AS n(kind text, run_at double precision)
+         WHERE n.kind IN ('sql', 'http') AND n.run_at IS NULL;
+        IF v_unclaimed > p_claim THEN
+            PERFORM pg_notify('pgdurable_tasks', '');
+        END IF;
     END IF;
 END;
 $$;
@@ -355,7 +369,8 @@ REVOKE ALL ON FUNCTION df._release_dead_workers() FROM PUBLIC;
 -- connection. Two things it cannot do: close cursors (a function may not; the worker sends
 -- CLOSE ALL beside it) and DISCARD PLANS, which is not wanted anyway: PostgreSQL would plan
 -- the checkpoint functions' statements again for every step, and no plan depends on the
--- session once temp tables and settings are reset.
+-- session once temp tables and settings are reset. Nor does it deallocate every prepared
+-- statement, as DISCARD ALL would: the worker's own are kept.
 --
 -- Run as the step's role: no SECURITY DEFINER, which SET SESSION AUTHORIZATION refuses; and no
 -- SET clause, whose value would be restored on return, undoing RESET ALL's. So every name in
@@ -363,6 +378,8 @@ REVOKE ALL ON FUNCTION df._release_dead_workers() FROM PUBLIC;
 -- ---------------------------------------------------------------------------------------------
 CREATE OR REPLACE FUNCTION df._reset_session() RETURNS void
 LANGUAGE plpgsql AS $$
+DECLARE
+    v_name text;
 BEGIN
     SET SESSION AUTHORIZATION DEFAULT;
     RESET ALL;
@@ -370,7 +387,11 @@ BEGIN
     PERFORM pg_catalog.pg_advisory_unlock_all();
     DISCARD TEMP;
     DISCARD SEQUENCES;
-    DEALLOCATE ALL;
+    -- What the step's SQL prepared (PREPARE), not the worker's own statements, which it
+    -- prepares at the protocol level and keeps for the next step.
+    FOR v_name IN SELECT p.name FROM pg_catalog.pg_prepared_statements p WHERE p.from_sql LOOP
+        EXECUTE pg_catalog.format('DEALLOCATE %I', v_name);
+    END LOOP;
 END;
 $$;
 

@@ -24,6 +24,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from .results import configure_connection
+from .statement import forget_prepared
 
 log = logging.getLogger("pgdurable.worker")
 
@@ -103,6 +104,7 @@ class StepPool:
                 try:
                     if not clean:
                         await conn.execute("DISCARD ALL")
+                        forget_prepared(conn)
                 except psycopg.Error:
                     pass
                 else:

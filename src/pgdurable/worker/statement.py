@@ -25,6 +25,9 @@ again (its transaction aborted: roll it back).
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -45,7 +48,7 @@ from .results import (
     unsupported_type,
 )
 
-__all__ = ["CHUNK_ROWS", "Query", "run_queries", "run_statement"]
+__all__ = ["CHUNK_ROWS", "Query", "forget_prepared", "run_queries", "run_statement"]
 
 CHUNK_ROWS = 256
 """Rows libpq gathers before handing them over: the rows held at once besides the JSON text."""
@@ -113,16 +116,15 @@ async def _pipeline(
     pgconn = conn.pgconn
     pgconn.enter_pipeline_mode()
     try:
-        for query in before:
-            _send(conn, query)
+        sent_before = [_send(conn, query) for query in before]
         pgconn.send_query_params(statement, None, result_format=Format.BINARY)
-        if after is not None:
-            _send(conn, after)
+        sent_after = _send(conn, after) if after is not None else None
         pgconn.pipeline_sync()
         await conn.wait(generators.send(pgconn))
 
         error: psycopg.Error | None = None
-        for _ in before:
+        for prepare in sent_before:
+            error = await _prepared_by(conn, prepare, error)
             results = await _results(conn)
             error = error or _first_error(conn, results)
         if error is None:
@@ -134,6 +136,7 @@ async def _pipeline(
         result, rejected, error = await _read_statement(conn, max_bytes, error)
         rows: list[dict[str, Any]] = []
         if after is not None:
+            error = await _prepared_by(conn, sent_after, error)
             rows, error = _rows(conn, await _results(conn), error)
         await _sync(conn)
     except BaseException:
@@ -164,13 +167,13 @@ async def run_queries(
         pgconn = conn.pgconn
         pgconn.enter_pipeline_mode()
         try:
-            for query in queries:
-                _send(conn, query)
+            sent = [_send(conn, query) for query in queries]
             pgconn.pipeline_sync()
             await conn.wait(generators.send(pgconn))
             error: psycopg.Error | None = None
             results = []
-            for _ in queries:
+            for prepare in sent:
+                error = await _prepared_by(conn, prepare, error)
                 rows, error = _rows(conn, await _results(conn), error)
                 results.append(rows)
             await _sync(conn)
@@ -210,20 +213,59 @@ async def _sync(conn: psycopg.AsyncConnection[Any]) -> None:
     conn.pgconn.exit_pipeline_mode()
 
 
-def _send(conn: psycopg.AsyncConnection[Any], query: Query) -> None:
-    """Queue one of our queries, parameters dumped by psycopg's adapters (text format)."""
-    sql = query.sql  # ours: no literal "%" to escape
+# Our own queries are prepared on each connection the first time it sends them: parsed and
+# planned once per session, not at every step. The session reset of a step keeps them
+# (df._reset_session deallocates only what SQL PREPARE made); after DISCARD ALL, forget them.
+_PREPARED: weakref.WeakKeyDictionary[psycopg.AsyncConnection[Any], set[bytes]] = (
+    weakref.WeakKeyDictionary()
+)
 
-    for number in range(1, len(query.params) + 1):
+
+def forget_prepared(conn: psycopg.AsyncConnection[Any]) -> None:
+    """``conn``'s prepared statements are gone (DISCARD ALL): prepare ours again."""
+    _PREPARED.pop(conn, None)
+
+
+@functools.lru_cache(maxsize=256)
+def _numbered(sql: str, count: int) -> tuple[bytes, bytes]:
+    """A query of ours (ASCII, no literal "%") with $n placeholders, and its statement name."""
+    for number in range(1, count + 1):
         sql = sql.replace("%s", f"${number}", 1)
+    text = sql.encode()
+    return text, b"pgdurable_" + hashlib.blake2b(text, digest_size=8).hexdigest().encode()
+
+
+def _send(conn: psycopg.AsyncConnection[Any], query: Query) -> bytes | None:
+    """Queue one of our queries, parameters dumped by psycopg's adapters (text format), and
+    first its Prepare if this connection has not got it: returns the name then, else None.
+
+    Prepared without parameter types: the server infers them from the query, where psycopg
+    would pick a type for each value (int2 for a small integer, which a later bigger one
+    would not fit)."""
+    text, name = _numbered(query.sql, len(query.params))
     dumper = Transformer(conn)
     values = dumper.dump_sequence(query.params, [PyFormat.TEXT] * len(query.params))
-    conn.pgconn.send_query_params(
-        sql.encode(conn.info.encoding),
-        values or None,
-        dumper.types or None,
-        dumper.formats or None,
-    )
+    pgconn = conn.pgconn
+    prepare = None
+    if name not in _PREPARED.get(conn, ()):
+        pgconn.send_prepare(name, text)
+        prepare = name
+    pgconn.send_query_prepared(name, values or None, dumper.formats or None)
+    return prepare
+
+
+async def _prepared_by(
+    conn: psycopg.AsyncConnection[Any], name: bytes | None, error: psycopg.Error | None
+) -> psycopg.Error | None:
+    """Read the result of the Prepare ``_send`` queued (if any): the first error so far."""
+    if name is None:
+        return error
+    for res in await _results(conn):
+        if res.status == ExecStatus.COMMAND_OK:
+            _PREPARED.setdefault(conn, set()).add(name)
+        elif res.status == ExecStatus.FATAL_ERROR:
+            error = error or e.error_from_result(res, encoding=conn.info.encoding)
+    return error
 
 
 async def _results(conn: psycopg.AsyncConnection[Any]) -> list[pq.abc.PGresult]:
