@@ -271,7 +271,8 @@ def test_dblink_cannot_log_in_as_another_role(
 
 
 # SECURITY DEFINER functions an ordinary role may call, each reviewed for what a caller can
-# make it do: the checkpoint pair demands the task's secret token; df.version reads the
+# make it do: the checkpoint pair and df._task_facts (the pair's reading half, without its
+# locks) demand the task's secret token; df.version reads the
 # migration list; df._in_new_transaction (transaction_mode => 'new' of df.start and df.signal)
 # logs its loopback in as the caller's session_user and SET ROLEs to the requested role, which
 # PostgreSQL checks against that login's memberships, and calls one of two fixed functions
@@ -281,6 +282,7 @@ def test_dblink_cannot_log_in_as_another_role(
 REVIEWED_DEFINERS = {
     "df._checkpoint(bigint,uuid,jsonb,uuid,integer,double precision)",
     "df._checkpoint_begin(bigint,uuid)",
+    "df._task_facts(bigint,uuid)",
     "df.version()",
     "df._in_new_transaction(text,text[],text)",
     "df._admin_setting(text)",
@@ -338,12 +340,13 @@ def test_forged_checkpoints_with_null_or_guessed_tokens_touch_no_task(
     forged = '{"outcome": {"status": "completed", "output": "forged"}}'
     for task in range(1, top):
         for token in (None, str(uuid.uuid4())):
-            assert (
-                attacker.conn.execute(
-                    "SELECT * FROM df._checkpoint_begin(%s, %s::uuid)", (task, token)
-                ).fetchall()
-                == []
-            )
+            for reader in ("df._checkpoint_begin", "df._task_facts"):
+                assert (
+                    attacker.conn.execute(
+                        f"SELECT * FROM {reader}(%s, %s::uuid)", (task, token)
+                    ).fetchall()
+                    == []
+                )
             error = attacker.error(
                 "SELECT * FROM df._checkpoint(%s, %s::uuid, %s::jsonb, gen_random_uuid(), 5, 1)",
                 (task, token, forged),

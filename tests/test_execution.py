@@ -345,3 +345,19 @@ def test_deferred_constraint_violation_at_commit_fails_the_step(
     (node,) = app.nodes(instance)
     assert "violates foreign key constraint" in str(node["result"])
     assert app.conn.execute("SELECT count(*) FROM child").fetchone() == (0,)
+
+
+def test_a_start_and_its_first_step_commit_together(app: App, worker: ThreadWorker) -> None:
+    # One checkpoint records both; the node still shows when it started and ended.
+    instance, status = app.run("'SELECT 1 AS x' ~> 'SELECT 2 AS y'")
+    assert status == "completed"
+    row = app.conn.execute(
+        "SELECT checkpoints FROM df._runs WHERE instance_id = %s", (instance,)
+    ).fetchone()
+    assert row == (2,), row  # the start with 'SELECT 1', then 'SELECT 2'
+    stamps = app.conn.execute(
+        "SELECT count(*) FROM df.nodes WHERE instance_id = %s AND node_type = 'SQL'"
+        " AND started_at IS NOT NULL AND started_at <= updated_at",
+        (instance,),
+    ).fetchone()
+    assert stamps == (2,)

@@ -14,6 +14,7 @@ from interp_sim import INSTANCE, G, Sim, rows
 
 from pgdurable.core import interpreter as interp
 from pgdurable.core.state import StateFormatError, from_json
+from pgdurable.worker.change import change_of
 
 # -- SQL and THEN --------------------------------------------------------------------------------
 
@@ -618,3 +619,54 @@ def test_a_malformed_state_is_refused() -> None:
     join["exec"] = str(join["exec"])
     with pytest.raises(StateFormatError, match="activation"):
         from_json(sim.stored)
+
+
+# -- chain: a start and its first step written by one checkpoint ----------------------------------
+
+
+def _start_then_step(graph: G, root: str, result: str) -> tuple[interp.Transition, int]:
+    built = graph.graph(root)
+    started = interp.start(built, {}, 1000)
+    [first] = [t for t in started.tasks if t.kind == "sql"]
+    assert started.next_state is not None
+    step = interp.step_succeeded(built, started.next_state, {}, first.activation, result, 1001)
+    return interp.chain(started, step, first.activation), first.activation
+
+
+def test_chain_of_a_start_and_its_only_step_ends_the_instance() -> None:
+    g = G()
+    a = g.sql("SELECT 1 AS x")
+    chained, _ = _start_then_step(g, a, rows({"x": 1}))
+    assert chained.tasks == [] and chained.dropped == []
+    assert chained.outcome == interp.Outcome("completed", rows({"x": 1}))
+    change = change_of(chained)
+    [write] = change.writes
+    assert (write.id, write.status, write.started) == (a, "completed", True)
+
+
+def test_chain_queues_what_follows_and_never_the_task_it_ran() -> None:
+    g = G()
+    a, b = g.sql("SELECT 1"), g.sql("SELECT 2")
+    chained, ran = _start_then_step(g, g.then(a, b), rows({"x": 1}))
+    assert [t.node_id for t in chained.tasks] == [b]
+    assert ran not in {t.activation for t in chained.tasks}
+    assert chained.outcome is None
+    written = {w.id: (w.status, w.started) for w in change_of(chained).writes}
+    assert written[a] == ("completed", True) and written[b] == ("running", True)
+
+
+def test_chain_drops_queued_tasks_the_step_abandoned_without_writing_them() -> None:
+    g = G()
+    a = g.sql("SELECT 'fast' AS w")
+    root = g.race(a, g.sleep(60))
+    chained, _ = _start_then_step(g, root, rows({"w": "fast"}))
+    # The RACE was decided: the sleep's timer, queued by the start, is neither queued nor
+    # listed as dropped (it was never written).
+    assert chained.tasks == [] and chained.dropped == []
+    assert chained.outcome is not None and chained.outcome.status == "completed"
+
+
+def test_chain_refuses_a_start_that_ended_the_instance() -> None:
+    failed = interp.fail_instance(None, "no")
+    with pytest.raises(ValueError):
+        interp.chain(failed, failed, 1)

@@ -56,6 +56,14 @@ def test_worker_refuses_a_schema_older_than_itself(
         asyncio.run(Worker(WorkerConfig(dsn=dsn)).run())
 
 
+def test_worker_refuses_functions_other_than_its_own_of_the_same_release(
+    dsn: str, conn: psycopg.Connection[tuple[object, ...]]
+) -> None:
+    conn.execute("UPDATE df._schema SET code_digest = 'edited'")
+    with pytest.raises(WorkerError, match=r"functions .* differ from those of this pgdurable"):
+        asyncio.run(Worker(WorkerConfig(dsn=dsn)).run())
+
+
 def test_single_role_mode_runs_only_its_own_roles_instances(
     cluster: EmbeddedPostgres, app: App
 ) -> None:

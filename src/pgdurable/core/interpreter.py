@@ -264,6 +264,25 @@ def signal_timed_out(
     )
 
 
+def chain(first: Transition, second: Transition, ran: int) -> Transition:
+    """``first`` then ``second``, as one transition that one checkpoint writes. ``second``
+    consumed the task of activation ``ran`` that ``first`` queued (the worker ran it in the
+    same transaction), so that task is never written; nor are tasks of ``first`` that
+    ``second`` abandoned."""
+    if first.outcome is not None:
+        raise ValueError("cannot chain onto a transition that ended the instance")
+    queued = {t.activation for t in first.tasks}
+    gone = {ran} | (queued & set(second.dropped))
+    return Transition(
+        next_state=second.next_state,
+        writes=[*first.writes, *second.writes],
+        tasks=[t for t in first.tasks if t.activation not in gone] + list(second.tasks),
+        dropped=[*first.dropped, *(d for d in second.dropped if d not in queued)],
+        outcome=second.outcome,
+        ended_execution=second.ended_execution or first.ended_execution,
+    )
+
+
 def is_waiting(state: InstanceState | None, activation: int) -> bool:
     """Whether ``activation`` still exists, i.e. a task of it is still wanted."""
     return state is not None and activation in state.acts

@@ -184,6 +184,12 @@ def check(have: Installed | None, database: str) -> None:
             f'the pgdurable schema in database "{database}" is from release {have.release},'
             f" newer than this pgdurable ({__version__}); upgrade pgdurable"
         )
+    if (have.release, have.migration) == (__version__, latest_migration()):
+        # The same release with other functions: a development build, or a tampered schema.
+        raise SchemaError(
+            f'the pgdurable functions in database "{database}" differ from those of this'
+            f" pgdurable ({__version__}); run: pgdurable install --dsn <DSN>"
+        )
     raise SchemaError(
         f'the pgdurable schema in database "{database}" is from release {have.release}, older'
         f" than this pgdurable ({__version__}); run: pgdurable install --dsn <DSN>"

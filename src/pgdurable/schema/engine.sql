@@ -126,6 +126,47 @@ BEGIN
 END;
 $$;
 
+-- df._task_facts: what df._checkpoint_begin returns, without locking anything: for a start
+-- whose first step runs in the same transaction (worker/steps.py), which must not hold the
+-- instance's lock while the step's statement runs (df.cancel would wait for it). That
+-- transaction calls df._checkpoint_begin, to lock, just before df._checkpoint.
+CREATE OR REPLACE FUNCTION df._task_facts(p_task bigint, p_token uuid)
+RETURNS TABLE (instance_status text, state jsonb, vars jsonb, now double precision,
+               role_exists boolean)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT i.status, r.state, r.vars, extract(epoch FROM clock_timestamp())::float8,
+           EXISTS (SELECT 1 FROM pg_roles WHERE oid = i.submitted_by)
+      FROM df._tasks t
+      JOIN df.instances i ON i.id = t.instance_id
+      JOIN df._runs r ON r.instance_id = t.instance_id
+     WHERE t.id = p_task AND t.token = p_token;
+$$;
+
+-- df._show_started: what a start wrote, shown before it commits. A start whose first step runs
+-- in the same transaction commits when the step does; a worker calls this, on a connection of
+-- its own, once the step has run for a while, so that monitoring shows the instance and the
+-- nodes the start began (p_nodes, their ids) as running rather than pending meanwhile. Only
+-- pending rows change: whatever committed first (the start itself, a cancel) wins.
+CREATE OR REPLACE FUNCTION df._show_started(p_task bigint, p_token uuid, p_nodes text[])
+RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp SET lock_timeout = '500ms' AS $$
+DECLARE
+    v_instance varchar(8);
+BEGIN
+    SELECT t.instance_id INTO v_instance FROM df._tasks t WHERE t.id = p_task AND t.token = p_token;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    UPDATE df.instances i SET status = 'running', updated_at = clock_timestamp()
+     WHERE i.id = v_instance AND i.status = 'pending';
+    UPDATE df.nodes n
+       SET status = 'running', started_at = clock_timestamp(), updated_at = clock_timestamp()
+     WHERE n.instance_id = v_instance AND n.id = ANY (p_nodes) AND n.status = 'pending';
+END;
+$$;
+REVOKE ALL ON FUNCTION df._show_started(bigint, uuid, text[]) FROM PUBLIC;
+
 -- ---------------------------------------------------------------------------------------------
 -- df._checkpoint: apply one interpreter transition and retire the task that caused it.
 --
@@ -133,7 +174,8 @@ $$;
 --   state            the new interpreter state (stored as is, never read here)
 --   generation       root execution number
 --   writes           [{"id", "status", "result" (JSON text or null), "execution_id",
---                      "error_op" ('set' | 'append' | null), "error"}], one per node
+--                      "error_op" ('set' | 'append' | null), "error", "started" (it became
+--                      running)}], one per node
 --   tasks            [{"activation", "kind", "node_id", "payload", "run_at" (epoch s or null)}]
 --   dropped          activation numbers whose tasks are abandoned (RACE losers)
 --   outcome          null, or {"status": "completed"|"failed", "output": text}
@@ -159,6 +201,7 @@ DECLARE
     v_ended    jsonb := nullif(p_change -> 'ended_execution', 'null'::jsonb);
     v_unclaimed integer;
     v_first    boolean;   -- the instance's first checkpoint: it is running from now on
+    v_now      timestamptz := clock_timestamp();  -- the nodes' one time (started <= updated)
     v_notified integer;   -- the count that makes each cancel notification run
 BEGIN
     DELETE FROM df._tasks t WHERE t.id = p_task AND t.token = p_token
@@ -179,14 +222,16 @@ BEGIN
                        WHEN 'set' THEN nullif(w.error, '')
                        WHEN 'append' THEN concat_ws(E'\n', n.error, w.error)
                        ELSE n.error END,
-           updated_at = clock_timestamp(),
+           updated_at = v_now,
            -- Whenever it becomes running (again, in each loop iteration or retried attempt),
-           -- for the durations monitoring shows.
-           started_at = CASE WHEN w.status = 'running' AND n.status IS DISTINCT FROM 'running'
-                             THEN clock_timestamp() ELSE n.started_at END
+           -- for the durations monitoring shows; also when it ended in the same change (a
+           -- worker of 0.1.0 does not say: its running ones).
+           started_at = CASE WHEN coalesce(w.started, w.status = 'running')
+                                  AND n.status IS DISTINCT FROM 'running'
+                             THEN v_now ELSE n.started_at END
       FROM jsonb_to_recordset(p_change -> 'writes')
            AS w(id varchar(8), status text, result text, execution_id text, error_op text,
-                error text)
+                error text, started boolean)
      WHERE n.instance_id = v_instance AND n.id = w.id
        -- The written nodes alone are read, by the primary key: a checkpoint costs the same in
        -- a graph of ten nodes as in one of ten thousand.

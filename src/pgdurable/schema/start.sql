@@ -601,6 +601,30 @@ $$;
 -- df.start: validate a graph and store it as a new instance, in the caller's transaction
 -- ('caller'), or in one of its own that commits at once ('new', the function above).
 -- ---------------------------------------------------------------------------------------------
+-- df.start's df.instances row under a random id; returns the id. (ON CONFLICT sees every
+-- row, also those RLS hides.)
+CREATE OR REPLACE FUNCTION df._insert_instance(
+    p_label text, p_root_id text, p_role regrole, p_database text)
+RETURNS text
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER AS $$
+DECLARE
+    v_id  text;
+    v_got text;
+BEGIN
+    FOR attempt IN 1..10 LOOP
+        v_id := df._random_id();
+        INSERT INTO df.instances AS i (id, label, root_node, submitted_by, database)
+        VALUES (v_id, p_label, p_root_id, p_role, p_database)
+        ON CONFLICT (id) DO NOTHING
+        RETURNING i.id INTO v_got;
+        IF v_got IS NOT NULL THEN
+            RETURN v_got;
+        END IF;
+    END LOOP;
+    RAISE EXCEPTION 'Failed to create instance: exhausted 10 attempts to generate a collision-free ID';
+END;
+$$;
+
 CREATE OR REPLACE FUNCTION df.start(
     fut text, label text DEFAULT NULL, database text DEFAULT NULL,
     transaction_mode text DEFAULT 'caller')
@@ -622,7 +646,7 @@ DECLARE
     v_check    record;
     v_root_id  text := df._random_node_id();
     v_id       text;
-    v_got      text;
+    v_plain    boolean := false;  -- fut is one SQL step
 BEGIN
     IF v_mode = 'new' THEN
         -- current_user, not session_user: the effective role submits, as in caller mode.
@@ -668,6 +692,7 @@ BEGIN
             END IF;
         END IF;
         v_root := jsonb_build_object('node_type', 'SQL', 'query', fut);
+        v_plain := true;
     END IF;
 
     IF v_database IS NOT NULL
@@ -692,6 +717,14 @@ BEGIN
             current_user USING ERRCODE = 'insufficient_privilege';
     END IF;
 
+    -- Plain text is one SQL node: nothing to validate or walk (the common case, kept cheap).
+    IF v_plain THEN
+        v_id := df._insert_instance(v_label, v_root_id, v_role, v_database);
+        INSERT INTO df.nodes (id, instance_id, node_type, query, submitted_by, database)
+        VALUES (v_root_id, v_id, 'SQL', fut, v_role, v_database);
+        RETURN v_id;
+    END IF;
+
     -- The whole graph is validated before anything is written.
     v_check := df._graph_error(v_root);
     IF v_check.node_count > 10000 THEN
@@ -704,18 +737,7 @@ BEGIN
                                  THEN 'program_limit_exceeded' ELSE 'invalid_parameter_value' END;
     END IF;
 
-    -- ON CONFLICT sees every row, also those RLS hides.
-    FOR attempt IN 1..10 LOOP
-        v_id := df._random_id();
-        INSERT INTO df.instances AS i (id, label, root_node, submitted_by, database)
-        VALUES (v_id, v_label, v_root_id, v_role, v_database)
-        ON CONFLICT (id) DO NOTHING
-        RETURNING i.id INTO v_got;
-        EXIT WHEN v_got IS NOT NULL;
-    END LOOP;
-    IF v_got IS NULL THEN
-        RAISE EXCEPTION 'Failed to create instance: exhausted 10 attempts to generate a collision-free ID';
-    END IF;
+    v_id := df._insert_instance(v_label, v_root_id, v_role, v_database);
 
     -- Node ids are drawn per node; in the rare case two collide (about 1 in 90 for a
     -- 10,000-node graph) nothing was written and the ids are drawn again.

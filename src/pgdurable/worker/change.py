@@ -4,10 +4,11 @@
 
     state            the instance's interpreter state, in core/state.py's stored form
     generation       the root execution's generation (iterations of a root loop)
-    writes           [{"id", "status", "result", "execution_id", "error_op", "error"}]: at most
-                     one per node; result is JSON text or null; error_op is 'set' (error
-                     replaces the node's error column), 'append' (error is added as lines) or
-                     null (the column stays)
+    writes           [{"id", "status", "result", "execution_id", "error_op", "error",
+                       "started"}]: at most one per node; result is JSON text or null;
+                     error_op is 'set' (error replaces the node's error column), 'append'
+                     (error is added as lines) or null (the column stays); started is true
+                     when the node became running in this change (it may have ended since)
     tasks            [{"activation", "kind", "node_id", "payload", "run_at"}]: work to queue;
                      run_at is epoch seconds, or null for now
     dropped          activations whose tasks are abandoned (RACE losers)
@@ -38,6 +39,7 @@ class NodeChange:
     execution_id: str
     error_op: Literal["set", "append"] | None
     error: str | None
+    started: bool = False
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,7 @@ class Change:
                     "execution_id": w.execution_id,
                     "error_op": w.error_op,
                     "error": w.error,
+                    "started": w.started,
                 }
                 for w in self.writes
             ],
@@ -105,8 +108,11 @@ def change_of(transition: Transition) -> Change:
     for node_id, node_writes in by_node.items():
         last = node_writes[-1]
         error_op, error = _fold_errors(node_writes)
+        started = any(w.status == "running" for w in node_writes)
         writes.append(
-            NodeChange(node_id, last.status, last.result, last.execution_id, error_op, error)
+            NodeChange(
+                node_id, last.status, last.result, last.execution_id, error_op, error, started
+            )
         )
     return Change(
         state=transition.state,

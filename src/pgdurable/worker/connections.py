@@ -14,6 +14,7 @@ session in a database makes a plain DROP DATABASE of it fail.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Any
@@ -114,6 +115,14 @@ class StepPool:
         finally:
             self.in_use -= 1
 
+    async def drop_idle(self) -> None:
+        """Close every idle connection: one was found dead, and the others were most likely
+        lost with it (a server restart), while they still look open until used."""
+        idle, self._idle = self._idle, []
+        for conn, _ in idle:
+            with contextlib.suppress(Exception):
+                await conn.close()
+
     def take_expired(self, now: float) -> list[AsyncConnection[Any]]:
         """Remove and return the connections idle for longer than ``idle_seconds``.
 
@@ -128,9 +137,7 @@ class StepPool:
 
     async def close(self) -> None:
         """Close every idle connection."""
-        idle, self._idle = self._idle, []
-        for conn, _ in idle:
-            await conn.close()
+        await self.drop_idle()
 
 
 class Connections:
@@ -166,7 +173,9 @@ class Connections:
             ),
             min_size=1,
             max_size=concurrency + 2,
-            kwargs={"autocommit": True},
+            # The worker's hot queries are prepared by worker/statement.py. psycopg's own
+            # preparing would also send DEALLOCATE ALL after a ROLLBACK, taking those along.
+            kwargs={"autocommit": True, "prepare_threshold": None},
             open=False,
             name="pgdurable-worker",
         )

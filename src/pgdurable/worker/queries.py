@@ -135,6 +135,7 @@ async def defer(conn: AsyncConn, task: Task) -> None:
 
 
 CHECKPOINT_BEGIN = "SELECT * FROM df._checkpoint_begin(%s, %s)"
+TASK_FACTS = "SELECT * FROM df._task_facts(%s, %s)"  # its answer, without the locks
 
 # The statement_timeout backstop of a step under a df.timeout: the deadline (epoch seconds,
 # the database clock) plus a grace, never looser than the role's own statement_timeout, and
@@ -292,10 +293,20 @@ async def rearm(conn: AsyncConn, task: Task) -> None:
     )
 
 
-def graph_queries(instance_id: str, max_bytes: int = DEFAULT_MAX_STATE_BYTES) -> list[Query]:
+def graph_queries(
+    instance_id: str, max_bytes: int = DEFAULT_MAX_STATE_BYTES, vars_size: bool = True
+) -> list[Query]:
     """The two queries that read an instance's graph, to send in one pipeline: its facts, and
     its nodes (none when their texts are larger than ``max_bytes``, so that a huge graph is
-    refused before it is read). :func:`graph_from_rows_of` makes the graph of their rows."""
+    refused before it is read). :func:`graph_from_rows_of` makes the graph of their rows.
+
+    Without ``vars_size`` they leave out the size of the instance's variables (NULL), which
+    only the engine may read: they then run as the submitter too."""
+    vars_bytes = (
+        "(SELECT octet_length(u.vars::text) FROM df._runs u WHERE u.instance_id = i.id)"
+        if vars_size
+        else "NULL::integer"
+    )
     return [
         Query(
             """
@@ -305,8 +316,9 @@ def graph_queries(instance_id: str, max_bytes: int = DEFAULT_MAX_STATE_BYTES) ->
                    (SELECT coalesce(sum(coalesce(octet_length(n.query), 0)
                                        + coalesce(octet_length(n.result_name), 0)), 0)
                       FROM df.nodes n WHERE n.instance_id = i.id) AS graph_bytes,
-                   (SELECT octet_length(u.vars::text) FROM df._runs u
-                     WHERE u.instance_id = i.id) AS vars_bytes
+                   """
+            + vars_bytes
+            + """ AS vars_bytes
               FROM df.instances i LEFT JOIN pg_roles r ON r.oid = i.submitted_by
              WHERE i.id = %s
             """,

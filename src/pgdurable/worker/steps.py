@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 import uuid
@@ -30,7 +31,7 @@ import psycopg
 from psycopg.pq import TransactionStatus
 
 from ..core import interpreter
-from ..core.interpreter import Transition
+from ..core.interpreter import TaskSpec, Transition
 from ..core.model import Graph, GraphError
 from ..core.state import InstanceState
 from . import http, queries
@@ -52,14 +53,21 @@ _SERVER_BUSY = (
 )
 # SQLSTATEs of statements that cannot run inside a transaction block.
 _NEEDS_OWN_TRANSACTION = {"25001", "2D000"}
+# df._checkpoint's refusal: the task is no longer ours.
+_TAKEN_AWAY = {"PD001"}
 COMMIT = Query("COMMIT")
 # READ COMMITTED whatever the role's default: a checkpoint must see, and lock, rows that other
 # checkpoints committed after its transaction began.
 BEGIN = Query("BEGIN ISOLATION LEVEL READ COMMITTED")
+# The database's clock after a statement, for the interpreter (timers the step's end sets).
+_NOW = Query("SELECT extract(epoch FROM clock_timestamp())::float8 AS now")
 _GRAPH_CACHE_SIZE = 2048
 # A statement under a df.timeout gets a statement_timeout this much past the deadline: the
 # timeout's own timer cancels it first; this is the backstop if that cancel is lost.
 _DEADLINE_GRACE_SECONDS = 1.0
+# A first step run with its start (see _start_with_first_step) that takes longer than this is
+# shown as running before it commits.
+SHOW_STARTED_AFTER = 0.05
 # The function whose EXECUTE privilege an HTTP node's submitter needs (docs/http.md).
 _HTTP_FUNCTIONS = {
     "HTTP": ("df.http()", "df.http(text,text,text,jsonb,integer)"),
@@ -79,6 +87,15 @@ class _Running:
     conn: AsyncConn | None = None  # None while the step's connection is being opened
     cancel_early: bool = False  # withdrawn before its statement was sent
     cancelling: asyncio.Future[None] | None = None
+
+
+@dataclass(frozen=True)
+class _Failed:
+    """The first step, run with the start, failed: how (see _start_with_first_step)."""
+
+    activation: int
+    error: str
+    code: str | None
 
 
 class _Withdrawn(Exception):
@@ -150,6 +167,7 @@ class StepRunner:
         self._graphs: OrderedDict[tuple[str, datetime | None], Graph] = OrderedDict()
         self._statements: dict[int, _Running] = {}  # task id -> its statement in flight
         self._requests: dict[int, tuple[Task, asyncio.Future[http.HttpOutcome]]] = {}
+        self._background: set[asyncio.Future[None]] = set()  # see _show_started
 
     async def run(self, task: Task, claim_limit: Callable[[], int]) -> list[Task]:
         """Run ``task`` to its checkpoint."""
@@ -168,7 +186,7 @@ class StepRunner:
         if task.kind == "signal":
             return await self._advance(task, self._signal_wait(task), claim_limit)
         if task.kind == "start":
-            return await self._advance(task, None, claim_limit)
+            return await self._start_with_first_step(task, claim_limit)
         raise ValueError(f"unknown task kind {task.kind!r}")
 
     async def fail(
@@ -227,6 +245,7 @@ class StepRunner:
                 return []
             except psycopg.Error as exc:
                 if is_transient(exc):
+                    await pool.drop_idle()
                     raise
                 await conn.execute("ROLLBACK")
                 reusable = True
@@ -267,27 +286,39 @@ class StepRunner:
         a later statement on this connection instead (the server ignores a cancel that
         arrives while it waits for the next command).
         """
+        deadline = (task.payload or {}).get("deadline")
+        after = None
+        if checkpoint:
+            after = Query(queries.CHECKPOINT_BEGIN, queries.checkpoint_begin_params(task))
+        result, rows = await self._statement(conn, task, sql, deadline, [BEGIN], after)
+        if not checkpoint:
+            return result, None
+        return result, queries.checkpoint_from_row(rows[0] if rows else None)
+
+    async def _statement(
+        self,
+        conn: AsyncConn,
+        task: Task,
+        sql: str,
+        deadline: Any,
+        before: list[Query],
+        after: Query | None,
+    ) -> tuple[str, list[dict[str, Any]]]:
+        """``before``, the statement of ``task`` (under ``deadline``'s statement_timeout
+        backstop, if any) and ``after``, in one round trip; the statement's result is read as
+        it arrives, up to the size limit. See _run_statement for cancels meanwhile."""
         running = self._statements.setdefault(task.id, _Running(task))
         running.conn = conn
         try:
             if running.cancel_early:
                 raise _Withdrawn()
             statement = sql.encode(conn.info.encoding)
-            before = [BEGIN]
-            deadline = (task.payload or {}).get("deadline")
             if deadline is not None:
                 limit = float(deadline) + _DEADLINE_GRACE_SECONDS
-                before.append(Query(queries.LIMIT_STATEMENT, (limit,)))
-            after = None
-            if checkpoint:
-                after = Query(queries.CHECKPOINT_BEGIN, queries.checkpoint_begin_params(task))
-            # One round trip; the result is read as it arrives, up to the size limit.
-            result, rows = await run_statement(
+                before = [*before, Query(queries.LIMIT_STATEMENT, (limit,))]
+            return await run_statement(
                 conn, statement, self.settings.max_result_bytes, before, after
             )
-            if not checkpoint:
-                return result, None
-            return result, queries.checkpoint_from_row(rows[0] if rows else None)
         finally:
             if self._statements.get(task.id) is running:
                 del self._statements[task.id]
@@ -515,6 +546,174 @@ class StepRunner:
             )
             return failed, False
         return followups, False  # no df._reset_session in that database: DISCARD ALL
+
+    # -- the start and the first step together ------------------------------------------------
+
+    async def _start_with_first_step(
+        self, task: Task, claim_limit: Callable[[], int]
+    ) -> list[Task]:
+        """Start an instance and run its first SQL step in one transaction, on a connection
+        logged in as the submitter, in three round trips: [BEGIN, df._checkpoint_begin, the
+        graph], [the statement], [df._checkpoint of both, the session reset, COMMIT]. Starting
+        on the worker's connection first would cost a transaction and two round trips more.
+
+        A failed step is recorded as the usual path records it: the start checkpointed on the
+        worker's connection, then the failure, without running the statement again. The
+        usual path takes over from the start when this cannot be done: a login refused, a
+        statement that cannot run in a transaction block, a state too large."""
+        if not self.conns.is_own_database(task.database):
+            return await self._advance(task, None, claim_limit)
+        pool = self.conns.step_pool(task.role, task.role_oid, task.database)
+        try:
+            conn = await pool.acquire()
+        except psycopg.Error as exc:
+            if is_transient(exc):
+                raise
+            return await self._advance(task, None, claim_limit)
+        outcome: list[Task] | _Failed | None = None
+        reusable = True
+        try:
+            outcome = await self._start_on(conn, task, claim_limit)
+        except _Withdrawn:
+            outcome = []  # cancelled: the start task is gone
+        except psycopg.Error as exc:
+            if _checkpoint_busy(exc):
+                raise CheckpointBusy(_message(exc)) from None
+            if exc.sqlstate in _TAKEN_AWAY:
+                log.info(
+                    "task %s of %s was taken away; step rolled back", task.id, task.instance_id
+                )
+                outcome = []
+            elif is_transient(exc):
+                # The connection was lost: the usual path retries, or fails the step (it
+                # must not fail the start), once the server answers again.
+                await pool.drop_idle()
+            reusable = not conn.closed
+        finally:
+            committed = conn.info.transaction_status == TransactionStatus.IDLE
+            if not conn.closed and not committed:
+                with contextlib.suppress(psycopg.Error):
+                    await conn.execute("ROLLBACK")
+            # The session was reset in the transaction only if it committed (a rolled back
+            # step may still hold a session advisory lock, say): else DISCARD ALL.
+            await pool.release(conn, reusable and not conn.closed, committed)
+        if isinstance(outcome, list):
+            return outcome
+        followups = await self._advance(task, None, claim_limit)
+        if outcome is None:
+            return followups
+        # The start queued the step, leased to us: record its failure.
+        step = [t for t in followups if t.activation == outcome.activation]
+        others = [t for t in followups if t.activation != outcome.activation]
+        for failed in step:
+            others += await self.fail(failed, outcome.error, claim_limit, outcome.code)
+        return others
+
+    async def _start_on(
+        self, conn: AsyncConn, task: Task, claim_limit: Callable[[], int]
+    ) -> list[Task] | _Failed | None:
+        """_start_with_first_step on the submitter's connection: the follow-ups; how the step
+        failed; or None to take the usual path. The caller rolls back what did not commit."""
+        max_bytes = self.settings.max_state_bytes
+        # No lock yet: df.cancel must not wait for the step's statement (see df._task_facts).
+        first_trip = [
+            BEGIN,
+            Query(queries.TASK_FACTS, queries.checkpoint_begin_params(task)),
+            *queries.graph_queries(task.instance_id, max_bytes, vars_size=False),
+        ]
+        _, begun, facts, nodes = await run_queries(conn, first_trip)
+        cp = queries.checkpoint_from_row(begun[0] if begun else None)
+        if cp is None:
+            return []  # the task is gone
+        if facts:  # the submitter may not read df._runs.vars: measured here instead
+            facts[0]["vars_bytes"] = len(json.dumps(cp.variables).encode())
+        # A submitter dropped already fails the instance in _start, as the usual
+        # path would; unlike it, a role dropped while the statement runs lets it count, as if
+        # it had ended just before.
+        started = self._start(task, cp, facts, nodes)
+        graph = self._cached_graph(task)
+        first = _first_sql_task(started)
+        if first is None or graph is None:  # nothing to run now, or the start failed
+            return await self._commit_on(conn, task, started, claim_limit)
+        # Until this transaction commits (its statement, or a user's deferred trigger at its
+        # COMMIT, may take long), monitoring would show the instance as pending.
+        finished = asyncio.Event()
+        shown = asyncio.ensure_future(self._show_started(task, started, finished))
+        self._background.add(shown)
+        shown.add_done_callback(self._background.discard)
+        try:
+            return await self._first_step(conn, task, graph, cp, started, first, claim_limit)
+        finally:
+            finished.set()
+
+    async def _first_step(
+        self,
+        conn: AsyncConn,
+        task: Task,
+        graph: Graph,
+        cp: Checkpoint,
+        started: Transition,
+        first: TaskSpec,
+        claim_limit: Callable[[], int],
+    ) -> list[Task] | _Failed | None:
+        """Run the step ``started`` queued, and commit both (see _start_on)."""
+        payload = first.payload or {}
+        try:
+            result, rows = await self._statement(
+                conn, task, str(payload.get("sql", "")), payload.get("deadline"), [], _NOW
+            )
+        except psycopg.Error as exc:
+            if is_transient(exc) or exc.sqlstate in _NEEDS_OWN_TRANSACTION:
+                raise  # the usual path: retried, or run outside a transaction block
+            return _Failed(first.activation, _sql_error(exc), exc.sqlstate)
+        except (ResultError, UnicodeEncodeError) as exc:
+            return _Failed(first.activation, str(exc), None)
+        step = interpreter.step_succeeded(
+            graph, _state_of(started), cp.variables, first.activation, result,
+            float(rows[0]["now"]), **self._limits,
+        )  # fmt: skip
+        chained = interpreter.chain(started, step, first.activation)
+        try:
+            return await self._commit_on(conn, task, chained, claim_limit)
+        except psycopg.Error as exc:
+            if is_transient(exc) or _checkpoint_busy(exc) or exc.sqlstate in _TAKEN_AWAY:
+                raise  # the usual path finds the task gone, or the submitter
+            # The user's own error at COMMIT (a deferred constraint or trigger).
+            return _Failed(first.activation, _sql_error(exc), exc.sqlstate)
+
+    async def _show_started(self, task: Task, started: Transition, finished: asyncio.Event) -> None:
+        """Once the first step has run for SHOW_STARTED_AFTER, show its instance and the nodes
+        the start began as running (df._show_started), on the worker's connection: they would
+        read pending until the step commits. Short steps never need it."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(finished.wait(), SHOW_STARTED_AFTER)
+            return
+        nodes = sorted({w.node_id for w in started.writes if w.status == "running"})
+        try:
+            async with self.conns.worker.connection() as conn:
+                await conn.execute(
+                    "SELECT df._show_started(%s, %s, %s)", (task.id, task.token, nodes)
+                )
+        except Exception as exc:  # only what monitoring shows meanwhile
+            log.debug("could not show instance %s as started: %s", task.instance_id, exc)
+
+    async def _commit_on(
+        self, conn: AsyncConn, task: Task, transition: Transition, claim_limit: Callable[[], int]
+    ) -> list[Task] | None:
+        """Lock the instance (df._checkpoint_begin), checkpoint ``transition`` in the open
+        transaction of a step connection, reset the session and commit, in one round trip;
+        None if the state is too large (the usual path fails the instance)."""
+        try:
+            params = self._checkpoint_params(task, transition, claim_limit())
+        except queries.StateTooLarge:
+            return None
+        commit = [
+            Query(queries.CHECKPOINT_BEGIN, queries.checkpoint_begin_params(task)),
+            Query(queries.CHECKPOINT, params),
+            *map(Query, RESET_SESSION),
+            COMMIT,
+        ]
+        return queries.followups((await run_queries(conn, commit))[1], task)
 
     # -- HTTP steps ----------------------------------------------------------------------------
 
@@ -822,6 +1021,22 @@ async def _busy_on_lock_timeout() -> AsyncIterator[None]:
         yield
     except psycopg.errors.LockNotAvailable as exc:
         raise CheckpointBusy(_message(exc)) from None
+
+
+def _first_sql_task(transition: Transition) -> TaskSpec | None:
+    """The SQL step a start queued, if it is all it queued. Not when there is more: run in
+    the start's transaction, the step would hold the others back (a RACE with a df.sleep, the
+    timer of a df.timeout, the other branches of a JOIN)."""
+    if transition.outcome is not None or len(transition.tasks) != 1:
+        return None
+    [task] = transition.tasks
+    return task if task.kind == "sql" and task.run_at is None else None
+
+
+def _state_of(transition: Transition) -> InstanceState:
+    if transition.next_state is None:
+        raise RuntimeError("a transition that did not end the instance has no state")
+    return transition.next_state
 
 
 def _state(cp: Checkpoint) -> InstanceState:
