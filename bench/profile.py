@@ -45,7 +45,7 @@ def _submit(server: Server, graph: str, stop: threading.Event, backlog: int) -> 
             time.sleep(0.05)
 
 
-def _py_spy(pid: int, seconds: int, out: Path) -> None:
+def _py_spy(pid: int, seconds: int, out: Path, native: bool) -> None:
     spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     subprocess.run(
         [
@@ -57,7 +57,8 @@ def _py_spy(pid: int, seconds: int, out: Path) -> None:
             str(seconds),
             "--format",
             "raw",
-            "--nonblocking",
+            # Native frames (libpq, psycopg's C code) need the process paused at each sample.
+            *(["--native"] if native else ["--nonblocking"]),
             "-o",
             str(out),
         ],
@@ -101,6 +102,9 @@ def main() -> int:
     parser.add_argument("--seconds", type=int, default=15)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument(
+        "--native", action="store_true", help="sample C frames too (pauses the worker)"
+    )
     args = parser.parse_args()
     shape = next(s for s in SHAPES if s.name == args.shape)
 
@@ -129,7 +133,7 @@ def main() -> int:
         with psycopg.connect(server.admin_dsn, autocommit=True) as conn:
             conn.execute("SELECT pg_stat_statements_reset()")
             done0 = _completed(conn)
-            _py_spy(workers.pids[0], args.seconds, base / "spy.txt")
+            _py_spy(workers.pids[0], args.seconds, base / "spy.txt", args.native)
             done = _completed(conn) - done0
             rows = conn.execute(
                 "SELECT s.calls, s.total_exec_time, s.toplevel, r.rolname,"

@@ -4,7 +4,10 @@ Run ``.venv/bin/python bench/run.py [--quick | --smoke] [--out bench/results/lat
 It starts its own embedded PostgreSQL 18 (durable settings: fsync and synchronous_commit on),
 measures pgbench's commit rate for one INSERT per transaction, then runs workflows of three
 shapes (one SQL step, ten in sequence, a JOIN of ten) on 1 and then 4 worker processes, and
-prints and saves every figure. See bench/README.md for what each figure means.
+prints and saves every figure. ``trigger1`` inserts rows at stepped rates into a table whose
+AFTER INSERT trigger starts a one-step workflow per row. ``--delay-ms 1`` runs each shape a
+second time with the workers behind a proxy that adds a 1 ms round trip (bench/delayproxy.py).
+See bench/README.md for what each figure means.
 """
 
 from __future__ import annotations
@@ -50,6 +53,22 @@ LATENCY_LOAD = 0.5  # latency is measured at this fraction of the measured throu
 IDLE_FRACTION = 0.1
 IDLE_RATE = (2.0, 5.0)
 STALL_SECONDS = 90.0  # no progress for this long while waiting: give up
+# trigger1: each inserted row's trigger starts a workflow whose one step writes the row's id.
+# The graph is built once; the trigger puts the row's id where this marker stands.
+DOC_ID = "__doc_id__"
+TRIGGER_STEP_SQL = f"INSERT INTO bench_effects(v) VALUES ({DOC_ID})"
+TRIGGER_ROWS_PER_INSERT = 10  # rows per INSERT statement, each its own transaction
+TRIGGER_CLIENTS = 8  # inserting connections: enough to keep the schedule when inserts slow down
+TRIGGER_RATES = (1000, 2000, 3000)  # rows/s, stepped up one after the other
+# A phase keeps up when its backlog grew by at most this share of the rows it inserted plus
+# the rows of TRIGGER_IN_FLIGHT seconds: what is left then is work in flight (the last
+# INSERTs' workflows), not a queue that grows with time.
+TRIGGER_KEEP_UP = 0.05
+TRIGGER_IN_FLIGHT = 0.25
+# A phase whose clients fall this far behind its schedule stops inserting: the rate is out of
+# reach, and the rows it did insert say how far.
+TRIGGER_OVERRUN = 1.25
+PROXY = Path(__file__).resolve().parent / "delayproxy.py"
 # Durable defaults, stated explicitly (the embedded server's own pgdurable.conf adds
 # listen_addresses, max_connections = 300 and pg_durable.poll_interval = 100ms).
 SERVER_SETTINGS = {"fsync": "on", "synchronous_commit": "on", "full_page_writes": "on"}
@@ -84,6 +103,7 @@ class Shape:
     steps: int
     description: str
     operator: str | None  # None: a single step
+    step_sql: str = STEP_SQL  # each step's statement; {n} is the step's number
 
 
 SHAPES = [
@@ -91,6 +111,16 @@ SHAPES = [
     Shape("seq10", 10, "10 SQL steps in sequence ('s1' ~> ... ~> 's10')", "~>"),
     Shape("join10", 10, "JOIN of 10 SQL steps ('s1' & ... & 's10', nested)", "&"),
 ]
+# Not a batch of workflows like the shapes above: rows inserted at a set rate, each starting
+# a workflow from a trigger (Runner.trigger_scenario).
+TRIGGER_SHAPE = Shape(
+    "trigger1",
+    1,
+    "AFTER INSERT trigger: df.start of one SQL step per inserted row",
+    None,
+    TRIGGER_STEP_SQL,
+)
+ALL_SHAPES = [*SHAPES, TRIGGER_SHAPE]
 
 
 @dataclass(frozen=True)
@@ -108,12 +138,17 @@ class Mode:
     latency_min_samples: int
     latency_max_seconds: float
     idle_samples: int
+    trigger_seconds: float  # each trigger1 rate is held this long
+    trigger_warmup_rows: int
+    # Smoke leaves trigger1 out: its backlog can be 0, and the smoke test wants every figure
+    # above 0.
+    trigger_by_default: bool = True
 
 
 MODES = {
-    "full": Mode("full", (1, 4, 16), 10, 2.0, 12.0, 200, 50_000, 12.0, 300, 25.0, 20),
-    "quick": Mode("quick", (1, 4), 3, 0.5, 2.5, 50, 5_000, 2.0, 30, 4.0, 5),
-    "smoke": Mode("smoke", (1, 4), 1, 0.0, 0.0, 8, 8, 0.5, 4, 1.0, 1),
+    "full": Mode("full", (1, 4, 16), 10, 2.0, 12.0, 200, 50_000, 12.0, 300, 25.0, 20, 8.0, 400),
+    "quick": Mode("quick", (1, 4), 3, 0.5, 2.5, 50, 5_000, 2.0, 30, 4.0, 5, 3.0, 100),
+    "smoke": Mode("smoke", (1, 4), 1, 0.0, 0.0, 8, 8, 0.5, 4, 1.0, 1, 1.0, 20, False),
 }
 
 
@@ -148,6 +183,7 @@ class Cost:
     other_top: list[str]  # the biggest CPU users outside the benchmark, if any
     statements: float | None = None  # top-level statements (round trips), --statements only
     top_statements: list[dict[str, Any]] | None = None
+    cpu_ms_proxy: float | None = None  # the delay proxy's CPU, --delay-ms runs only
 
 
 @dataclass
@@ -181,6 +217,57 @@ class WorkflowResult:
     throughput: Throughput
     latency: Latency
     latency_idle: Latency
+    delay_ms: float | None = None  # None: the workers connect directly (loopback)
+    elapsed_seconds: float = 0.0  # what the scenario added to the run, setup included
+
+
+@dataclass
+class TriggerStep:
+    """One rate of trigger1: rows inserted at that rate for a while, with the workers running."""
+
+    target_rows_per_s: float
+    seconds: float  # first INSERT sent to last INSERT returned (client clock)
+    rows: int
+    insert_rows_per_s: float  # rows / seconds: the insert rate sustained
+    insert_p50_ms: float  # INSERT statement round trip, as the client sees it
+    insert_p99_ms: float
+    insert_max_ms: float
+    completed: int  # workflows (of any rate) completed during the phase (server clock)
+    completed_per_s: float
+    backlog_start: int  # workflows started but not completed, at the phase's start
+    backlog_end: int  # ... and at its end
+    keeps_up: bool
+    machine_busy_pct: float
+    other_busy_pct: float
+    worker_runqueue_pct: float
+
+
+@dataclass
+class TriggerResult:
+    shape: str
+    description: str
+    worker_processes: int
+    concurrency: int
+    rows_per_insert: int
+    clients: int
+    warmup_rows: int
+    steps: list[TriggerStep]
+    delay_ms: float | None = None
+    elapsed_seconds: float = 0.0  # what the scenario added to the run, setup included
+
+    @property
+    def sustained_rows_per_s(self) -> float:
+        """The highest insert rate whose workflows kept up (0: none did)."""
+        return max((s.insert_rows_per_s for s in self.steps if s.keeps_up), default=0.0)
+
+
+def delay_key(delay_ms: float | None) -> str:
+    """``""`` for loopback, ``"_delay1ms"`` (``"_delay0p5ms"``) behind the delay proxy."""
+    return "" if delay_ms is None else f"_delay{delay_ms:g}ms".replace(".", "p")
+
+
+def network_name(delay_ms: float | None) -> str:
+    return "loopback" if delay_ms is None else f"proxy +{delay_ms:g} ms"
 
 
 @dataclass
@@ -188,19 +275,39 @@ class Report:
     meta: dict[str, Any]
     pgbench: list[PgbenchResult] = field(default_factory=list)
     workflows: list[WorkflowResult] = field(default_factory=list)
+    triggers: list[TriggerResult] = field(default_factory=list)
 
     def figures(self) -> dict[str, float]:
         """The headline figures under stable keys (what targets are set against)."""
         out: dict[str, float] = {}
         for p in self.pgbench:
             out[f"pgbench_c{p.clients}_tps"] = round(p.tps, 1)
+        loopback = {
+            (w.shape, w.worker_processes): w.throughput.workflows_per_s
+            for w in self.workflows
+            if w.delay_ms is None
+        }
         for w in self.workflows:
-            key = f"{w.shape}_w{w.worker_processes}"
+            key = f"{w.shape}_w{w.worker_processes}{delay_key(w.delay_ms)}"
             out[f"{key}_workflows_per_s"] = round(w.throughput.workflows_per_s, 1)
             out[f"{key}_steps_per_s"] = round(w.throughput.steps_per_s, 1)
             out[f"{key}_p50_ms"] = round(w.latency.p50_ms, 1)
             out[f"{key}_p99_ms"] = round(w.latency.p99_ms, 1)
             out[f"{key}_idle_p50_ms"] = round(w.latency_idle.p50_ms, 1)
+            base = loopback.get((w.shape, w.worker_processes))
+            if w.delay_ms is not None and base:
+                # The share of the loopback throughput kept behind the delay (target >= 0.5).
+                out[f"{key}_vs_loopback"] = round(w.throughput.workflows_per_s / base, 3)
+        for t in self.triggers:
+            key = f"{t.shape}_w{t.worker_processes}{delay_key(t.delay_ms)}"
+            out[f"{key}_sustained_rows_per_s"] = round(t.sustained_rows_per_s, 1)
+            for s in t.steps:
+                rk = f"{key}_r{s.target_rows_per_s:g}"
+                out[f"{rk}_insert_rows_per_s"] = round(s.insert_rows_per_s, 1)
+                out[f"{rk}_completed_per_s"] = round(s.completed_per_s, 1)
+                out[f"{rk}_backlog_end"] = s.backlog_end
+                out[f"{rk}_insert_p50_ms"] = round(s.insert_p50_ms, 2)
+                out[f"{rk}_insert_p99_ms"] = round(s.insert_p99_ms, 2)
         return out
 
     def to_json(self) -> dict[str, Any]:
@@ -209,6 +316,9 @@ class Report:
             "figures": self.figures(),
             "pgbench": [asdict(p) for p in self.pgbench],
             "workflows": [asdict(w) for w in self.workflows],
+            "triggers": [
+                {**asdict(t), "sustained_rows_per_s": t.sustained_rows_per_s} for t in self.triggers
+            ],
         }
 
 
@@ -299,12 +409,16 @@ def _processes() -> dict[int, _Proc]:
 
 
 class CpuMeter:
-    """CPU used by the worker processes, the PostgreSQL processes, this client, and the
-    rest of the machine (other users of a shared machine, kernel threads)."""
+    """CPU used by the worker processes, the PostgreSQL processes, this client, the delay
+    proxy (if any), and the rest of the machine (other users of a shared machine, kernel
+    threads)."""
 
-    def __init__(self, postmaster_pid: int, worker_pids: list[int]):
+    def __init__(
+        self, postmaster_pid: int, worker_pids: list[int], proxy_pids: list[int] | None = None
+    ):
         self.postmaster = postmaster_pid
         self.workers = worker_pids
+        self.proxies = proxy_pids or []
         self._start = self._sample()
 
     def _sample(self) -> dict[str, Any]:
@@ -318,6 +432,7 @@ class CpuMeter:
         return {
             "procs": procs,
             "workers": sum(procs[pid].cpu for pid in self.workers if pid in procs),
+            "proxy": sum(procs[pid].cpu for pid in self.proxies if pid in procs),
             "runqueue": sum(_runqueue_wait(pid) for pid in self.workers),
             "postgres": postgres,
             "client": me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime,
@@ -328,7 +443,7 @@ class CpuMeter:
 
     def _others(self, start: dict[int, _Proc], end: dict[int, _Proc]) -> list[str]:
         """The biggest CPU users outside the benchmark during the measurement."""
-        ours = {os.getpid(), self.postmaster, *self.workers}
+        ours = {os.getpid(), self.postmaster, *self.workers, *self.proxies}
         by_name: dict[str, float] = {}
         for pid, proc in end.items():
             if pid in ours or proc.ppid in ours:
@@ -349,7 +464,7 @@ class CpuMeter:
             k: end[k] - self._start[k] for k in end if isinstance(end[k], int | float)
         }
         capacity = d["total"] or 1.0  # CPU seconds all cores had
-        ours = d["workers"] + d["postgres"] + d["client"]
+        ours = d["workers"] + d["postgres"] + d["client"] + d["proxy"]
         d["busy_pct"] = 100.0 * d["busy"] / capacity
         d["other_pct"] = max(0.0, 100.0 * (d["busy"] - ours) / capacity)
         worker_wall = d["wall"] * len(self.workers)
@@ -384,6 +499,45 @@ class Server:
                 " at timestamptz NOT NULL DEFAULT clock_timestamp())"
             )
             conn.execute(f"GRANT SELECT, INSERT ON bench_effects TO {ROLE}")
+            # trigger1's table (install_trigger adds the trigger).
+            conn.execute(
+                "CREATE TABLE bench_docs ("
+                " id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,"
+                " label text NOT NULL,"
+                " body text,"
+                " created_at timestamptz NOT NULL DEFAULT clock_timestamp())"
+            )
+            conn.execute(f"GRANT SELECT, INSERT ON bench_docs TO {ROLE}")
+
+    def install_trigger(self, graph: str) -> None:
+        """The AFTER INSERT trigger on bench_docs that starts ``graph`` for each new row.
+
+        ``graph`` is in the function's body as a literal, with the row's id put where DOC_ID
+        stands. That is safe because the id is a bigint: its text is digits, which can neither
+        end a SQL string or comment nor a JSON string (a one-step graph is plain SQL text, a
+        bigger one JSON). A text value would need quote_literal(), and inside a JSON graph
+        JSON escaping too. df.setvar cannot carry it: variables belong to the role, not the
+        transaction, so concurrent inserters would see each other's values.
+
+        SECURITY INVOKER (the default): the trigger runs as the inserting role, so df.start
+        records ``bench`` as the submitter and the step runs as ``bench``.
+        """
+        assert graph.count(DOC_ID) == 1, graph
+        body = pgsql.SQL(
+            "CREATE OR REPLACE FUNCTION bench_docs_start() RETURNS trigger"
+            " LANGUAGE plpgsql AS $fn$\n"
+            "BEGIN\n"
+            "    PERFORM df.start(replace({graph}, {marker}, NEW.id::text), NEW.label);\n"
+            "    RETURN NULL;\n"
+            "END\n"
+            "$fn$"
+        ).format(graph=pgsql.Literal(graph), marker=pgsql.Literal(DOC_ID))
+        with psycopg.connect(self.admin_dsn, autocommit=True) as conn:
+            conn.execute(body)
+            conn.execute(
+                "CREATE OR REPLACE TRIGGER bench_docs_start AFTER INSERT ON bench_docs"
+                " FOR EACH ROW EXECUTE FUNCTION bench_docs_start()"
+            )
 
     def stop(self) -> None:
         if not self.started:
@@ -431,23 +585,127 @@ class Server:
         Only while no worker runs: TRUNCATE's exclusive locks can deadlock with a claim.
         """
         with psycopg.connect(self.admin_dsn, autocommit=True) as conn:
-            conn.execute("TRUNCATE df.instances, bench_effects CASCADE")
+            conn.execute("TRUNCATE df.instances, bench_effects, bench_docs CASCADE")
             conn.execute("VACUUM ANALYZE df.instances, df.nodes, df._runs, df._tasks")
             conn.execute("CHECKPOINT")
+
+
+# -- the simulated network -------------------------------------------------------------------
+
+
+class DelayProxy:
+    """bench/delayproxy.py in a process of its own: a TCP port in front of PostgreSQL's whose
+    round trips take ``delay_ms`` longer."""
+
+    def __init__(self, server: Server, base: Path, delay_ms: float):
+        self.server = server
+        self.delay_ms = delay_ms
+        self.log = base / f"proxy-{delay_ms:g}ms.log"
+        self.proc: subprocess.Popen[str] | None = None
+        self.port = 0
+
+    def start(self) -> None:
+        with self.log.open("w") as err:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    str(PROXY),
+                    "--target",
+                    f"127.0.0.1:{self.server.pg.port}",
+                    "--delay-ms",
+                    f"{self.delay_ms:g}",
+                ],
+                stdout=subprocess.PIPE,
+                stderr=err,
+                text=True,
+                start_new_session=True,  # Ctrl-C reaches us; we stop it after the workers
+            )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()  # the proxy prints its port once it listens
+        match = re.match(r"listening on [\d.]+:(\d+)", line)
+        if not match:
+            self.stop()
+            raise BenchError(f"the delay proxy did not start: {line!r}\n" + _tail(self.log, 15))
+        self.port = int(match.group(1))
+
+    def dsn(self, dbname: str, user: str = "postgres") -> str:
+        return f"postgresql://{user}@127.0.0.1:{self.port}/{dbname}"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def check(self) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise BenchError(
+                f"the delay proxy exited with {self.proc.returncode}\n" + _tail(self.log, 15)
+            )
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        self.proc = None
+
+
+def round_trip_ms(dsn: str, count: int = 200) -> dict[str, float]:
+    """p50 and p90 of a ``SELECT 1`` round trip on one connection: what the proxy adds."""
+    times: list[float] = []
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("SELECT 1")
+        for _ in range(count):
+            began = time.perf_counter()
+            conn.execute("SELECT 1", prepare=True)
+            times.append(1000 * (time.perf_counter() - began))
+    times.sort()
+    return {
+        "p50_ms": round(times[len(times) // 2], 3),
+        "p90_ms": round(times[int(len(times) * 0.9)], 3),
+    }
 
 
 # -- workers ---------------------------------------------------------------------------------
 
 
 class Workers:
-    """``python -m pgdurable worker`` subprocesses, logging to files."""
+    """``python -m pgdurable worker`` subprocesses, logging to files; connected to PostgreSQL
+    directly, or through a delay proxy."""
 
-    def __init__(self, server: Server, base: Path, processes: int, concurrency: int):
+    def __init__(
+        self,
+        server: Server,
+        base: Path,
+        processes: int,
+        concurrency: int,
+        proxy: DelayProxy | None = None,
+    ):
         self.server = server
         self.processes = processes
         self.concurrency = concurrency
+        self.proxy = proxy
         self.logs = [base / f"worker-{processes}-{i}.log" for i in range(processes)]
         self.procs: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def dsn(self) -> str:
+        return self.proxy.dsn(DATABASE) if self.proxy else self.server.admin_dsn
+
+    @property
+    def delay_ms(self) -> float | None:
+        return self.proxy.delay_ms if self.proxy else None
+
+    @property
+    def proxy_pids(self) -> list[int]:
+        return [self.proxy.pid] if self.proxy else []
 
     def start(self) -> None:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
@@ -461,7 +719,7 @@ class Workers:
                             "pgdurable",
                             "worker",
                             "--dsn",
-                            self.server.admin_dsn,
+                            self.dsn,
                             "--concurrency",
                             str(self.concurrency),
                         ],
@@ -487,6 +745,8 @@ class Workers:
         return [p.pid for p in self.procs]
 
     def check(self) -> None:
+        if self.proxy:
+            self.proxy.check()
         for proc, log in zip(self.procs, self.logs, strict=True):
             if proc.poll() is not None:
                 raise BenchError(
@@ -577,7 +837,7 @@ def run_pgbench(server: Server, base: Path, clients: int, seconds: int) -> Pgben
 
 def build_graph(server: Server, shape: Shape) -> str:
     """The workflow's text, built once with the DSL operators (df.start gets it as a value)."""
-    steps = [pgsql.Literal(STEP_SQL.format(n=i + 1)) for i in range(shape.steps)]
+    steps = [pgsql.Literal(shape.step_sql.format(n=i + 1)) for i in range(shape.steps)]
     expr: pgsql.Composable = steps[0]
     if shape.operator is not None:
         expr = pgsql.SQL(" " + shape.operator + " ").join(steps)
@@ -599,7 +859,11 @@ class Runner:
 
     def label(self, shape: Shape, phase: str) -> str:
         self._seq += 1
-        return f"{shape.name}-w{self.workers.processes}-{phase}-{self._seq}"
+        return f"{self.prefix(shape)}-{phase}-{self._seq}"
+
+    def prefix(self, shape: Shape) -> str:
+        """What every label of this scenario starts with."""
+        return f"{shape.name}-w{self.workers.processes}{delay_key(self.workers.delay_ms)}"
 
     # -- submitting --------------------------------------------------------------------------
 
@@ -748,7 +1012,7 @@ class Runner:
             if self.stats:
                 conn.execute("SELECT pg_stat_statements_reset()")
             wal0, xid0 = self._wal_and_xid(conn)
-            meter = CpuMeter(self.server.postmaster_pid, self.workers.pids)
+            meter = CpuMeter(self.server.postmaster_pid, self.workers.pids, self.workers.proxy_pids)
             submit_seconds = self.submit_batch(graph, label, count)
             self.wait_done(label, count)
             cpu = meter.stop()
@@ -767,6 +1031,7 @@ class Runner:
             other_top=cpu["other_top"],
             statements=statements,
             top_statements=top,
+            cpu_ms_proxy=1000 * cpu["proxy"] / n if self.workers.proxy else None,
         )
         rate = n / seconds
         return Throughput(n, seconds, submit_seconds, rate, rate * shape.steps, cost)
@@ -851,7 +1116,153 @@ class Runner:
             tp,
             lat,
             idle,
+            self.workers.delay_ms,
         )
+
+    # -- trigger1 ----------------------------------------------------------------------------
+
+    def insert_paced(
+        self, label: str, rows_per_s: float, seconds: float
+    ) -> tuple[int, float, list[float]]:
+        """Insert rows into bench_docs at ``rows_per_s`` for ``seconds``, TRIGGER_ROWS_PER_INSERT
+        rows per statement (its own transaction), from TRIGGER_CLIENTS connections on an
+        open-loop schedule; returns (rows, seconds, each statement's round trip in ms)."""
+        per_s = rows_per_s / TRIGGER_ROWS_PER_INSERT
+        count = max(1, round(per_s * seconds))
+        t0 = time.monotonic() + 0.05
+        give_up = t0 + seconds * TRIGGER_OVERRUN
+        counter = iter(range(count))
+        lock = threading.Lock()
+        latencies: list[float] = []
+        errors: list[BaseException] = []
+        last_end = [t0]
+
+        def client() -> None:
+            try:
+                with psycopg.connect(self.server.user_dsn, autocommit=True) as conn:
+                    while not self.stop.is_set():
+                        with lock:
+                            k = next(counter, None)
+                        if k is None:
+                            return
+                        delay = t0 + k / per_s - time.monotonic()
+                        if delay > 0:
+                            time.sleep(delay)
+                        elif time.monotonic() > give_up:
+                            return
+                        began = time.perf_counter()
+                        conn.execute(
+                            "INSERT INTO bench_docs(label, body)"
+                            " SELECT %s, 'document ' || g FROM generate_series(1, %s) g",
+                            (label, TRIGGER_ROWS_PER_INSERT),
+                        )
+                        took = time.perf_counter() - began
+                        with lock:
+                            latencies.append(1000 * took)
+                            last_end[0] = max(last_end[0], time.monotonic())
+            except BaseException as exc:
+                errors.append(exc)
+
+        _run_threads(client, TRIGGER_CLIENTS)
+        if self.stop.is_set():
+            raise KeyboardInterrupt
+        if errors:
+            raise BenchError(f"inserting failed: {errors[0]!r}")
+        return len(latencies) * TRIGGER_ROWS_PER_INSERT, last_end[0] - t0, latencies
+
+    def _backlog(self, conn: psycopg.Connection[Any], prefix: str) -> tuple[int, dt.datetime]:
+        """Workflows of this scenario not completed yet, and the server's clock."""
+        row = conn.execute(
+            "SELECT count(*) FILTER (WHERE status <> 'completed'),"
+            "       count(*) FILTER (WHERE status IN ('failed', 'cancelled')),"
+            "       min(label) FILTER (WHERE status IN ('failed', 'cancelled')),"
+            "       clock_timestamp()"
+            "  FROM df.instances WHERE starts_with(label, %s)",
+            (prefix,),
+        ).fetchone()
+        assert row is not None
+        if row[1]:
+            raise BenchError(f"{row[1]} trigger1 workflow(s) failed: {self._why(str(row[2]))}")
+        return int(row[0]), row[3]
+
+    def trigger_scenario(self, shape: Shape, mode: Mode, rates: list[float]) -> TriggerResult:
+        graph = build_graph(self.server, shape)
+        self.server.install_trigger(graph)
+        prefix = self.prefix(shape) + "-"
+        # Warm-up: connections, caches, and a check that each row's workflow wrote its id.
+        label = self.label(shape, "warmup")
+        seconds = min(mode.trigger_seconds, 2.0)
+        rows, _, _ = self.insert_paced(label, mode.trigger_warmup_rows / seconds, seconds)
+        self.wait_done(label, rows)
+        with psycopg.connect(self.server.admin_dsn, autocommit=True) as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM bench_docs d JOIN bench_effects e ON e.v = d.id"
+                " WHERE d.label = %s",
+                (label,),
+            ).fetchone()
+        if not row or row[0] != rows:
+            raise BenchError(f"trigger1: {rows} rows inserted, {row and row[0]} effects written")
+        steps: list[TriggerStep] = []
+        with psycopg.connect(self.server.admin_dsn, autocommit=True) as conn:
+            for rate in rates:
+                label = self.label(shape, f"r{rate:g}")
+                backlog0, at0 = self._backlog(conn, prefix)
+                meter = CpuMeter(
+                    self.server.postmaster_pid, self.workers.pids, self.workers.proxy_pids
+                )
+                rows, seconds, latencies = self.insert_paced(label, rate, mode.trigger_seconds)
+                backlog1, at1 = self._backlog(conn, prefix)
+                cpu = meter.stop()
+                self.workers.check()
+                done = conn.execute(
+                    "SELECT count(*) FROM df.instances WHERE starts_with(label, %s)"
+                    "   AND completed_at >= %s AND completed_at < %s",
+                    (prefix, at0, at1),
+                ).fetchone()
+                assert done is not None
+                window = (at1 - at0).total_seconds()
+                inserted_per_s = rows / seconds if seconds > 0 else 0.0
+                allowance = TRIGGER_KEEP_UP * rows + TRIGGER_IN_FLIGHT * inserted_per_s
+                latencies.sort()
+                steps.append(
+                    TriggerStep(
+                        target_rows_per_s=rate,
+                        seconds=round(seconds, 3),
+                        rows=rows,
+                        insert_rows_per_s=inserted_per_s,
+                        insert_p50_ms=_quantile(latencies, 0.5),
+                        insert_p99_ms=_quantile(latencies, 0.99),
+                        insert_max_ms=latencies[-1] if latencies else 0.0,
+                        completed=int(done[0]),
+                        completed_per_s=int(done[0]) / window if window > 0 else 0.0,
+                        backlog_start=backlog0,
+                        backlog_end=backlog1,
+                        keeps_up=backlog1 - backlog0 <= allowance,
+                        machine_busy_pct=cpu["busy_pct"],
+                        other_busy_pct=cpu["other_pct"],
+                        worker_runqueue_pct=cpu["runqueue_pct"],
+                    )
+                )
+        # No waiting for the backlog: it can be minutes of work, and the next scenario starts
+        # from emptied tables anyway.
+        return TriggerResult(
+            shape.name,
+            shape.description,
+            self.workers.processes,
+            self.workers.concurrency,
+            TRIGGER_ROWS_PER_INSERT,
+            TRIGGER_CLIENTS,
+            mode.trigger_warmup_rows,
+            steps,
+            self.workers.delay_ms,
+        )
+
+
+def _quantile(ordered: list[float], q: float) -> float:
+    """The q-quantile of sorted values (nearest rank); 0 for none."""
+    if not ordered:
+        return 0.0
+    return ordered[min(len(ordered) - 1, max(0, int(q * len(ordered) + 0.5) - 1))]
 
 
 def _run_threads(target: Any, n: int) -> None:
@@ -910,13 +1321,22 @@ def print_report(report: Report) -> None:
             f"{p.machine_busy_pct:.0f}%",
         )
     console.print(base)
+    if report.workflows:
+        _print_workflows(report, best)
+    if report.triggers:
+        _print_triggers(report)
 
+
+def _print_workflows(report: Report, best: float) -> None:
+    delayed = any(w.delay_ms is not None for w in report.workflows)
     main = Table(
         title="Workflows: throughput (batch) and start-to-finish latency "
         f"(paced at {LATENCY_LOAD:.0%} of throughput, own transaction each; idle: "
         f"{IDLE_RATE[0]:.0f}-{IDLE_RATE[1]:.0f}/s)"
     )
     main.add_column("workflow")
+    if delayed:
+        main.add_column("workers' network")
     main.add_column("worker procs × conc.", justify="right")
     main.add_column("batch", justify="right")
     main.add_column("workflows/s", justify="right")
@@ -930,6 +1350,7 @@ def print_report(report: Report) -> None:
         t, lat = w.throughput, w.latency
         main.add_row(
             w.shape,
+            *([network_name(w.delay_ms)] if delayed else []),
             f"{w.worker_processes} × {w.concurrency}",
             str(t.workflows),
             f"{t.workflows_per_s:,.1f}",
@@ -959,10 +1380,12 @@ def print_report(report: Report) -> None:
     stats = any(w.throughput.cost.statements is not None for w in report.workflows)
     if stats:
         cost.add_column("statements", justify="right")
+    if delayed:
+        cost.add_column("CPU ms proxy", justify="right")
     for w in report.workflows:
         c = w.throughput.cost
         row = [
-            w.shape,
+            w.shape + ("" if w.delay_ms is None else f" +{w.delay_ms:g}ms"),
             str(w.worker_processes),
             f"{c.write_xacts:.1f}",
             f"{c.wal_bytes / 1024:.1f}",
@@ -975,6 +1398,8 @@ def print_report(report: Report) -> None:
         ]
         if stats:
             row.append(f"{c.statements:.1f}" if c.statements is not None else "-")
+        if delayed:
+            row.append(f"{c.cpu_ms_proxy:.2f}" if c.cpu_ms_proxy is not None else "-")
         cost.add_row(*row)
     console.print(cost)
     console.print(
@@ -986,8 +1411,72 @@ def print_report(report: Report) -> None:
     for w in report.workflows:
         c = w.throughput.cost
         console.print(
-            f"  {w.shape} on {w.worker_processes}: {c.other_busy_pct:.0f}% "
-            f"({', '.join(c.other_top) or 'no single process'})",
+            f"  {w.shape} on {w.worker_processes} ({network_name(w.delay_ms)}): "
+            f"{c.other_busy_pct:.0f}% ({', '.join(c.other_top) or 'no single process'})",
+            highlight=False,
+        )
+    if delayed:
+        net = report.meta.get("network", {})
+        rtt = ", ".join(f"{k.removesuffix('_select1')} {v['p50_ms']:.2f}" for k, v in net.items())
+        console.print(
+            f"workers' network: SELECT 1 round trip p50 (ms): {rtt}. Throughput kept behind "
+            "the proxy (target for sql1 with 1 ms: >= 50%):",
+            highlight=False,
+        )
+        figures = report.figures()
+        for w in report.workflows:
+            key = f"{w.shape}_w{w.worker_processes}{delay_key(w.delay_ms)}_vs_loopback"
+            if key in figures:
+                console.print(
+                    f"  {w.shape} on {w.worker_processes}, +{w.delay_ms:g} ms: "
+                    f"{w.throughput.workflows_per_s:,.1f} workflows/s = {figures[key]:.0%} of "
+                    "loopback",
+                    highlight=False,
+                )
+
+
+def _print_triggers(report: Report) -> None:
+    t0 = report.triggers[0]
+    table = Table(
+        title=f"trigger1: rows inserted at a set rate, {t0.rows_per_insert} per INSERT "
+        f"(own transaction), from {t0.clients} connections; an AFTER INSERT trigger starts a "
+        "one-step workflow per row"
+    )
+    for col in (
+        "procs × conc.",
+        "network",
+        "target rows/s",
+        "inserted rows/s",
+        "INSERT p50 ms",
+        "INSERT p99 ms",
+        "completed/s",
+        "backlog start → end",
+        "keeps up",
+        "machine busy (other)",
+        "workers wait for CPU",
+    ):
+        table.add_column(col, justify="right")
+    for t in report.triggers:
+        for s in t.steps:
+            table.add_row(
+                f"{t.worker_processes} × {t.concurrency}",
+                network_name(t.delay_ms),
+                f"{s.target_rows_per_s:,.0f}",
+                f"{s.insert_rows_per_s:,.0f}",
+                f"{s.insert_p50_ms:,.1f}",
+                f"{s.insert_p99_ms:,.1f}",
+                f"{s.completed_per_s:,.0f}",
+                f"{s.backlog_start:,} → {s.backlog_end:,}",
+                "yes" if s.keeps_up else "no",
+                f"{s.machine_busy_pct:.0f}% ({s.other_busy_pct:.0f}%)",
+                f"{s.worker_runqueue_pct:.0f}%",
+            )
+    console.print(table)
+    for t in report.triggers:
+        console.print(
+            f"  trigger1 on {t.worker_processes} ({network_name(t.delay_ms)}): highest insert "
+            f"rate whose workflows kept up: {t.sustained_rows_per_s:,.0f} rows/s "
+            "(target: >= 2,000)",
             highlight=False,
         )
 
@@ -1019,8 +1508,10 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
 
 
 @contextlib.contextmanager
-def _workers(server: Server, base: Path, processes: int, concurrency: int) -> Iterator[Workers]:
-    workers = Workers(server, base, processes, concurrency)
+def _workers(
+    server: Server, base: Path, processes: int, concurrency: int, proxy: DelayProxy | None
+) -> Iterator[Workers]:
+    workers = Workers(server, base, processes, concurrency, proxy)
     try:
         workers.start()
         yield workers
@@ -1050,8 +1541,24 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--shapes",
-        default=",".join(s.name for s in SHAPES),
-        help="workflow shapes to run, comma-separated (default: all)",
+        default=None,
+        help="workflow shapes to run, comma-separated, of "
+        + ", ".join(s.name for s in ALL_SHAPES)
+        + " (default: all; --smoke: all but trigger1)",
+    )
+    parser.add_argument(
+        "--trigger-rates",
+        default=",".join(f"{r:g}" for r in TRIGGER_RATES),
+        help="trigger1: rows/s to insert, stepped up in this order (default: "
+        + ",".join(f"{r:g}" for r in TRIGGER_RATES)
+        + ")",
+    )
+    parser.add_argument(
+        "--delay-ms",
+        default="",
+        help="also run each shape with the workers behind a TCP proxy that adds this round "
+        "trip (ms; half each way), comma-separated for several, e.g. 1 or 0,1 (0: the proxy's "
+        "own cost); next to the loopback run, in the same run",
     )
     parser.add_argument(
         "--statements",
@@ -1064,9 +1571,21 @@ def main(argv: list[str] | None = None) -> int:
 
     mode = MODES["smoke" if args.smoke else "quick" if args.quick else "full"]
     processes = [int(x) for x in args.workers.split(",") if x.strip()]
-    shapes = [s for name in args.shapes.split(",") for s in SHAPES if s.name == name.strip()]
-    if not shapes or not processes:
+    defaults = [s.name for s in (ALL_SHAPES if mode.trigger_by_default else SHAPES)]
+    names = [n.strip() for n in (args.shapes or ",".join(defaults)).split(",")]
+    unknown = [n for n in names if n and n not in {s.name for s in ALL_SHAPES}]
+    if unknown:
+        parser.error(f"unknown shape(s): {', '.join(unknown)}")
+    shapes = [s for name in names for s in ALL_SHAPES if s.name == name]
+    try:
+        rates = [float(x) for x in args.trigger_rates.split(",") if x.strip()]
+        delays = [float(x) for x in args.delay_ms.split(",") if x.strip()]
+    except ValueError as exc:
+        parser.error(str(exc))
+    if not shapes or not processes or (TRIGGER_SHAPE in shapes and not rates):
         parser.error("nothing to run")
+    if any(r <= 0 for r in rates) or any(d < 0 for d in delays):
+        parser.error("rates must be > 0 and delays >= 0")
 
     # Ctrl-C and SIGTERM both end the run cleanly (even when started in the background, where
     # the shell ignores SIGINT).
@@ -1080,6 +1599,7 @@ def main(argv: list[str] | None = None) -> int:
         server.pg.settings["pg_stat_statements.track_utility"] = "on"
         server.pg.settings["pg_stat_statements.track"] = "all"
         server.pg.settings["pg_stat_statements.track_planning"] = "on"
+    proxies: dict[float, DelayProxy] = {}
     failed = True
     began = time.monotonic()
     try:
@@ -1095,6 +1615,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.statements:
             with psycopg.connect(server.admin_dsn, autocommit=True) as conn:
                 conn.execute("CREATE EXTENSION pg_stat_statements")
+        network: dict[str, Any] = {"loopback_select1": round_trip_ms(server.admin_dsn)}
+        for ms in delays:
+            proxies[ms] = DelayProxy(server, base, ms)
+            proxies[ms].start()
+            network[f"proxy_{ms:g}ms_select1"] = round_trip_ms(proxies[ms].dsn(DATABASE))
         report = Report(
             meta={
                 "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -1104,6 +1629,11 @@ def main(argv: list[str] | None = None) -> int:
                 "pgdurable": {"version": __version__, "git": git_describe()},
                 "workers": {"processes": processes, "concurrency": args.concurrency},
                 "statements": args.statements,
+                "shapes": [s.name for s in shapes],
+                "delay_ms": delays,
+                # SELECT 1 round trips (ms) on a connection straight to PostgreSQL and through
+                # each proxy: what the workers' connections actually see.
+                "network": network,
                 "method": {
                     "summary": (
                         f"throughput: a batch submitted by {SUBMIT_CLIENTS} connections, "
@@ -1118,6 +1648,27 @@ def main(argv: list[str] | None = None) -> int:
                     "submit_chunk": SUBMIT_CHUNK,
                     "latency_load": LATENCY_LOAD,
                     "mode": asdict(mode),
+                    "trigger1": {
+                        "summary": (
+                            f"rows inserted into bench_docs by {TRIGGER_CLIENTS} connections, "
+                            f"{TRIGGER_ROWS_PER_INSERT} rows per INSERT (its own transaction), "
+                            "open loop at each rate for "
+                            f"{mode.trigger_seconds:g} s; an AFTER INSERT FOR EACH ROW trigger "
+                            "calls df.start per row; completed/s over the same window (server "
+                            "clock); backlog: workflows not completed at the window's ends"
+                        ),
+                        "step_sql": TRIGGER_STEP_SQL,
+                        "rates": rates,
+                        "keeps_up": (
+                            f"backlog growth <= {TRIGGER_KEEP_UP:g} x rows inserted + "
+                            f"{TRIGGER_IN_FLIGHT:g} s of inserts"
+                        ),
+                    },
+                    "delay_proxy": (
+                        "bench/delayproxy.py: a TCP proxy in its own process between the "
+                        "workers and PostgreSQL, holding each chunk back half the delay in "
+                        "each direction; its CPU competes with the measurement (cpu_ms_proxy)"
+                    ),
                 },
             }
         )
@@ -1126,13 +1677,26 @@ def main(argv: list[str] | None = None) -> int:
             report.pgbench.append(run_pgbench(server, base, clients, mode.pgbench_seconds))
         for n in processes:
             for shape in shapes:
-                console.print(
-                    f"{shape.name}: {n} worker process(es), concurrency {args.concurrency} ..."
-                )
-                server.reset()  # fresh tables for each scenario, and fresh workers
-                with _workers(server, base, n, args.concurrency) as workers:
-                    runner = Runner(server, workers, stop, args.statements)
-                    report.workflows.append(runner.scenario(shape, mode))
+                # The delayed runs right after the loopback one: comparable machine load.
+                for delay in [None, *delays]:
+                    console.print(
+                        f"{shape.name}: {n} worker process(es), concurrency "
+                        f"{args.concurrency}, {network_name(delay)} ...",
+                        highlight=False,
+                    )
+                    started = time.monotonic()
+                    server.reset()  # fresh tables for each scenario, and fresh workers
+                    proxy = proxies[delay] if delay is not None else None
+                    result: WorkflowResult | TriggerResult
+                    with _workers(server, base, n, args.concurrency, proxy) as workers:
+                        runner = Runner(server, workers, stop, args.statements)
+                        if shape is TRIGGER_SHAPE:
+                            result = runner.trigger_scenario(shape, mode, rates)
+                            report.triggers.append(result)
+                        else:
+                            result = runner.scenario(shape, mode)
+                            report.workflows.append(result)
+                    result.elapsed_seconds = round(time.monotonic() - started, 1)
         report.meta["elapsed_seconds"] = round(time.monotonic() - began, 1)
         print_report(report)
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -1149,6 +1713,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         stop.set()
+        for proxy in proxies.values():
+            proxy.stop()
         server.stop()
         if args.keep or failed:
             console.print(f"data directory and logs kept in {base}", highlight=False)
