@@ -100,8 +100,10 @@ def worker_kill(pg: EmbeddedPostgres, base: Path) -> dict[str, list[float]]:
         ids = [str(_value(app, "SELECT df.start('SELECT pg_sleep(1)')")) for _ in range(STEPS)]
         victim_id = _value(admin, "SELECT epoch_id FROM df._worker_epoch WHERE pid = %s",
                            victim.pid)  # fmt: skip
+        # A first step runs in its instance's start transaction: its task is the 'start'.
         held = (
-            "SELECT array_agg(instance_id) FROM df._tasks WHERE lease_owner = %s AND kind = 'sql'"
+            "SELECT array_agg(instance_id) FROM df._tasks"
+            " WHERE lease_owner = %s AND kind IN ('start', 'sql')"
         )
         _wait(lambda: bool(_value(admin, held, victim_id)), "steps on the victim")
         time.sleep(0.3)  # its statements are running
