@@ -16,7 +16,12 @@
 --                                   worker; stamp when nodes started, record an execution a
 --                                   root loop ended; on the last, the instance's status,
 --                                   output and end
+--     df._reset_session             a SQL step's session as it found it
 --     COMMIT                        the step's effect and its record, together
+--   a start whose first step is a SQL step runs both in one such transaction: the token read
+--     without a lock first (df._task_facts), the instance locked only before df._checkpoint;
+--     a long one is shown running meanwhile (df._show_started)
+--   df._release_dead_workers        the tasks of a worker whose session ended are due again
 --   df.cancel → trigger instances_cancelled: the tasks go, NOTIFY pgdurable_cancel
 --   df.signal → trigger signals_sent: NOTIFY pgdurable_signals; after the commit a worker
 --                                   makes the waits due (df._wake_signal_waits, signals.sql)

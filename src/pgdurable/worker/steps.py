@@ -553,9 +553,10 @@ class StepRunner:
         self, task: Task, claim_limit: Callable[[], int]
     ) -> list[Task]:
         """Start an instance and run its first SQL step in one transaction, on a connection
-        logged in as the submitter, in three round trips: [BEGIN, df._checkpoint_begin, the
-        graph], [the statement], [df._checkpoint of both, the session reset, COMMIT]. Starting
-        on the worker's connection first would cost a transaction and two round trips more.
+        logged in as the submitter, in three round trips: [BEGIN, df._task_facts, the graph],
+        [the statement], [df._checkpoint_begin, df._checkpoint of both, the session reset,
+        COMMIT]. Starting on the worker's connection first would cost a transaction and two
+        round trips more.
 
         A failed step is recorded as the usual path records it: the start checkpointed on the
         worker's connection, then the failure, without running the statement again. The
@@ -677,7 +678,7 @@ class StepRunner:
             return await self._commit_on(conn, task, chained, claim_limit)
         except psycopg.Error as exc:
             if is_transient(exc) or _checkpoint_busy(exc) or exc.sqlstate in _TAKEN_AWAY:
-                raise  # the usual path finds the task gone, or the submitter
+                raise  # the caller's: retried, deferred, or the task is gone
             # The user's own error at COMMIT (a deferred constraint or trigger).
             return _Failed(first.activation, _sql_error(exc), exc.sqlstate)
 
