@@ -124,9 +124,7 @@ async def _pipeline(
 
         error: psycopg.Error | None = None
         for prepare in sent_before:
-            error = await _prepared_by(conn, prepare, error)
-            results = await _results(conn)
-            error = error or _first_error(conn, results)
+            _, error = await _read_query(conn, prepare, error)
         if error is None:
             # Must come right after the previous query's results, before any of this one's.
             if _CHUNKED:
@@ -136,8 +134,7 @@ async def _pipeline(
         result, rejected, error = await _read_statement(conn, max_bytes, error)
         rows: list[dict[str, Any]] = []
         if after is not None:
-            error = await _prepared_by(conn, sent_after, error)
-            rows, error = _rows(conn, await _results(conn), error)
+            rows, error = await _read_query(conn, sent_after, error)
         await _sync(conn)
     except BaseException:
         # Cancelled, the connection lost, or a result we cannot go on reading after: the
@@ -173,8 +170,7 @@ async def run_queries(
             error: psycopg.Error | None = None
             results = []
             for prepare in sent:
-                error = await _prepared_by(conn, prepare, error)
-                rows, error = _rows(conn, await _results(conn), error)
+                rows, error = await _read_query(conn, prepare, error)
                 results.append(rows)
             await _sync(conn)
         except BaseException:
@@ -254,18 +250,18 @@ def _send(conn: psycopg.AsyncConnection[Any], query: Query) -> bytes | None:
     return prepare
 
 
-async def _prepared_by(
-    conn: psycopg.AsyncConnection[Any], name: bytes | None, error: psycopg.Error | None
-) -> psycopg.Error | None:
-    """Read the result of the Prepare ``_send`` queued (if any): the first error so far."""
-    if name is None:
-        return error
-    for res in await _results(conn):
-        if res.status == ExecStatus.COMMAND_OK:
-            _PREPARED.setdefault(conn, set()).add(name)
-        elif res.status == ExecStatus.FATAL_ERROR:
-            error = error or e.error_from_result(res, encoding=conn.info.encoding)
-    return error
+async def _read_query(
+    conn: psycopg.AsyncConnection[Any], prepare: bytes | None, error: psycopg.Error | None
+) -> tuple[list[dict[str, Any]], psycopg.Error | None]:
+    """Read the results of one query ``_send`` queued, its Prepare first if it queued one
+    (``prepare``, its name): the query's rows, and the first error so far."""
+    if prepare is not None:
+        for res in await _results(conn):
+            if res.status == ExecStatus.COMMAND_OK:
+                _PREPARED.setdefault(conn, set()).add(prepare)
+            elif res.status == ExecStatus.FATAL_ERROR:
+                error = error or e.error_from_result(res, encoding=conn.info.encoding)
+    return _rows(conn, await _results(conn), error)
 
 
 async def _results(conn: psycopg.AsyncConnection[Any]) -> list[pq.abc.PGresult]:
@@ -274,15 +270,6 @@ async def _results(conn: psycopg.AsyncConnection[Any]) -> list[pq.abc.PGresult]:
     while (res := await conn.wait(generators.fetch(conn.pgconn))) is not None:
         results.append(res)
     return results
-
-
-def _first_error(
-    conn: psycopg.AsyncConnection[Any], results: Sequence[pq.abc.PGresult]
-) -> psycopg.Error | None:
-    for res in results:
-        if res.status == ExecStatus.FATAL_ERROR:
-            return e.error_from_result(res, encoding=conn.info.encoding)
-    return None
 
 
 async def _read_statement(
