@@ -61,15 +61,16 @@ from typing import Any, TypeVar
 import psycopg
 
 import pgdurable
-from pgdurable import __version__, schema
-from pgdurable.embedded import EmbeddedPostgres, free_port
+from pgdurable import __version__
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run import SERVER_SETTINGS
+from run import Server as BenchServer
 
 REPO = Path(__file__).resolve().parent.parent
 DATABASE = "chaos"
 ROLE = "chaos_app"
 LABEL_PREFIX = "chaos-"
-# Durable settings, as bench/run.py: a crash must not lose a commit the worker saw.
-SERVER_SETTINGS = {"fsync": "on", "synchronous_commit": "on", "full_page_writes": "on"}
 TERMINAL = ("completed", "failed", "cancelled")
 SUBMIT_CHUNK = 50  # df.start calls per transaction
 POLL_SECONDS = 0.25  # how often the driver looks at progress and waiting signals
@@ -392,25 +393,16 @@ def find_violations(
 # -- the server ------------------------------------------------------------------------------
 
 
-class Server:
-    """The embedded PostgreSQL of the run: schema, the submitting role, the effects table."""
+class Server(BenchServer):
+    """bench/run.py's server with this run's database, role and effects table."""
 
-    def __init__(self, base: Path):
-        self.pg = EmbeddedPostgres(base / "data", free_port(), settings=dict(SERVER_SETTINGS))
-        self.started = False
+    database = DATABASE
+    role = ROLE
 
-    def start(self) -> None:
-        self.pg.start()
-        self.started = True
-        with psycopg.connect(self.pg.dsn(), autocommit=True) as conn:
-            conn.execute(f"CREATE DATABASE {DATABASE}")
-        with psycopg.connect(self.admin_dsn, autocommit=True) as conn:
-            schema.install(conn)
-            conn.execute(f"CREATE ROLE {ROLE} LOGIN")
-            conn.execute("SELECT df.grant_usage(%s)", (ROLE,))
-            conn.execute(EFFECTS_DDL)
-            conn.execute(EFFECTS_INDEX)
-            conn.execute(f"GRANT SELECT, INSERT ON public.effects TO {ROLE}")
+    def create_tables(self, conn: Conn) -> None:
+        conn.execute(EFFECTS_DDL)
+        conn.execute(EFFECTS_INDEX)
+        conn.execute(f"GRANT SELECT, INSERT ON public.effects TO {ROLE}")
 
     def crash_and_restart(self, downtime: float) -> None:
         """``pg_ctl stop -m immediate`` (every backend killed, no shutdown checkpoint), a pause,
@@ -418,25 +410,6 @@ class Server:
         self.pg.stop("immediate")
         time.sleep(downtime)
         self.pg.start()
-
-    def stop(self) -> None:
-        if not self.started:
-            return
-        try:
-            self.pg.stop("fast")
-        except Exception:
-            with contextlib.suppress(Exception):
-                self.pg.stop("immediate")
-        self.started = False
-
-    @property
-    def admin_dsn(self) -> str:
-        """Superuser: installs the schema, runs the workers, reads the engine's tables."""
-        return self.pg.dsn(DATABASE)
-
-    @property
-    def user_dsn(self) -> str:
-        return self.pg.dsn(DATABASE, ROLE)
 
     def version(self) -> str:
         with psycopg.connect(self.admin_dsn, autocommit=True) as conn:

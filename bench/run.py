@@ -477,7 +477,11 @@ class CpuMeter:
 
 
 class Server:
-    """The embedded PostgreSQL of this run, with the schema, the role and the effects table."""
+    """The embedded PostgreSQL of this run, with the schema, the role and the effects table.
+    (Other scripts of bench/ use it with their own database, role and tables.)"""
+
+    database = DATABASE
+    role = ROLE
 
     def __init__(self, base: Path):
         self.pg = EmbeddedPostgres(base / "data", free_port(), settings=dict(SERVER_SETTINGS))
@@ -487,27 +491,31 @@ class Server:
         self.pg.start()
         self.started = True
         with psycopg.connect(self.pg.dsn(), autocommit=True) as conn:
-            conn.execute(f"CREATE DATABASE {DATABASE}")
+            conn.execute(f"CREATE DATABASE {self.database}")
         with psycopg.connect(self.admin_dsn, autocommit=True) as conn:
             schema.install(conn)
-            conn.execute(f"CREATE ROLE {ROLE} LOGIN")
-            conn.execute("SELECT df.grant_usage(%s)", (ROLE,))
-            conn.execute(
-                "CREATE TABLE bench_effects ("
-                " id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,"
-                " v integer NOT NULL,"
-                " at timestamptz NOT NULL DEFAULT clock_timestamp())"
-            )
-            conn.execute(f"GRANT SELECT, INSERT ON bench_effects TO {ROLE}")
-            # trigger1's table (install_trigger adds the trigger).
-            conn.execute(
-                "CREATE TABLE bench_docs ("
-                " id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,"
-                " label text NOT NULL,"
-                " body text,"
-                " created_at timestamptz NOT NULL DEFAULT clock_timestamp())"
-            )
-            conn.execute(f"GRANT SELECT, INSERT ON bench_docs TO {ROLE}")
+            conn.execute(f"CREATE ROLE {self.role} LOGIN")
+            conn.execute("SELECT df.grant_usage(%s)", (self.role,))
+            self.create_tables(conn)
+
+    def create_tables(self, conn: psycopg.Connection[Any]) -> None:
+        """The tables the workflows write, granted to the role."""
+        conn.execute(
+            "CREATE TABLE bench_effects ("
+            " id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,"
+            " v integer NOT NULL,"
+            " at timestamptz NOT NULL DEFAULT clock_timestamp())"
+        )
+        conn.execute(f"GRANT SELECT, INSERT ON bench_effects TO {self.role}")
+        # trigger1's table (install_trigger adds the trigger).
+        conn.execute(
+            "CREATE TABLE bench_docs ("
+            " id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,"
+            " label text NOT NULL,"
+            " body text,"
+            " created_at timestamptz NOT NULL DEFAULT clock_timestamp())"
+        )
+        conn.execute(f"GRANT SELECT, INSERT ON bench_docs TO {self.role}")
 
     def install_trigger(self, graph: str) -> None:
         """The AFTER INSERT trigger on bench_docs that starts ``graph`` for each new row.
@@ -552,12 +560,12 @@ class Server:
     @property
     def admin_dsn(self) -> str:
         """Superuser: installs the schema and runs the workers (the schema owner)."""
-        return self.pg.dsn(DATABASE)
+        return self.pg.dsn(self.database)
 
     @property
     def user_dsn(self) -> str:
         """The non-superuser role that submits workflows."""
-        return self.pg.dsn(DATABASE, ROLE)
+        return self.pg.dsn(self.database, self.role)
 
     def wal_lsn(self) -> int:
         """The current WAL position, in bytes."""
