@@ -27,7 +27,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -909,10 +909,32 @@ class Runner:
         """Submit ``count`` workflows at ``rate`` per second, each in its own transaction
         (open loop: submissions are scheduled, not waiting on each other); returns the
         achieved rate."""
-        errors: list[BaseException] = []
+
+        def submit(conn: psycopg.Connection[Any]) -> None:
+            conn.execute("SELECT df.start(%s, %s)", (graph, label))
+
+        t0 = self._open_loop(SUBMIT_CLIENTS, count, rate, submit, "submitting")
+        elapsed = time.monotonic() - t0
+        return count / elapsed if elapsed > 0 else rate
+
+    def _open_loop(
+        self,
+        clients: int,
+        count: int,
+        per_s: float,
+        send: Callable[[psycopg.Connection[Any]], None],
+        what: str,
+        give_up_after: float | None = None,
+    ) -> float:
+        """Call ``send`` ``count`` times, ``per_s`` a second, from ``clients`` connections of the
+        submitting role, on an open-loop schedule: a late call does not delay the next. Calls
+        still due ``give_up_after`` seconds in are dropped. Returns when the schedule began
+        (monotonic); raises BenchError with the first error."""
         t0 = time.monotonic() + 0.05
+        give_up = t0 + give_up_after if give_up_after is not None else float("inf")
         counter = iter(range(count))
         lock = threading.Lock()
+        errors: list[BaseException] = []
 
         def client() -> None:
             try:
@@ -922,18 +944,19 @@ class Runner:
                             k = next(counter, None)
                         if k is None:
                             return
-                        delay = t0 + k / rate - time.monotonic()
+                        delay = t0 + k / per_s - time.monotonic()
                         if delay > 0:
                             time.sleep(delay)
-                        conn.execute("SELECT df.start(%s, %s)", (graph, label))
+                        elif time.monotonic() > give_up:
+                            return
+                        send(conn)
             except BaseException as exc:
                 errors.append(exc)
 
-        _run_threads(client, SUBMIT_CLIENTS)
+        _run_threads(client, clients)
         if errors:
-            raise BenchError(f"submitting failed: {errors[0]!r}")
-        elapsed = time.monotonic() - t0
-        return count / elapsed if elapsed > 0 else rate
+            raise BenchError(f"{what} failed: {errors[0]!r}")
+        return t0
 
     # -- waiting and measuring ---------------------------------------------------------------
 
@@ -1136,47 +1159,29 @@ class Runner:
         rows per statement (its own transaction), from TRIGGER_CLIENTS connections on an
         open-loop schedule; returns (rows, seconds, each statement's round trip in ms)."""
         per_s = rows_per_s / TRIGGER_ROWS_PER_INSERT
-        count = max(1, round(per_s * seconds))
-        t0 = time.monotonic() + 0.05
-        give_up = t0 + seconds * TRIGGER_OVERRUN
-        counter = iter(range(count))
         lock = threading.Lock()
         latencies: list[float] = []
-        errors: list[BaseException] = []
-        last_end = [t0]
+        last_end = [0.0]
 
-        def client() -> None:
-            try:
-                with psycopg.connect(self.server.user_dsn, autocommit=True) as conn:
-                    while not self.stop.is_set():
-                        with lock:
-                            k = next(counter, None)
-                        if k is None:
-                            return
-                        delay = t0 + k / per_s - time.monotonic()
-                        if delay > 0:
-                            time.sleep(delay)
-                        elif time.monotonic() > give_up:
-                            return
-                        began = time.perf_counter()
-                        conn.execute(
-                            "INSERT INTO bench_docs(label, body)"
-                            " SELECT %s, 'document ' || g FROM generate_series(1, %s) g",
-                            (label, TRIGGER_ROWS_PER_INSERT),
-                        )
-                        took = time.perf_counter() - began
-                        with lock:
-                            latencies.append(1000 * took)
-                            last_end[0] = max(last_end[0], time.monotonic())
-            except BaseException as exc:
-                errors.append(exc)
+        def insert(conn: psycopg.Connection[Any]) -> None:
+            began = time.perf_counter()
+            conn.execute(
+                "INSERT INTO bench_docs(label, body)"
+                " SELECT %s, 'document ' || g FROM generate_series(1, %s) g",
+                (label, TRIGGER_ROWS_PER_INSERT),
+            )
+            took = time.perf_counter() - began
+            with lock:
+                latencies.append(1000 * took)
+                last_end[0] = max(last_end[0], time.monotonic())
 
-        _run_threads(client, TRIGGER_CLIENTS)
+        count = max(1, round(per_s * seconds))
+        t0 = self._open_loop(
+            TRIGGER_CLIENTS, count, per_s, insert, "inserting", seconds * TRIGGER_OVERRUN
+        )
         if self.stop.is_set():
             raise KeyboardInterrupt
-        if errors:
-            raise BenchError(f"inserting failed: {errors[0]!r}")
-        return len(latencies) * TRIGGER_ROWS_PER_INSERT, last_end[0] - t0, latencies
+        return len(latencies) * TRIGGER_ROWS_PER_INSERT, max(last_end[0], t0) - t0, latencies
 
     def _backlog(self, conn: psycopg.Connection[Any], prefix: str) -> tuple[int, dt.datetime]:
         """Workflows of this scenario not completed yet, and the server's clock."""
