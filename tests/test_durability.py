@@ -390,6 +390,31 @@ def test_workers_killed_while_others_keep_running(env: Env, workers: Workers) ->
         assert worker.wait_exit(60) == 0, worker.log()
 
 
+def test_step_connections_lost_with_the_server_are_not_handed_out_again(
+    private_pg: PrivateCluster, workers: Workers
+) -> None:
+    """Idle step connections die with the server but look open until used. The first one a
+    step draws after a restart is found dead; the others must not be handed out after it:
+    three in a row used to fail the step ("the step's connection was lost 3 times")."""
+    pg = private_pg.pg
+    db = private_pg.new_database()
+    worker = workers.start(pg.dsn(db), concurrency=8, lease_seconds=5)
+    worker.wait_ready()
+    with private_pg.app(db) as app:
+        # Eight steps at once leave eight idle connections in the role's pool.
+        filling = [start(app, "'SELECT pg_sleep(0.3)'", f"fill-{n}") for n in range(8)]
+    with private_pg.admin(db) as admin:
+        wait_completed(admin, filling, timeout=60)
+    pg.stop("immediate")
+    time.sleep(1)
+    pg.start()
+    with private_pg.app(db) as app:
+        after = start(app, "'SELECT 1 AS one'", "after-restart")
+    with private_pg.admin(db) as admin:
+        wait_completed(admin, [after], timeout=60)
+    assert worker.alive(), worker.log()
+
+
 # -- 5. lease takeover and fencing -----------------------------------------------------------
 
 
