@@ -151,12 +151,14 @@ def test_the_graph_foreign_keys_carry_pg_durables_names(
 
 
 def test_the_node_types_are_one_list(conn: psycopg.Connection[tuple[object, ...]]) -> None:
-    """SQL has one list (df._node_types(), which the CHECK on df.nodes uses), Python one."""
+    """SQL has one list (df._node_types(), which the check of new df.nodes rows uses), Python
+    one."""
     assert conn.execute("SELECT df._node_types()").fetchone() == (list(NODE_TYPES),)
-    check = conn.execute(
-        "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conname = 'nodes_type_chk'"
-    ).fetchone()
-    assert check == ("CHECK ((node_type = ANY (df._node_types())))",)
+    for node_type in [*NODE_TYPES, "FOO"]:
+        violation = conn.execute(
+            "SELECT df._node_shape_violation('0123abcd', %s, 'q', NULL, NULL, NULL)", (node_type,)
+        ).fetchone()
+        assert (violation == ("nodes_type_chk",)) == (node_type not in NODE_TYPES), node_type
 
 
 def test_an_upgrade_that_fails_changes_nothing(
@@ -178,8 +180,8 @@ def test_triggers_remain_only_where_users_write(
     conn: psycopg.Connection[tuple[object, ...]],
 ) -> None:
     """A checkpoint does its own bookkeeping: no trigger fires on the engine's own tables, and
-    those on the users' tables guard identities and statuses or do the engine's part of
-    df.start, df.cancel and df.signal, which run as the user."""
+    those on the users' tables guard identities, statuses and the shape of inserted nodes, or
+    do the engine's part of df.start, df.cancel and df.signal, which run as the user."""
     found = conn.execute(
         "SELECT tgrelid::regclass::text, array_agg(tgname::text ORDER BY tgname)"
         " FROM pg_trigger WHERE NOT tgisinternal"
@@ -197,6 +199,6 @@ def test_triggers_remain_only_where_users_write(
                 "instances_status",
             ],
         ),
-        ("df.nodes", ["nodes_identity"]),
+        ("df.nodes", ["nodes_identity", "nodes_shape", "nodes_shape_changed"]),
         ("df.vars", ["vars_identity_delete", "vars_identity_insert", "vars_identity_update"]),
     ]

@@ -1132,3 +1132,37 @@ def test_http_privilege_passes_on_with_grant_option(su: Conn, make_role: Any) ->
     su.execute("SELECT df.revoke_usage(%s)", (admin,))
     assert can_execute(su, admin) == [False, False]
     assert can_execute(su, user) == [False, False]
+
+
+def test_node_shape_is_checked_for_every_inserted_row_and_every_change_of_it(su: Conn) -> None:
+    """The shape checks run once per statement, over all the rows it inserted, and again when
+    an UPDATE names a shape column; the engine's status writes do not."""
+    instance = str(outcome(su, "df.start('SELECT 1')"))
+    good, bad = uuid.uuid4().hex[:8], uuid.uuid4().hex[:8]
+    with pytest.raises(psycopg.errors.CheckViolation) as caught, su.transaction():
+        su.execute(
+            "INSERT INTO df.nodes (id, instance_id, node_type, query, result_name, submitted_by)"
+            " VALUES (%s, %s, 'SQL', 'SELECT 1', NULL, 'postgres'),"
+            "        (%s, %s, 'SQL', 'SELECT 1', '1st', 'postgres')",
+            (good, instance, bad, instance),
+        )
+    assert caught.value.diag.constraint_name == "nodes_result_name_chk"
+    assert caught.value.diag.table_name == "nodes"
+    assert f"Failing node: {bad}." == caught.value.diag.message_detail
+    root = su.execute("SELECT root_node FROM df.instances WHERE id = %s", (instance,)).fetchone()
+    assert root is not None
+    for column, value, constraint in [
+        ("node_type", "THEN", "nodes_structure_chk"),
+        ("left_node", "XYZ", "nodes_children_hex8_chk"),
+        ("query", None, "nodes_structure_chk"),
+    ]:
+        with pytest.raises(psycopg.errors.CheckViolation) as caught, su.transaction():
+            su.execute(
+                f"UPDATE df.nodes SET {column} = %s WHERE instance_id = %s AND id = %s",
+                (value, instance, root[0]),
+            )
+        assert caught.value.diag.constraint_name == constraint
+    su.execute(
+        "UPDATE df.nodes SET status = 'running' WHERE instance_id = %s AND id = %s",
+        (instance, root[0]),
+    )

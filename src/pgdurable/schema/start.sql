@@ -294,6 +294,97 @@ $$;
 
 
 -- ---------------------------------------------------------------------------------------------
+-- The shape of a df.nodes row: ids, type, result name and children. df.start writes only
+-- graphs it validated, but a role may insert its own nodes rows; these checks keep the
+-- engine from ever reading a malformed one. They run once per inserting statement, over the
+-- rows it inserted, rather than as CHECK constraints, which PostgreSQL would rebuild and
+-- evaluate again at every status write of the engine (several per step) though these columns
+-- never change. A violation is reported as a CHECK's would be, under the constraint names
+-- pg_durable gives them.
+-- ---------------------------------------------------------------------------------------------
+-- The name of the first check a row fails, or NULL. As in a CHECK, a NULL test passes.
+CREATE OR REPLACE FUNCTION df._node_shape_violation(
+    id text, node_type text, query text, result_name text, left_node text, right_node text)
+RETURNS text
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE
+        WHEN (id ~ '^[0-9a-f]{8}$') IS FALSE THEN 'nodes_id_hex8_chk'
+        WHEN (left_node ~ '^[0-9a-f]{8}$') IS FALSE
+          OR (right_node ~ '^[0-9a-f]{8}$') IS FALSE THEN 'nodes_children_hex8_chk'
+        WHEN (node_type = ANY (df._node_types())) IS FALSE THEN 'nodes_type_chk'
+        WHEN (result_name ~ '^[A-Za-z_][A-Za-z0-9_]*$') IS FALSE THEN 'nodes_result_name_chk'
+        WHEN (CASE node_type
+                  WHEN 'THEN' THEN left_node IS NOT NULL AND right_node IS NOT NULL
+                                   AND query IS NULL
+                  WHEN 'IF' THEN left_node IS NOT NULL AND right_node IS NOT NULL
+                                 AND query IS NOT NULL
+                  WHEN 'LOOP' THEN left_node IS NOT NULL AND right_node IS NULL
+                  WHEN 'JOIN' THEN left_node IS NOT NULL AND right_node IS NOT NULL
+                  WHEN 'RACE' THEN left_node IS NOT NULL AND right_node IS NOT NULL
+                                   AND query IS NULL
+                  WHEN 'RETRY' THEN left_node IS NOT NULL AND right_node IS NULL
+                                    AND query IS NOT NULL
+                  WHEN 'TIMEOUT' THEN left_node IS NOT NULL AND right_node IS NULL
+                                      AND query IS NOT NULL
+                  ELSE left_node IS NULL AND right_node IS NULL AND query IS NOT NULL
+              END) IS FALSE THEN 'nodes_structure_chk'
+    END;
+$$;
+
+CREATE OR REPLACE FUNCTION df._refuse_malformed_node(p_id text, p_constraint text)
+RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'new row for relation "nodes" violates check constraint "%"', p_constraint
+        USING ERRCODE = 'check_violation', SCHEMA = 'df', TABLE = 'nodes',
+              CONSTRAINT = p_constraint, DETAIL = format('Failing node: %s.', p_id);
+END;
+$$;
+
+-- The rows a statement inserted (transition tables need a statement-level trigger).
+CREATE OR REPLACE FUNCTION df._check_new_nodes() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_id         text;
+    v_constraint text;
+BEGIN
+    SELECT n.id, v.name INTO v_id, v_constraint
+      FROM new_nodes n
+     CROSS JOIN LATERAL df._node_shape_violation(n.id, n.node_type, n.query, n.result_name,
+                                                 n.left_node, n.right_node) AS v (name)
+     WHERE v.name IS NOT NULL
+     LIMIT 1;
+    IF FOUND THEN
+        PERFORM df._refuse_malformed_node(v_id, v_constraint);
+    END IF;
+    RETURN NULL;
+END;
+$$;
+
+CREATE OR REPLACE TRIGGER nodes_shape AFTER INSERT ON df.nodes
+    REFERENCING NEW TABLE AS new_nodes
+    FOR EACH STATEMENT EXECUTE FUNCTION df._check_new_nodes();
+
+-- An UPDATE that names those columns (the engine's never do; roles may not update df.nodes):
+-- row by row, as a trigger with a column list cannot have a transition table.
+CREATE OR REPLACE FUNCTION df._check_changed_node() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_constraint text := df._node_shape_violation(
+        NEW.id, NEW.node_type, NEW.query, NEW.result_name, NEW.left_node, NEW.right_node);
+BEGIN
+    IF v_constraint IS NOT NULL THEN
+        PERFORM df._refuse_malformed_node(NEW.id, v_constraint);
+    END IF;
+    RETURN NULL;
+END;
+$$;
+
+CREATE OR REPLACE TRIGGER nodes_shape_changed
+    AFTER UPDATE OF id, node_type, query, result_name, left_node, right_node ON df.nodes
+    FOR EACH ROW EXECUTE FUNCTION df._check_changed_node();
+
+-- ---------------------------------------------------------------------------------------------
 -- dblink, if it can be had.
 -- ---------------------------------------------------------------------------------------------
 DO $$
