@@ -159,6 +159,12 @@ class InstanceState:
             envs={ROOT: {}},
         )
 
+    def single_path(self) -> bool:
+        """Whether what runs is one path from the root to one leaf: every activation a THEN,
+        an IF or a leaf, none of the kinds that run branches or keep timers of their own
+        (JOIN, RACE, LOOP, RETRY, TIMEOUT). The instance then has one task at most."""
+        return all(type(act) is Activation for act in self.acts.values())
+
 
 # -- the stored form ---------------------------------------------------------------------------
 

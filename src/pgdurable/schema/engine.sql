@@ -7,7 +7,9 @@
 --   df._claim                       a worker leases due tasks, shared fairly between roles
 --   for each task, one transaction:
 --     df._checkpoint_begin          is the task still ours? lock the instance, return its
---                                   state and the time
+--                                   state and the time (skipped by a step its worker's last
+--                                   checkpoint leased it as the instance's only task: the
+--                                   worker knows the state; df._checkpoint checks its version)
 --     the step itself               SQL on a connection logged in as the submitter, in this
 --                                   same transaction; or an HTTP response, a timer that
 --                                   fired, a signal (df._consume_signal)
@@ -185,8 +187,18 @@ REVOKE ALL ON FUNCTION df._show_started(bigint, uuid, text[]) FROM PUBLIC;
 --   dropped          activation numbers whose tasks are abandoned (RACE losers)
 --   outcome          null, or {"status": "completed"|"failed", "output": text}
 --   ended_execution  null, or {"generation", "output"}: a root loop began its next iteration
+--   version          null, or the checkpoint count the state was computed after (below)
 -- Up to p_claim of the new SQL and HTTP tasks that can run now are leased to p_worker for
--- p_lease_seconds and returned, so the worker goes on with them without another claim.
+-- p_lease_seconds and returned, with the instance's checkpoint count after this one, so the
+-- worker goes on with them without another claim.
+--
+-- A version means the worker did not call df._checkpoint_begin: it knew the state from its
+-- own checkpoint that leased it this task, the instance's only task then (a sequence; no
+-- JOIN, RACE, loop, retry or timeout running). Nothing else can have checkpointed the
+-- instance meanwhile, and the token proves the task is still ours; the count is checked all
+-- the same (PD002, and the worker runs the step again the usual way). Such a checkpoint
+-- locks the instance only when it writes df.instances (the outcome), and first, as
+-- df._checkpoint_begin would (lock order); the others write only rows of the engine's.
 --
 -- Both checkpoint functions stay executable by PUBLIC: a step's connection is logged in as
 -- the submitting role, whoever that is. The task's token, which the user's SQL never sees, is
@@ -196,11 +208,13 @@ CREATE OR REPLACE FUNCTION df._checkpoint(
     p_task bigint, p_token uuid, p_change jsonb,
     p_worker uuid, p_claim integer, p_lease_seconds double precision)
 RETURNS TABLE (task_id bigint, token uuid, activation integer, node_id varchar(8),
-               payload jsonb, attempts integer, kind text)
+               payload jsonb, attempts integer, kind text, checkpoints integer)
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp SET lock_timeout = '500ms' AS $$
 DECLARE
     v_instance varchar(8);
+    v_version  integer := (p_change ->> 'version')::integer;
+    v_count    integer;   -- the instance's checkpoints, this one included
     v_role     oid;       -- the submitter, carried from task to task
     v_outcome  jsonb := nullif(p_change -> 'outcome', 'null'::jsonb);
     v_ended    jsonb := nullif(p_change -> 'ended_execution', 'null'::jsonb);
@@ -209,6 +223,11 @@ DECLARE
     v_now      timestamptz := clock_timestamp();  -- the nodes' one time (started <= updated)
     v_notified integer;   -- the count that makes each cancel notification run
 BEGIN
+    IF v_version IS NOT NULL AND v_outcome IS NOT NULL THEN
+        SELECT t.instance_id INTO v_instance
+          FROM df._tasks t WHERE t.id = p_task AND t.token = p_token;
+        PERFORM 1 FROM df.instances i WHERE i.id = v_instance FOR NO KEY UPDATE;
+    END IF;
     DELETE FROM df._tasks t WHERE t.id = p_task AND t.token = p_token
     RETURNING t.instance_id, t.role_oid INTO v_instance, v_role;
     IF NOT FOUND THEN
@@ -273,7 +292,14 @@ BEGIN
                               ELSE coalesce(r.finished_at, clock_timestamp()) END,
            checkpoints = r.checkpoints + 1
      WHERE r.instance_id = v_instance
-    RETURNING r.checkpoints = 1 INTO v_first;
+       AND (v_version IS NULL OR r.checkpoints = v_version)
+    RETURNING r.checkpoints = 1, r.checkpoints INTO v_first, v_count;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'pgdurable: instance % moved on since checkpoint %', v_instance, v_version
+            USING ERRCODE = 'PD002',
+                  HINT = 'The worker computed this step''s change from an older state. The '
+                         'step is rolled back and runs again.';
+    END IF;
 
     IF v_outcome IS NOT NULL THEN
         UPDATE df.instances i
@@ -347,7 +373,7 @@ BEGIN
         RETURNING t.id, t.token, t.activation, t.node_id, t.payload, t.attempts, t.lease_owner,
                   t.visible_at, t.kind
     )
-    SELECT i.id, i.token, i.activation, i.node_id, i.payload, i.attempts, i.kind
+    SELECT i.id, i.token, i.activation, i.node_id, i.payload, i.attempts, i.kind, v_count
       FROM inserted i
      WHERE i.lease_owner IS NOT NULL;
 

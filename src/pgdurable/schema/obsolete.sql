@@ -6,5 +6,17 @@
 -- here, guarded so that the drop happens once (IF EXISTS, or a check of the old definition),
 -- and the area files create the new one. Privileges that df.grant_usage gave on a dropped
 -- function come back through df.refresh_grants, which every upgrade runs.
---
--- Nothing yet: 0.1.0 is the first release.
+
+-- 0.2: df._checkpoint returns the instance's checkpoint count with each leased task.
+DO $$
+DECLARE
+    v_old regprocedure :=
+        to_regprocedure('df._checkpoint(bigint, uuid, jsonb, uuid, integer, double precision)');
+BEGIN
+    IF v_old IS NOT NULL
+       AND NOT EXISTS (SELECT 1 FROM pg_proc p
+                        WHERE p.oid = v_old AND 'checkpoints' = ANY (p.proargnames)) THEN
+        DROP FUNCTION df._checkpoint(bigint, uuid, jsonb, uuid, integer, double precision);
+    END IF;
+END
+$$;

@@ -15,6 +15,9 @@
     outcome          null, or {"status": "completed" | "failed", "output": text}
     ended_execution  null, or {"generation", "output"}: a root loop began its next iteration,
                      and the execution of that generation ended with that body result
+    version          null, or the instance's checkpoint count the state was computed after,
+                     when the worker knew it from its own last checkpoint instead of reading
+                     it under df._checkpoint_begin's lock (df._checkpoint checks it)
 
 :func:`change_of` builds it from an interpreter transition; :meth:`Change.to_json` is its one
 serializer. Everything SQL learns of a transition is here: SQL never reads the state itself.
@@ -53,6 +56,7 @@ class Change:
     dropped: tuple[int, ...]
     outcome: Outcome | None
     ended_execution: EndedExecution | None
+    version: int | None = None
 
     def to_json(self) -> str:
         """The JSON text df._checkpoint reads: compact, UTF-8 as is."""
@@ -95,12 +99,14 @@ class Change:
                 if self.ended_execution
                 else None
             ),
+            "version": self.version,
         }
         return json.dumps(document, separators=(",", ":"), ensure_ascii=False)
 
 
-def change_of(transition: Transition) -> Change:
-    """The change that records ``transition``: one write per node, its errors folded."""
+def change_of(transition: Transition, version: int | None = None) -> Change:
+    """The change that records ``transition`` (computed from the state of checkpoint
+    ``version``, if given): one write per node, its errors folded."""
     by_node: dict[str, list[NodeWrite]] = {}
     for w in transition.writes:
         by_node.setdefault(w.node_id, []).append(w)
@@ -122,6 +128,7 @@ def change_of(transition: Transition) -> Change:
         dropped=tuple(transition.dropped),
         outcome=transition.outcome,
         ended_execution=transition.ended_execution,
+        version=version,
     )
 
 

@@ -57,6 +57,19 @@ class Task:
     # that got the same id after the first was purged (ids are 32 random bits).
     created_at: datetime | None = None
     deferrals: int = 0  # times given back because its checkpoint could not get a lock
+    # The instance's state as this worker's own checkpoint left it, when that checkpoint
+    # leased this task and it is the instance's only task: its checkpoint needs no
+    # df._checkpoint_begin then (see df._checkpoint).
+    known: Known | None = None
+
+
+@dataclass(frozen=True)
+class Known:
+    """An instance's interpreter input as the checkpoint that leased a task wrote it."""
+
+    state: InstanceState
+    variables: dict[str, str]
+    version: int  # the instance's checkpoint count after that checkpoint
 
 
 @dataclass(frozen=True)
@@ -135,6 +148,14 @@ async def defer(conn: AsyncConn, task: Task) -> None:
 
 
 CHECKPOINT_BEGIN = "SELECT * FROM df._checkpoint_begin(%s, %s)"
+# What a step whose state is known still asks, after its statement (df._checkpoint_begin's
+# time and role check, without the lock and the state). It runs in the step's session, which
+# the statement may have given another search_path: every name is qualified.
+STEP_FACTS = """
+SELECT pg_catalog.date_part('epoch', pg_catalog.clock_timestamp())::pg_catalog.float8 AS now,
+       EXISTS (SELECT FROM pg_catalog.pg_roles r WHERE r.oid OPERATOR(pg_catalog.=) %s)
+           AS role_exists
+"""
 TASK_FACTS = "SELECT * FROM df._task_facts(%s, %s)"  # its answer, without the locks
 
 # The statement_timeout backstop of a step under a df.timeout: the deadline (epoch seconds,
@@ -166,6 +187,11 @@ def checkpoint_from_row(row: Mapping[str, Any] | None) -> Checkpoint | None:
         row["now"],
         row["role_exists"],
     )
+
+
+def checkpoint_of_known(known: Known, row: Mapping[str, Any]) -> Checkpoint:
+    """A Checkpoint of a task's ``known`` state and STEP_FACTS' answer ``row``."""
+    return Checkpoint("running", known.state, known.variables, row["now"], row["role_exists"])
 
 
 async def checkpoint_begin(conn: AsyncConn, task: Task) -> Checkpoint | None:
@@ -211,18 +237,37 @@ def checkpoint_params(
     claim_limit: int,
     lease: float,
     max_bytes: int = DEFAULT_MAX_STATE_BYTES,
+    version: int | None = None,
 ) -> tuple[Any, ...]:
-    """Parameters of CHECKPOINT: write ``transition``, retire ``task``, lease follow-ups.
-    Raises :class:`StateTooLarge` if the change is larger than ``max_bytes``."""
-    text = change_of(transition).to_json()  # once, here, so that its size can be checked
+    """Parameters of CHECKPOINT: write ``transition``, retire ``task``, lease follow-ups;
+    ``version``: the instance's checkpoint count the transition was computed after, when it was
+    computed from ``task.known`` rather than under df._checkpoint_begin's lock. Raises
+    :class:`StateTooLarge` if the change is larger than ``max_bytes``."""
+    text = change_of(transition, version).to_json()  # once, here, to check its size
     if len(text) > max_bytes or (not text.isascii() and len(text.encode()) > max_bytes):
         raise StateTooLarge(max_bytes)
     change = Jsonb(None, dumps=lambda _: text)
     return (task.id, task.token, change, worker, claim_limit, lease)
 
 
-def followups(rows: Sequence[Mapping[str, Any]], previous: Task) -> list[Task]:
-    """CHECKPOINT's answer: the new tasks leased to us, as Task objects of the same instance."""
+def followups(
+    rows: Sequence[Mapping[str, Any]],
+    previous: Task,
+    transition: Transition,
+    variables: dict[str, str],
+) -> list[Task]:
+    """CHECKPOINT's answer: the new tasks leased to us, as Task objects of the same instance.
+    A SQL step that is now the instance's only task knows the state ``transition`` left."""
+    known = None
+    state = transition.next_state
+    if (
+        len(rows) == 1
+        and rows[0]["kind"] == "sql"
+        and transition.outcome is None
+        and state is not None
+        and state.single_path()
+    ):
+        known = Known(state, variables, rows[0]["checkpoints"])
     return [
         Task(
             id=r["task_id"],
@@ -238,6 +283,7 @@ def followups(rows: Sequence[Mapping[str, Any]], previous: Task) -> list[Task]:
             database=previous.database,
             label=previous.label,
             created_at=previous.created_at,
+            known=known,
         )
         for r in rows
     ]

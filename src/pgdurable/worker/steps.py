@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -55,6 +56,9 @@ _SERVER_BUSY = (
 _NEEDS_OWN_TRANSACTION = {"25001", "2D000"}
 # df._checkpoint's refusal: the task is no longer ours.
 _TAKEN_AWAY = {"PD001"}
+# df._checkpoint's answer to a state known from this worker's last checkpoint that was not
+# the instance's current one (see Task.known).
+_STALE = "PD002"
 COMMIT = Query("COMMIT")
 # READ COMMITTED whatever the role's default: a checkpoint must see, and lock, rows that other
 # checkpoints committed after its transaction began.
@@ -100,6 +104,11 @@ class _Failed:
 
 class _Withdrawn(Exception):
     """The task was withdrawn (cancel, lost RACE) before its statement started."""
+
+
+class _Stale(Exception):
+    """The state a step knew from this worker's last checkpoint was not the instance's
+    (df._checkpoint refused it: PD002); the step was rolled back."""
 
 
 class CheckpointBusy(Exception):
@@ -219,7 +228,20 @@ class StepRunner:
 
     async def _run_sql(self, task: Task, claim_limit: Callable[[], int]) -> list[Task]:
         """Statement and checkpoint in one transaction, in two pipelined round trips:
-        [BEGIN, statement, checkpoint_begin] then [checkpoint, session reset, COMMIT]."""
+        [BEGIN, statement, checkpoint_begin] then [checkpoint, session reset, COMMIT]. A task
+        whose state is known (Task.known) asks only for the time instead of checkpoint_begin;
+        should that state prove old, the step runs again the usual way."""
+        try:
+            return await self._run_sql_once(task, claim_limit)
+        except _Stale:
+            log.warning(
+                "the state of %s known for task %s was not current; the step runs again",
+                task.instance_id,
+                task.id,
+            )
+            return await self._run_sql_once(dataclasses.replace(task, known=None), claim_limit)
+
+    async def _run_sql_once(self, task: Task, claim_limit: Callable[[], int]) -> list[Task]:
         graph = await self._graph(task)
         sql = str((task.payload or {}).get("sql", ""))
         pool = self.conns.step_pool(task.role, task.role_oid, task.database)
@@ -267,8 +289,9 @@ class StepRunner:
                     conn, graph, task, result, claim_limit
                 )
             else:
+                version = task.known.version if task.known is not None else None
                 followups, clean = await self._commit_step(
-                    conn, graph, task, result, cp, claim_limit
+                    conn, graph, task, result, cp, claim_limit, version
                 )
             reusable = True
             return followups
@@ -279,7 +302,8 @@ class StepRunner:
         self, conn: AsyncConn, task: Task, sql: str, checkpoint: bool = True
     ) -> tuple[str, Checkpoint | None]:
         """The first round trip of a step: BEGIN, the statement, df._checkpoint_begin (unless
-        not ``checkpoint``: the step runs in a database without the df schema).
+        not ``checkpoint``: the step runs in a database without the df schema; or the state is
+        known: STEP_FACTS).
 
         While it runs, ``cancel`` may interrupt it. Before the connection is used again, any
         cancel request sent meanwhile must have reached the server, so that it cannot hit
@@ -288,11 +312,15 @@ class StepRunner:
         """
         deadline = (task.payload or {}).get("deadline")
         after = None
-        if checkpoint:
+        if checkpoint and task.known is not None:
+            after = Query(queries.STEP_FACTS, (task.role_oid,))
+        elif checkpoint:
             after = Query(queries.CHECKPOINT_BEGIN, queries.checkpoint_begin_params(task))
         result, rows = await self._statement(conn, task, sql, deadline, [BEGIN], after)
         if not checkpoint:
             return result, None
+        if task.known is not None:
+            return result, queries.checkpoint_of_known(task.known, rows[0])
         return result, queries.checkpoint_from_row(rows[0] if rows else None)
 
     async def _statement(
@@ -443,8 +471,10 @@ class StepRunner:
         result: str,
         cp: Checkpoint | None,
         claim_limit: Callable[[], int],
+        version: int | None = None,
     ) -> tuple[list[Task], bool]:
-        """Checkpoint a successful statement in the open transaction and commit both.
+        """Checkpoint a successful statement in the open transaction and commit both
+        (``version``: of the state ``cp`` holds, when it was known rather than locked and read).
 
         Returns the follow-up tasks, and whether the session was reset in the transaction.
         Rolls back instead when the task is no longer ours (taken over, cancelled, a lost
@@ -465,7 +495,7 @@ class StepRunner:
             graph, _state(cp), cp.variables, task.activation, result, cp.now, **self._limits
         )
         try:
-            params = self._checkpoint_params(task, transition, claim_limit())
+            params = self._checkpoint_params(task, transition, claim_limit(), version)
         except queries.StateTooLarge as exc:
             await conn.execute("ROLLBACK")  # the step does not take effect
             return await self._fail_instance(task, str(exc), claim_limit), False
@@ -479,9 +509,11 @@ class StepRunner:
                 await conn.execute("ROLLBACK")
             if _checkpoint_busy(exc):
                 raise CheckpointBusy(_message(exc)) from None
+            if exc.sqlstate == _STALE:
+                raise _Stale() from None
             # Else the user's own error at COMMIT (a deferred constraint or trigger).
             return await self.fail(task, _sql_error(exc), claim_limit, exc.sqlstate), False
-        return queries.followups(rows, task), True
+        return queries.followups(rows, task, transition, cp.variables), True
 
     async def _commit_elsewhere(
         self,
@@ -518,7 +550,7 @@ class StepRunner:
                 graph, _state(cp), cp.variables, task.activation, result, cp.now, **self._limits
             )
             try:
-                followups = await self._write(own, task, transition, claim_limit())
+                followups = await self._write(own, task, transition, cp.variables, claim_limit())
             except queries.StateTooLarge as exc:
                 await conn.execute("ROLLBACK")
                 too_large = exc
@@ -635,7 +667,7 @@ class StepRunner:
         graph = self._cached_graph(task)
         first = _first_sql_task(started)
         if first is None or graph is None:  # nothing to run now, or the start failed
-            return await self._commit_on(conn, task, started, claim_limit)
+            return await self._commit_on(conn, task, started, cp.variables, claim_limit)
         # Until this transaction commits (its statement, or a user's deferred trigger at its
         # COMMIT, may take long), monitoring would show the instance as pending.
         finished = asyncio.Event()
@@ -675,7 +707,7 @@ class StepRunner:
         )  # fmt: skip
         chained = interpreter.chain(started, step, first.activation)
         try:
-            return await self._commit_on(conn, task, chained, claim_limit)
+            return await self._commit_on(conn, task, chained, cp.variables, claim_limit)
         except psycopg.Error as exc:
             if is_transient(exc) or _checkpoint_busy(exc) or exc.sqlstate in _TAKEN_AWAY:
                 raise  # the caller's: retried, deferred, or the task is gone
@@ -699,7 +731,12 @@ class StepRunner:
             log.debug("could not show instance %s as started: %s", task.instance_id, exc)
 
     async def _commit_on(
-        self, conn: AsyncConn, task: Task, transition: Transition, claim_limit: Callable[[], int]
+        self,
+        conn: AsyncConn,
+        task: Task,
+        transition: Transition,
+        variables: dict[str, str],
+        claim_limit: Callable[[], int],
     ) -> list[Task] | None:
         """Lock the instance (df._checkpoint_begin), checkpoint ``transition`` in the open
         transaction of a step connection, reset the session and commit, in one round trip;
@@ -714,7 +751,8 @@ class StepRunner:
             *map(Query, RESET_SESSION),
             COMMIT,
         ]
-        return queries.followups((await run_queries(conn, commit))[1], task)
+        rows = (await run_queries(conn, commit))[1]
+        return queries.followups(rows, task, transition, variables)
 
     # -- HTTP steps ----------------------------------------------------------------------------
 
@@ -888,16 +926,20 @@ class StepRunner:
                 return []
             transition = decided
         try:
-            return await self._write(conn, task, transition, claim_limit(), commit=True)
+            return await self._write(
+                conn, task, transition, cp.variables, claim_limit(), commit=True
+            )
         except queries.StateTooLarge as exc:
             # The state last written fitted; if the limit was lowered since, none is kept.
             for state in (cp.state, None):
                 failed = interpreter.fail_instance(state, f"Instance {task.instance_id}: {exc}")
                 with contextlib.suppress(queries.StateTooLarge):
-                    return await self._write(conn, task, failed, 0, commit=True)
+                    return await self._write(conn, task, failed, cp.variables, 0, commit=True)
             raise
 
-    def _checkpoint_params(self, task: Task, transition: Transition, claim: int) -> tuple[Any, ...]:
+    def _checkpoint_params(
+        self, task: Task, transition: Transition, claim: int, version: int | None = None
+    ) -> tuple[Any, ...]:
         """queries.checkpoint_params with this worker's id, lease and state limit."""
         return queries.checkpoint_params(
             task,
@@ -906,16 +948,24 @@ class StepRunner:
             claim,
             self.settings.lease_seconds,
             self.settings.max_state_bytes,
+            version,
         )
 
     async def _write(
-        self, conn: AsyncConn, task: Task, transition: Transition, claim: int, commit: bool = False
+        self,
+        conn: AsyncConn,
+        task: Task,
+        transition: Transition,
+        variables: dict[str, str],
+        claim: int,
+        commit: bool = False,
     ) -> list[Task]:
         """Checkpoint ``transition`` on ``conn``, leasing up to ``claim`` follow-ups to us, and
         ``commit`` in the same round trip (raises queries.StateTooLarge before sending)."""
         params = self._checkpoint_params(task, transition, claim)
         sent = [Query(queries.CHECKPOINT, params), *([COMMIT] if commit else [])]
-        return queries.followups((await run_queries(conn, sent))[0], task)
+        rows = (await run_queries(conn, sent))[0]
+        return queries.followups(rows, task, transition, variables)
 
     async def _fail_instance(
         self, task: Task, error: str, claim_limit: Callable[[], int]
