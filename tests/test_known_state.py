@@ -75,9 +75,11 @@ def test_a_step_whose_known_state_is_old_runs_again_and_takes_effect_once(
     assert f"the state of {instance} known for task" in caplog.text
 
 
-def checkpoint(conn: Conn, instance: str, version: int | None) -> list[tuple[Any, ...]]:
+def checkpoint(
+    conn: Conn, instance: str, version: int | None, claim: int = 1
+) -> list[tuple[Any, ...]]:
     """df._checkpoint of a task made for the test, computed from state ``version``; the task
-    it queues (activation 100) is leased and returned."""
+    it queues (activation 100) is leased and returned, up to ``claim``."""
     conn.execute("DELETE FROM df._tasks WHERE instance_id = %s", (instance,))
     task = conn.execute(
         "INSERT INTO df._tasks (instance_id, role_oid, activation, kind, token)"
@@ -98,8 +100,8 @@ def checkpoint(conn: Conn, instance: str, version: int | None) -> list[tuple[Any
         "version": version,
     }  # fmt: skip
     return conn.execute(
-        "SELECT activation, checkpoints FROM df._checkpoint(%s, %s, %s, %s, 1, 30)",
-        (task[0], task[1], Jsonb(change), uuid.uuid4()),
+        "SELECT activation, checkpoints, task_id = %s FROM df._checkpoint(%s, %s, %s, %s, %s, 30)",
+        (task[0], task[0], task[1], Jsonb(change), uuid.uuid4(), claim),
     ).fetchall()
 
 
@@ -107,13 +109,26 @@ def test_a_checkpoint_refuses_a_state_of_another_version(su: Conn) -> None:
     row = su.execute("SELECT df.start('SELECT 1')").fetchone()
     assert row is not None
     instance = str(row[0])
-    assert checkpoint(su, instance, None) == [(100, 1)]  # the version is not checked
+    assert checkpoint(su, instance, None) == [(100, 1, True)]  # the version is not checked
     with pytest.raises(psycopg.Error) as caught:
         checkpoint(su, instance, 0)
     assert caught.value.sqlstate == "PD002"
     runs = su.execute("SELECT state, checkpoints FROM df._runs WHERE instance_id = %s", (instance,))
     assert runs.fetchone() == ({"version": None}, 1)  # nothing of it was written
-    assert checkpoint(su, instance, 1) == [(100, 2)]
+    assert checkpoint(su, instance, 1) == [(100, 2, True)]
+
+
+def test_the_next_step_leased_to_the_worker_takes_over_its_tasks_row(su: Conn) -> None:
+    """In place (the same id), and otherwise a new row: one that is not leased to the caller."""
+    row = su.execute("SELECT df.start('SELECT 1')").fetchone()
+    assert row is not None
+    instance = str(row[0])
+    assert checkpoint(su, instance, None) == [(100, 1, True)]
+    assert checkpoint(su, instance, None, claim=0) == []
+    queued = su.execute(
+        "SELECT activation, lease_owner IS NULL FROM df._tasks WHERE instance_id = %s", (instance,)
+    )
+    assert queued.fetchall() == [(100, True)]
 
 
 def test_only_a_single_path_of_activations_has_one_task() -> None:

@@ -171,10 +171,13 @@ CREATE TABLE df._tasks (
     -- How often the task was given back because its checkpoint could not get a lock: the
     -- next try waits longer each time.
     deferrals    integer NOT NULL DEFAULT 0,
-    UNIQUE (instance_id, activation),
     CONSTRAINT _tasks_kind_check CHECK (kind IN ('start', 'sql', 'http', 'timer', 'signal'))
 );
+-- (No index on (instance_id, activation): activations are unique per instance by
+-- construction, and a sequence's next step takes over its task's row (df._checkpoint), an
+-- update that PostgreSQL makes in place (HOT) only if it changes no indexed column.)
 
+CREATE INDEX tasks_instance_idx ON df._tasks (instance_id);
 CREATE INDEX tasks_visible_idx ON df._tasks (visible_at);
 CREATE INDEX tasks_lease_owner_idx ON df._tasks (lease_owner) WHERE lease_owner IS NOT NULL;
 -- The claim walks the roles that have tasks (one index probe each), then takes each role's
