@@ -201,9 +201,23 @@ def _rows(
     return rows, error
 
 
+async def _next_result(conn: psycopg.AsyncConnection[Any]) -> pq.abc.PGresult | None:
+    """The pipeline's next result (None at the end of a query's): taken from libpq's buffer
+    when it is there already, as most of a pipeline's are once its first result came, and
+    only else waited for through psycopg (whose every wait costs a round of the event loop).
+    """
+    pgconn = conn.pgconn
+    if pgconn.is_busy():
+        return await conn.wait(generators.fetch(pgconn))
+    while notify := pgconn.notifies():  # what psycopg's fetch does with them
+        if pgconn.notify_handler:
+            pgconn.notify_handler(notify)
+    return pgconn.get_result()
+
+
 async def _sync(conn: psycopg.AsyncConnection[Any]) -> None:
     """Read the pipeline's Sync and leave pipeline mode."""
-    sync = await conn.wait(generators.fetch(conn.pgconn))
+    sync = await _next_result(conn)
     if sync is None or sync.status != ExecStatus.PIPELINE_SYNC:
         raise e.InternalError("pipeline out of step: no Sync where one was expected")
     conn.pgconn.exit_pipeline_mode()
@@ -267,7 +281,7 @@ async def _read_query(
 async def _results(conn: psycopg.AsyncConnection[Any]) -> list[pq.abc.PGresult]:
     """The results of the next query in the pipeline."""
     results = []
-    while (res := await conn.wait(generators.fetch(conn.pgconn))) is not None:
+    while (res := await _next_result(conn)) is not None:
         results.append(res)
     return results
 
@@ -277,13 +291,12 @@ async def _read_statement(
 ) -> tuple[str, _Rejected | None, psycopg.Error | None]:
     """Read the statement's results as they arrive: (result JSON, why it cannot be recorded,
     the server's error). Closes the connection and raises past ``max_bytes``."""
-    pgconn = conn.pgconn
     loader = Transformer(conn)
     builder: ResultBuilder | None = None
     rejected: _Rejected | None = None
     drained = 0  # bytes of rows read after the result was rejected, only to skip them
     result = NO_RESULT_SET
-    while (res := await conn.wait(generators.fetch(pgconn))) is not None:
+    while (res := await _next_result(conn)) is not None:
         status = res.status
         if status in _ROWS:
             fresh = builder is None and rejected is None
