@@ -1,6 +1,7 @@
-"""Steps that follow a worker's own checkpoint: the state it wrote travels with the task it
-leased itself (Task.known), and the step's checkpoint checks it rather than locking and
-reading the instance (df._checkpoint's version)."""
+"""What a worker knows without asking again: the state its own checkpoint wrote travels with
+the task it leased itself (Task.known), and the step's checkpoint checks it rather than locking
+and reading the instance (df._checkpoint's version); what a start needs comes with the claim
+(Task.start, df._start_facts)."""
 
 from __future__ import annotations
 
@@ -45,6 +46,29 @@ def test_a_sequence_locks_and_reads_its_instance_only_at_the_start(
         time.sleep(0.05)
     assert function_calls(conn, "_checkpoint") == 5
     assert function_calls(conn, "_checkpoint_begin") == 1  # the start's
+
+
+@pytest.mark.parametrize("steps", [1, 120])
+def test_a_start_reads_its_instance_at_the_claim_unless_the_graph_is_large(
+    app: App, conn: Conn, dbname: str, dsn: str, steps: int
+) -> None:
+    conn.execute(f"ALTER DATABASE {dbname} SET track_functions = 'all'")  # SQL ones too
+    app.conn.execute("CREATE TABLE effects (n int)")
+    graph = " ~> ".join(f"'INSERT INTO effects VALUES ({n})'" for n in range(steps))
+    w = ThreadWorker(dsn, concurrency=2)
+    try:
+        instance, status = app.run(graph)
+        assert status == "completed"
+    finally:
+        w.stop()
+    assert app.conn.execute("SELECT count(*) FROM effects").fetchone() == (steps,)
+    assert app.nodes(instance)[0]["status"] == "completed"
+    deadline = time.monotonic() + 20
+    while function_calls(conn, "_claim") < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # 1 step: one node; 120: 239 nodes, more than df._start_facts hands out.
+    assert function_calls(conn, "_start_facts") == 1
+    assert function_calls(conn, "_task_facts") == (0 if steps == 1 else 1)
 
 
 def test_a_step_whose_known_state_is_old_runs_again_and_takes_effect_once(

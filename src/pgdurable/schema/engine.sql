@@ -4,7 +4,9 @@
 --
 --   df.start                        INSERT df.instances, df.nodes (caller's transaction)
 --     trigger instances_created     df._runs row, df.vars snapshot, the 'start' task, NOTIFY
---   df._claim                       a worker leases due tasks, shared fairly between roles
+--   df._claim                       a worker leases due tasks, shared fairly between roles;
+--                                   a start task comes with what starting needs
+--                                   (df._start_facts: the graph, the submitter, variables)
 --   for each task, one transaction:
 --     df._checkpoint_begin          is the task still ours? lock the instance, return its
 --                                   state and the time (skipped by a step its worker's last
@@ -20,8 +22,9 @@
 --                                   output and end
 --     df._reset_session             a SQL step's session as it found it
 --     COMMIT                        the step's effect and its record, together
---   a start whose first step is a SQL step runs both in one such transaction: the token read
---     without a lock first (df._task_facts), the instance locked only before df._checkpoint;
+--   a start whose first step is a SQL step runs both in one such transaction (for a graph
+--     too large for the claim, the token read first without a lock: df._task_facts), the
+--     instance locked only before df._checkpoint;
 --     a long one is shown running meanwhile (df._show_started)
 --   df._release_dead_workers        the tasks of a worker whose session ended are due again
 --   df.cancel → trigger instances_cancelled: the tasks go, NOTIFY pgdurable_cancel
@@ -518,6 +521,43 @@ $$;
 -- probe of tasks_role_visible_idx per role, none at all when nothing is due), and those with
 -- due tasks kept.
 -- ---------------------------------------------------------------------------------------------
+-- ---------------------------------------------------------------------------------------------
+-- df._start_facts: what a worker reads to start an instance (worker/queries.py's
+-- graph_queries: the submitter, the graph's nodes and the size of their texts, the variables),
+-- and the time, as one value that df._claim hands out with each start task. The start and its
+-- first step then begin with the step's statement, a round trip sooner. NULL for a graph of
+-- more than 100 nodes or 1 MB of texts, which the worker reads the usual way.
+-- ---------------------------------------------------------------------------------------------
+CREATE OR REPLACE FUNCTION df._start_facts(p_instance varchar(8)) RETURNS jsonb
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT jsonb_build_object(
+               'root_node', i.root_node,
+               'label', i.label,
+               'role', coalesce(r.rolname, i.submitted_by::text),
+               'role_exists', r.oid IS NOT NULL,
+               'superuser', coalesce(r.rolsuper, false),
+               'graph_bytes', g.bytes,
+               'vars', u.vars,
+               'vars_bytes', octet_length(u.vars::text),
+               'now', extract(epoch FROM clock_timestamp()),
+               'nodes', g.nodes)
+      FROM df.instances i
+      JOIN df._runs u ON u.instance_id = i.id
+      LEFT JOIN pg_roles r ON r.oid = i.submitted_by
+     CROSS JOIN LATERAL (
+           SELECT count(*) AS count,
+                  coalesce(sum(coalesce(octet_length(n.query), 0)
+                               + coalesce(octet_length(n.result_name), 0)), 0) AS bytes,
+                  jsonb_agg(jsonb_build_object(
+                      'id', n.id, 'node_type', n.node_type, 'query', n.query,
+                      'result_name', n.result_name, 'left_node', n.left_node,
+                      'right_node', n.right_node)) AS nodes
+             FROM (SELECT * FROM df.nodes n WHERE n.instance_id = i.id LIMIT 101) n
+         ) g
+     WHERE i.id = p_instance AND g.count <= 100 AND g.bytes <= 1048576;
+$$;
+REVOKE ALL ON FUNCTION df._start_facts(varchar) FROM PUBLIC;
+
 -- (No SET clause: PostgreSQL then inlines it into df._claim's query and plans them as one.)
 CREATE OR REPLACE FUNCTION df._waiting_roles() RETURNS SETOF oid
 LANGUAGE sql STABLE AS $$
@@ -558,7 +598,7 @@ CREATE OR REPLACE FUNCTION df._claim(p_worker uuid, p_limit integer, p_lease dou
 RETURNS TABLE (id bigint, token uuid, kind text, activation integer, node_id varchar(8),
                payload jsonb, attempts integer, instance_id varchar(8), role text,
                role_oid oid, database text, label text, created_at timestamptz,
-               deferrals integer)
+               deferrals integer, start jsonb)
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET plan_cache_mode = force_generic_plan
 AS $$
 #variable_conflict use_column
@@ -599,7 +639,8 @@ BEGIN
            -- The login name, not regrole's text, which quotes names like "Odd Name". A dropped
            -- role leaves its number, which fails the login as it should.
            coalesce(a.rolname, i.submitted_by::text)::text, i.submitted_by::oid, i.database,
-           i.label, i.created_at, c.deferrals
+           i.label, i.created_at, c.deferrals,
+           CASE WHEN c.kind = 'start' THEN df._start_facts(c.instance_id) END
       FROM claimed c JOIN df.instances i ON i.id = c.instance_id
       LEFT JOIN pg_roles a ON a.oid = i.submitted_by;
 END;

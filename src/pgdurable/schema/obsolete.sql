@@ -20,3 +20,17 @@ BEGIN
     END IF;
 END
 $$;
+
+-- 0.2: df._claim returns what a start needs (df._start_facts) with each start task.
+DO $$
+DECLARE
+    v_old regprocedure := to_regprocedure(
+        'df._claim(uuid, integer, double precision, integer, oid[], integer[])');
+BEGIN
+    IF v_old IS NOT NULL
+       AND NOT EXISTS (SELECT 1 FROM pg_proc p
+                        WHERE p.oid = v_old AND 'start' = ANY (p.proargnames)) THEN
+        DROP FUNCTION df._claim(uuid, integer, double precision, integer, oid[], integer[]);
+    END IF;
+END
+$$;

@@ -61,6 +61,9 @@ class Task:
     # leased this task and it is the instance's only task: its checkpoint needs no
     # df._checkpoint_begin then (see df._checkpoint).
     known: Known | None = None
+    # A start task's instance as df._start_facts read it at the claim (the facts and nodes of
+    # graph_queries, the variables, the time), or None: read them the usual way.
+    start: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,7 @@ class Checkpoint:
 # parameter values otherwise, which cost more than running it).
 _CLAIM = """
 SELECT id, token, kind, activation, node_id, payload, attempts, instance_id, role, role_oid,
-       database, label, created_at, deferrals
+       database, label, created_at, deferrals, start
   FROM df._claim(%(worker)s, %(limit)s, %(lease)s, %(cap)s, %(held_roles)s::oid[],
                  %(held_slots)s::int[])
 """

@@ -585,10 +585,11 @@ class StepRunner:
         self, task: Task, claim_limit: Callable[[], int]
     ) -> list[Task]:
         """Start an instance and run its first SQL step in one transaction, on a connection
-        logged in as the submitter, in three round trips: [BEGIN, df._task_facts, the graph],
-        [the statement], [df._checkpoint_begin, df._checkpoint of both, the session reset,
-        COMMIT]. Starting on the worker's connection first would cost a transaction and two
-        round trips more.
+        logged in as the submitter, in two round trips: [BEGIN, the statement], then
+        [df._checkpoint_begin, df._checkpoint of both, the session reset, COMMIT]; what the
+        start needs came with the claim (Task.start), or is read in a round trip before them
+        ([BEGIN, df._task_facts, the graph]). Starting on the worker's connection first would
+        cost a transaction and two round trips more.
 
         A failed step is recorded as the usual path records it: the start checkpointed on the
         worker's connection, then the failure, without running the statement again. The
@@ -646,20 +647,39 @@ class StepRunner:
         self, conn: AsyncConn, task: Task, claim_limit: Callable[[], int]
     ) -> list[Task] | _Failed | None:
         """_start_with_first_step on the submitter's connection: the follow-ups; how the step
-        failed; or None to take the usual path. The caller rolls back what did not commit."""
-        max_bytes = self.settings.max_state_bytes
-        # No lock yet: df.cancel must not wait for the step's statement (see df._task_facts).
-        first_trip = [
-            BEGIN,
-            Query(queries.TASK_FACTS, queries.checkpoint_begin_params(task)),
-            *queries.graph_queries(task.instance_id, max_bytes, vars_size=False),
-        ]
-        _, begun, facts, nodes = await run_queries(conn, first_trip)
-        cp = queries.checkpoint_from_row(begun[0] if begun else None)
-        if cp is None:
-            return []  # the task is gone
-        if facts:  # the submitter may not read df._runs.vars: measured here instead
-            facts[0]["vars_bytes"] = len(json.dumps(cp.variables).encode())
+        failed; or None to take the usual path. The caller rolls back what did not commit.
+
+        What the claim read of the instance (Task.start) spares the first round trip; the
+        transaction then begins with the statement, and a task taken away meanwhile is found
+        gone by the checkpoint (PD001), which rolls the step back."""
+        if task.start is not None:
+            facts = [{**task.start, "created_at": task.created_at}]
+            nodes = list(task.start["nodes"])
+            cp = Checkpoint(
+                "pending",
+                None,
+                task.start["vars"] or {},
+                float(task.start["now"]),
+                task.start["role_exists"],
+            )
+            begun = False
+        else:
+            # No lock yet: df.cancel must not wait for the step's statement (df._task_facts).
+            first_trip = [
+                BEGIN,
+                Query(queries.TASK_FACTS, queries.checkpoint_begin_params(task)),
+                *queries.graph_queries(
+                    task.instance_id, self.settings.max_state_bytes, vars_size=False
+                ),
+            ]
+            _, facts_rows, facts, nodes = await run_queries(conn, first_trip)
+            found = queries.checkpoint_from_row(facts_rows[0] if facts_rows else None)
+            if found is None:
+                return []  # the task is gone
+            cp = found
+            if facts:  # the submitter may not read df._runs.vars: measured here instead
+                facts[0]["vars_bytes"] = len(json.dumps(cp.variables).encode())
+            begun = True
         # A submitter dropped already fails the instance in _start, as the usual
         # path would; unlike it, a role dropped while the statement runs lets it count, as if
         # it had ended just before.
@@ -667,7 +687,7 @@ class StepRunner:
         graph = self._cached_graph(task)
         first = _first_sql_task(started)
         if first is None or graph is None:  # nothing to run now, or the start failed
-            return await self._commit_on(conn, task, started, cp.variables, claim_limit)
+            return await self._commit_on(conn, task, started, cp.variables, claim_limit, begun)
         # Until this transaction commits (its statement, or a user's deferred trigger at its
         # COMMIT, may take long), monitoring would show the instance as pending.
         finished = asyncio.Event()
@@ -675,7 +695,7 @@ class StepRunner:
         self._background.add(shown)
         shown.add_done_callback(self._background.discard)
         try:
-            return await self._first_step(conn, task, graph, cp, started, first, claim_limit)
+            return await self._first_step(conn, task, graph, cp, started, first, claim_limit, begun)
         finally:
             finished.set()
 
@@ -688,13 +708,15 @@ class StepRunner:
         started: Transition,
         first: TaskSpec,
         claim_limit: Callable[[], int],
+        begun: bool,
     ) -> list[Task] | _Failed | None:
-        """Run the step ``started`` queued, and commit both (see _start_on)."""
+        """Run the step ``started`` queued, and commit both (see _start_on); ``begun``: the
+        transaction is open already."""
         payload = first.payload or {}
+        sql, deadline = str(payload.get("sql", "")), payload.get("deadline")
         try:
-            result, rows = await self._statement(
-                conn, task, str(payload.get("sql", "")), payload.get("deadline"), [], _NOW
-            )
+            before = [] if begun else [BEGIN]
+            result, rows = await self._statement(conn, task, sql, deadline, before, _NOW)
         except psycopg.Error as exc:
             if is_transient(exc) or exc.sqlstate in _NEEDS_OWN_TRANSACTION:
                 raise  # the usual path: retried, or run outside a transaction block
@@ -707,7 +729,7 @@ class StepRunner:
         )  # fmt: skip
         chained = interpreter.chain(started, step, first.activation)
         try:
-            return await self._commit_on(conn, task, chained, cp.variables, claim_limit)
+            return await self._commit_on(conn, task, chained, cp.variables, claim_limit, True)
         except psycopg.Error as exc:
             if is_transient(exc) or _checkpoint_busy(exc) or exc.sqlstate in _TAKEN_AWAY:
                 raise  # the caller's: retried, deferred, or the task is gone
@@ -737,21 +759,25 @@ class StepRunner:
         transition: Transition,
         variables: dict[str, str],
         claim_limit: Callable[[], int],
+        begun: bool,
     ) -> list[Task] | None:
-        """Lock the instance (df._checkpoint_begin), checkpoint ``transition`` in the open
-        transaction of a step connection, reset the session and commit, in one round trip;
-        None if the state is too large (the usual path fails the instance)."""
+        """Lock the instance (df._checkpoint_begin), checkpoint ``transition`` in the
+        transaction of a step connection (``begun``: open already, else begun here), reset the
+        session and commit, in one round trip; None if the state is too large (the usual path
+        fails the instance)."""
         try:
             params = self._checkpoint_params(task, transition, claim_limit())
         except queries.StateTooLarge:
             return None
+        head = [] if begun else [BEGIN]
         commit = [
+            *head,
             Query(queries.CHECKPOINT_BEGIN, queries.checkpoint_begin_params(task)),
             Query(queries.CHECKPOINT, params),
             *map(Query, RESET_SESSION),
             COMMIT,
         ]
-        rows = (await run_queries(conn, commit))[1]
+        rows = (await run_queries(conn, commit))[len(head) + 1]
         return queries.followups(rows, task, transition, variables)
 
     # -- HTTP steps ----------------------------------------------------------------------------
