@@ -521,43 +521,6 @@ $$;
 -- probe of tasks_role_visible_idx per role, none at all when nothing is due), and those with
 -- due tasks kept.
 -- ---------------------------------------------------------------------------------------------
--- ---------------------------------------------------------------------------------------------
--- df._start_facts: what a worker reads to start an instance (worker/queries.py's
--- graph_queries: the submitter, the graph's nodes and the size of their texts, the variables),
--- and the time, as one value that df._claim hands out with each start task. The start and its
--- first step then begin with the step's statement, a round trip sooner. NULL for a graph of
--- more than 100 nodes or 1 MB of texts, which the worker reads the usual way.
--- ---------------------------------------------------------------------------------------------
-CREATE OR REPLACE FUNCTION df._start_facts(p_instance varchar(8)) RETURNS jsonb
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
-    SELECT jsonb_build_object(
-               'root_node', i.root_node,
-               'label', i.label,
-               'role', coalesce(r.rolname, i.submitted_by::text),
-               'role_exists', r.oid IS NOT NULL,
-               'superuser', coalesce(r.rolsuper, false),
-               'graph_bytes', g.bytes,
-               'vars', u.vars,
-               'vars_bytes', octet_length(u.vars::text),
-               'now', extract(epoch FROM clock_timestamp()),
-               'nodes', g.nodes)
-      FROM df.instances i
-      JOIN df._runs u ON u.instance_id = i.id
-      LEFT JOIN pg_roles r ON r.oid = i.submitted_by
-     CROSS JOIN LATERAL (
-           SELECT count(*) AS count,
-                  coalesce(sum(coalesce(octet_length(n.query), 0)
-                               + coalesce(octet_length(n.result_name), 0)), 0) AS bytes,
-                  jsonb_agg(jsonb_build_object(
-                      'id', n.id, 'node_type', n.node_type, 'query', n.query,
-                      'result_name', n.result_name, 'left_node', n.left_node,
-                      'right_node', n.right_node)) AS nodes
-             FROM (SELECT * FROM df.nodes n WHERE n.instance_id = i.id LIMIT 101) n
-         ) g
-     WHERE i.id = p_instance AND g.count <= 100 AND g.bytes <= 1048576;
-$$;
-REVOKE ALL ON FUNCTION df._start_facts(varchar) FROM PUBLIC;
-
 -- (No SET clause: PostgreSQL then inlines it into df._claim's query and plans them as one.)
 CREATE OR REPLACE FUNCTION df._waiting_roles() RETURNS SETOF oid
 LANGUAGE sql STABLE AS $$
@@ -647,3 +610,40 @@ END;
 $$;
 REVOKE ALL ON FUNCTION df._claim(uuid, integer, double precision, integer, oid[], integer[])
     FROM PUBLIC;
+
+-- ---------------------------------------------------------------------------------------------
+-- df._start_facts: what a worker reads to start an instance (worker/queries.py's
+-- graph_queries: the submitter, the graph's nodes and the size of their texts, the variables),
+-- and the time, as one value that df._claim hands out with each start task. The start and its
+-- first step then begin with the step's statement, a round trip sooner. NULL for a graph of
+-- more than 100 nodes or 1 MB of texts, which the worker reads the usual way.
+-- ---------------------------------------------------------------------------------------------
+CREATE OR REPLACE FUNCTION df._start_facts(p_instance varchar(8)) RETURNS jsonb
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT jsonb_build_object(
+               'root_node', i.root_node,
+               'label', i.label,
+               'role', coalesce(r.rolname, i.submitted_by::text),
+               'role_exists', r.oid IS NOT NULL,
+               'superuser', coalesce(r.rolsuper, false),
+               'graph_bytes', g.bytes,
+               'vars', u.vars,
+               'vars_bytes', octet_length(u.vars::text),
+               'now', extract(epoch FROM clock_timestamp()),
+               'nodes', g.nodes)
+      FROM df.instances i
+      JOIN df._runs u ON u.instance_id = i.id
+      LEFT JOIN pg_roles r ON r.oid = i.submitted_by
+     CROSS JOIN LATERAL (
+           SELECT count(*) AS count,
+                  coalesce(sum(coalesce(octet_length(n.query), 0)
+                               + coalesce(octet_length(n.result_name), 0)), 0) AS bytes,
+                  jsonb_agg(jsonb_build_object(
+                      'id', n.id, 'node_type', n.node_type, 'query', n.query,
+                      'result_name', n.result_name, 'left_node', n.left_node,
+                      'right_node', n.right_node)) AS nodes
+             FROM (SELECT * FROM df.nodes n WHERE n.instance_id = i.id LIMIT 101) n
+         ) g
+     WHERE i.id = p_instance AND g.count <= 100 AND g.bytes <= 1048576;
+$$;
+REVOKE ALL ON FUNCTION df._start_facts(varchar) FROM PUBLIC;
