@@ -163,3 +163,25 @@ def test_only_a_single_path_of_activations_has_one_task() -> None:
     loop = LoopActivation("n0", None, None, 0, 0, loop_exec=0, iteration=1, phase="body",
                           started=0.0)  # fmt: skip
     assert not InstanceState(3, {1: leaf, 2: loop}, plain.execs, plain.envs).single_path()
+
+
+def test_a_long_first_step_shows_its_instance_running_meanwhile(
+    app: App, worker: ThreadWorker
+) -> None:
+    """The start and the first step commit together; until then the worker shows the instance
+    and the step as running from its own connection (df._show_started), once the step has
+    run for a moment."""
+    instance = app.start("'SELECT pg_sleep(1.5)'")
+    deadline = time.monotonic() + 1.2
+    seen = None
+    while time.monotonic() < deadline:
+        seen = app.conn.execute(
+            "SELECT i.status, n.status, n.started_at IS NOT NULL FROM df.instances i"
+            " JOIN df.nodes n ON n.instance_id = i.id AND n.id = i.root_node WHERE i.id = %s",
+            (instance,),
+        ).fetchone()
+        if seen == ("running", "running", True):
+            break
+        time.sleep(0.02)
+    assert seen == ("running", "running", True)
+    assert app.wait(instance) == "completed"

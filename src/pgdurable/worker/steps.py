@@ -689,15 +689,15 @@ class StepRunner:
         if first is None or graph is None:  # nothing to run now, or the start failed
             return await self._commit_on(conn, task, started, cp.variables, claim_limit, begun)
         # Until this transaction commits (its statement, or a user's deferred trigger at its
-        # COMMIT, may take long), monitoring would show the instance as pending.
-        finished = asyncio.Event()
-        shown = asyncio.ensure_future(self._show_started(task, started, finished))
-        self._background.add(shown)
-        shown.add_done_callback(self._background.discard)
+        # COMMIT, may take long), monitoring would show the instance as pending. A timer, not a
+        # task waiting on one: most first steps end long before it, at every start.
+        show = asyncio.get_running_loop().call_later(
+            SHOW_STARTED_AFTER, self._show_started, task, started
+        )
         try:
             return await self._first_step(conn, task, graph, cp, started, first, claim_limit, begun)
         finally:
-            finished.set()
+            show.cancel()
 
     async def _first_step(
         self,
@@ -736,13 +736,15 @@ class StepRunner:
             # The user's own error at COMMIT (a deferred constraint or trigger).
             return _Failed(first.activation, _sql_error(exc), exc.sqlstate)
 
-    async def _show_started(self, task: Task, started: Transition, finished: asyncio.Event) -> None:
-        """Once the first step has run for SHOW_STARTED_AFTER, show its instance and the nodes
-        the start began as running (df._show_started), on the worker's connection: they would
-        read pending until the step commits. Short steps never need it."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(finished.wait(), SHOW_STARTED_AFTER)
-            return
+    def _show_started(self, task: Task, started: Transition) -> None:
+        """The first step has run for SHOW_STARTED_AFTER: show its instance and the nodes the
+        start began as running (df._show_started), on the worker's connection, in the
+        background; they would read pending until the step commits."""
+        shown = asyncio.ensure_future(self._show_started_now(task, started))
+        self._background.add(shown)
+        shown.add_done_callback(self._background.discard)
+
+    async def _show_started_now(self, task: Task, started: Transition) -> None:
         nodes = sorted({w.node_id for w in started.writes if w.status == "running"})
         try:
             async with self.conns.worker.connection() as conn:
