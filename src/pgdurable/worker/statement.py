@@ -193,7 +193,7 @@ def _rows(
         if res.status == ExecStatus.FATAL_ERROR:
             error = error or e.error_from_result(res, encoding=conn.info.encoding)
         elif res.status == ExecStatus.TUPLES_OK and error is None:
-            loader = Transformer(conn)
+            loader = _transformer(conn)
             loader.set_pgresult(res)
             names = [(res.fname(i) or b"").decode() for i in range(res.nfields)]
             loaded = loader.load_rows(0, res.ntuples, tuple)
@@ -231,6 +231,21 @@ _PREPARED: weakref.WeakKeyDictionary[psycopg.AsyncConnection[Any], set[bytes]] =
 )
 
 
+# One Transformer per connection for our own queries' parameters and rows, used one query at a
+# time (the connection's lock is held): making one costs more than most of what it then does,
+# and it keeps the adapters it looked up.
+_TRANSFORMERS: weakref.WeakKeyDictionary[psycopg.AsyncConnection[Any], abc.Transformer] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _transformer(conn: psycopg.AsyncConnection[Any]) -> abc.Transformer:
+    transformer = _TRANSFORMERS.get(conn)
+    if transformer is None:
+        transformer = _TRANSFORMERS[conn] = Transformer(conn)
+    return transformer
+
+
 def forget_prepared(conn: psycopg.AsyncConnection[Any]) -> None:
     """``conn``'s prepared statements are gone (DISCARD ALL): prepare ours again."""
     _PREPARED.pop(conn, None)
@@ -253,7 +268,7 @@ def _send(conn: psycopg.AsyncConnection[Any], query: Query) -> bytes | None:
     would pick a type for each value (int2 for a small integer, which a later bigger one
     would not fit)."""
     text, name = _numbered(query.sql, len(query.params))
-    dumper = Transformer(conn)
+    dumper = _transformer(conn)
     values = dumper.dump_sequence(query.params, [PyFormat.TEXT] * len(query.params))
     pgconn = conn.pgconn
     prepare = None
