@@ -64,7 +64,7 @@ import pgdurable
 from pgdurable import __version__
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import SERVER_SETTINGS
+from run import SERVER_SETTINGS, git_describe
 from run import Server as BenchServer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -1050,25 +1050,6 @@ def diagnose(db: Db, labels: list[str]) -> dict[str, Any]:
 
 def console(text: str) -> None:
     print(text, flush=True)
-
-
-def git_describe() -> str:
-    try:
-        head = subprocess.run(
-            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no", "src"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("+dirty" if dirty else "")
 
 
 def print_summary(report: dict[str, Any]) -> None:
