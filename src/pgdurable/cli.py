@@ -24,6 +24,7 @@ from rich.markup import escape
 from . import __version__, schema
 from .embedded import EmbeddedPostgres, EmbeddedPostgresError, bin_path
 from .monitor import queries, render
+from .worker.batch import DEFAULT_BATCH_SIZE, MAX_BATCH_SIZE
 from .worker.egress import EgressPolicy
 from .worker.loop import Worker, WorkerConfig, WorkerError
 
@@ -83,6 +84,15 @@ def _worker_options(f: F) -> F:
         default=None,
         help="The most steps one role runs at the same time on this worker [default: "
         "--concurrency]. Whatever the cap, roles with work share the slots fairly.",
+    )(f)
+    f = click.option(
+        "--batch-size",
+        envvar="PGDURABLE_BATCH_SIZE",
+        type=click.IntRange(min=1, max=MAX_BATCH_SIZE),
+        default=DEFAULT_BATCH_SIZE,
+        show_default=True,
+        help="The most SQL steps of one role, ready at once, that run and commit in one "
+        "transaction (1: each alone).",
     )(f)
     f = click.option(
         "--single-role",
@@ -191,6 +201,7 @@ def _config(dsn: str, options: dict[str, Any]) -> WorkerConfig:
         reconcile_interval=options["reconcile_interval"],
         purge_batch_size=options["purge_batch_size"],
         role_slots=options["role_slots"],
+        batch_size=options["batch_size"],
     )
 
 

@@ -26,6 +26,9 @@
 --     too large for the claim, the token read first without a lock: df._task_facts), the
 --     instance locked only before df._checkpoint;
 --     a long one is shown running meanwhile (df._show_started)
+--   SQL steps of one role ready at once share one such transaction (the worker's batches):
+--     each statement and df._reset_session, then the df._checkpoint_begin of each, then
+--     each df._checkpoint, one COMMIT
 --   df._release_dead_workers        the tasks of a worker whose session ended are due again
 --   df.cancel → trigger instances_cancelled: the tasks go, NOTIFY pgdurable_cancel
 --   df.signal → trigger signals_sent: NOTIFY pgdurable_signals; after the commit a worker

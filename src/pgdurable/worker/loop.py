@@ -28,6 +28,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from .. import schema
 from . import queries
+from .batch import DEFAULT_BATCH_SIZE
 from .connections import Connections, is_transient
 from .egress import EgressPolicy
 from .queries import AsyncConn, Task
@@ -78,7 +79,7 @@ class WorkerConfig:
     """How a worker runs. ``poll_interval`` None reads ``pg_durable.poll_interval``,
     ``reconcile_interval`` None ``pg_durable.reconcile_interval`` (seconds; 0: no purges).
     ``role_slots`` caps the slots one role holds at once; the slots are shared fairly between
-    roles with work whatever the cap."""
+    roles with work whatever the cap. ``batch_size``: see worker/batch.py."""
 
     dsn: str
     concurrency: int = 10
@@ -90,6 +91,7 @@ class WorkerConfig:
     reconcile_interval: float | None = None
     purge_batch_size: int = PURGE_BATCH_SIZE
     role_slots: int | None = None  # the most slots one role may hold (None: concurrency)
+    batch_size: int = DEFAULT_BATCH_SIZE  # the most steps of a role in one transaction
     signal_sweep_interval: float = SIGNAL_SWEEP_INTERVAL
 
 
@@ -282,6 +284,7 @@ class Worker:
             egress=self.config.egress,
             max_result_bytes=max_bytes,
             max_state_bytes=max_state,
+            batch_size=self.config.batch_size,
         )
 
     # -- claiming ------------------------------------------------------------------------------

@@ -48,7 +48,16 @@ from .results import (
     unsupported_type,
 )
 
-__all__ = ["CHUNK_ROWS", "Query", "forget_prepared", "run_queries", "run_statement"]
+__all__ = [
+    "BEGIN",
+    "CHUNK_ROWS",
+    "COMMIT",
+    "Query",
+    "forget_prepared",
+    "run_queries",
+    "run_statement",
+    "run_statements",
+]
 
 CHUNK_ROWS = 256
 """Rows libpq gathers before handing them over: the rows held at once besides the JSON text."""
@@ -65,6 +74,12 @@ class Query:
 
     sql: str
     params: Sequence[Any] = ()
+
+
+# READ COMMITTED whatever the role's default: a checkpoint must see, and lock, rows that other
+# checkpoints committed after its transaction began.
+BEGIN = Query("BEGIN ISOLATION LEVEL READ COMMITTED")
+COMMIT = Query("COMMIT")
 
 
 class _Rejected(Exception):
@@ -90,9 +105,10 @@ async def run_statement(
     that cannot be recorded (:class:`~pgdurable.worker.results.ResultTooLarge`: the
     connection is closed), or anything else with the connection closed.
     """
+    parts: list[Query | bytes] = [*before, statement, *([after] if after is not None else [])]
     try:
         async with conn.lock:
-            result, rows = await _pipeline(conn, statement, max_bytes, before, after)
+            answers = await _pipeline(conn, parts, max_bytes)
     except _Rejected as rejected:
         if rejected.error is not None:
             raise rejected.error from None
@@ -101,40 +117,65 @@ async def run_statement(
             await cur.execute(TYPE_NAME_QUERY, (oid,))
             names = await cur.fetchone()
         raise unsupported_type(column, oid, names) from None
+    result = answers[len(before)]
+    assert isinstance(result, str)
+    rows = answers[-1] if after is not None else []
+    assert isinstance(rows, list)
     return result, rows
 
 
+async def run_statements(
+    conn: psycopg.AsyncConnection[Any], parts: Sequence[Query | bytes], max_bytes: int
+) -> list[str | list[dict[str, Any]]]:
+    """Run ``parts`` in one pipeline: statements (``bytes``, their results read as they
+    arrive, each up to ``max_bytes``) and our queries. Returns a statement's result JSON,
+    a query's rows, in order. Raises as :func:`run_statement` does, except that a result
+    which cannot be recorded is a plain ``ResultError`` (the connection closed or its
+    transaction aborted): the caller runs its steps again one at a time to learn more.
+    """
+    try:
+        async with conn.lock:
+            return await _pipeline(conn, parts, max_bytes)
+    except _Rejected as rejected:
+        raise rejected.error or ResultError("a result of the batch cannot be recorded") from None
+
+
 async def _pipeline(
-    conn: psycopg.AsyncConnection[Any],
-    statement: bytes,
-    max_bytes: int,
-    before: Sequence[Query],
-    after: Query | None,
-) -> tuple[str, list[dict[str, Any]]]:
+    conn: psycopg.AsyncConnection[Any], parts: Sequence[Query | bytes], max_bytes: int
+) -> list[str | list[dict[str, Any]]]:
     if conn.closed:
         raise e.OperationalError("the connection is closed")
     pgconn = conn.pgconn
     pgconn.enter_pipeline_mode()
     try:
-        sent_before = [_send(conn, query) for query in before]
-        pgconn.send_query_params(statement, None, result_format=Format.BINARY)
-        sent_after = _send(conn, after) if after is not None else None
+        sent: list[bytes | None] = []
+        preparing: set[bytes] = set()
+        for part in parts:
+            if isinstance(part, Query):
+                sent.append(_send(conn, part, preparing))
+            else:
+                pgconn.send_query_params(part, None, result_format=Format.BINARY)
+                sent.append(None)
         pgconn.pipeline_sync()
         await conn.wait(generators.send(pgconn))
 
         error: psycopg.Error | None = None
-        for prepare in sent_before:
-            _, error = await _read_query(conn, prepare, error)
-        if error is None:
-            # Must come right after the previous query's results, before any of this one's.
-            if _CHUNKED:
-                pgconn.set_chunked_rows_mode(CHUNK_ROWS)
-            else:
-                pgconn.set_single_row_mode()
-        result, rejected, error = await _read_statement(conn, max_bytes, error)
-        rows: list[dict[str, Any]] = []
-        if after is not None:
-            rows, error = await _read_query(conn, sent_after, error)
+        rejected: _Rejected | None = None
+        answers: list[str | list[dict[str, Any]]] = []
+        for part, prepare in zip(parts, sent, strict=True):
+            if isinstance(part, Query):
+                rows, error = await _read_query(conn, prepare, error)
+                answers.append(rows)
+                continue
+            if error is None:
+                # Must come right after the previous query's results, before any of this one's.
+                if _CHUNKED:
+                    pgconn.set_chunked_rows_mode(CHUNK_ROWS)
+                else:
+                    pgconn.set_single_row_mode()
+            result, refused, error = await _read_statement(conn, max_bytes, error)
+            rejected = rejected or refused
+            answers.append(result)
         await _sync(conn)
     except BaseException:
         # Cancelled, the connection lost, or a result we cannot go on reading after: the
@@ -145,7 +186,7 @@ async def _pipeline(
         raise error
     if rejected is not None:
         raise rejected
-    return result, rows
+    return answers
 
 
 async def run_queries(
@@ -164,7 +205,8 @@ async def run_queries(
         pgconn = conn.pgconn
         pgconn.enter_pipeline_mode()
         try:
-            sent = [_send(conn, query) for query in queries]
+            preparing: set[bytes] = set()
+            sent = [_send(conn, query, preparing) for query in queries]
             pgconn.pipeline_sync()
             await conn.wait(generators.send(pgconn))
             error: psycopg.Error | None = None
@@ -260,9 +302,10 @@ def _numbered(sql: str, count: int) -> tuple[bytes, bytes]:
     return text, b"pgdurable_" + hashlib.blake2b(text, digest_size=8).hexdigest().encode()
 
 
-def _send(conn: psycopg.AsyncConnection[Any], query: Query) -> bytes | None:
+def _send(conn: psycopg.AsyncConnection[Any], query: Query, preparing: set[bytes]) -> bytes | None:
     """Queue one of our queries, parameters dumped by psycopg's adapters (text format), and
-    first its Prepare if this connection has not got it: returns the name then, else None.
+    first its Prepare if this connection has not got it nor is getting it in this pipeline
+    (``preparing``, updated): returns the name then, else None.
 
     Prepared without parameter types: the server infers them from the query, where psycopg
     would pick a type for each value (int2 for a small integer, which a later bigger one
@@ -272,8 +315,9 @@ def _send(conn: psycopg.AsyncConnection[Any], query: Query) -> bytes | None:
     values = dumper.dump_sequence(query.params, [PyFormat.TEXT] * len(query.params))
     pgconn = conn.pgconn
     prepare = None
-    if name not in _PREPARED.get(conn, ()):
+    if name not in _PREPARED.get(conn, ()) and name not in preparing:
         pgconn.send_prepare(name, text)
+        preparing.add(name)
         prepare = name
     pgconn.send_query_prepared(name, values or None, dumper.formats or None)
     return prepare

@@ -26,6 +26,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from typing import Any, TypedDict
 
 import psycopg
@@ -36,11 +37,12 @@ from ..core.interpreter import TaskSpec, Transition
 from ..core.model import Graph, GraphError
 from ..core.state import InstanceState
 from . import http, queries
+from .batch import DEFAULT_BATCH_SIZE, Batches, Checkpointer, Followups, Running, Undone
 from .connections import RESET_SESSION, Connections, is_transient
 from .egress import EgressPolicy
 from .queries import AsyncConn, Checkpoint, Task
 from .results import DEFAULT_MAX_RESULT_BYTES, MAX_RESULT_BYTES_SETTING, ResultError
-from .statement import Query, run_queries, run_statement
+from .statement import BEGIN, COMMIT, Query, run_queries, run_statement
 
 log = logging.getLogger("pgdurable.worker")
 
@@ -59,10 +61,6 @@ _TAKEN_AWAY = {"PD001"}
 # df._checkpoint's answer to a state known from this worker's last checkpoint that was not
 # the instance's current one (see Task.known).
 _STALE = "PD002"
-COMMIT = Query("COMMIT")
-# READ COMMITTED whatever the role's default: a checkpoint must see, and lock, rows that other
-# checkpoints committed after its transaction began.
-BEGIN = Query("BEGIN ISOLATION LEVEL READ COMMITTED")
 # The database's clock after a statement, for the interpreter (timers the step's end sets).
 _NOW = Query("SELECT extract(epoch FROM clock_timestamp())::float8 AS now")
 _GRAPH_CACHE_SIZE = 2048
@@ -81,16 +79,6 @@ _HTTP_FUNCTIONS = {
 
 # How a task on the worker's connection turns into a transition (None: not yet).
 Decision = Callable[[AsyncConn, Graph, Checkpoint], Awaitable[Transition | None]]
-
-
-@dataclass
-class _Running:
-    """A step statement about to run or in flight, and the cancel request sent to it."""
-
-    task: Task
-    conn: AsyncConn | None = None  # None while the step's connection is being opened
-    cancel_early: bool = False  # withdrawn before its statement was sent
-    cancelling: asyncio.Future[None] | None = None
 
 
 @dataclass(frozen=True)
@@ -163,6 +151,7 @@ class StepSettings:
     egress: EgressPolicy = field(default_factory=EgressPolicy)
     max_state_bytes: int = queries.DEFAULT_MAX_STATE_BYTES  # pg_durable.max_state_bytes
     max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES  # pg_durable.max_result_bytes
+    batch_size: int = DEFAULT_BATCH_SIZE  # the most steps in a batch (batch.py)
 
 
 class StepRunner:
@@ -174,9 +163,12 @@ class StepRunner:
         # What every interpreter call needs to know of the worker's settings.
         self._limits = _Limits(max_statement_bytes=settings.max_result_bytes)
         self._graphs: OrderedDict[tuple[str, datetime | None], Graph] = OrderedDict()
-        self._statements: dict[int, _Running] = {}  # task id -> its statement in flight
+        self._statements: dict[int, Running] = {}  # task id -> its statement in flight
         self._requests: dict[int, tuple[Task, asyncio.Future[http.HttpOutcome]]] = {}
         self._background: set[asyncio.Future[None]] = set()  # see _show_started
+        self._batches = Batches(
+            conns, self._statements, settings.max_result_bytes, settings.batch_size
+        )
 
     async def run(self, task: Task, claim_limit: Callable[[], int]) -> list[Task]:
         """Run ``task`` to its checkpoint."""
@@ -230,7 +222,19 @@ class StepRunner:
         """Statement and checkpoint in one transaction, in two pipelined round trips:
         [BEGIN, statement, checkpoint_begin] then [checkpoint, session reset, COMMIT]. A task
         whose state is known (Task.known) asks only for the time instead of checkpoint_begin;
-        should that state prove old, the step runs again the usual way."""
+        should that state prove old, the step runs again the usual way. Such a step may run
+        in a batch with others of its role (batch.py)."""
+        if "deadline" not in (task.payload or {}) and self.conns.is_own_database(task.database):
+            sql = str((task.payload or {}).get("sql", ""))
+            graph = await self._graph(task)
+            if task.known is not None:
+                lock, checkpoint = None, self._checkpoint_of_known(task, graph, claim_limit)
+            else:
+                lock = Query(queries.CHECKPOINT_BEGIN, queries.checkpoint_begin_params(task))
+                checkpoint = self._checkpoint_of_locked(task, graph, claim_limit)
+            followups = await self._batches.run(task, sql, lock, checkpoint)
+            if followups is not None:
+                return followups
         try:
             return await self._run_sql_once(task, claim_limit)
         except _Stale:
@@ -241,12 +245,54 @@ class StepRunner:
             )
             return await self._run_sql_once(dataclasses.replace(task, known=None), claim_limit)
 
+    def _checkpoint_of_known(
+        self, task: Task, graph: Graph, claim_limit: Callable[[], int]
+    ) -> Checkpointer:
+        """The checkpoint of a step whose state is known, once its statement ran in a batch."""
+        known = task.known
+        assert known is not None
+
+        def checkpoint(
+            result: str, now: float, _: list[dict[str, Any]]
+        ) -> tuple[list[Query], Followups]:
+            transition = interpreter.step_succeeded(
+                graph, known.state, known.variables, task.activation, result, now, **self._limits
+            )
+            params = self._checkpoint_params(task, transition, claim_limit(), known.version)
+            return [Query(queries.CHECKPOINT, params)], partial(
+                queries.followups, previous=task, transition=transition, variables=known.variables
+            )
+
+        return checkpoint
+
+    def _checkpoint_of_locked(
+        self, task: Task, graph: Graph, claim_limit: Callable[[], int]
+    ) -> Checkpointer:
+        """The checkpoint of a step once its statement ran in a batch, and then
+        df._checkpoint_begin locked its instance and read its state."""
+
+        def checkpoint(
+            result: str, now: float, locked: list[dict[str, Any]]
+        ) -> tuple[list[Query], Followups]:
+            cp = queries.checkpoint_from_row(locked[0] if locked else None)
+            if cp is None or not cp.role_exists:
+                raise Undone(f"task {task.id} was taken away, or its role dropped")
+            transition = interpreter.step_succeeded(
+                graph, _state(cp), cp.variables, task.activation, result, cp.now, **self._limits
+            )
+            params = self._checkpoint_params(task, transition, claim_limit())
+            return [Query(queries.CHECKPOINT, params)], partial(
+                queries.followups, previous=task, transition=transition, variables=cp.variables
+            )
+
+        return checkpoint
+
     async def _run_sql_once(self, task: Task, claim_limit: Callable[[], int]) -> list[Task]:
         graph = await self._graph(task)
         sql = str((task.payload or {}).get("sql", ""))
         pool = self.conns.step_pool(task.role, task.role_oid, task.database)
         elsewhere = not self.conns.is_own_database(task.database)
-        self._statements[task.id] = _Running(task)  # so a cancel meanwhile is not missed
+        self._statements[task.id] = Running(task)  # so a cancel meanwhile is not missed
         try:
             conn = await pool.acquire()
         except psycopg.Error as exc:
@@ -335,7 +381,7 @@ class StepRunner:
         """``before``, the statement of ``task`` (under ``deadline``'s statement_timeout
         backstop, if any) and ``after``, in one round trip; the statement's result is read as
         it arrives, up to the size limit. See _run_statement for cancels meanwhile."""
-        running = self._statements.setdefault(task.id, _Running(task))
+        running = self._statements.setdefault(task.id, Running(task))
         running.conn = conn
         try:
             if running.cancel_early:
@@ -597,6 +643,10 @@ class StepRunner:
         statement that cannot run in a transaction block, a state too large."""
         if not self.conns.is_own_database(task.database):
             return await self._advance(task, None, claim_limit)
+        if task.start is not None:
+            followups = await self._start_in_batch(task, claim_limit)
+            if followups is not None:
+                return followups
         pool = self.conns.step_pool(task.role, task.role_oid, task.database)
         try:
             conn = await pool.acquire()
@@ -643,6 +693,53 @@ class StepRunner:
             others += await self.fail(failed, outcome.error, claim_limit, outcome.code)
         return others
 
+    def _started_from_claim(
+        self, task: Task, start: dict[str, Any]
+    ) -> tuple[Checkpoint, Transition]:
+        """The start of ``task``'s instance from what the claim read of it (Task.start)."""
+        facts = [{**start, "created_at": task.created_at}]
+        cp = Checkpoint(
+            "pending", None, start["vars"] or {}, float(start["now"]), start["role_exists"]
+        )
+        return cp, self._start(task, cp, facts, list(start["nodes"]))
+
+    async def _start_in_batch(
+        self, task: Task, claim_limit: Callable[[], int]
+    ) -> list[Task] | None:
+        """Start ``task``'s instance and run its first step in a batch with other steps of
+        its role (batch.py): the follow-ups, or None to take the path of a start alone."""
+        assert task.start is not None
+        cp, started = self._started_from_claim(task, task.start)
+        graph = self._cached_graph(task)
+        first = _first_sql_task(started)
+        if first is None or graph is None or "deadline" in (first.payload or {}):
+            return None
+        sql = str((first.payload or {}).get("sql", ""))
+
+        def checkpoint(
+            result: str, now: float, locked: list[dict[str, Any]]
+        ) -> tuple[list[Query], Followups]:
+            if not locked:
+                raise Undone(f"task {task.id} was taken away")
+            step = interpreter.step_succeeded(
+                graph, _state_of(started), cp.variables, first.activation, result, now,
+                **self._limits,
+            )  # fmt: skip
+            chained = interpreter.chain(started, step, first.activation)
+            params = self._checkpoint_params(task, chained, claim_limit())
+            return [Query(queries.CHECKPOINT, params)], partial(
+                queries.followups, previous=task, transition=chained, variables=cp.variables
+            )
+
+        show = asyncio.get_running_loop().call_later(
+            SHOW_STARTED_AFTER, self._show_started, task, started
+        )
+        try:
+            lock = Query(queries.CHECKPOINT_BEGIN, queries.checkpoint_begin_params(task))
+            return await self._batches.run(task, sql, lock, checkpoint)
+        finally:
+            show.cancel()
+
     async def _start_on(
         self, conn: AsyncConn, task: Task, claim_limit: Callable[[], int]
     ) -> list[Task] | _Failed | None:
@@ -653,15 +750,7 @@ class StepRunner:
         transaction then begins with the statement, and a task taken away meanwhile is found
         gone by the checkpoint (PD001), which rolls the step back."""
         if task.start is not None:
-            facts = [{**task.start, "created_at": task.created_at}]
-            nodes = list(task.start["nodes"])
-            cp = Checkpoint(
-                "pending",
-                None,
-                task.start["vars"] or {},
-                float(task.start["now"]),
-                task.start["role_exists"],
-            )
+            cp, started = self._started_from_claim(task, task.start)
             begun = False
         else:
             # No lock yet: df.cancel must not wait for the step's statement (df._task_facts).
@@ -680,10 +769,10 @@ class StepRunner:
             if facts:  # the submitter may not read df._runs.vars: measured here instead
                 facts[0]["vars_bytes"] = len(json.dumps(cp.variables).encode())
             begun = True
-        # A submitter dropped already fails the instance in _start, as the usual
-        # path would; unlike it, a role dropped while the statement runs lets it count, as if
-        # it had ended just before.
-        started = self._start(task, cp, facts, nodes)
+            # A submitter dropped already fails the instance in _start, as the usual path
+            # would; unlike it, a role dropped while the statement runs lets it count, as if
+            # it had ended just before.
+            started = self._start(task, cp, facts, nodes)
         graph = self._cached_graph(task)
         first = _first_sql_task(started)
         if first is None or graph is None:  # nothing to run now, or the start failed
