@@ -521,15 +521,17 @@ $$;
 -- ---------------------------------------------------------------------------------------------
 -- df._waiting_roles: the roles that have due tasks nobody holds (a leased task is due only
 -- once its lease ran out). The roles that have tasks are found by a loose index scan (one
--- probe of tasks_role_visible_idx per role, none at all when nothing is due), and those with
--- due tasks kept.
+-- probe of tasks_role_visible_idx per role, none at all when nothing is due), and those whose
+-- oldest task is due kept. Every test is an index probe (min() of an indexed column reads one
+-- entry), so the cost does not grow with the backlog: a semi-join or EXISTS here would let
+-- the planner read every due task of every role, milliseconds with a backlog of thousands.
 -- ---------------------------------------------------------------------------------------------
 -- (No SET clause: PostgreSQL then inlines it into df._claim's query and plans them as one.)
 CREATE OR REPLACE FUNCTION df._waiting_roles() RETURNS SETOF oid
 LANGUAGE sql STABLE AS $$
     WITH RECURSIVE roles (role_oid) AS (
         (SELECT t.role_oid FROM df._tasks t
-          WHERE EXISTS (SELECT 1 FROM df._tasks d WHERE d.visible_at <= now())
+          WHERE (SELECT min(d.visible_at) FROM df._tasks d) <= now()
           ORDER BY t.role_oid LIMIT 1)
         UNION ALL
         SELECT (SELECT t.role_oid FROM df._tasks t WHERE t.role_oid > r.role_oid
@@ -539,8 +541,7 @@ LANGUAGE sql STABLE AS $$
     )
     SELECT r.role_oid FROM roles r
      WHERE r.role_oid IS NOT NULL
-       AND EXISTS (SELECT 1 FROM df._tasks t
-                    WHERE t.role_oid = r.role_oid AND t.visible_at <= now());
+       AND (SELECT min(t.visible_at) FROM df._tasks t WHERE t.role_oid = r.role_oid) <= now();
 $$;
 REVOKE ALL ON FUNCTION df._waiting_roles() FROM PUBLIC;
 
@@ -550,14 +551,19 @@ REVOKE ALL ON FUNCTION df._waiting_roles() FROM PUBLIC;
 -- The free slots go to the roles with due tasks (df._waiting_roles) like water: the level is
 -- what each would hold if the free slots and those the roles hold already (p_held_roles,
 -- p_held_slots: this worker's) were shared evenly, and each role offers its due tasks, oldest
--- first, up to that level and under p_cap, locking them as it goes (SKIP LOCKED: workers claiming at once take different
--- tasks). The offers are taken in turns: a role's n-th offer has turn held + n, so the slots
--- go to the roles holding the fewest, and a lone role gets every slot. Offers not taken (the
--- level is rounded up) stay locked until the claim commits, a moment later.
+-- first, up to that level and under p_cap, locking them as it goes (SKIP LOCKED: workers
+-- claiming at once take different tasks). The offers are taken in turns: a role's n-th offer
+-- has turn held + n, so the slots go to the roles holding the fewest, and a lone role gets
+-- every slot. Offers not taken (the level is rounded up) stay locked until the claim commits,
+-- a moment later.
 --
--- A function rather than a statement of the worker's: PostgreSQL would plan that statement
--- again at every call, for its parameter values, which costs more than running it; here the
--- plan is made once per session.
+-- Two statements: the picking, then the lease of what was picked, by id. As one statement,
+-- the planner's guess of how many tasks the picking yields (it cannot know the limits) could
+-- turn the lease into a hash join over every task and every instance.
+--
+-- A function rather than statements of the worker's: PostgreSQL would plan them again at
+-- every call, for their parameter values, which costs more than running them; here the plans
+-- are made once per session.
 -- ---------------------------------------------------------------------------------------------
 CREATE OR REPLACE FUNCTION df._claim(p_worker uuid, p_limit integer, p_lease double precision,
                           p_cap integer, p_held_roles oid[], p_held_slots integer[])
@@ -568,8 +574,9 @@ RETURNS TABLE (id bigint, token uuid, kind text, activation integer, node_id var
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET plan_cache_mode = force_generic_plan
 AS $$
 #variable_conflict use_column
+DECLARE
+    v_picked bigint[];
 BEGIN
-    RETURN QUERY
     WITH due AS (
         SELECT w.role_oid, coalesce(h.slots, 0) AS held
           FROM df._waiting_roles() AS w (role_oid)
@@ -588,16 +595,21 @@ BEGIN
                         LIMIT greatest(least(l.slots - d.held, p_limit, p_cap - d.held), 0)
                           FOR UPDATE SKIP LOCKED) k
                ) o
-    ), picked AS (
-        SELECT o.id FROM offered o ORDER BY o.turn, o.visible_at, o.id LIMIT p_limit
-    ), claimed AS (
+    )
+    SELECT array_agg(p.id) INTO v_picked
+      FROM (SELECT o.id FROM offered o ORDER BY o.turn, o.visible_at, o.id LIMIT p_limit) p;
+    IF v_picked IS NULL THEN
+        RETURN;
+    END IF;
+
+    RETURN QUERY
+    WITH claimed AS (
         UPDATE df._tasks t
            SET lease_owner = p_worker,
                token = gen_random_uuid(),
                visible_at = now() + make_interval(secs => p_lease),
                attempts = t.attempts + 1
-          FROM picked
-         WHERE t.id = picked.id
+         WHERE t.id = ANY (v_picked)
         RETURNING t.*
     )
     SELECT c.id, c.token, c.kind, c.activation, c.node_id, c.payload, c.attempts,
