@@ -22,7 +22,7 @@ import json
 import logging
 import time
 import uuid
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -166,6 +166,7 @@ class StepRunner:
         self._statements: dict[int, Running] = {}  # task id -> its statement in flight
         self._requests: dict[int, tuple[Task, asyncio.Future[http.HttpOutcome]]] = {}
         self._background: set[asyncio.Future[None]] = set()  # see _show_started
+        self._sql_running: Counter[str] = Counter()  # instance id -> its SQL steps running
         self._batches = Batches(
             conns, self._statements, settings.max_result_bytes, settings.batch_size
         )
@@ -224,26 +225,43 @@ class StepRunner:
         whose state is known (Task.known) asks only for the time instead of checkpoint_begin;
         should that state prove old, the step runs again the usual way. Such a step may run
         in a batch with others of its role (batch.py)."""
-        if "deadline" not in (task.payload or {}) and self.conns.is_own_database(task.database):
-            sql = str((task.payload or {}).get("sql", ""))
-            graph = await self._graph(task)
-            if task.known is not None:
-                lock, checkpoint = None, self._checkpoint_of_known(task, graph, claim_limit)
-            else:
-                lock = Query(queries.CHECKPOINT_BEGIN, queries.checkpoint_begin_params(task))
-                checkpoint = self._checkpoint_of_locked(task, graph, claim_limit)
-            followups = await self._batches.run(task, sql, lock, checkpoint)
-            if followups is not None:
-                return followups
+        self._sql_running[task.instance_id] += 1
         try:
-            return await self._run_sql_once(task, claim_limit)
-        except _Stale:
-            log.warning(
-                "the state of %s known for task %s was not current; the step runs again",
-                task.instance_id,
-                task.id,
-            )
-            return await self._run_sql_once(dataclasses.replace(task, known=None), claim_limit)
+            if self._batchable(task):
+                sql = str((task.payload or {}).get("sql", ""))
+                graph = await self._graph(task)
+                if task.known is not None:
+                    lock, checkpoint = None, self._checkpoint_of_known(task, graph, claim_limit)
+                else:
+                    lock = Query(queries.CHECKPOINT_BEGIN, queries.checkpoint_begin_params(task))
+                    checkpoint = self._checkpoint_of_locked(task, graph, claim_limit)
+                followups = await self._batches.run(task, sql, lock, checkpoint)
+                if followups is not None:
+                    return followups
+            try:
+                return await self._run_sql_once(task, claim_limit)
+            except _Stale:
+                log.warning(
+                    "the state of %s known for task %s was not current; the step runs again",
+                    task.instance_id,
+                    task.id,
+                )
+                return await self._run_sql_once(dataclasses.replace(task, known=None), claim_limit)
+        finally:
+            self._sql_running[task.instance_id] -= 1
+            if not self._sql_running[task.instance_id]:
+                del self._sql_running[task.instance_id]
+
+    def _batchable(self, task: Task) -> bool:
+        """Whether ``task`` may run in a batch (batch.py): a step in our database without a
+        deadline, whose state is known or whose instance runs no other SQL step here. Steps
+        of one instance (a JOIN's branches) would wait for each other's instance lock, held
+        by a batch until it commits all of its steps, longer than by a step alone."""
+        return (
+            "deadline" not in (task.payload or {})
+            and self.conns.is_own_database(task.database)
+            and (task.known is not None or self._sql_running[task.instance_id] == 1)
+        )
 
     def _checkpoint_of_known(
         self, task: Task, graph: Graph, claim_limit: Callable[[], int]
