@@ -4,12 +4,15 @@ cancelled in a batch leaves the others to complete."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 
 import psycopg
 import pytest
 from conftest import App, ThreadWorker
+
+from pgdurable.worker.loop import Worker
 
 Conn = psycopg.Connection[tuple[object, ...]]
 
@@ -28,38 +31,67 @@ def start_all(app: App, count: int, graph: str) -> list[str]:
     return [app.start(graph.replace("{label}", f"w{i}")) for i in range(count)]
 
 
-@pytest.mark.parametrize(("beside_a_timer", "batch_size"), [(False, 5), (True, 5), (False, 1)])
-def test_steps_ready_together_share_a_transaction_each_once_in_a_clean_session(
-    app: App, dsn: str, beside_a_timer: bool, batch_size: int
-) -> None:
-    """A sequence's steps (their state known to the worker); a first step in a JOIN with a
-    timer (its instance locked and read in the batch); or each alone, with --batch-size 1."""
+def run_all(dsn: str, app: App, instances: list[str], **options: object) -> list[str]:
+    """Run them on a worker started now (after them: its first claim takes as many as it has
+    slots); their statuses once done."""
+    w = ThreadWorker(dsn, **options)
+    try:
+        return [app.wait(i) for i in instances]
+    finally:
+        w.stop()
+
+
+def effects(app: App) -> tuple[list[tuple[object, ...]], Counter[object]]:
+    """The effects recorded, and how many of them each transaction holds."""
+    rows = app.conn.execute("SELECT instance, step, xact, work_mem FROM effects").fetchall()
+    return rows, Counter(r[2] for r in rows)
+
+
+def rolled_back(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """Why batches rolled back, as the worker logged it."""
+    return [r.getMessage() for r in caplog.records if "rolled back" in r.getMessage()]
+
+
+@pytest.fixture(autouse=True)
+def table(app: App, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="pgdurable.worker")
     app.conn.execute(
         "CREATE TABLE effects (instance text, step int, xact text, work_mem text, changed text)"
     )
+
+
+@pytest.fixture
+def always_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batches form whether or not every slot of the worker is taken: for tests of what a
+    batch does, where some instances may complete, and free their slots, before others."""
+    monkeypatch.setattr(Worker, "_saturated", lambda self: True)
+
+
+def step(n: int) -> str:
+    return STEP.format(n=n, label="{label}")
+
+
+SEQUENCE = " ~> ".join(step(n) for n in range(4))
+
+
+@pytest.mark.parametrize("batch_size", [5, 1])
+def test_steps_ready_together_share_a_transaction_each_once_in_a_clean_session(
+    app: App, dsn: str, batch_size: int
+) -> None:
+    """Twelve sequences on a worker of twelve slots, all taken: the starts with their first
+    steps, then each step after them (its state known to the worker), in batches; or each
+    alone, with --batch-size 1."""
     default = app.conn.execute("SELECT current_setting('work_mem')").fetchone()
-    steps = [STEP.format(n=n, label="{label}") for n in range(4)]
-    if beside_a_timer:
-        steps[0] = f"({steps[0]} & df.sleep(0))"
-    instances = start_all(app, 12, " ~> ".join(steps))
-    # Started after them: one claim takes them all.
-    w = ThreadWorker(dsn, concurrency=12, batch_size=batch_size)
-    try:
-        assert {app.wait(i) for i in instances} == {"completed"}
-    finally:
-        w.stop()
-    rows = app.conn.execute("SELECT instance, step, xact, work_mem FROM effects").fetchall()
+    instances = start_all(app, 12, SEQUENCE)
+    assert set(run_all(dsn, app, instances, concurrency=12, batch_size=batch_size)) == {"completed"}
+    rows, per_xact = effects(app)
     # Every step of every instance, exactly once.
     assert Counter((r[0], r[1]) for r in rows) == {
         (f"w{i}", n): 1 for i in range(12) for n in range(4)
     }
     # Steps of several instances committed together (up to the batch size)...
-    per_xact = Counter(r[2] for r in rows)
-    shared = {r[1] for r in rows if per_xact[r[2]] > 1}
-    assert bool(shared) == (batch_size > 1), per_xact
+    assert (max(per_xact.values()) > 1) == (batch_size > 1), per_xact
     assert max(per_xact.values()) <= batch_size
-    if beside_a_timer:
-        assert 0 in shared, per_xact
     # ...never two of one instance, and each found work_mem as a session of its own would.
     for xact in per_xact:
         members = [r[0] for r in rows if r[2] == xact]
@@ -67,41 +99,55 @@ def test_steps_ready_together_share_a_transaction_each_once_in_a_clean_session(
     assert {r[3] for r in rows} == {default[0] if default else None}
 
 
-def test_a_step_failing_in_a_batch_fails_its_instance_alone(app: App, dsn: str) -> None:
-    app.conn.execute(
-        "CREATE TABLE effects (instance text, step int, xact text, work_mem text, changed text)"
-    )
-    # The third instance's second step divides by zero: in a batch, its error rolls back the
-    # others' statements too, which then run again, alone, and complete.
-    failing = (
-        STEP.format(n=0, label="{label}")
-        + " ~> 'SELECT 1 / (''{label}'' <> ''w2'')::int' ~> "
-        + STEP.format(n=2, label="{label}")
-    )
+def test_a_worker_with_slots_to_spare_runs_each_step_alone(app: App, dsn: str) -> None:
+    """A batch's steps wait for each other: only a worker whose every slot is taken runs
+    them (three sequences on twelve slots never take them all)."""
+    instances = start_all(app, 3, SEQUENCE)
+    assert set(run_all(dsn, app, instances, concurrency=12)) == {"completed"}
+    rows, per_xact = effects(app)
+    assert len(rows) == 12
+    assert set(per_xact.values()) == {1}, per_xact
+
+
+@pytest.mark.usefixtures("always_batch")
+def test_steps_whose_instance_is_locked_in_the_batch(app: App, dsn: str) -> None:
+    """A first step beside a timer in a JOIN does not know its instance's state: the batch
+    locks and reads it (df._checkpoint_begin) after the statements."""
+    graph = " ~> ".join([f"({step(0)} & df.sleep(0))", step(1), step(2), step(3)])
+    instances = start_all(app, 12, graph)
+    assert set(run_all(dsn, app, instances, concurrency=12)) == {"completed"}
+    rows, per_xact = effects(app)
+    assert Counter((r[0], r[1]) for r in rows) == {
+        (f"w{i}", n): 1 for i in range(12) for n in range(4)
+    }
+    assert any(per_xact[r[2]] > 1 for r in rows if r[1] == 0), per_xact
+
+
+@pytest.mark.usefixtures("always_batch")
+def test_a_step_failing_in_a_batch_fails_its_instance_alone(
+    app: App, dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The third instance's second step divides by zero: its error rolls back the whole
+    batch, whose other steps then run again, alone, and complete; each once."""
+    failing = " ~> ".join([step(0), "'SELECT 1 / (''{label}'' <> ''w2'')::int'", step(2)])
     instances = start_all(app, 8, failing)
-    w = ThreadWorker(dsn, concurrency=8)
-    try:
-        statuses = [app.wait(i) for i in instances]
-    finally:
-        w.stop()
+    statuses = run_all(dsn, app, instances, concurrency=8)
     assert statuses == ["completed"] * 2 + ["failed"] + ["completed"] * 5
     assert "division by zero" in str(app.failure(instances[2]))
-    rows = app.conn.execute("SELECT instance, step FROM effects").fetchall()
+    assert any("division by zero" in why for why in rolled_back(caplog))
+    rows, _ = effects(app)
     expected = Counter({(f"w{i}", 0): 1 for i in range(8)})
     expected.update({(f"w{i}", 2): 1 for i in range(8) if i != 2})
-    assert Counter(rows) == expected
+    assert Counter((r[0], r[1]) for r in rows) == expected
 
 
-def test_a_cancel_in_a_batch_stops_only_its_instance(app: App, dsn: str) -> None:
-    app.conn.execute(
-        "CREATE TABLE effects (instance text, step int, xact text, work_mem text, changed text)"
-    )
-    # The second step sleeps, so the cancel finds the batch in flight.
-    slow = (
-        STEP.format(n=0, label="{label}")
-        + " ~> 'SELECT pg_sleep(0.5)' ~> "
-        + STEP.format(n=2, label="{label}")
-    )
+@pytest.mark.usefixtures("always_batch")
+def test_a_cancel_in_a_batch_stops_only_its_instance(
+    app: App, dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The second step sleeps, so the cancel finds the batch in flight: it rolls back, and
+    its other steps run again, alone."""
+    slow = " ~> ".join([step(0), "'SELECT pg_sleep(0.5)'", step(2)])
     instances = start_all(app, 6, slow)
     w = ThreadWorker(dsn, concurrency=6)
     try:
@@ -117,7 +163,8 @@ def test_a_cancel_in_a_batch_stops_only_its_instance(app: App, dsn: str) -> None
     finally:
         w.stop()
     assert statuses == ["completed"] * 3 + ["cancelled"] + ["completed"] * 2
-    rows = app.conn.execute("SELECT instance, step FROM effects").fetchall()
+    assert any("canceling statement" in why for why in rolled_back(caplog))
+    rows, _ = effects(app)
     expected = Counter({(f"w{i}", 0): 1 for i in range(6)})
     expected.update({(f"w{i}", 2): 1 for i in range(6) if i != 3})
-    assert Counter(rows) == expected
+    assert Counter((r[0], r[1]) for r in rows) == expected

@@ -88,10 +88,16 @@ class Batches:
     """Gathers the steps of each role that are ready at once, and runs them (see module)."""
 
     def __init__(
-        self, conns: Connections, statements: dict[int, Running], max_bytes: int, size: int
+        self,
+        conns: Connections,
+        statements: dict[int, Running],
+        max_bytes: int,
+        size: int,
+        saturated: Callable[[], bool],
     ):
         self.conns = conns
         self.size = size  # the most steps in a batch (1: none runs in one)
+        self._saturated = saturated  # whether the worker has no slot free
         self._statements = statements  # the runner's: task id -> its statement in flight
         self._max_bytes = max_bytes
         self._forming: dict[tuple[int, str | None], list[Member]] = {}
@@ -105,7 +111,9 @@ class Batches:
 
         Steps made ready together -- by one claim, or by the commit of the batch before -- ask
         in the same round of the event loop. The first one to ask leads: it waits one more
-        round for the others to join, then runs the batch.
+        round for the others to join, then runs the batch. Only while every slot of the worker
+        is taken: a batch's steps wait for each other, so a worker with slots to spare runs
+        its steps alone, sooner.
         """
         member = Member(task, sql, lock, checkpoint, asyncio.get_running_loop().create_future())
         key = (task.role_oid, task.database)
@@ -117,7 +125,7 @@ class Batches:
         ):
             forming.append(member)
             return await member.outcome
-        if self.size < 2:
+        if self.size < 2 or not self._saturated():
             return None
         batch = self._forming[key] = [member]
         try:

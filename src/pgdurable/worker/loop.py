@@ -248,7 +248,7 @@ class Worker:
                     await asyncio.wait_for(self._stopping.wait(), delay)
                 delay = min(delay * 2, 10.0)
         await self.conns.open()
-        self._runner = StepRunner(self.conns, settings)
+        self._runner = StepRunner(self.conns, settings, self._saturated)
         async with self.conns.worker.connection() as conn:
             await queries.register_worker(conn, self.id, self.config.concurrency)
         log.info(
@@ -292,6 +292,10 @@ class Worker:
     def _free_slots(self) -> int:
         """Slots neither running a task nor promised to a claim in flight."""
         return max(self.config.concurrency - len(self._inflight) - self._reserved, 0)
+
+    def _saturated(self) -> bool:
+        """Whether every slot runs a task: steps then run in batches (worker/batch.py)."""
+        return len(self._inflight) >= self.config.concurrency
 
     def _held(self) -> dict[int, int]:
         """How many slots each role holds in this worker."""

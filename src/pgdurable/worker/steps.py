@@ -157,7 +157,12 @@ class StepSettings:
 class StepRunner:
     """Executes tasks; returns the follow-up tasks their checkpoints leased to this worker."""
 
-    def __init__(self, conns: Connections, settings: StepSettings):
+    def __init__(
+        self,
+        conns: Connections,
+        settings: StepSettings,
+        saturated: Callable[[], bool] = lambda: True,
+    ):
         self.conns = conns
         self.settings = settings
         # What every interpreter call needs to know of the worker's settings.
@@ -168,7 +173,7 @@ class StepRunner:
         self._background: set[asyncio.Future[None]] = set()  # see _show_started
         self._sql_running: Counter[str] = Counter()  # instance id -> its SQL steps running
         self._batches = Batches(
-            conns, self._statements, settings.max_result_bytes, settings.batch_size
+            conns, self._statements, settings.max_result_bytes, settings.batch_size, saturated
         )
 
     async def run(self, task: Task, claim_limit: Callable[[], int]) -> list[Task]:
