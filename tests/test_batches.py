@@ -62,9 +62,9 @@ def table(app: App, caplog: pytest.LogCaptureFixture) -> None:
 
 @pytest.fixture
 def always_batch(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Batches form whether or not every slot of the worker is taken: for tests of what a
-    batch does, where some instances may complete, and free their slots, before others."""
-    monkeypatch.setattr(Worker, "_saturated", lambda self: True)
+    """Batches form whether or not the worker has more work than slots: for tests of what
+    a batch does, where some instances may complete, and free their slots, before others."""
+    monkeypatch.setattr(Worker, "_busy", lambda self: True)
 
 
 def step(n: int) -> str:
@@ -100,7 +100,7 @@ def test_steps_ready_together_share_a_transaction_each_once_in_a_clean_session(
 
 
 def test_a_worker_with_slots_to_spare_runs_each_step_alone(app: App, dsn: str) -> None:
-    """A batch's steps wait for each other: only a worker whose every slot is taken runs
+    """A batch's steps wait for each other: only a worker with more work than slots runs
     them (three sequences on twelve slots never take them all)."""
     instances = start_all(app, 3, SEQUENCE)
     assert set(run_all(dsn, app, instances, concurrency=12)) == {"completed"}

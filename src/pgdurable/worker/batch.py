@@ -93,11 +93,11 @@ class Batches:
         statements: dict[int, Running],
         max_bytes: int,
         size: int,
-        saturated: Callable[[], bool],
+        busy: Callable[[], bool],
     ):
         self.conns = conns
         self.size = size  # the most steps in a batch (1: none runs in one)
-        self._saturated = saturated  # whether the worker has no slot free
+        self._busy = busy  # whether the worker has more work than slots
         self._statements = statements  # the runner's: task id -> its statement in flight
         self._max_bytes = max_bytes
         self._forming: dict[tuple[int, str | None], list[Member]] = {}
@@ -111,8 +111,8 @@ class Batches:
 
         Steps made ready together -- by one claim, or by the commit of the batch before -- ask
         in the same round of the event loop. The first one to ask leads: it waits one more
-        round for the others to join, then runs the batch. Only while every slot of the worker
-        is taken: a batch's steps wait for each other, so a worker with slots to spare runs
+        round for the others to join, then runs the batch. Only while the worker has more work
+        than slots: a batch's steps wait for each other, so a worker with slots to spare runs
         its steps alone, sooner.
         """
         member = Member(task, sql, lock, checkpoint, asyncio.get_running_loop().create_future())
@@ -125,7 +125,7 @@ class Batches:
         ):
             forming.append(member)
             return await member.outcome
-        if self.size < 2 or not self._saturated():
+        if self.size < 2 or not self._busy():
             return None
         batch = self._forming[key] = [member]
         try:

@@ -176,6 +176,7 @@ class Worker:
         self._inflight: dict[int, asyncio.Task[None]] = {}
         self._roles: dict[int, int] = {}  # task id in flight -> its role's oid
         self._reserved = 0  # slots promised to a claim in flight
+        self._backlogged = False  # the last claim found as many due tasks as it asked for
         # Roles with due tasks that nobody holds, as last seen; while other roles wait, a role
         # holding more than its share gives its follow-ups back to the queue.
         self._waiting: set[int] = set()
@@ -248,7 +249,7 @@ class Worker:
                     await asyncio.wait_for(self._stopping.wait(), delay)
                 delay = min(delay * 2, 10.0)
         await self.conns.open()
-        self._runner = StepRunner(self.conns, settings, self._saturated)
+        self._runner = StepRunner(self.conns, settings, self._busy)
         async with self.conns.worker.connection() as conn:
             await queries.register_worker(conn, self.id, self.config.concurrency)
         log.info(
@@ -293,9 +294,11 @@ class Worker:
         """Slots neither running a task nor promised to a claim in flight."""
         return max(self.config.concurrency - len(self._inflight) - self._reserved, 0)
 
-    def _saturated(self) -> bool:
-        """Whether every slot runs a task: steps then run in batches (worker/batch.py)."""
-        return len(self._inflight) >= self.config.concurrency
+    def _busy(self) -> bool:
+        """Whether there is more work than slots: every slot runs a task, or the last claim
+        found as many due tasks as it had slots for. Steps then run in batches
+        (worker/batch.py)."""
+        return self._backlogged or len(self._inflight) >= self.config.concurrency
 
     def _held(self) -> dict[int, int]:
         """How many slots each role holds in this worker."""
@@ -360,6 +363,7 @@ class Worker:
                     continue
                 finally:
                     self._reserved -= free
+                self._backlogged = len(tasks) == free
                 for task in tasks:
                     self._spawn(task)
                 if len(tasks) == free:

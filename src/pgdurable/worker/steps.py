@@ -161,7 +161,7 @@ class StepRunner:
         self,
         conns: Connections,
         settings: StepSettings,
-        saturated: Callable[[], bool] = lambda: True,
+        busy: Callable[[], bool] = lambda: True,
     ):
         self.conns = conns
         self.settings = settings
@@ -173,7 +173,7 @@ class StepRunner:
         self._background: set[asyncio.Future[None]] = set()  # see _show_started
         self._sql_running: Counter[str] = Counter()  # instance id -> its SQL steps running
         self._batches = Batches(
-            conns, self._statements, settings.max_result_bytes, settings.batch_size, saturated
+            conns, self._statements, settings.max_result_bytes, settings.batch_size, busy
         )
 
     async def run(self, task: Task, claim_limit: Callable[[], int]) -> list[Task]:
