@@ -925,16 +925,19 @@ class Runner:
         send: Callable[[psycopg.Connection[Any]], None],
         what: str,
         give_up_after: float | None = None,
+        warm: Callable[[psycopg.Connection[Any]], None] | None = None,
     ) -> float:
         """Call ``send`` ``count`` times, ``per_s`` a second, from ``clients`` connections of the
         submitting role, on an open-loop schedule: a late call does not delay the next. Calls
         still due ``give_up_after`` seconds in are dropped. Returns when the schedule began
         (monotonic); raises BenchError with the first error.
 
-        Each connection first makes one call in a transaction it rolls back, before the
+        Each connection first makes one call of ``warm`` (default: ``send``, which must then
+        record nothing outside the database) in a transaction it rolls back, before the
         schedule begins: an application's pooled connections have compiled df.start and planned
         its statements long before, and a session's first call, which does that, would
         otherwise be a sample of the latencies measured (most of them, when they are few)."""
+        warm = warm or send
         counter = iter(range(count))
         lock = threading.Lock()
         errors: list[BaseException] = []
@@ -951,7 +954,7 @@ class Runner:
             try:
                 with psycopg.connect(self.server.user_dsn, autocommit=True) as conn:
                     with conn.transaction(force_rollback=True):
-                        send(conn)
+                        warm(conn)
                     ready.wait()
                     t0, give_up = schedule["t0"], schedule["give_up"]
                     while not self.stop.is_set():
@@ -1179,13 +1182,16 @@ class Runner:
         latencies: list[float] = []
         last_end = [0.0]
 
-        def insert(conn: psycopg.Connection[Any]) -> None:
-            began = time.perf_counter()
+        def insert_rows(conn: psycopg.Connection[Any]) -> None:
             conn.execute(
                 "INSERT INTO bench_docs(label, body)"
                 " SELECT %s, 'document ' || g FROM generate_series(1, %s) g",
                 (label, TRIGGER_ROWS_PER_INSERT),
             )
+
+        def insert(conn: psycopg.Connection[Any]) -> None:
+            began = time.perf_counter()
+            insert_rows(conn)
             took = time.perf_counter() - began
             with lock:
                 latencies.append(1000 * took)
@@ -1193,7 +1199,13 @@ class Runner:
 
         count = max(1, round(per_s * seconds))
         t0 = self._open_loop(
-            TRIGGER_CLIENTS, count, per_s, insert, "inserting", seconds * TRIGGER_OVERRUN
+            TRIGGER_CLIENTS,
+            count,
+            per_s,
+            insert,
+            "inserting",
+            seconds * TRIGGER_OVERRUN,
+            warm=insert_rows,  # rolled back: neither a row nor a latency of the schedule
         )
         if self.stop.is_set():
             raise KeyboardInterrupt
