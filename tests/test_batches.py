@@ -12,6 +12,7 @@ import psycopg
 import pytest
 from conftest import App, ThreadWorker
 
+from pgdurable.worker import batch
 from pgdurable.worker.loop import Worker
 
 Conn = psycopg.Connection[tuple[object, ...]]
@@ -67,6 +68,13 @@ def always_batch(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(Worker, "_busy", lambda self: True)
 
 
+@pytest.fixture
+def never_slow(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No statement counts as slow: a loaded machine's round trips must not keep the batches
+    these tests look at from forming."""
+    monkeypatch.setattr(batch, "SLOW_STATEMENT_SECONDS", float("inf"))
+
+
 def step(n: int) -> str:
     return STEP.format(n=n, label="{label}")
 
@@ -109,7 +117,7 @@ def test_a_worker_with_slots_to_spare_runs_each_step_alone(app: App, dsn: str) -
     assert set(per_xact.values()) == {1}, per_xact
 
 
-@pytest.mark.usefixtures("always_batch")
+@pytest.mark.usefixtures("always_batch", "never_slow")
 def test_steps_whose_instance_is_locked_in_the_batch(app: App, dsn: str) -> None:
     """A first step beside a timer in a JOIN does not know its instance's state: the batch
     locks and reads it (df._checkpoint_begin) after the statements."""
@@ -123,7 +131,7 @@ def test_steps_whose_instance_is_locked_in_the_batch(app: App, dsn: str) -> None
     assert any(per_xact[r[2]] > 1 for r in rows if r[1] == 0), per_xact
 
 
-@pytest.mark.usefixtures("always_batch")
+@pytest.mark.usefixtures("always_batch", "never_slow")
 def test_a_step_failing_in_a_batch_fails_its_instance_alone(
     app: App, dsn: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -141,7 +149,7 @@ def test_a_step_failing_in_a_batch_fails_its_instance_alone(
     assert Counter((r[0], r[1]) for r in rows) == expected
 
 
-@pytest.mark.usefixtures("always_batch")
+@pytest.mark.usefixtures("always_batch", "never_slow")
 def test_a_cancel_in_a_batch_stops_only_its_instance(
     app: App, dsn: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -168,3 +176,17 @@ def test_a_cancel_in_a_batch_stops_only_its_instance(
     expected = Counter({(f"w{i}", 0): 1 for i in range(6)})
     expected.update({(f"w{i}", 2): 1 for i in range(6) if i != 3})
     assert Counter((r[0], r[1]) for r in rows) == expected
+
+
+@pytest.mark.usefixtures("always_batch")
+def test_a_role_whose_statements_are_slow_runs_them_alone(app: App, dsn: str) -> None:
+    """A batch makes each of its steps wait for the others' statements: a role that just
+    ran a statement slower than SLOW_STATEMENT_SECONDS runs its steps alone (the first
+    batches of 50 ms sleeps tell; nothing of the role batches after them)."""
+    slow = " ~> ".join([step(0), "'SELECT pg_sleep(0.05)'", step(2), step(3)])
+    instances = start_all(app, 8, slow)
+    assert set(run_all(dsn, app, instances, concurrency=8)) == {"completed"}
+    rows, per_xact = effects(app)
+    assert len(rows) == 24
+    assert max(per_xact.values()) > 1, per_xact  # the starts, in batches
+    assert {per_xact[r[2]] for r in rows if r[1] in (2, 3)} == {1}, per_xact

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -49,6 +50,12 @@ to share a commit's cost; few enough that a worker's batches alternate, one in t
 while the worker prepares another's checkpoints, and that a slow statement holds few others
 back."""
 MAX_BATCH_SIZE = 64  # past this a commit's cost is shared thinly enough; locks held longer
+SLOW_STATEMENT_SECONDS = 0.02
+SLOW_ROLE_SECONDS = 10.0
+"""A role that ran a statement slower than SLOW_STATEMENT_SECONDS (its round trip, or a batch's
+divided by its steps) in the last SLOW_ROLE_SECONDS runs its steps alone: a batch saves well
+under a millisecond a step, and makes each of its steps wait for the others' statements (five
+one-second steps: five seconds each)."""
 
 # What turns a checkpoint's rows into the follow-up Tasks it leased.
 Followups = Callable[[list[dict[str, Any]]], list[Task]]
@@ -101,6 +108,14 @@ class Batches:
         self._statements = statements  # the runner's: task id -> its statement in flight
         self._max_bytes = max_bytes
         self._forming: dict[tuple[int, str | None], list[Member]] = {}
+        # Until when each role runs alone, since a statement of it was slow (monotonic).
+        self._slow_until: dict[tuple[int, str | None], float] = {}
+
+    def record(self, task: Task, seconds: float) -> None:
+        """A statement of ``task``'s role took ``seconds`` (its round trip)."""
+        if seconds > SLOW_STATEMENT_SECONDS:
+            key = (task.role_oid, task.database)
+            self._slow_until[key] = time.monotonic() + SLOW_ROLE_SECONDS
 
     async def run(
         self, task: Task, sql: str, lock: Query | None, checkpoint: Checkpointer
@@ -112,8 +127,8 @@ class Batches:
         Steps made ready together -- by one claim, or by the commit of the batch before -- ask
         in the same round of the event loop. The first one to ask leads: it waits one more
         round for the others to join, then runs the batch. Only while the worker has more work
-        than slots: a batch's steps wait for each other, so a worker with slots to spare runs
-        its steps alone, sooner.
+        than slots, and for a role whose statements are quick: a batch's steps wait for each
+        other, so a worker with slots to spare, or a slow statement, runs alone, sooner.
         """
         member = Member(task, sql, lock, checkpoint, asyncio.get_running_loop().create_future())
         key = (task.role_oid, task.database)
@@ -126,6 +141,8 @@ class Batches:
             forming.append(member)
             return await member.outcome
         if self.size < 2 or not self._busy():
+            return None
+        if self._slow_until.get(key, 0.0) > time.monotonic():
             return None
         batch = self._forming[key] = [member]
         try:
@@ -171,10 +188,12 @@ class Batches:
             facts_at = len(parts)
             parts.append(Query(queries.STEP_FACTS, (first.role_oid,)))
             parts += [m.lock for m in members if m.lock is not None]
+            began = time.monotonic()
             try:
                 answers = await run_statements(conn, parts, self._max_bytes)
             finally:
                 await self._settle(running)
+            self.record(first, (time.monotonic() - began) / max(len(members), 1))
             [facts] = _rows(answers[facts_at])
             if not facts["role_exists"]:
                 raise Undone("the role was dropped")

@@ -413,9 +413,12 @@ class StepRunner:
             if deadline is not None:
                 limit = float(deadline) + _DEADLINE_GRACE_SECONDS
                 before = [*before, Query(queries.LIMIT_STATEMENT, (limit,))]
-            return await run_statement(
+            began = time.monotonic()
+            answer = await run_statement(
                 conn, statement, self.settings.max_result_bytes, before, after
             )
+            self._batches.record(task, time.monotonic() - began)
+            return answer
         finally:
             if self._statements.get(task.id) is running:
                 del self._statements[task.id]
