@@ -27,17 +27,30 @@ STEP = (
 )
 
 
-def start_all(app: App, count: int, graph: str) -> list[str]:
-    """Start ``count`` instances of ``graph`` (its {label}: w0, w1...)."""
-    return [app.start(graph.replace("{label}", f"w{i}")) for i in range(count)]
-
-
-def run_all(dsn: str, app: App, instances: list[str], **options: object) -> list[str]:
-    """Run them on a worker started now (after them: its first claim takes as many as it has
-    slots); their statuses once done."""
+def started_worker(dsn: str, app: App, **options: object) -> ThreadWorker:
+    """A worker that has run one quick statement of the app's role: a role runs its steps
+    alone until the worker has seen how long its statements take."""
     w = ThreadWorker(dsn, **options)
+    assert app.run("'SELECT 1'")[1] == "completed"
+    return w
+
+
+def start_all(app: App, count: int, graph: str) -> list[str]:
+    """Start ``count`` instances of ``graph`` (its {label}: w0, w1...), in one transaction:
+    they become due together, and a worker's next claim takes as many as it has slots."""
+    with app.conn.transaction():
+        return [app.start(graph.replace("{label}", f"w{i}")) for i in range(count)]
+
+
+def run_all(
+    dsn: str, app: App, count: int, graph: str, **options: object
+) -> tuple[list[str], list[str]]:
+    """Start them (start_all) for a worker ready to batch (started_worker); their ids and
+    statuses once done."""
+    w = started_worker(dsn, app, **options)
     try:
-        return [app.wait(i) for i in instances]
+        instances = start_all(app, count, graph)
+        return instances, [app.wait(i) for i in instances]
     finally:
         w.stop()
 
@@ -90,8 +103,8 @@ def test_steps_ready_together_share_a_transaction_each_once_in_a_clean_session(
     steps, then each step after them (its state known to the worker), in batches; or each
     alone, with --batch-size 1."""
     default = app.conn.execute("SELECT current_setting('work_mem')").fetchone()
-    instances = start_all(app, 12, SEQUENCE)
-    assert set(run_all(dsn, app, instances, concurrency=12, batch_size=batch_size)) == {"completed"}
+    _, statuses = run_all(dsn, app, 12, SEQUENCE, concurrency=12, batch_size=batch_size)
+    assert set(statuses) == {"completed"}
     rows, per_xact = effects(app)
     # Every step of every instance, exactly once.
     assert Counter((r[0], r[1]) for r in rows) == {
@@ -110,8 +123,7 @@ def test_steps_ready_together_share_a_transaction_each_once_in_a_clean_session(
 def test_a_worker_with_slots_to_spare_runs_each_step_alone(app: App, dsn: str) -> None:
     """A batch's steps wait for each other: only a worker with more work than slots runs
     them (three sequences on twelve slots never take them all)."""
-    instances = start_all(app, 3, SEQUENCE)
-    assert set(run_all(dsn, app, instances, concurrency=12)) == {"completed"}
+    assert set(run_all(dsn, app, 3, SEQUENCE, concurrency=12)[1]) == {"completed"}
     rows, per_xact = effects(app)
     assert len(rows) == 12
     assert set(per_xact.values()) == {1}, per_xact
@@ -122,8 +134,7 @@ def test_steps_whose_instance_is_locked_in_the_batch(app: App, dsn: str) -> None
     """A first step beside a timer in a JOIN does not know its instance's state: the batch
     locks and reads it (df._checkpoint_begin) after the statements."""
     graph = " ~> ".join([f"({step(0)} & df.sleep(0))", step(1), step(2), step(3)])
-    instances = start_all(app, 12, graph)
-    assert set(run_all(dsn, app, instances, concurrency=12)) == {"completed"}
+    assert set(run_all(dsn, app, 12, graph, concurrency=12)[1]) == {"completed"}
     rows, per_xact = effects(app)
     assert Counter((r[0], r[1]) for r in rows) == {
         (f"w{i}", n): 1 for i in range(12) for n in range(4)
@@ -138,8 +149,7 @@ def test_a_step_failing_in_a_batch_fails_its_instance_alone(
     """The third instance's second step divides by zero: its error rolls back the whole
     batch, whose other steps then run again, alone, and complete; each once."""
     failing = " ~> ".join([step(0), "'SELECT 1 / (''{label}'' <> ''w2'')::int'", step(2)])
-    instances = start_all(app, 8, failing)
-    statuses = run_all(dsn, app, instances, concurrency=8)
+    instances, statuses = run_all(dsn, app, 8, failing, concurrency=8)
     assert statuses == ["completed"] * 2 + ["failed"] + ["completed"] * 5
     assert "division by zero" in str(app.failure(instances[2]))
     assert any("division by zero" in why for why in rolled_back(caplog))
@@ -156,9 +166,9 @@ def test_a_cancel_in_a_batch_stops_only_its_instance(
     """The second step sleeps, so the cancel finds the batch in flight: it rolls back, and
     its other steps run again, alone."""
     slow = " ~> ".join([step(0), "'SELECT pg_sleep(0.5)'", step(2)])
-    instances = start_all(app, 6, slow)
-    w = ThreadWorker(dsn, concurrency=6)
+    w = started_worker(dsn, app, concurrency=6)
     try:
+        instances = start_all(app, 6, slow)
         deadline = time.monotonic() + 20
         while app.conn.execute(
             "SELECT (SELECT count(*) FROM effects) < 6 OR NOT EXISTS (SELECT FROM pg_stat_activity"
@@ -184,8 +194,7 @@ def test_a_role_whose_statements_are_slow_runs_them_alone(app: App, dsn: str) ->
     ran a statement slower than SLOW_STATEMENT_SECONDS runs its steps alone (the first
     batches of 100 ms sleeps tell; nothing of the role batches after them)."""
     slow = " ~> ".join([step(0), "'SELECT pg_sleep(0.1)'", step(2), step(3)])
-    instances = start_all(app, 8, slow)
-    assert set(run_all(dsn, app, instances, concurrency=8)) == {"completed"}
+    assert set(run_all(dsn, app, 8, slow, concurrency=8)[1]) == {"completed"}
     rows, per_xact = effects(app)
     assert len(rows) == 24
     assert max(per_xact.values()) > 1, per_xact  # the starts, in batches

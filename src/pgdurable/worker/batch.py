@@ -53,7 +53,8 @@ MAX_BATCH_SIZE = 64  # past this a commit's cost is shared thinly enough; locks 
 SLOW_STATEMENT_SECONDS = 0.05
 SLOW_ROLE_SECONDS = 10.0
 """A role that ran a statement slower than SLOW_STATEMENT_SECONDS (its round trip, or a batch's
-divided by its steps) in the last SLOW_ROLE_SECONDS runs its steps alone: a batch saves well
+divided by its steps) in the last SLOW_ROLE_SECONDS runs its steps alone, as does one that has
+not run a statement on the worker yet: a batch saves well
 under a millisecond a step, and makes each of its steps wait for the others' statements (five
 one-second steps: five seconds each). Not much less: on a loaded machine a quick
 statement's round trip alone can take tens of milliseconds."""
@@ -109,14 +110,22 @@ class Batches:
         self._statements = statements  # the runner's: task id -> its statement in flight
         self._max_bytes = max_bytes
         self._forming: dict[tuple[int, str | None], list[Member]] = {}
-        # Until when each role runs alone, since a statement of it was slow (monotonic).
+        # Until when each role runs alone, since a statement of it was slow (monotonic); a
+        # role not in it has not run a statement on this worker yet, and runs alone too.
         self._slow_until: dict[tuple[int, str | None], float] = {}
 
     def record(self, task: Task, seconds: float) -> None:
         """A statement of ``task``'s role took ``seconds`` (its round trip)."""
+        key = (task.role_oid, task.database)
         if seconds > SLOW_STATEMENT_SECONDS:
-            key = (task.role_oid, task.database)
             self._slow_until[key] = time.monotonic() + SLOW_ROLE_SECONDS
+        else:
+            self._slow_until.setdefault(key, 0.0)
+
+    def _quick(self, key: tuple[int, str | None]) -> bool:
+        """Whether the role's statements have been quick here lately."""
+        until = self._slow_until.get(key)
+        return until is not None and until <= time.monotonic()
 
     async def run(
         self, task: Task, sql: str, lock: Query | None, checkpoint: Checkpointer
@@ -143,7 +152,7 @@ class Batches:
             return await member.outcome
         if self.size < 2 or not self._busy():
             return None
-        if self._slow_until.get(key, 0.0) > time.monotonic():
+        if not self._quick(key):
             return None
         batch = self._forming[key] = [member]
         try:
