@@ -20,8 +20,11 @@ two batches' statements, an error at COMMIT, a cancel -- rolls the whole batch b
 of its steps then runs again alone, on the path that knows what to make of it. So a step in a
 batch takes effect exactly once, as it does alone.
 
-A batch holds one step of an instance at most, and only SQL steps in the worker's own
-database without a deadline (df.timeout): steps.py says which.
+Batches are for a worker with more work than slots, and for quick statements: a batch's steps
+wait for each other's statements. So a step runs alone when the worker has slots to spare, or
+when its role ran a slow statement lately or none yet on this worker. A batch holds one step
+of an instance at most, and only SQL steps in the worker's own database without a deadline
+(df.timeout), and no JOIN branch whose siblings run here: steps.py says which.
 """
 
 from __future__ import annotations
@@ -54,10 +57,10 @@ SLOW_STATEMENT_SECONDS = 0.05
 SLOW_ROLE_SECONDS = 10.0
 """A role that ran a statement slower than SLOW_STATEMENT_SECONDS (its round trip, or a batch's
 divided by its steps) in the last SLOW_ROLE_SECONDS runs its steps alone, as does one that has
-not run a statement on the worker yet: a batch saves well
-under a millisecond a step, and makes each of its steps wait for the others' statements (five
-one-second steps: five seconds each). Not much less: on a loaded machine a quick
-statement's round trip alone can take tens of milliseconds."""
+not run a statement on the worker yet: a batch saves well under a millisecond a step, and
+makes each of its steps wait for the others' statements (five one-second steps: five seconds
+each). Not much less: on a loaded machine a quick statement's round trip alone can take tens
+of milliseconds."""
 
 # What turns a checkpoint's rows into the follow-up Tasks it leased.
 Followups = Callable[[list[dict[str, Any]]], list[Task]]
