@@ -192,8 +192,8 @@ def test_a_cancel_in_a_batch_stops_only_its_instance(
 def test_a_role_whose_statements_are_slow_runs_them_alone(app: App, dsn: str) -> None:
     """A batch makes each of its steps wait for the others' statements: a role that just
     ran a statement slower than SLOW_STATEMENT_SECONDS runs its steps alone (the first
-    batches of 100 ms sleeps tell; nothing of the role batches after them)."""
-    slow = " ~> ".join([step(0), "'SELECT pg_sleep(0.1)'", step(2), step(3)])
+    batches of 300 ms sleeps tell; nothing of the role batches after them)."""
+    slow = " ~> ".join([step(0), "'SELECT pg_sleep(0.3)'", step(2), step(3)])
     assert set(run_all(dsn, app, 8, slow, concurrency=8)[1]) == {"completed"}
     rows, per_xact = effects(app)
     assert len(rows) == 24

@@ -53,14 +53,14 @@ to share a commit's cost; few enough that a worker's batches alternate, one in t
 while the worker prepares another's checkpoints, and that a slow statement holds few others
 back."""
 MAX_BATCH_SIZE = 64  # past this a commit's cost is shared thinly enough; locks held longer
-SLOW_STATEMENT_SECONDS = 0.05
+SLOW_STATEMENT_SECONDS = 0.2
 SLOW_ROLE_SECONDS = 10.0
 """A role that ran a statement slower than SLOW_STATEMENT_SECONDS (its round trip, or a batch's
 divided by its steps) in the last SLOW_ROLE_SECONDS runs its steps alone, as does one that has
 not run a statement on the worker yet: a batch saves well under a millisecond a step, and
 makes each of its steps wait for the others' statements (five one-second steps: five seconds
 each). Not much less: on a loaded machine a quick statement's round trip alone can take tens
-of milliseconds."""
+of milliseconds (at 20 and 50 ms, bench/run.py's sql1 on 4 workers lost most of its batches)."""
 
 # What turns a checkpoint's rows into the follow-up Tasks it leased.
 Followups = Callable[[list[dict[str, Any]]], list[Task]]
