@@ -235,11 +235,10 @@ class StepRunner:
             if self._batchable(task):
                 sql = str((task.payload or {}).get("sql", ""))
                 graph = await self._graph(task)
-                if task.known is not None:
-                    lock, checkpoint = None, self._checkpoint_of_known(task, graph, claim_limit)
-                else:
+                lock = None
+                if task.known is None:
                     lock = Query(queries.CHECKPOINT_BEGIN, queries.checkpoint_begin_params(task))
-                    checkpoint = self._checkpoint_of_locked(task, graph, claim_limit)
+                checkpoint = self._checkpoint_in_batch(task, graph, claim_limit)
                 followups = await self._batches.run(task, sql, lock, checkpoint)
                 if followups is not None:
                     return followups
@@ -268,44 +267,29 @@ class StepRunner:
             and (task.known is not None or self._sql_running[task.instance_id] == 1)
         )
 
-    def _checkpoint_of_known(
+    def _checkpoint_in_batch(
         self, task: Task, graph: Graph, claim_limit: Callable[[], int]
     ) -> Checkpointer:
-        """The checkpoint of a step whose state is known, once its statement ran in a batch."""
+        """The checkpoint of a step once its statement ran in a batch: from the state it
+        knows (Task.known), or from what df._checkpoint_begin locked and read."""
         known = task.known
-        assert known is not None
-
-        def checkpoint(
-            result: str, now: float, _: list[dict[str, Any]]
-        ) -> tuple[list[Query], Followups]:
-            transition = interpreter.step_succeeded(
-                graph, known.state, known.variables, task.activation, result, now, **self._limits
-            )
-            params = self._checkpoint_params(task, transition, claim_limit(), known.version)
-            return [Query(queries.CHECKPOINT, params)], partial(
-                queries.followups, previous=task, transition=transition, variables=known.variables
-            )
-
-        return checkpoint
-
-    def _checkpoint_of_locked(
-        self, task: Task, graph: Graph, claim_limit: Callable[[], int]
-    ) -> Checkpointer:
-        """The checkpoint of a step once its statement ran in a batch, and then
-        df._checkpoint_begin locked its instance and read its state."""
 
         def checkpoint(
             result: str, now: float, locked: list[dict[str, Any]]
         ) -> tuple[list[Query], Followups]:
-            cp = queries.checkpoint_from_row(locked[0] if locked else None)
-            if cp is None or not cp.role_exists:
-                raise Undone(f"task {task.id} was taken away, or its role dropped")
+            if known is not None:
+                state, variables, version = known.state, known.variables, known.version
+            else:
+                cp = queries.checkpoint_from_row(locked[0] if locked else None)
+                if cp is None or not cp.role_exists:
+                    raise Undone(f"task {task.id} was taken away, or its role dropped")
+                state, variables, now, version = _state(cp), cp.variables, cp.now, None
             transition = interpreter.step_succeeded(
-                graph, _state(cp), cp.variables, task.activation, result, cp.now, **self._limits
+                graph, state, variables, task.activation, result, now, **self._limits
             )
-            params = self._checkpoint_params(task, transition, claim_limit())
+            params = self._checkpoint_params(task, transition, claim_limit(), version)
             return [Query(queries.CHECKPOINT, params)], partial(
-                queries.followups, previous=task, transition=transition, variables=cp.variables
+                queries.followups, previous=task, transition=transition, variables=variables
             )
 
         return checkpoint
@@ -669,8 +653,10 @@ class StepRunner:
         statement that cannot run in a transaction block, a state too large."""
         if not self.conns.is_own_database(task.database):
             return await self._advance(task, None, claim_limit)
-        if task.start is not None:
-            followups = await self._start_in_batch(task, claim_limit)
+        # What the claim read of the instance, started once for both paths below.
+        claimed = None if task.start is None else self._started_from_claim(task, task.start)
+        if claimed is not None:
+            followups = await self._start_in_batch(task, claimed, claim_limit)
             if followups is not None:
                 return followups
         pool = self.conns.step_pool(task.role, task.role_oid, task.database)
@@ -683,7 +669,7 @@ class StepRunner:
         outcome: list[Task] | _Failed | None = None
         reusable = True
         try:
-            outcome = await self._start_on(conn, task, claim_limit)
+            outcome = await self._start_on(conn, task, claimed, claim_limit)
         except _Withdrawn:
             outcome = []  # cancelled: the start task is gone
         except psycopg.Error as exc:
@@ -730,12 +716,12 @@ class StepRunner:
         return cp, self._start(task, cp, facts, list(start["nodes"]))
 
     async def _start_in_batch(
-        self, task: Task, claim_limit: Callable[[], int]
+        self, task: Task, claimed: tuple[Checkpoint, Transition], claim_limit: Callable[[], int]
     ) -> list[Task] | None:
-        """Start ``task``'s instance and run its first step in a batch with other steps of
-        its role (batch.py): the follow-ups, or None to take the path of a start alone."""
-        assert task.start is not None
-        cp, started = self._started_from_claim(task, task.start)
+        """Start ``task``'s instance (``claimed``: _started_from_claim) and run its first
+        step in a batch with other steps of its role (batch.py): the follow-ups, or None to
+        take the path of a start alone."""
+        cp, started = claimed
         graph = self._cached_graph(task)
         first = _first_sql_task(started)
         if first is None or graph is None or "deadline" in (first.payload or {}):
@@ -767,16 +753,20 @@ class StepRunner:
             show.cancel()
 
     async def _start_on(
-        self, conn: AsyncConn, task: Task, claim_limit: Callable[[], int]
+        self,
+        conn: AsyncConn,
+        task: Task,
+        claimed: tuple[Checkpoint, Transition] | None,
+        claim_limit: Callable[[], int],
     ) -> list[Task] | _Failed | None:
         """_start_with_first_step on the submitter's connection: the follow-ups; how the step
         failed; or None to take the usual path. The caller rolls back what did not commit.
 
-        What the claim read of the instance (Task.start) spares the first round trip; the
-        transaction then begins with the statement, and a task taken away meanwhile is found
-        gone by the checkpoint (PD001), which rolls the step back."""
-        if task.start is not None:
-            cp, started = self._started_from_claim(task, task.start)
+        What the claim read of the instance (Task.start, started as ``claimed``) spares the
+        first round trip; the transaction then begins with the statement, and a task taken
+        away meanwhile is found gone by the checkpoint (PD001), which rolls the step back."""
+        if claimed is not None:
+            cp, started = claimed
             begun = False
         else:
             # No lock yet: df.cancel must not wait for the step's statement (df._task_facts).
