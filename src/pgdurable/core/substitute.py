@@ -83,6 +83,8 @@ def substitute_sql(
     submitter's ``df.vars``. Raises :class:`SubstitutionError` with pg_durable's error text.
     """
     text = _substitute_braces(template, variables, instance_id, label)
+    if "$" not in text:  # no reference: nothing for pass 2 to change (most steps)
+        return text
     return _Substitution(names, sql=True).run_sql(text)
 
 
