@@ -34,3 +34,16 @@ BEGIN
     END IF;
 END
 $$;
+
+-- 0.2: df._insert_nodes validates the graph as it writes it, and says what it found.
+DO $$
+DECLARE
+    v_old regprocedure :=
+        to_regprocedure('df._insert_nodes(jsonb, text, text, regrole, text)');
+BEGIN
+    IF v_old IS NOT NULL
+       AND (SELECT p.prorettype = 'boolean'::regtype FROM pg_proc p WHERE p.oid = v_old) THEN
+        DROP FUNCTION df._insert_nodes(jsonb, text, text, regrole, text);
+    END IF;
+END
+$$;

@@ -6,9 +6,10 @@
 -- instances. The engine's rows (df._runs, df._tasks, the df.vars snapshot) are created by the
 -- AFTER INSERT trigger on df.instances (engine.sql), not here.
 --
--- The graph is parsed once (as jsonb) and walked by recursive queries, once to validate it
--- and once to insert it, so a 10,000-node graph costs a handful of statements rather than
--- one PL/pgSQL iteration per node (about 0.3 s plus the commit's foreign-key checks).
+-- The graph is parsed once (as jsonb) and walked once by a recursive query that validates
+-- it and, only if all of it is valid, inserts it, so a 10,000-node graph costs a handful of
+-- statements rather than one PL/pgSQL iteration per node (about 0.3 s plus the commit's
+-- foreign-key checks).
 --
 -- transaction_mode => 'new' starts the instance in a transaction of its own, which commits
 -- whatever the caller's transaction does afterwards. PL/pgSQL cannot commit part of its
@@ -139,24 +140,25 @@ SELECT * FROM walk LIMIT 10001;
 $$;
 
 -- ---------------------------------------------------------------------------------------------
--- df._graph_error: validate a graph. Returns how many nodes were visited (10,001 means "too
--- many") and the first invalid node in pre-order with the reason, if any.
+-- df._checked_walk: df._walk's rows, each with its node's type, query and result name and
+-- what is wrong with the node, if anything (NULL: nothing). df.start validates and stores a
+-- graph in one walk of it (df._insert_nodes); df.explain reports its errors (df._graph_error).
 -- ---------------------------------------------------------------------------------------------
-CREATE OR REPLACE FUNCTION df._graph_error(
-    root jsonb, OUT node_count bigint, OUT path text, OUT err text)
-LANGUAGE plpgsql VOLATILE
+CREATE OR REPLACE FUNCTION df._checked_walk(root jsonb, root_id text)
+RETURNS TABLE (id text, parent_id text, slot text, pos integer, path text, depth integer,
+               ord integer[], keys text[], node_type text, query text, result_name text,
+               err text)
+LANGUAGE sql VOLATILE
+-- A custom plan would copy the whole graph into the plan as a constant.
 SET plan_cache_mode = force_generic_plan
 AS $$
-BEGIN
     -- Each lateral level is fenced with OFFSET 0 so that a node is looked up, and its facts
-    -- derived, once per row rather than once per use; only the error leaves the row.
-    SELECT count(*),
-           (array_agg(w.path ORDER BY w.ord) FILTER (WHERE c.err IS NOT NULL))[1],
-           (array_agg(c.err ORDER BY w.ord) FILTER (WHERE c.err IS NOT NULL))[1]
-      INTO node_count, path, err
-      FROM df._walk(root, NULL) AS w
+    -- derived, once per row rather than once per use.
+    SELECT w.id, w.parent_id, w.slot, w.pos, w.path, w.depth, w.ord, w.keys,
+           c.node_type, c.query, c.result_name, c.err
+      FROM df._walk(root, root_id) AS w
      CROSS JOIN LATERAL (
-        SELECT CASE
+        SELECT t.node_type, t.query, t.result_name, CASE
             WHEN w.depth > 256 THEN
                 'Graph exceeds maximum nesting depth of 256. Simplify the workflow or break '
                 'it into multiple instances.'
@@ -232,25 +234,45 @@ BEGIN
           ) AS t
         OFFSET 0
      ) AS c;
-END;
 $$;
 
--- df._insert_nodes: write a validated graph into df.nodes in pre-order (parents before
--- children; the graph's foreign keys are checked at commit). A THEN's or RACE's query is
--- dropped; an IF's or LOOP's condition and a JOIN's extra branches are referenced by id from
--- its JSON config in query. The root gets root_id. Returns false, writing nothing, if two nodes drew the same id.
+-- ---------------------------------------------------------------------------------------------
+-- df._graph_error: validate a graph. Returns how many nodes were visited (10,001 means "too
+-- many") and the first invalid node in pre-order with the reason, if any.
+-- ---------------------------------------------------------------------------------------------
+CREATE OR REPLACE FUNCTION df._graph_error(
+    root jsonb, OUT node_count bigint, OUT path text, OUT err text)
+LANGUAGE sql VOLATILE AS $$
+    SELECT count(*),
+           (array_agg(w.path ORDER BY w.ord) FILTER (WHERE w.err IS NOT NULL))[1],
+           (array_agg(w.err ORDER BY w.ord) FILTER (WHERE w.err IS NOT NULL))[1]
+      FROM df._checked_walk(root, NULL) AS w;
+$$;
+
+-- ---------------------------------------------------------------------------------------------
+-- df._insert_nodes: validate a graph and, if it is valid, write it into df.nodes in pre-order
+-- (parents before children; the graph's foreign keys are checked at commit), in one walk of
+-- it. A THEN's or RACE's query is dropped; an IF's or LOOP's condition and a JOIN's extra
+-- branches are referenced by id from its JSON config in query. The root gets root_id.
+-- Returns df._graph_error's answer, and whether the nodes were written: not if the graph is
+-- invalid or too large, nor if two nodes drew the same id (df.start draws them again).
 -- ---------------------------------------------------------------------------------------------
 CREATE OR REPLACE FUNCTION df._insert_nodes(
-    root jsonb, instance_id text, root_id text, submitted_by regrole, database text)
-RETURNS boolean
+    root jsonb, instance_id text, root_id text, submitted_by regrole, database text,
+    OUT node_count bigint, OUT path text, OUT err text, OUT inserted boolean)
 LANGUAGE plpgsql VOLATILE
 SET plan_cache_mode = force_generic_plan
 AS $$
-DECLARE
-    inserted bigint;
 BEGIN
     WITH visited AS MATERIALIZED (
-        SELECT * FROM df._walk(root, root_id)
+        SELECT * FROM df._checked_walk(root, root_id)
+    ),
+    verdict AS (
+        SELECT count(*) AS node_count,
+               (array_agg(v.path ORDER BY v.ord) FILTER (WHERE v.err IS NOT NULL))[1] AS path,
+               (array_agg(v.err ORDER BY v.ord) FILTER (WHERE v.err IS NOT NULL))[1] AS err,
+               count(DISTINCT v.id) = count(*) AS unique_ids
+          FROM visited v
     ),
     children AS (
         SELECT v.parent_id,
@@ -265,30 +287,26 @@ BEGIN
     rows AS (
         INSERT INTO df.nodes AS n (id, instance_id, node_type, query, result_name, left_node,
                                    right_node, submitted_by, database)
-        SELECT v.id, _insert_nodes.instance_id, f.node_type,
+        SELECT v.id, _insert_nodes.instance_id, v.node_type,
                CASE
-                   WHEN f.node_type IN ('THEN', 'RACE') THEN NULL
-                   WHEN f.node_type IN ('IF', 'LOOP') AND k.condition_id IS NOT NULL THEN
-                       df._merge_config(f.query, 'condition_node', to_json(k.condition_id)::text)
-                   WHEN f.node_type = 'JOIN' AND k.extra_ids IS NOT NULL THEN
-                       df._merge_config(f.query, 'extra_nodes', array_to_json(k.extra_ids)::text)
-                   ELSE f.query
+                   WHEN v.node_type IN ('THEN', 'RACE') THEN NULL
+                   WHEN v.node_type IN ('IF', 'LOOP') AND k.condition_id IS NOT NULL THEN
+                       df._merge_config(v.query, 'condition_node', to_json(k.condition_id)::text)
+                   WHEN v.node_type = 'JOIN' AND k.extra_ids IS NOT NULL THEN
+                       df._merge_config(v.query, 'extra_nodes', array_to_json(k.extra_ids)::text)
+                   ELSE v.query
                END,
-               f.result_name, k.left_id, k.right_id, _insert_nodes.submitted_by,
+               v.result_name, k.left_id, k.right_id, _insert_nodes.submitted_by,
                _insert_nodes.database
           FROM visited v
           LEFT JOIN children k ON k.parent_id = v.id
-         CROSS JOIN LATERAL (
-                   SELECT x.node ->> 'node_type' AS node_type, x.node ->> 'query' AS query,
-                          x.node ->> 'result_name' AS result_name
-                     FROM (SELECT root #> v.keys AS node OFFSET 0) AS x
-               ) AS f
-         WHERE (SELECT count(DISTINCT d.id) = count(*) FROM visited d)
+         WHERE (SELECT d.err IS NULL AND d.node_count <= 10000 AND d.unique_ids FROM verdict d)
          ORDER BY v.ord
         RETURNING 1
     )
-    SELECT count(*) INTO inserted FROM rows;
-    RETURN inserted > 0;
+    SELECT d.node_count, d.path, d.err, (SELECT count(*) FROM rows) > 0
+      INTO node_count, path, err, inserted
+      FROM verdict d;
 END;
 $$;
 
@@ -816,24 +834,25 @@ BEGIN
         RETURN v_id;
     END IF;
 
-    -- The whole graph is validated before anything is written.
-    v_check := df._graph_error(v_root);
-    IF v_check.node_count > 10000 THEN
-        RAISE EXCEPTION 'Invalid durable function graph: root: Workflow exceeds maximum node count of 10000. Simplify the workflow or break it into multiple instances.'
-            USING ERRCODE = 'program_limit_exceeded';
-    END IF;
-    IF v_check.err IS NOT NULL THEN
-        RAISE EXCEPTION 'Invalid durable function graph: %: %', v_check.path, v_check.err
-            USING ERRCODE = CASE WHEN v_check.err LIKE 'Graph exceeds%'
-                                 THEN 'program_limit_exceeded' ELSE 'invalid_parameter_value' END;
-    END IF;
-
     v_id := df._insert_instance(v_label, v_root_id, v_role, v_database);
 
-    -- Node ids are drawn per node; in the rare case two collide (about 1 in 90 for a
-    -- 10,000-node graph) nothing was written and the ids are drawn again.
+    -- The graph is validated as its nodes are written, and none is written unless all are
+    -- valid; an error rolls back the instance too. Node ids are drawn per node; in the rare
+    -- case two collide (about 1 in 90 for a 10,000-node graph) nothing was written and the
+    -- ids are drawn again.
     FOR attempt IN 1..10 LOOP
-        EXIT WHEN df._insert_nodes(v_root, v_id, v_root_id, v_role, v_database);
+        v_check := df._insert_nodes(v_root, v_id, v_root_id, v_role, v_database);
+        IF v_check.node_count > 10000 THEN
+            RAISE EXCEPTION 'Invalid durable function graph: root: Workflow exceeds maximum node count of 10000. Simplify the workflow or break it into multiple instances.'
+                USING ERRCODE = 'program_limit_exceeded';
+        END IF;
+        IF v_check.err IS NOT NULL THEN
+            RAISE EXCEPTION 'Invalid durable function graph: %: %', v_check.path, v_check.err
+                USING ERRCODE = CASE WHEN v_check.err LIKE 'Graph exceeds%'
+                                     THEN 'program_limit_exceeded'
+                                     ELSE 'invalid_parameter_value' END;
+        END IF;
+        EXIT WHEN v_check.inserted;
         IF attempt = 10 THEN
             RAISE EXCEPTION 'Failed to create instance: exhausted 10 attempts to generate collision-free node IDs';
         END IF;
