@@ -6,7 +6,7 @@ import time
 
 import psycopg
 import pytest
-from conftest import App, ThreadWorker
+from conftest import App, Role, RoleFactory, ThreadWorker
 from test_cli_monitor import _write_graph
 from test_interpreter import G
 
@@ -244,3 +244,35 @@ def test_a_claim_reads_as_much_with_a_backlog_of_12000_as_of_3000(
     conn.execute("VACUUM ANALYZE df._tasks, df.instances")
     after = min(_claim_buffers(conn) for _ in range(3))
     assert after - before <= 10, (before, after)
+
+
+def test_a_start_wakes_the_workers_unless_its_roles_work_waits_already(
+    conn: psycopg.Connection, dsn: str, make_role: RoleFactory
+) -> None:
+    """A NOTIFY serializes the commits that send one: a start leaves the workers be while a
+    task of its role has been due for a while (they are all busy then)."""
+    first, other = make_role(), make_role()
+
+    def start(role: Role, graph: str) -> str:
+        row = role.conn.execute(f"SELECT df.start({graph})").fetchone()
+        assert row is not None
+        return str(row[0])
+
+    with psycopg.connect(dsn, autocommit=True) as listener:
+        listener.execute("LISTEN pgdurable_tasks")
+
+        def woken() -> int:
+            return len(list(listener.notifies(timeout=0.5, stop_after=1)))
+
+        waiting = start(first, "'SELECT 1'")
+        assert woken() == 1  # nothing else due: the workers may all be asleep
+        start(first, "'SELECT 2'")
+        assert woken() == 1  # the first start's task is due, but only just
+        conn.execute(
+            "UPDATE df._tasks SET visible_at = now() - interval '1 second' WHERE instance_id = %s",
+            (waiting,),
+        )
+        start(first, "'SELECT 3'")
+        assert woken() == 0  # its role's work waits: no worker is idle
+        start(other, "'SELECT 4'")
+        assert woken() == 1  # another role's is not held up by it
