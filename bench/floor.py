@@ -1,11 +1,12 @@
 """The floor under the cost targets: what the rows a workflow must write cost PostgreSQL alone.
 
-Run ``.venv/bin/python bench/floor.py [--seconds 6] [--rounds 3]``.
+Run ``.venv/bin/python bench/floor.py [--seconds 6] [--rounds 3] [--clients 4]``.
 
 bench/run.py measures pgdurable against pgbench's one-INSERT transaction. This script asks
-how far down any engine could go: pgbench itself (a C client, prepared statements, 4 clients,
-no worker, no claim, no validation, no security checks) writes the rows of a workflow as plain
-SQL, and its rate is compared with the one-INSERT rate measured in the same run, alternating:
+how far down any engine could go: pgbench itself (a C client, prepared statements, no
+worker, no claim, no validation, no security checks) writes the rows of a workflow as plain
+SQL, and its rate is compared with the one-INSERT rate (4 clients, as bench/run.py measures
+it) in the same run, alternating:
 
 - ``insert``: bench/run.py's baseline, ``INSERT INTO bench_effects`` (one row, one commit).
 - ``seq_step``: one middle step of a ten-step sequence, as a checkpoint writes it in
@@ -26,7 +27,9 @@ The sql1 scripts take each instance id from a sequence first (random ids would c
 a run): one more round trip per workflow, a few microseconds of the server's CPU.
 
 Each is reported per unit (a step, a workflow): its rate, its share of the ``insert`` rate,
-and PostgreSQL's CPU per unit. bench/README.md ("The floor under the targets") has the figures.
+PostgreSQL's CPU per unit, and how busy the machine was (a script whose clients wait on round
+trips rather than on the CPU would understate the floor: ``--clients 16`` shows).
+bench/README.md ("The floor under the targets") has the figures.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ from run import DATABASE, PGBENCH_SQL, ROLE, CpuMeter, Server
 
 from pgdurable.embedded import bin_path
 
-CLIENTS = 4
+BASELINE_CLIENTS = 4  # bench/run.py's baseline: pgbench's 4-client commit rate
 RESULT = '{"rows":[],"row_count":0}'
 # A ten-step sequence's interpreter state, as df._runs holds it (about 570 bytes).
 SEQ_STATE = json.dumps(
@@ -144,9 +147,7 @@ def sql1_script(schema: str, workflows: int) -> str:
     """``workflows`` one-step workflows: each start a transaction, their steps one more."""
     variables = [f"r{i}" for i in range(workflows)]
     # Ids from a sequence (random ones would collide within a run), one round trip each.
-    lines = [
-        f"SELECT lpad(to_hex(nextval('floor.ids')), 8, '0') AS {v} \\gset" for v in variables
-    ]
+    lines = [f"SELECT lpad(to_hex(nextval('floor.ids')), 8, '0') AS {v} \\gset" for v in variables]
     for v in variables:
         lines += _sql1_start(schema, v)
     lines.append("BEGIN;")
@@ -157,13 +158,15 @@ def sql1_script(schema: str, workflows: int) -> str:
 
 
 def seq_step_script(
-    user: psycopg.Connection[tuple[object, ...]], conn: psycopg.Connection[tuple[object, ...]]
+    user: psycopg.Connection[tuple[object, ...]],
+    conn: psycopg.Connection[tuple[object, ...]],
+    clients: int,
 ) -> str:
     """A middle step of a ten-step sequence, each client writing rows of its own instance
     (started by ``user``, set up by ``conn``, the owner)."""
     g = " ~> ".join(f"'INSERT INTO bench_effects(v) VALUES ({n})'" for n in range(10))
     instances, tasks, done, then, nxt = [], [], [], [], []
-    for _ in range(CLIENTS):
+    for _ in range(clients):
         row = user.execute(f"SELECT df.start(({g})::text)").fetchone()
         assert row is not None
         instance = str(row[0])
@@ -214,16 +217,18 @@ def seq_step_script(
     )
 
 
-def run_script(server: Server, base: Path, script: Script, seconds: int) -> tuple[float, float]:
-    """pgbench runs ``script`` with CLIENTS clients: units per second, and PostgreSQL's CPU
-    per unit in milliseconds."""
+def run_script(
+    server: Server, base: Path, script: Script, seconds: int, clients: int
+) -> tuple[float, float, float]:
+    """pgbench runs ``script`` with ``clients`` clients: units per second, PostgreSQL's CPU
+    per unit in milliseconds, and how busy the machine was (%)."""
     path = base / f"{script.name}.sql"
     path.write_text(script.text)
     cmd = [
         str(bin_path("pgbench")),
         "-h", "127.0.0.1", "-p", str(server.pg.port), "-U", script.user,
         "-n", "-M", script.protocol, "-f", str(path),
-        "-c", str(CLIENTS), "-j", "2", "-T", str(seconds), DATABASE,
+        "-c", str(clients), "-j", "2", "-T", str(seconds), DATABASE,
     ]  # fmt: skip
     meter = CpuMeter(server.postmaster_pid, [])
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60, check=False)
@@ -234,13 +239,17 @@ def run_script(server: Server, base: Path, script: Script, seconds: int) -> tupl
     if done.returncode != 0 or not (tps and txs):
         raise SystemExit(f"pgbench {script.name} failed:\n{done.stderr or done.stdout}")
     units = int(txs.group(1)) * script.units
-    return float(tps.group(1)) * script.units, 1000 * cpu["postgres"] / max(units, 1)
+    rate = float(tps.group(1)) * script.units
+    return rate, 1000 * cpu["postgres"] / max(units, 1), cpu["busy_pct"]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=int, default=6, help="per pgbench run")
     parser.add_argument("--rounds", type=int, default=3, help="alternated runs of each")
+    parser.add_argument(
+        "--clients", type=int, default=4, help="pgbench clients of the scripts (not the baseline)"
+    )
     args = parser.parse_args()
 
     base = Path(tempfile.mkdtemp(prefix="pgdurable-floor-"))
@@ -253,7 +262,7 @@ def main() -> int:
             psycopg.connect(server.user_dsn, autocommit=True) as user,
         ):
             conn.execute(MINIMAL_SCHEMA)
-            seq_step = seq_step_script(user, conn)
+            seq_step = seq_step_script(user, conn, args.clients)
         scripts = [
             Script("insert", PGBENCH_SQL, 1, "transaction", ROLE, "simple"),
             Script("seq_step", seq_step, 1, "step", admin),
@@ -261,22 +270,23 @@ def main() -> int:
             Script("sql1_minimal", sql1_script("floor", 1), 1, "workflow", admin),
             Script("sql1_minimal_x5", sql1_script("floor", 5), 5, "workflow", admin),
         ]
-        runs: dict[str, list[tuple[float, float]]] = {s.name: [] for s in scripts}
+        runs: dict[str, list[tuple[float, float, float]]] = {s.name: [] for s in scripts}
         for _ in range(args.rounds):
             for script in scripts:
-                runs[script.name].append(run_script(server, base, script, args.seconds))
-        baseline = statistics.median(rate for rate, _ in runs["insert"])
+                clients = BASELINE_CLIENTS if script.name == "insert" else args.clients
+                runs[script.name].append(run_script(server, base, script, args.seconds, clients))
+        baseline = statistics.median(r[0] for r in runs["insert"])
         print(
-            f"pgbench, {CLIENTS} clients (insert: bench/run.py's baseline; the others"
-            f" prepared); medians of {args.rounds} alternated runs of {args.seconds} s"
+            f"pgbench: insert (bench/run.py's baseline) {BASELINE_CLIENTS} clients; the others"
+            f" {args.clients} clients, prepared; medians of {args.rounds} alternated runs of"
+            f" {args.seconds} s"
         )
-        print(f"{'script':18} {'per second':>12} {'of insert':>10} {'PG CPU/unit':>12}")
+        print(f"{'script':18} {'per second':>12} {'of insert':>10} {'PG CPU/unit':>12} {'busy':>5}")
         for script in scripts:
-            rate = statistics.median(r for r, _ in runs[script.name])
-            cpu = statistics.median(c for _, c in runs[script.name])
+            rate, cpu, busy = (statistics.median(r[k] for r in runs[script.name]) for k in range(3))
             print(
                 f"{script.name:18} {rate:9,.0f} {script.unit[:2]:>2} {rate / baseline:9.1%}"
-                f" {cpu:9.3f} ms"
+                f" {cpu:9.3f} ms {busy:4.0f}%"
             )
         return 0
     finally:

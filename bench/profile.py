@@ -8,6 +8,13 @@ statements included), per workflow.
     .venv/bin/python bench/profile.py --shape seq10 --seconds 15
 
 Profiling slows both sides down: use bench/run.py for figures, this for where they come from.
+
+    .venv/bin/python bench/profile.py --shape seq10 --cpu
+
+runs the same load without profilers and prints instead the CPU each kind of process used per
+workflow and per step: the worker, its step connections' backends, its own connections'
+backends (claims, heartbeats, notifications), the submitting client's backend (df.start), and
+backends that ended meanwhile.
 """
 
 from __future__ import annotations
@@ -26,7 +33,9 @@ from typing import Any
 import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import SHAPES, Server, Workers, build_graph
+from run import SHAPES, Server, Workers, _processes, build_graph
+
+from pgdurable.worker.connections import STEP_APPLICATION_NAME, WORKER_APPLICATION_NAME
 
 
 def _submit(server: Server, graph: str, stop: threading.Event, backlog: int) -> None:
@@ -96,6 +105,54 @@ def _top_functions(raw: Path, limit: int) -> tuple[list[tuple[str, float, float]
     return top, total
 
 
+def _cpu_groups(conn: psycopg.Connection[Any], worker: int) -> dict[int, str]:
+    """The processes to account for, by what they do."""
+    names = {
+        STEP_APPLICATION_NAME: "backends of the step connections",
+        WORKER_APPLICATION_NAME: "backends of the worker's own connections",
+    }
+    groups = {worker: "the worker (Python)"}
+    for pid, app, user in conn.execute(
+        "SELECT pid, application_name, usename FROM pg_stat_activity"
+        " WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
+    ):
+        groups[pid] = names.get(app) or (
+            "backend of the submitting client (df.start)" if user == "bench" else "other backends"
+        )
+    return groups
+
+
+def _cpu_by_group(
+    server: Server, workers: Workers, seconds: int, steps: int
+) -> tuple[int, list[tuple[str, float, float]]]:
+    """The workflows completed in ``seconds`` of steady load, and (group, ms per workflow,
+    ms per step) for each group of processes."""
+    postmaster = server.postmaster_pid
+    with psycopg.connect(server.admin_dsn, autocommit=True) as conn:
+        groups = _cpu_groups(conn, workers.pids[0])
+        before, done0 = _processes(), _completed(conn)
+        time.sleep(seconds)
+        after, done = _processes(), _completed(conn) - done0
+        groups.update(_cpu_groups(conn, workers.pids[0]))
+    used: collections.Counter[str] = collections.Counter()
+    for pid, name in groups.items():
+        if pid in before and pid in after:
+            used[name] += after[pid].cpu - before[pid].cpu
+    used["background processes and ended backends"] = (
+        after[postmaster].reaped
+        - before[postmaster].reaped
+        + sum(
+            p.cpu - before[pid].cpu
+            for pid, p in after.items()
+            if p.ppid == postmaster and pid in before and pid not in groups
+        )
+    )
+    per = max(done, 1)
+    return done, [
+        (name, 1000 * s / per, 1000 * s / (per * steps)) for name, s in used.most_common()
+    ]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", default="seq10", choices=[s.name for s in SHAPES])
@@ -105,23 +162,28 @@ def main() -> int:
     parser.add_argument(
         "--native", action="store_true", help="sample C frames too (pauses the worker)"
     )
+    parser.add_argument(
+        "--cpu", action="store_true", help="no profilers: the CPU of each kind of process"
+    )
     args = parser.parse_args()
     shape = next(s for s in SHAPES if s.name == args.shape)
 
     base = Path(tempfile.mkdtemp(prefix="pgdurable-profile-"))
     server = Server(base)
-    server.pg.settings.update(
-        {
-            "shared_preload_libraries": "'pg_stat_statements'",
-            "pg_stat_statements.track": "all",
-            "pg_stat_statements.track_utility": "on",
-        }
-    )
+    if not args.cpu:
+        server.pg.settings.update(
+            {
+                "shared_preload_libraries": "'pg_stat_statements'",
+                "pg_stat_statements.track": "all",
+                "pg_stat_statements.track_utility": "on",
+            }
+        )
     stop = threading.Event()
     try:
         server.start()
-        with psycopg.connect(server.admin_dsn, autocommit=True) as conn:
-            conn.execute("CREATE EXTENSION pg_stat_statements")
+        if not args.cpu:
+            with psycopg.connect(server.admin_dsn, autocommit=True) as conn:
+                conn.execute("CREATE EXTENSION pg_stat_statements")
         graph = build_graph(server, shape)
         workers = Workers(server, base, 1, args.concurrency)
         workers.start()
@@ -130,6 +192,20 @@ def main() -> int:
         )
         submitter.start()
         time.sleep(3)  # warm up
+        if args.cpu:
+            done, groups = _cpu_by_group(server, workers, args.seconds, shape.steps)
+            stop.set()
+            submitter.join()
+            workers.stop()
+            print(
+                f"{shape.name}: {done / args.seconds:.0f} workflows/s on one worker;"
+                " CPU per workflow and per step"
+            )
+            for name, per_workflow, per_step in groups:
+                print(f"{per_workflow:8.3f} ms {per_step:8.3f} ms  {name}")
+            total = sum(g[1] for g in groups)
+            print(f"{total:8.3f} ms {total / shape.steps:8.3f} ms  in all")
+            return 0
         with psycopg.connect(server.admin_dsn, autocommit=True) as conn:
             conn.execute("SELECT pg_stat_statements_reset()")
             done0 = _completed(conn)
