@@ -15,17 +15,23 @@ WORKER_PROCESSES = (1, 4)
 FLOOR_SCRIPTS = ("insert", "seq_step", "sql1", "sql1_minimal", "sql1_minimal_x5")
 
 
-@pytest.mark.timeout(240)
-def test_bench_smoke(tmp_path: Path) -> None:
-    out = tmp_path / "bench.json"
+def _bench(script: str, *args: str, timeout: int = 120) -> str:
+    """Run bench/<script> with ``args``; its output (the test fails if it does)."""
     done = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "run.py"), "--quick", "--smoke", "--out", str(out)],
+        [sys.executable, str(REPO / "bench" / script), *args],
         capture_output=True,
         text=True,
-        timeout=220,
+        timeout=timeout,
         check=False,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.mark.timeout(240)
+def test_bench_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    _bench("run.py", "--quick", "--smoke", "--out", str(out), timeout=220)
     report = json.loads(out.read_text())
 
     figures = report["figures"]
@@ -43,19 +49,6 @@ def test_bench_smoke(tmp_path: Path) -> None:
         assert run["latency"]["p99_ms"] >= run["latency"]["p50_ms"] > 0
     settings = report["meta"]["postgres"]["settings"]
     assert settings["fsync"] == "on" and settings["synchronous_commit"] == "on"
-
-
-def _bench(script: str, *args: str, timeout: int = 120) -> str:
-    """Run bench/<script> with ``args``; its output (the test fails if it does)."""
-    done = subprocess.run(
-        [sys.executable, str(REPO / "bench" / script), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done.stdout
 
 
 @pytest.mark.timeout(150)

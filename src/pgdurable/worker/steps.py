@@ -157,12 +157,7 @@ class StepSettings:
 class StepRunner:
     """Executes tasks; returns the follow-up tasks their checkpoints leased to this worker."""
 
-    def __init__(
-        self,
-        conns: Connections,
-        settings: StepSettings,
-        busy: Callable[[], bool] = lambda: True,
-    ):
+    def __init__(self, conns: Connections, settings: StepSettings, busy: Callable[[], bool]):
         self.conns = conns
         self.settings = settings
         # What every interpreter call needs to know of the worker's settings.
