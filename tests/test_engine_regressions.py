@@ -220,7 +220,7 @@ def _claim_buffers(conn: psycopg.Connection[tuple[object, ...]]) -> int:
     try:
         plan = conn.execute(
             "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) SELECT * FROM df._claim("
-            "gen_random_uuid(), 4, 30, 4, '{}'::oid[], '{}'::int[])"
+            "gen_random_uuid(), 4, 30, 4, '{}'::oid[], '{}'::int[], '{}'::text[])"
         ).fetchone()
     finally:
         conn.execute("ROLLBACK")

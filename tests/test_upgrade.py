@@ -90,7 +90,7 @@ def test_the_functions_are_applied_again_whatever_became_of_them(
         c.execute("DROP POLICY runs_user_isolation ON df._runs")
         c.execute(
             "GRANT EXECUTE ON FUNCTION df._claim(uuid, integer, double precision,"
-            " integer, oid[], integer[]) TO PUBLIC"
+            " integer, oid[], integer[], text[]) TO PUBLIC"
         )
         c.execute("ALTER FUNCTION df._checkpoint_begin(bigint, uuid) RESET lock_timeout")
         c.execute("UPDATE df._schema SET code_digest = 'an older release'")

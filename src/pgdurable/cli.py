@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 import time
@@ -24,6 +25,7 @@ from rich.markup import escape
 from . import __version__, schema
 from .embedded import EmbeddedPostgres, EmbeddedPostgresError, bin_path
 from .monitor import queries, render
+from .python_steps import import_steps
 from .worker.batch import DEFAULT_BATCH_SIZE, MAX_BATCH_SIZE
 from .worker.egress import EgressPolicy
 from .worker.loop import Worker, WorkerConfig, WorkerError
@@ -124,6 +126,15 @@ def _worker_options(f: F) -> F:
         show_default=True,
         help="Finished instances removed per purge transaction.",
     )(f)
+    f = click.option(
+        "--import",
+        "imports",
+        envvar="PGDURABLE_IMPORTS",
+        multiple=True,
+        metavar="MODULE",
+        help="A module whose Python steps (@pgdurable.step) this worker runs (repeat, or "
+        "comma-separate).",
+    )(f)
     f = click.option("--verbose", "-v", is_flag=True, help="Debug logging.")(f)
     return _egress_options(f)
 
@@ -192,6 +203,13 @@ def _config(dsn: str, options: dict[str, Any]) -> WorkerConfig:
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+    modules = [m.strip() for entry in options["imports"] for m in entry.split(",") if m.strip()]
+    if modules and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as `python -m` would: the project's own modules
+    try:
+        steps = import_steps(modules)
+    except ImportError as exc:
+        raise click.ClickException(str(exc)) from None
     return WorkerConfig(
         dsn=dsn,
         concurrency=options["concurrency"],
@@ -202,6 +220,7 @@ def _config(dsn: str, options: dict[str, Any]) -> WorkerConfig:
         purge_batch_size=options["purge_batch_size"],
         role_slots=options["role_slots"],
         batch_size=options["batch_size"],
+        steps=steps,
     )
 
 

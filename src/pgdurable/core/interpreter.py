@@ -45,7 +45,7 @@ from .state import (
     TimeoutActivation,
     to_json,
 )
-from .substitute import SubstitutionError, substitute_sql
+from .substitute import SubstitutionError, substitute_json, substitute_sql
 from .truth import is_true
 
 MAX_LOOP_ITERATIONS = 100_000
@@ -70,8 +70,12 @@ CANCELLED_BY_TIMEOUT = "Cancelled: the enclosing df.timeout expired after {secon
 HTTP_TRANSIENT = frozenset({"http_5xx", "http_timeout", "http_connection", "http_request"})
 
 # Failures of a step that its df.timeout's backstop causes: a statement cancelled by
-# statement_timeout (SQLSTATE 57014), an HTTP request cut short.
-_BACKSTOPS = frozenset({"57014", "http_timeout"})
+# statement_timeout (SQLSTATE 57014), an HTTP request or a Python step cut short.
+_BACKSTOPS = frozenset({"57014", "http_timeout", "call_timeout"})
+# Failures that no df.retry retries, whatever its retry_on: running the step again cannot
+# change them (a Python step's arguments that do not bind, a result that is not JSON, a step
+# its submitter may not call).
+NEVER_RETRIED = frozenset({"call_invalid", "call_forbidden"})
 # Timers further away than this (a century) are set at this distance: PostgreSQL's
 # timestamps end in the year 294276.
 MAX_WAIT_SECONDS = 100 * 365 * 86400.0
@@ -80,6 +84,10 @@ MAX_WAIT_SECONDS = 100 * 365 * 86400.0
 # statement once named results are substituted into it (10 MiB, as for HTTP responses). Any
 # transition may start a SQL step, so every entry point takes the limit (max_statement_bytes).
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024
+CALL_TOO_LARGE = (
+    "Python step '{name}': arguments too large after substitution: more than {limit} bytes "
+    "(pg_durable.max_result_bytes)"
+)
 STATEMENT_TOO_LARGE = (
     "SQL step statement too large after substitution: more than {limit} bytes "
     "(pg_durable.max_result_bytes)"
@@ -103,11 +111,11 @@ class NodeWrite:
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """Work for the worker: run a SQL statement or an HTTP request, wake up at ``run_at``
-    (epoch seconds), or wait for a signal until ``run_at``."""
+    """Work for the worker: run a SQL statement, an HTTP request or a Python step, wake up at
+    ``run_at`` (epoch seconds), or wait for a signal until ``run_at``."""
 
     activation: int
-    kind: Literal["sql", "http", "timer", "signal"]
+    kind: Literal["sql", "http", "timer", "signal", "call"]
     node_id: str
     payload: dict[str, Any] | None = None
     run_at: float | None = None  # None: now (a signal wait: no deadline)
@@ -296,8 +304,11 @@ def fail_instance(state: InstanceState | None, error: str) -> Transition:
 def retryable(code: str | None, retry_on: Any) -> bool:
     """Whether a failure classified ``code`` is retried by a df.retry whose ``retry_on`` is
     given (None: every failure is). Entries are SQLSTATE codes ('40001'), SQLSTATE classes
-    ('40'), 'http' (any transient HTTP failure), an ``http_*`` class, or 'timeout' (a
-    df.timeout or HTTP timeout)."""
+    ('40'), 'http' (any transient HTTP failure), an ``http_*`` class, 'python' (an exception
+    a Python step raised), or 'timeout' (a df.timeout, HTTP or Python step timeout). Failures
+    in :data:`NEVER_RETRIED` are never retried."""
+    if code in NEVER_RETRIED:
+        return False
     if retry_on is None:
         return True
     if code is None:
@@ -305,7 +316,7 @@ def retryable(code: str | None, retry_on: Any) -> bool:
     for entry in retry_on:
         if entry == code or (entry == "http" and code in HTTP_TRANSIENT):
             return True
-        if entry == "timeout" and code in ("timeout", "http_timeout"):
+        if entry == "timeout" and code in ("timeout", "http_timeout", "call_timeout"):
             return True
         if len(entry) == 2 and len(code) == 5 and code.startswith(entry):
             return True
@@ -559,6 +570,42 @@ class _Run:
             return
         self._add_deadline(act, payload)
         self.tasks.append(TaskSpec(aid, "http", node.id, payload))
+
+    def _start_call(self, aid: int, act: Activation, node: Node) -> None:
+        try:
+            args = substitute_json(
+                node.config.get("args", {}),
+                self.envs[act.env_id],
+                self.variables,
+                self.graph.instance_id,
+                self.graph.label,
+            )
+        except SubstitutionError as exc:
+            self.finish(aid, Ended("fail", str(exc)))
+            return
+        payload: dict[str, Any] = {
+            "name": node.config["name"],
+            "args": args,
+            "idempotency_key": idempotency_key(self._stamp(act.exec_id), node.id),
+            "attempt": self._retry_attempt(act),
+        }
+        limit = self.max_statement_bytes
+        if len(_compact(args).encode()) > limit:
+            error = CALL_TOO_LARGE.format(name=node.config["name"], limit=limit)
+            self.finish(aid, Ended("fail", error, "call_invalid"))
+            return
+        self._add_deadline(act, payload)
+        self.tasks.append(TaskSpec(aid, "call", node.id, payload))
+
+    def _retry_attempt(self, act: Activation) -> int:
+        """The attempt of the nearest enclosing df.retry (1 without one)."""
+        parent = act.parent
+        while parent is not None:
+            ancestor = self.acts[parent]
+            if isinstance(ancestor, RetryActivation):
+                return ancestor.attempt
+            parent = ancestor.parent
+        return 1
 
     def _add_deadline(self, act: Activation, payload: dict[str, Any]) -> None:
         """Tell the worker when the nearest enclosing df.timeout expires, so a statement or
@@ -914,6 +961,7 @@ NODE_HANDLERS: Mapping[str, NodeHandlers] = {
     "SQL": NodeHandlers(_Run._start_sql),
     "HTTP": NodeHandlers(_Run._start_http),
     "HTTP_MULTIPART": NodeHandlers(_Run._start_http),
+    "CALL": NodeHandlers(_Run._start_call),
     "SIGNAL": NodeHandlers(_Run._start_signal),
     "SLEEP": NodeHandlers(_Run._start_sleep, timer=_Run._sleep_over),
     "WAIT_SCHEDULE": NodeHandlers(_Run._start_wait_schedule, timer=_Run._schedule_reached),

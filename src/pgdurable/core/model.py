@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 LEAF_TYPES = frozenset(
-    {"SQL", "SLEEP", "WAIT_SCHEDULE", "BREAK", "HTTP", "HTTP_MULTIPART", "SIGNAL"}
+    {"SQL", "SLEEP", "WAIT_SCHEDULE", "BREAK", "HTTP", "HTTP_MULTIPART", "SIGNAL", "CALL"}
 )
 # The node types, in df._node_types()'s order (tests/test_install.py checks they agree).
 NODE_TYPES = (
@@ -33,6 +34,8 @@ NODE_TYPES = (
     # pgdurable's own wrappers: a step's retry policy and its time limit.
     "RETRY",
     "TIMEOUT",
+    # A Python step, called by name (docs/python.md).
+    "CALL",
 )
 MAX_NODES = 10_000
 """The most nodes a graph may have (df.start's limit)."""
@@ -52,6 +55,7 @@ CONFIG_TYPES = frozenset(
         "HTTP_MULTIPART",
         "RETRY",
         "TIMEOUT",
+        "CALL",
     }
 )
 # Node types whose result is never bound to their |=> name (docs/reference.md#named-results).
@@ -207,8 +211,27 @@ def _check_node(node: Node) -> None:
         raise GraphError(f"RETRY node {node.id}: invalid config {node.query!r}")
     if t == "TIMEOUT" and not _positive(node.config.get("timeout_seconds")):
         raise GraphError(f"TIMEOUT node {node.id}: invalid config {node.query!r}")
+    if t == "CALL" and not (
+        is_step_name(node.config.get("name")) and isinstance(node.config.get("args", {}), dict)
+    ):
+        raise GraphError(f"CALL node {node.id}: invalid config {node.query!r}")
     if t in LEAF_TYPES and node.query is None:
         raise GraphError(f"{t} node {node.id} has no query")
+
+
+_STEP_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
+MAX_STEP_NAME = 200
+"""The longest a Python step's name may be."""
+
+
+def is_step_name(name: Any) -> bool:
+    """Whether ``name`` can name a Python step: identifiers joined by dots ('billing.charge'),
+    as df.call and df._call_error (dsl.sql) accept them."""
+    return (
+        isinstance(name, str)
+        and len(name) <= MAX_STEP_NAME
+        and _STEP_NAME.fullmatch(name) is not None
+    )
 
 
 def _number(value: Any) -> bool:

@@ -54,7 +54,13 @@ from dataclasses import dataclass
 
 from .truth import parse_result
 
-__all__ = ["MAX_EXPANDED_ROWS", "SubstitutionError", "substitute_raw", "substitute_sql"]
+__all__ = [
+    "MAX_EXPANDED_ROWS",
+    "SubstitutionError",
+    "substitute_json",
+    "substitute_raw",
+    "substitute_sql",
+]
 
 MAX_EXPANDED_ROWS = 10_000
 """The most rows ``$name.*`` expands into a SQL ``VALUES`` list."""
@@ -103,6 +109,38 @@ def substitute_raw(
     for PostgreSQL to report.
     """
     text = _substitute_braces(template, variables, instance_id, label)
+    return _Substitution(names, sql=False).run(text)
+
+
+def substitute_json(
+    value: object,
+    names: Mapping[str, str],
+    variables: Mapping[str, str],
+    instance_id: str,
+    label: str | None,
+) -> object:
+    """Substitute variables and named results into the string values of a JSON value (a
+    Python step's arguments; keys are left alone).
+
+    A string that is one reference and nothing else (``"$order"``, ``"$order.amount"``,
+    ``"$lines.*"``) takes the referenced value with its JSON type: a number stays a number, a
+    row set is an array of row objects. Any other string is substituted as an HTTP field is
+    (:func:`substitute_raw`).
+    """
+    if isinstance(value, dict):
+        return {
+            k: substitute_json(v, names, variables, instance_id, label) for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [substitute_json(v, names, variables, instance_id, label) for v in value]
+    if not isinstance(value, str):
+        return value
+    text = _substitute_braces(value, variables, instance_id, label)
+    if text.startswith("$"):
+        typed = _Typed(names, sql=False)
+        ref = typed._parse(text, 1)
+        if ref is not None and ref.end == len(text):
+            return json.loads(typed._render(ref) or "null")
     return _Substitution(names, sql=False).run(text)
 
 
@@ -538,6 +576,22 @@ class _Substitution:
         )
         column_list = ", ".join(_quote_ident(c) for c in columns)
         return f"(VALUES {values}) AS {_quote_ident(name)}({column_list})"
+
+
+class _Typed(_Substitution):
+    """Raw mode with every value written as JSON text, to be read back with its type."""
+
+    def _null(self) -> str:
+        return "null"
+
+    def _scalar(self, value: object) -> str:
+        return _json(value)
+
+    def _whole(self, value: object) -> str:
+        return _json(value)
+
+    def _rows(self, name: str, rows: list[dict[str, object]]) -> str:
+        return _json(rows)
 
 
 # -- PostgreSQL's lexical rules (scan.l) ---------------------------------------------------------

@@ -228,6 +228,8 @@ def describe(node: Node) -> str:
         )
     if t in ("HTTP", "HTTP_MULTIPART"):
         return f"HTTP {c.get('method')} {_cut(str(c.get('url')), 60)}"
+    if t == "CALL":
+        return f"call {c.get('name')}"
     if t == "BREAK":
         value = c.get("break_value")
         return "break" + (f" '{_cut(str(value), 30)}'" if value is not None else "")

@@ -39,6 +39,7 @@ AREAS = (
     "settings",
     "dsl",
     "http",
+    "calls",
     "schedule",
     "signals",
     "start",

@@ -81,7 +81,8 @@ BEGIN
     -- The start task carries the submitter; every later task inherits it (df._checkpoint).
     INSERT INTO df._tasks (instance_id, role_oid, activation, kind)
     VALUES (NEW.id, NEW.submitted_by, 0, 'start');
-    IF coalesce((SELECT min(t.visible_at) FROM df._tasks t WHERE t.role_oid = NEW.submitted_by)
+    IF coalesce((SELECT min(t.visible_at) FROM df._tasks t
+                  WHERE t.role_oid = NEW.submitted_by AND t.call_name = '')
                 >= now() - interval '50 milliseconds', true) THEN
         PERFORM pg_notify('pgdurable_tasks', '');
     END IF;
@@ -272,7 +273,8 @@ BEGIN
                token = gen_random_uuid(),
                attempts = 1,
                deferrals = 0,
-               created_at = clock_timestamp()
+               created_at = clock_timestamp(),
+               call_name = ''  -- the next is a SQL or HTTP step (unchanged: still HOT)
          WHERE t.id = p_task AND t.token = p_token
         RETURNING t.* INTO v_reused;
         v_instance := v_reused.instance_id;
@@ -409,7 +411,7 @@ BEGIN
     ), inserted AS (
         INSERT INTO df._tasks AS t
                (instance_id, role_oid, activation, kind, node_id, payload, visible_at,
-                lease_owner, token, attempts)
+                lease_owner, token, attempts, call_name)
         SELECT v_instance, v_role, n.activation, n.kind, n.node_id, n.payload,
                CASE WHEN n.claimed
                     THEN clock_timestamp() + make_interval(secs => p_lease_seconds)
@@ -424,7 +426,8 @@ BEGIN
                     ELSE to_timestamp(n.run_at) END,
                CASE WHEN n.claimed THEN p_worker END,
                CASE WHEN n.claimed THEN gen_random_uuid() END,
-               CASE WHEN n.claimed THEN 1 ELSE 0 END
+               CASE WHEN n.claimed THEN 1 ELSE 0 END,
+               CASE WHEN n.kind = 'call' THEN coalesce(n.payload ->> 'name', '') ELSE '' END
           FROM new_task n
         RETURNING t.id, t.token, t.activation, t.node_id, t.payload, t.attempts, t.lease_owner,
                   t.visible_at, t.kind
@@ -433,8 +436,11 @@ BEGIN
       FROM inserted i
      WHERE i.lease_owner IS NOT NULL;
 
-    -- Wake idle workers only for work nobody holds yet; timers are found by polling.
-    IF jsonb_array_length(p_change -> 'tasks') > p_claim THEN
+    -- Wake idle workers only for work nobody holds yet; timers are found by polling. Python
+    -- steps are never leased here: this worker may not have them.
+    IF jsonb_path_exists(p_change, '$.tasks[*] ? (@.kind == "call")') THEN
+        PERFORM pg_notify('pgdurable_tasks', '');
+    ELSIF jsonb_array_length(p_change -> 'tasks') > p_claim THEN
         SELECT count(*) INTO v_unclaimed
           FROM jsonb_to_recordset(p_change -> 'tasks') AS n(kind text, run_at double precision)
          WHERE n.kind IN ('sql', 'http') AND n.run_at IS NULL;
@@ -528,40 +534,47 @@ END;
 $$;
 
 -- ---------------------------------------------------------------------------------------------
--- df._waiting_roles: the roles that have due tasks nobody holds (a leased task is due only
--- once its lease ran out). The roles that have tasks are found by a loose index scan (one
--- probe of tasks_role_visible_idx per role, none at all when nothing is due), and those whose
--- oldest task is due kept. Every test is an index probe (min() of an indexed column reads one
--- entry), so the cost does not grow with the backlog: a semi-join or EXISTS here would let
--- the planner read every due task of every role, milliseconds with a backlog of thousands.
+-- df._waiting_queues: the queues with due tasks nobody holds (a leased task is due only once
+-- its lease ran out) that a worker having the Python steps p_names can run. A queue is a
+-- role's tasks that need one step name (df._tasks.call_name; '' for tasks any worker runs).
+-- The queues that have tasks are found by a loose index scan (one probe of
+-- tasks_queue_visible_idx per queue, none at all when nothing is due), and those whose oldest
+-- task is due kept. Every test is an index probe (min() of an indexed column reads one entry),
+-- so the cost does not grow with the backlog: a semi-join or EXISTS here would let the
+-- planner read every due task of every role, milliseconds with a backlog of thousands.
 -- ---------------------------------------------------------------------------------------------
 -- (No SET clause: PostgreSQL then inlines it into df._claim's query and plans them as one.)
-CREATE OR REPLACE FUNCTION df._waiting_roles() RETURNS SETOF oid
+CREATE OR REPLACE FUNCTION df._waiting_queues(p_names text[])
+RETURNS TABLE (role_oid oid, call_name text)
 LANGUAGE sql STABLE AS $$
-    WITH RECURSIVE roles (role_oid) AS (
-        (SELECT t.role_oid FROM df._tasks t
+    WITH RECURSIVE queues (role_oid, call_name) AS (
+        (SELECT t.role_oid, t.call_name FROM df._tasks t
           WHERE (SELECT min(d.visible_at) FROM df._tasks d) <= now()
-          ORDER BY t.role_oid LIMIT 1)
+          ORDER BY t.role_oid, t.call_name LIMIT 1)
         UNION ALL
-        SELECT (SELECT t.role_oid FROM df._tasks t WHERE t.role_oid > r.role_oid
-                 ORDER BY t.role_oid LIMIT 1)
-          FROM roles r
-         WHERE r.role_oid IS NOT NULL
+        SELECT n.role_oid, n.call_name
+          FROM queues q
+         CROSS JOIN LATERAL (
+               SELECT t.role_oid, t.call_name FROM df._tasks t
+                WHERE (t.role_oid, t.call_name) > (q.role_oid, q.call_name)
+                ORDER BY t.role_oid, t.call_name LIMIT 1) n
     )
-    SELECT r.role_oid FROM roles r
-     WHERE r.role_oid IS NOT NULL
-       AND (SELECT min(t.visible_at) FROM df._tasks t WHERE t.role_oid = r.role_oid) <= now();
+    SELECT q.role_oid, q.call_name FROM queues q
+     WHERE (q.call_name = '' OR q.call_name = ANY (p_names))
+       AND (SELECT min(t.visible_at) FROM df._tasks t
+             WHERE t.role_oid = q.role_oid AND t.call_name = q.call_name) <= now();
 $$;
-REVOKE ALL ON FUNCTION df._waiting_roles() FROM PUBLIC;
+REVOKE ALL ON FUNCTION df._waiting_queues(text[]) FROM PUBLIC;
 
 -- ---------------------------------------------------------------------------------------------
 -- df._claim: lease up to p_limit due tasks to worker p_worker, shared fairly between roles.
+-- A task of a Python step is leased only to a worker that has it (p_names: the worker's).
 --
--- The free slots go to the roles with due tasks (df._waiting_roles) like water: the level is
+-- The free slots go to the roles with due tasks (df._waiting_queues) like water: the level is
 -- what each would hold if the free slots and those the roles hold already (p_held_roles,
 -- p_held_slots: this worker's) were shared evenly, and each role offers its due tasks, oldest
--- first, up to that level and under p_cap, locking them as it goes (SKIP LOCKED: workers
--- claiming at once take different tasks). The offers are taken in turns: a role's n-th offer
+-- first (of each of its queues, merged), up to that level and under p_cap, locking them as it
+-- goes (SKIP LOCKED: workers claiming at once take different tasks). The offers are taken in turns: a role's n-th offer
 -- has turn held + n, so the slots go to the roles holding the fewest, and a lone role gets
 -- every slot. Offers not taken (the level is rounded up) stay locked until the claim commits,
 -- a moment later.
@@ -575,7 +588,8 @@ REVOKE ALL ON FUNCTION df._waiting_roles() FROM PUBLIC;
 -- are made once per session.
 -- ---------------------------------------------------------------------------------------------
 CREATE OR REPLACE FUNCTION df._claim(p_worker uuid, p_limit integer, p_lease double precision,
-                          p_cap integer, p_held_roles oid[], p_held_slots integer[])
+                          p_cap integer, p_held_roles oid[], p_held_slots integer[],
+                          p_names text[])
 RETURNS TABLE (id bigint, token uuid, kind text, activation integer, node_id varchar(8),
                payload jsonb, attempts integer, instance_id varchar(8), role text,
                role_oid oid, database text, label text, created_at timestamptz,
@@ -587,23 +601,31 @@ DECLARE
     v_picked bigint[];
 BEGIN
     WITH due AS (
-        SELECT w.role_oid, coalesce(h.slots, 0) AS held
-          FROM df._waiting_roles() AS w (role_oid)
+        SELECT w.role_oid, array_agg(w.call_name) AS queues, coalesce(max(h.slots), 0) AS held
+          FROM df._waiting_queues(p_names) AS w
           LEFT JOIN unnest(p_held_roles, p_held_slots) AS h (role_oid, slots)
                  ON h.role_oid = w.role_oid
+         GROUP BY w.role_oid
     ), level AS (
         SELECT ceil((p_limit + sum(d.held)) / count(*)::numeric)::integer AS slots FROM due d
     ), offered AS (
         SELECT o.id, o.visible_at, d.held + o.rank AS turn
           FROM due d CROSS JOIN level l
          CROSS JOIN LATERAL (
+               SELECT greatest(least(l.slots - d.held, p_limit, p_cap - d.held), 0) AS share
+               ) s
+         CROSS JOIN LATERAL (
                SELECT k.id, k.visible_at, row_number() OVER (ORDER BY k.visible_at, k.id) AS rank
-                 FROM (SELECT t.id, t.visible_at FROM df._tasks t
-                        WHERE t.role_oid = d.role_oid AND t.visible_at <= now()
-                        ORDER BY t.visible_at
-                        LIMIT greatest(least(l.slots - d.held, p_limit, p_cap - d.held), 0)
-                          FOR UPDATE SKIP LOCKED) k
+                 FROM unnest(d.queues) AS q (call_name)
+                CROSS JOIN LATERAL (
+                      SELECT t.id, t.visible_at FROM df._tasks t
+                       WHERE t.role_oid = d.role_oid AND t.call_name = q.call_name
+                         AND t.visible_at <= now()
+                       ORDER BY t.visible_at
+                       LIMIT s.share
+                         FOR UPDATE SKIP LOCKED) k
                ) o
+         WHERE o.rank <= s.share
     )
     SELECT array_agg(p.id) INTO v_picked
       FROM (SELECT o.id FROM offered o ORDER BY o.turn, o.visible_at, o.id LIMIT p_limit) p;
@@ -632,7 +654,8 @@ BEGIN
       LEFT JOIN pg_roles a ON a.oid = i.submitted_by;
 END;
 $$;
-REVOKE ALL ON FUNCTION df._claim(uuid, integer, double precision, integer, oid[], integer[])
+REVOKE ALL ON FUNCTION df._claim(uuid, integer, double precision, integer, oid[], integer[],
+                                 text[])
     FROM PUBLIC;
 
 -- ---------------------------------------------------------------------------------------------

@@ -95,6 +95,7 @@ $$;
 --   IF, JOIN (<branches>), RACE
 --   RETRY (max <n> attempts)  or RETRY (max <n> attempts, on <retry_on, ...>)
 --   TIMEOUT <seconds>s
+--   CALL <name>               a Python step
 -- A node whose config cannot be read shows its type and its raw query, cut like SQL.
 -- ---------------------------------------------------------------------------------------------
 CREATE OR REPLACE FUNCTION df._explain_entry(
@@ -127,7 +128,7 @@ BEGIN
 
     -- The label.
     IF node_type IN ('WAIT_SCHEDULE', 'SIGNAL', 'HTTP', 'HTTP_MULTIPART', 'BREAK', 'RETRY',
-                     'TIMEOUT') AND config IS NULL THEN
+                     'TIMEOUT', 'CALL') AND config IS NULL THEN
         label := node_type || ' '
             || df._explain_cut(df._explain_flat(coalesce(query, '')), 50, 47);
     ELSIF node_type IN ('HTTP', 'HTTP_MULTIPART') THEN
@@ -162,6 +163,7 @@ BEGIN
                         'BREAK ''' || df._explain_cut(
                             df._explain_flat((config -> 'break_value')::text), 20, 17) || ''''
                 END
+            WHEN 'CALL' THEN 'CALL ' || df._explain_flat(coalesce(config ->> 'name', '?'))
             WHEN 'IF' THEN 'IF'
             WHEN 'JOIN' THEN 'JOIN (' || cardinality(branches) || ')'
             WHEN 'RACE' THEN 'RACE'

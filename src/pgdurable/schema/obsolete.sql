@@ -47,3 +47,8 @@ BEGIN
     END IF;
 END
 $$;
+
+-- 0.2: df._claim leases Python steps only to workers that have them (p_names), and finds the
+-- queues with due work by df._waiting_queues.
+DROP FUNCTION IF EXISTS df._claim(uuid, integer, double precision, integer, oid[], integer[]);
+DROP FUNCTION IF EXISTS df._waiting_roles();

@@ -17,6 +17,7 @@ ALTER TABLE df.vars ENABLE ROW LEVEL SECURITY;
 ALTER TABLE df._runs ENABLE ROW LEVEL SECURITY;
 ALTER TABLE df._signals ENABLE ROW LEVEL SECURITY;
 ALTER TABLE df._executions ENABLE ROW LEVEL SECURITY;
+ALTER TABLE df._call_grants ENABLE ROW LEVEL SECURITY;
 
 DROP POLICY IF EXISTS instances_user_isolation ON df.instances;
 CREATE POLICY instances_user_isolation ON df.instances FOR ALL
@@ -40,6 +41,16 @@ CREATE POLICY runs_user_isolation ON df._runs FOR SELECT
 DROP POLICY IF EXISTS executions_user_isolation ON df._executions;
 CREATE POLICY executions_user_isolation ON df._executions FOR SELECT
     USING (EXISTS (SELECT 1 FROM df.instances i WHERE i.id = instance_id));
+
+-- A role sees the grants of Python steps that apply to it (its own, those of roles it
+-- inherits from, PUBLIC's): df._may_call, which df.start runs as the caller, reads them. A
+-- grant that outlived its grantee applies to nobody (pg_has_role would raise).
+DROP POLICY IF EXISTS call_grants_grantee ON df._call_grants;
+CREATE POLICY call_grants_grantee ON df._call_grants FOR SELECT
+    USING (CASE WHEN grantee = 0 THEN true
+                WHEN NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles r WHERE r.oid = grantee)
+                THEN false
+                ELSE pg_has_role(grantee, 'USAGE') END);
 
 -- Users only insert signals (no SELECT, UPDATE or DELETE privilege, so no policies for them;
 -- signals.sql says why). The subquery runs as the inserting role, under df.instances' own
@@ -219,7 +230,9 @@ LANGUAGE sql IMMUTABLE AS $$
            ('SELECT (finished_at)', 'df._runs'),
            ('SELECT', 'df._executions'),
            -- df.signal: signals to the role's own instances.
-           ('INSERT (instance_id, name, data)', 'df._signals');
+           ('INSERT (instance_id, name, data)', 'df._signals'),
+           -- df.start's check of Python steps: the grants that apply to the role.
+           ('SELECT', 'df._call_grants');
 $$;
 
 -- The functions whose EXECUTE is not public, by kind, with their exact signatures: HTTP
@@ -235,7 +248,10 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
                                           'df.revoke_usage(text)',
                                           'df.metrics()',
                                           'df.workers(interval)',
-                                          'df.worker_tasks()']
+                                          'df.worker_tasks()',
+                                          'df.grant_call(text,text)',
+                                          'df.revoke_call(text,text)',
+                                          'df.call_grants()']
                   END) WITH ORDINALITY AS f (sig, ord)
      WHERE to_regprocedure(f.sig) IS NOT NULL;
 $$;

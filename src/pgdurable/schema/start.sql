@@ -214,6 +214,9 @@ AS $$
                                                   ELSE t.has_condition END)
             WHEN t.node_type IN ('RETRY', 'TIMEOUT') THEN
                 df._wrapper_config_error(t.node_type, t.query)
+            -- Also whether the caller (the submitter) may call the step.
+            WHEN t.node_type = 'CALL' THEN
+                df._call_error(t.query, quote_ident(current_user)::regrole::oid)
             END AS err
           FROM (
             SELECT n.node,

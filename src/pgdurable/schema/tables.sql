@@ -34,7 +34,7 @@ CREATE TABLE df._schema (
 CREATE FUNCTION df._node_types() RETURNS text[]
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     SELECT ARRAY['SQL', 'THEN', 'IF', 'JOIN', 'LOOP', 'BREAK', 'RACE', 'SLEEP', 'WAIT_SCHEDULE',
-                 'HTTP', 'HTTP_MULTIPART', 'SIGNAL', 'RETRY', 'TIMEOUT'];
+                 'HTTP', 'HTTP_MULTIPART', 'SIGNAL', 'RETRY', 'TIMEOUT', 'CALL'];
 $$;
 
 -- ---------------------------------------------------------------------------------------------
@@ -171,7 +171,11 @@ CREATE TABLE df._tasks (
     -- How often the task was given back because its checkpoint could not get a lock: the
     -- next try waits longer each time.
     deferrals    integer NOT NULL DEFAULT 0,
-    CONSTRAINT _tasks_kind_check CHECK (kind IN ('start', 'sql', 'http', 'timer', 'signal'))
+    -- The Python step a task of kind 'call' runs (docs/python.md): only a worker that has a
+    -- step of this name claims it. '' for every other task, which any worker runs.
+    call_name    text NOT NULL DEFAULT '',
+    CONSTRAINT _tasks_kind_check
+        CHECK (kind IN ('start', 'sql', 'http', 'timer', 'signal', 'call'))
 );
 -- (No index on (instance_id, activation): activations are unique per instance by
 -- construction, and a sequence's next step takes over its task's row (df._checkpoint), an
@@ -180,9 +184,10 @@ CREATE TABLE df._tasks (
 CREATE INDEX tasks_instance_idx ON df._tasks (instance_id);
 CREATE INDEX tasks_visible_idx ON df._tasks (visible_at);
 CREATE INDEX tasks_lease_owner_idx ON df._tasks (lease_owner) WHERE lease_owner IS NOT NULL;
--- The claim walks the roles that have tasks (one index probe each), then takes each role's
--- due tasks in order.
-CREATE INDEX tasks_role_visible_idx ON df._tasks (role_oid, visible_at);
+-- The claim walks the queues that have tasks, a queue being a role's tasks that need one
+-- Python step name ('' for the rest), one index probe each; then takes the due tasks of the
+-- queues it can run in order.
+CREATE INDEX tasks_queue_visible_idx ON df._tasks (role_oid, call_name, visible_at);
 
 -- Signals sent to instances. Kept until a wait consumes them; consumed ones stay as a record
 -- until their instance is deleted. Signals of a finished instance are never delivered (it
@@ -240,7 +245,20 @@ CREATE TABLE df._worker_epoch (
     -- The advisory lock the worker's listening session holds while it lives (NULL: none
     -- yet, or a worker of 0.1.0). When it is free, the worker is gone and its leases are given
     -- back at once (df._release_dead_workers) rather than when they run out.
-    session_lock  bigint
+    session_lock  bigint,
+    -- The names of the Python steps the worker has (docs/python.md); empty if none.
+    step_names    text[] NOT NULL DEFAULT '{}'
+);
+
+-- Who may call which Python steps (df.grant_call, security.sql). Python steps run in the
+-- operator's worker, so a role calls only what an administrator allowed it. A pattern is a
+-- step name, a prefix ending in '.*' ('billing.*'), or '*'. grantee 0 is PUBLIC.
+CREATE TABLE df._call_grants (
+    grantee     oid NOT NULL,
+    pattern     text NOT NULL,
+    granted_by  regrole NOT NULL,
+    granted_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (grantee, pattern)
 );
 
 -- One purger at a time. Its transaction holds this row; others skip it and do nothing. A row

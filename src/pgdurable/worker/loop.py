@@ -18,7 +18,7 @@ import secrets
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -27,6 +27,7 @@ from psycopg import AsyncConnection
 from psycopg.conninfo import conninfo_to_dict
 
 from .. import schema
+from ..python_steps import StepDefinition
 from . import queries
 from .batch import DEFAULT_BATCH_SIZE
 from .connections import Connections, is_transient
@@ -93,6 +94,8 @@ class WorkerConfig:
     role_slots: int | None = None  # the most slots one role may hold (None: concurrency)
     batch_size: int = DEFAULT_BATCH_SIZE  # the most steps of a role in one transaction
     signal_sweep_interval: float = SIGNAL_SWEEP_INTERVAL
+    # The Python steps this worker runs, by name (python_steps.import_steps).
+    steps: Mapping[str, StepDefinition] = field(default_factory=dict)
 
 
 def parse_interval(text: str | None, default: float, unit: str = "ms") -> float:
@@ -251,7 +254,9 @@ class Worker:
         await self.conns.open()
         self._runner = StepRunner(self.conns, settings, self._busy)
         async with self.conns.worker.connection() as conn:
-            await queries.register_worker(conn, self.id, self.config.concurrency)
+            await queries.register_worker(
+                conn, self.id, self.config.concurrency, names=sorted(self.config.steps)
+            )
         log.info(
             "worker %s ready: concurrency %d, poll every %.0f ms",
             self.id,
@@ -286,6 +291,7 @@ class Worker:
             max_result_bytes=max_bytes,
             max_state_bytes=max_state,
             batch_size=self.config.batch_size,
+            steps=self.config.steps,
         )
 
     # -- claiming ------------------------------------------------------------------------------
@@ -325,7 +331,7 @@ class Worker:
         self._waiting_checked = time.monotonic()
         try:
             async with self.conns.worker.connection(timeout=POOL_TIMEOUT) as conn:
-                self._waiting = await queries.waiting_roles(conn)
+                self._waiting = await queries.waiting_roles(conn, list(self.config.steps))
         except Exception as exc:  # the claim loop's own error handling reports outages
             log.debug("could not read waiting roles: %s", _first_line(exc))
 
@@ -347,6 +353,7 @@ class Worker:
                             self.config.lease_seconds,
                             self._held(),
                             self.config.role_slots,
+                            list(self.config.steps),
                         )
                     delay = 0.5
                 except Exception as exc:
@@ -528,7 +535,9 @@ class Worker:
         Registers again first: while the session was away, others may have given this worker
         up for dead and removed its row (and its leases: its steps in flight then find their
         tasks gone, and are run again elsewhere)."""
-        await queries.register_worker(conn, self.id, self.config.concurrency)
+        await queries.register_worker(
+            conn, self.id, self.config.concurrency, names=sorted(self.config.steps)
+        )
         self._session_lock_held = await queries.hold_session_lock(conn, self.id, self._session_lock)
         if not self._session_lock_held:
             log.warning(
@@ -633,7 +642,9 @@ class Worker:
                     )
                     if not alive:  # given up for dead while the listening session was away
                         lock = self._session_lock if self._session_lock_held else None
-                        await queries.register_worker(conn, self.id, self.config.concurrency, lock)
+                        await queries.register_worker(
+                            conn, self.id, self.config.concurrency, lock, sorted(self.config.steps)
+                        )
             except Exception as exc:
                 log.warning("heartbeat failed: %s", _first_line(exc))
 

@@ -93,7 +93,7 @@ _CLAIM = """
 SELECT id, token, kind, activation, node_id, payload, attempts, instance_id, role, role_oid,
        database, label, created_at, deferrals, start
   FROM df._claim(%(worker)s, %(limit)s, %(lease)s, %(cap)s, %(held_roles)s::oid[],
-                 %(held_slots)s::int[])
+                 %(held_slots)s::int[], %(names)s::text[])
 """
 
 
@@ -104,10 +104,12 @@ async def claim(
     lease: float,
     held: Mapping[int, int] | None = None,
     cap: int | None = None,
+    names: Sequence[str] = (),
 ) -> list[Task]:
     """Lease up to ``limit`` due tasks to ``worker`` (FOR UPDATE SKIP LOCKED), shared fairly
     between roles: ``held`` maps role oids to the slots each holds in this worker already,
-    and no role ends up holding more than ``cap`` (None: no cap)."""
+    and no role ends up holding more than ``cap`` (None: no cap). Python steps are leased
+    only if ``names`` (the worker's) has theirs."""
     held = held or {}
     cur = conn.cursor(row_factory=dict_row)
     await cur.execute(
@@ -119,15 +121,19 @@ async def claim(
             "cap": cap if cap is not None else 2**31 - 1,
             "held_roles": list(held),
             "held_slots": list(held.values()),
+            "names": list(names),
         },
     )
     return [Task(**row) for row in await cur.fetchall()]
 
 
-async def waiting_roles(conn: AsyncConn) -> set[int]:
-    """The roles that have due tasks no worker holds (df._waiting_roles): a worker whose slots
-    are all taken asks, to know whether its steps' follow-ups must make room for them."""
-    cur = await conn.execute("SELECT * FROM df._waiting_roles()")
+async def waiting_roles(conn: AsyncConn, names: Sequence[str] = ()) -> set[int]:
+    """The roles that have due tasks no worker holds, that a worker with the Python steps
+    ``names`` could run (df._waiting_queues): a worker whose slots are all taken asks, to know
+    whether its steps' follow-ups must make room for them."""
+    cur = await conn.execute(
+        "SELECT DISTINCT role_oid FROM df._waiting_queues(%s::text[])", (list(names),)
+    )
     return {int(row[0]) for row in await cur.fetchall()}
 
 
@@ -425,10 +431,15 @@ async def purge_finished(conn: AsyncConn, retention_days: int, keep: int, batch:
 
 
 async def register_worker(
-    conn: AsyncConn, worker: uuid.UUID, concurrency: int, session_lock: int | None = None
+    conn: AsyncConn,
+    worker: uuid.UUID,
+    concurrency: int,
+    session_lock: int | None = None,
+    names: Sequence[str] = (),
 ) -> None:
-    """Record this worker in df._worker_epoch and mark the engine ready in
-    _duroxide._worker_ready, the table scripts written for pg_durable wait for.
+    """Record this worker, with the names of its Python steps, in df._worker_epoch and mark
+    the engine ready in _duroxide._worker_ready, the table scripts written for pg_durable
+    wait for.
 
     Rows of workers silent for ten minutes (killed, not stopped) are swept on the way.
     """
@@ -438,11 +449,19 @@ async def register_worker(
     await conn.execute(
         """
         INSERT INTO df._worker_epoch
-               (epoch_id, hostname, pid, concurrency, version, session_lock)
-        VALUES (%s, %s, %s, %s, %s, %s)
+               (epoch_id, hostname, pid, concurrency, version, session_lock, step_names)
+        VALUES (%s, %s, %s, %s, %s, %s, %s)
         ON CONFLICT (epoch_id) DO NOTHING
         """,
-        (worker, socket.gethostname(), os.getpid(), concurrency, __version__, session_lock),
+        (
+            worker,
+            socket.gethostname(),
+            os.getpid(),
+            concurrency,
+            __version__,
+            session_lock,
+            list(names),
+        ),
     )
     await conn.execute(
         """

@@ -23,7 +23,7 @@ import logging
 import time
 import uuid
 from collections import Counter, OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
@@ -36,7 +36,8 @@ from ..core import interpreter
 from ..core.interpreter import TaskSpec, Transition
 from ..core.model import Graph, GraphError
 from ..core.state import InstanceState
-from . import http, queries
+from ..python_steps import StepContext, StepDefinition
+from . import calls, http, queries
 from .batch import DEFAULT_BATCH_SIZE, Batches, Checkpointer, Followups, Running, Undone
 from .connections import RESET_SESSION, Connections, is_transient
 from .egress import EgressPolicy
@@ -152,6 +153,7 @@ class StepSettings:
     max_state_bytes: int = queries.DEFAULT_MAX_STATE_BYTES  # pg_durable.max_state_bytes
     max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES  # pg_durable.max_result_bytes
     batch_size: int = DEFAULT_BATCH_SIZE  # the most steps in a batch (batch.py)
+    steps: Mapping[str, StepDefinition] = field(default_factory=dict)  # Python steps, by name
 
 
 class StepRunner:
@@ -164,7 +166,8 @@ class StepRunner:
         self._limits = _Limits(max_statement_bytes=settings.max_result_bytes)
         self._graphs: OrderedDict[tuple[str, datetime | None], Graph] = OrderedDict()
         self._statements: dict[int, Running] = {}  # task id -> its statement in flight
-        self._requests: dict[int, tuple[Task, asyncio.Future[http.HttpOutcome]]] = {}
+        # HTTP requests and Python steps in flight, by task id: a cancel cancels the future.
+        self._requests: dict[int, tuple[Task, asyncio.Future[Any]]] = {}
         self._background: set[asyncio.Future[None]] = set()  # see _show_started
         self._sql_running: Counter[str] = Counter()  # instance id -> its SQL steps running
         self._batches = Batches(
@@ -177,6 +180,8 @@ class StepRunner:
             return await self._run_sql(task, claim_limit)
         if task.kind == "http":
             return await self._run_http(task, claim_limit)
+        if task.kind == "call":
+            return await self._run_call(task, claim_limit)
         if task.kind == "timer":
 
             async def fire(conn: AsyncConn, graph: Graph, cp: Checkpoint) -> Transition:
@@ -965,6 +970,165 @@ class StepRunner:
             f"Blocked: role '{task.role}' does not have EXECUTE privilege on {name}. Grant "
             f"EXECUTE ON FUNCTION {signature} TO {task.role} to allow HTTP requests."
         ), float(row[1])
+
+    # -- Python steps --------------------------------------------------------------------------
+
+    async def _run_call(self, task: Task, claim_limit: Callable[[], int]) -> list[Task]:
+        """Run a Python step (docs/python.md): check that its submitter may call it, bind its
+        arguments, then run it inside the transaction of its checkpoint, or outside any (a
+        step registered with ``transaction=False``: at least once, then checkpointed like an
+        HTTP response)."""
+        payload = task.payload or {}
+        name = str(payload.get("name"))
+        definition = self.settings.steps.get(name)
+        if definition is None:  # claimed by name, so only if the rows were written by hand
+            error = f"Python step '{name}' is not registered in this worker"
+            return await self.fail(task, error, claim_limit, "call_invalid")
+        refusal, db_now = await self._call_refusal(task, name)
+        if refusal is not None:
+            return await self.fail(task, refusal, claim_limit, "call_forbidden")
+        ctx = StepContext(
+            name=name,
+            instance_id=task.instance_id,
+            node_id=str(task.node_id),
+            idempotency_key=str(payload.get("idempotency_key")),
+            attempt=int(payload.get("attempt") or 1),
+            run=task.attempts,
+        )
+        args = payload.get("args")
+        try:
+            bound = definition.bind(ctx, args if isinstance(args, dict) else {})
+        except TypeError as exc:
+            return await self.fail(task, calls.bind_error(name, exc), claim_limit, "call_invalid")
+        deadline = payload.get("deadline")
+        limit = None
+        if isinstance(deadline, int | float):  # the backstop of an enclosing df.timeout
+            limit = max(float(deadline) + _DEADLINE_GRACE_SECONDS - db_now, 0.001)
+        invocation = calls.Invocation(definition, ctx, bound, self.settings.max_result_bytes)
+        if definition.transaction:
+            return await self._run_call_in_transaction(task, invocation, limit, claim_limit)
+        outcome = await self._invoke(task, invocation, limit)
+        if outcome is None:
+            return []
+        return await self._advance(task, self._recorded(task, outcome), claim_limit)
+
+    async def _invoke(
+        self, task: Task, invocation: calls.Invocation, limit: float | None
+    ) -> calls.CallOutcome | None:
+        """Run ``invocation``; None if the step was withdrawn meanwhile (df.cancel, a lost
+        RACE, an expired df.timeout), which interrupts it."""
+        run = asyncio.ensure_future(invocation.run(limit))
+        self._requests[task.id] = (task, run)
+        try:
+            return await asyncio.shield(run)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                run.cancel()
+                raise  # the worker itself is stopping
+            log.info("Python step of %s withdrawn; interrupted", task.instance_id)
+            return None
+        finally:
+            self._requests.pop(task.id, None)
+
+    async def _run_call_in_transaction(
+        self,
+        task: Task,
+        invocation: calls.Invocation,
+        limit: float | None,
+        claim_limit: Callable[[], int],
+    ) -> list[Task]:
+        """The step's function and its checkpoint in one transaction, on a connection logged
+        in as the submitter: [BEGIN], the function, then [df._checkpoint_begin], then
+        [df._checkpoint, the session reset, COMMIT]. Its writes take effect exactly once."""
+        graph = await self._graph(task)
+        pool = self.conns.step_pool(task.role, task.role_oid, task.database)
+        try:
+            conn = await pool.acquire()
+        except psycopg.Error as exc:
+            error = await self._login_failure(task, exc)
+            if error is None:
+                raise
+            return await self.fail(task, error, claim_limit)
+        reusable, clean = False, False
+        try:
+            await conn.execute(BEGIN.sql)
+            with contextlib.ExitStack() as stack:
+                if invocation.definition.is_async:
+                    invocation.ctx.conn = conn
+                else:
+                    invocation.ctx.conn = stack.enter_context(calls.blocking_view(conn))
+                outcome = await self._invoke(task, invocation, limit)
+                if outcome is None:  # interrupted: whatever it runs now is cancelled
+                    await _cancel_request(conn)
+                    await invocation.settled()
+                    return []  # the connection is closed, its transaction with it
+            if conn.closed or conn.broken:
+                if outcome.exception is not None and is_transient(outcome.exception):
+                    raise outcome.exception
+                error = f"Python step '{invocation.definition.name}' closed its connection"
+                return await self.fail(task, error, claim_limit, "call_invalid")
+            status = conn.info.transaction_status
+            if outcome.succeeded and status != TransactionStatus.INTRANS:
+                outcome = calls.transaction_ended(invocation.definition.name, status)
+            if not outcome.succeeded:
+                await conn.execute("ROLLBACK")
+                reusable = True
+                return await self.fail(task, outcome.value, claim_limit, outcome.code)
+            if not self.conns.is_own_database(task.database):
+                followups, clean = await self._commit_elsewhere(
+                    conn, graph, task, outcome.value, claim_limit
+                )
+                reusable = True
+                return followups
+            try:
+                cp = await queries.checkpoint_begin(conn, task)
+            except psycopg.Error as exc:
+                if is_transient(exc):
+                    raise
+                await conn.execute("ROLLBACK")
+                reusable = True
+                if _checkpoint_busy(exc):
+                    raise CheckpointBusy(_message(exc)) from None
+                raise
+            followups, clean = await self._commit_step(
+                conn, graph, task, outcome.value, cp, claim_limit
+            )
+            reusable = True
+            return followups
+        finally:
+            await pool.release(conn, reusable and not conn.closed, clean)
+
+    def _recorded(self, task: Task, outcome: calls.CallOutcome) -> Decision:
+        """The transition that records a Python step's outcome."""
+
+        async def record(conn: AsyncConn, graph: Graph, cp: Checkpoint) -> Transition:
+            if outcome.succeeded:
+                return interpreter.step_succeeded(
+                    graph, _state(cp), cp.variables, task.activation, outcome.value, cp.now,
+                    **self._limits,
+                )  # fmt: skip
+            return interpreter.step_failed(
+                graph, _state(cp), cp.variables, task.activation, outcome.value, cp.now,
+                outcome.code, **self._limits,
+            )  # fmt: skip
+
+        return record
+
+    async def _call_refusal(self, task: Task, name: str) -> tuple[str | None, float]:
+        """Why the submitter may not call the step (df._call_refusal), checked at every run:
+        a grant revoked stops running workflows too. Also the database clock."""
+        async with self.conns.worker.connection() as conn:
+            cur = await conn.execute(
+                "SELECT df._call_refusal(i.submitted_by, %s),"
+                " extract(epoch FROM clock_timestamp())::float8"
+                " FROM df.instances i WHERE i.id = %s",
+                (name, task.instance_id),
+            )
+            row = await cur.fetchone()
+        if row is None:
+            return f"Instance {task.instance_id} no longer exists", time.time()
+        return row[0], float(row[1])
 
     # -- checkpoints on the worker's connection ------------------------------------------------
 
