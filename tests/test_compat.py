@@ -30,12 +30,14 @@ from pathlib import Path
 
 import psycopg
 import pytest
+import python_steps_for_tests  # noqa: F401 (registers the steps the workflow calls)
 from conftest import ThreadWorker
 from httpserver import LocalHttpServer
 
 from pgdurable import schema
 from pgdurable.core.model import NODE_TYPES
 from pgdurable.embedded import EmbeddedPostgres, bin_path, free_port
+from pgdurable.python_steps import registered
 from pgdurable.worker.egress import EgressPolicy
 
 SUPPORTED = range(14, 19)
@@ -152,9 +154,10 @@ WORKFLOW = """
 ~> (df.wait_for_signal('go') |=> 'sig')
 ~> (df.http(%s, 'GET') |=> 'h')
 ~> df.http_multipart(%s, 'POST', '[{"name": "file", "data_b64": "aGVsbG8="}]')
+~> (df.call('util.add', '{"a": "$a.x", "b": 2}') |=> 'py')
 ~> 'SELECT $race.winner AS winner, $sig.data::jsonb ->> ''by'' AS by,
            $h.status AS status, ($h.body)::jsonb ->> ''pong'' AS pong,
-           (SELECT count(*) FROM log WHERE step = ''loop'') AS iterations'
+           (SELECT count(*) FROM log WHERE step = ''loop'') AS iterations, ($py)::int AS py'
 """
 
 
@@ -181,6 +184,7 @@ def test_install_and_run_workflows(major: int) -> None:
         with psycopg.connect(pg.dsn()) as c:
             schema.install(c)
             c.execute("SELECT df.grant_usage('app', true)")
+            c.execute("SELECT df.grant_call('app', 'util.*')")
             c.execute("GRANT CREATE ON SCHEMA public TO app")
         with LocalHttpServer() as http:
             http.reply(
@@ -188,7 +192,7 @@ def test_install_and_run_workflows(major: int) -> None:
             )
             http.reply("/upload", status=201)
             local = EgressPolicy(allowed_networks=("127.0.0.1/32",))
-            worker = ThreadWorker(pg.dsn(), concurrency=4, egress=local)
+            worker = ThreadWorker(pg.dsn(), concurrency=4, egress=local, steps=registered())
             try:
                 run_every_node_kind(pg, http.url("/ping"), http.url("/upload"))
             finally:
@@ -231,7 +235,14 @@ def run_every_node_kind(pg: EmbeddedPostgres, url: str, upload_url: str) -> None
         assert result == (
             {
                 "rows": [
-                    {"winner": "sql", "by": "ci", "status": 200, "pong": "yes", "iterations": 2}
+                    {
+                        "winner": "sql",
+                        "by": "ci",
+                        "status": 200,
+                        "pong": "yes",
+                        "iterations": 2,
+                        "py": 3,
+                    }
                 ],
                 "row_count": 1,
             },

@@ -403,3 +403,61 @@ def test_error_changes_of_one_transition_fold_into_one_write() -> None:
     )
     assert (writes["s"]["error_op"], writes["s"]["error"]) == ("append", "one\ntwo")
     assert (writes["q"]["error_op"], writes["q"]["error"]) == (None, None)
+
+
+# -- Python steps ------------------------------------------------------------------------------
+
+
+def call(g: G, name: str, args: Any = None, result_name: str | None = None) -> str:
+    cfg: dict[str, Any] = {"name": name, "args": args if args is not None else {}}
+    return g.add("CALL", json.dumps(cfg), config=cfg, result_name=result_name)
+
+
+def test_a_call_queues_its_substituted_arguments_with_a_key_and_its_retry_attempt() -> None:
+    g = G()
+    first = g.sql("SELECT 1", name="o")
+    c = call(g, "billing.charge", {"id": "$o", "note": "order $o", "keep": ["$o.x?", 2]})
+    r = retry(g, c, 3)
+    sim = Sim(g.graph(g.then(first, r)))
+    sim.complete(first, rows({"x": 7}))
+    task = sim.task(c)
+    assert task.kind == "call" and task.payload is not None
+    key = task.payload["idempotency_key"]
+    assert task.payload == {
+        "name": "billing.charge",
+        "args": {"id": 7, "note": "order 7", "keep": [7, 2]},
+        "idempotency_key": key,
+        "attempt": 1,
+    }
+    sim.fail(c, "boom", "python")
+    sim.fire(r)
+    again = sim.task(c)
+    assert again.payload is not None
+    assert again.payload["attempt"] == 2 and again.payload["idempotency_key"] == key
+
+
+def test_a_call_whose_reference_cannot_be_substituted_fails_without_running() -> None:
+    g = G()
+    c = call(g, "util.echo", {"v": "$missing.x"})
+    first = g.sql("SELECT 1", name="missing")
+    sim = Sim(g.graph(g.then(first, c)))
+    sim.complete(first, rows())
+    assert sim.pending() == []
+    assert sim.outcome is not None and sim.outcome.status == "failed"
+    assert "has no rows" in sim.outcome.output
+
+
+def test_a_call_under_a_timeout_carries_its_deadline() -> None:
+    g = G()
+    c = call(g, "util.echo")
+    sim = Sim(g.graph(timeout(g, c, 5)))
+    task = sim.task(c)
+    assert task.payload is not None and task.payload["deadline"] == 1000 + 5
+
+
+@pytest.mark.parametrize("code", sorted(interp.NEVER_RETRIED))
+def test_failures_a_retry_cannot_change_are_never_retried(code: str) -> None:
+    assert not interp.retryable(code, None)
+    assert not interp.retryable(code, [code])
+    assert interp.retryable("python", None) and interp.retryable("python", ["python"])
+    assert interp.retryable("call_timeout", ["timeout"])

@@ -177,3 +177,12 @@ def test_json_records() -> None:
         "not json"
     )
     assert json.loads(render.to_json({"at": T0})) == {"at": "2026-11-21T12:00:00+00:00"}
+
+
+def test_a_python_step_that_no_live_worker_has_says_it_waits() -> None:
+    query = '{"name":"billing.charge","args":{}}'
+    waiting = row("c", "CALL", "running", query=query, started_at=T0, has_worker=False)
+    assert render.NO_WORKER in text_of(render.node_tree("c", [waiting], T0))
+    running = dict(waiting, has_worker=True)
+    text = text_of(render.node_tree("c", [running], T0))
+    assert "call billing.charge" in text and render.NO_WORKER not in text

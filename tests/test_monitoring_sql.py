@@ -1166,6 +1166,7 @@ WORKER_COLUMNS = [
     "concurrency",
     "version",
     "tasks_held",
+    "step_names",
 ]
 TASK_COLUMNS = [
     "worker_id",
@@ -1195,8 +1196,11 @@ def test_workers_show_liveness_and_what_each_holds(
     )
     cur = su.execute("SELECT * FROM df.workers()")
     assert [c.name for c in cur.description or []] == WORKER_COLUMNS
-    ((worker_id, host, pid, started, seen, alive, concurrency, version, held),) = cur.fetchall()
+    ((worker_id, host, pid, started, seen, alive, concurrency, version, held, names),) = (
+        cur.fetchall()
+    )
     assert worker_id == worker.worker.id
+    assert names == []  # the fixture's worker has no Python steps
     assert (host, pid, alive, concurrency, version, held) == (
         socket.gethostname(),
         os.getpid(),

@@ -16,6 +16,7 @@ import python_steps_for_tests as steps
 from conftest import App, ThreadWorker
 from durability_harness import Workers
 
+from pgdurable.monitor import queries as monitor_queries
 from pgdurable.python_steps import registered
 
 Conn = psycopg.Connection[tuple[object, ...]]
@@ -329,6 +330,13 @@ def test_a_call_waits_for_a_worker_that_has_its_name(
         (instance,),
     ).fetchone()
     assert row == (None, "util.add", "running")
+    # df.explain, `pgdurable show` (its query) and df.workers say why it waits.
+    explain = py_app.conn.execute("SELECT df.explain(%s)", (instance,)).fetchone()
+    assert explain is not None
+    assert "CALL util.add ⏳ (waiting for a worker that has this step)" in str(explain[0])
+    shown = {r["node_type"]: r["has_worker"] for r in monitor_queries.nodes(py_app.conn, instance)}
+    assert shown["CALL"] is False and shown["SQL"] is None
+    assert conn.execute("SELECT step_names FROM df.workers()").fetchall() == [([],)]
     other = ThreadWorker(dsn, concurrency=2, steps=registered())
     try:
         assert py_app.wait(instance) == "completed"

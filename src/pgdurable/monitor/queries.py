@@ -45,11 +45,13 @@ def instance(conn: Conn, instance_id: str) -> Row | None:
 
 
 def nodes(conn: Conn, instance_id: str) -> list[Row]:
-    """The instance's nodes with their inferred status (docs/monitoring.md) and timings."""
+    """The instance's nodes with their inferred status (docs/monitoring.md) and timings;
+    for a running Python step, whether a live worker has it (has_worker)."""
     cur = conn.cursor(row_factory=dict_row)
     cur.execute(
         "SELECT n.node_id, n.node_type, n.query, n.result_name, n.left_node, n.right_node,"
-        "       n.status, n.inferred_status, n.result, d.error, d.started_at, n.updated_at"
+        "       n.status, n.inferred_status, n.result, d.error, d.started_at, n.updated_at,"
+        "       df._call_has_worker(n.node_type, n.query, n.inferred_status) AS has_worker"
         "  FROM df.instance_nodes(%s) n"
         "  JOIN df.nodes d ON d.instance_id = %s AND d.id = n.node_id",
         (instance_id, instance_id),

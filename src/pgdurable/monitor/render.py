@@ -208,7 +208,12 @@ def _node_label(node: Node, row: Row, now: datetime) -> Text:
     if started is not None and status in ("running", "completed", "failed"):
         end = now if status == "running" else row["updated_at"]
         text.append(f"  {format_duration(started, end)}", style="dim")
+    if row.get("has_worker") is False:  # a Python step no live worker has
+        text.append(f"  {NO_WORKER}", style="yellow")
     return text
+
+
+NO_WORKER = "waiting for a worker that has this step"
 
 
 def describe(node: Node) -> str:

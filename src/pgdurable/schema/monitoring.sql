@@ -247,7 +247,7 @@ $$;
 -- What a worker holds are the tasks leased to it (df._tasks.lease_owner): steps it runs now,
 -- and steps its checkpoints handed to it. A lease that ran out stays with its worker until
 -- another worker claims the task, so the tasks of a dead worker show here with an expired
--- lease.
+-- lease. step_names are the Python steps the worker runs (docs/python.md).
 --
 -- System-wide data (hosts, pids, every tenant's instance ids), not limited by row-level
 -- security: SECURITY DEFINER, and EXECUTE only by explicit grant, like df.metrics
@@ -256,11 +256,12 @@ $$;
 CREATE OR REPLACE FUNCTION df.workers(stale_after interval DEFAULT interval '30 seconds')
 RETURNS TABLE (worker_id uuid, hostname text, pid integer, started_at timestamptz,
                last_seen_at timestamptz, alive boolean, concurrency integer, version text,
-               tasks_held bigint)
+               tasks_held bigint, step_names text[])
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     SELECT w.epoch_id, w.hostname, w.pid, w.started_at, w.last_seen_at,
            coalesce(w.last_seen_at > now() - $1, false), w.concurrency, w.version,
-           (SELECT count(*) FROM df._tasks t WHERE t.lease_owner = w.epoch_id)
+           (SELECT count(*) FROM df._tasks t WHERE t.lease_owner = w.epoch_id),
+           w.step_names
       FROM df._worker_epoch w
      ORDER BY w.started_at, w.epoch_id;
 $$;

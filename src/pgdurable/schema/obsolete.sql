@@ -52,3 +52,16 @@ $$;
 -- queues with due work by df._waiting_queues.
 DROP FUNCTION IF EXISTS df._claim(uuid, integer, double precision, integer, oid[], integer[]);
 DROP FUNCTION IF EXISTS df._waiting_roles();
+
+-- 0.2: df.workers also returns the names of each worker's Python steps.
+DO $$
+DECLARE
+    v_old regprocedure := to_regprocedure('df.workers(interval)');
+BEGIN
+    IF v_old IS NOT NULL
+       AND NOT EXISTS (SELECT 1 FROM pg_proc p
+                        WHERE p.oid = v_old AND 'step_names' = ANY (p.proargnames)) THEN
+        DROP FUNCTION df.workers(interval);
+    END IF;
+END
+$$;
