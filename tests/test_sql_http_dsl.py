@@ -26,7 +26,7 @@ TYPES = (
 )
 RETRY_ON = (
     "df.retry: retry_on must list error codes (SQLSTATE codes or classes, or http, http_5xx,"
-    " http_timeout, http_connection, timeout)"
+    " http_timeout, http_connection, timeout, python)"
 )
 SCHEME = "Blocked: unsupported URL scheme '{}'. Only http and https are allowed."
 METHOD = "Invalid HTTP method: {}. Must be GET, POST, PUT, DELETE, or PATCH"

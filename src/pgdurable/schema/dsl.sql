@@ -400,7 +400,7 @@ BEGIN
        AND (cardinality(retry_on) = 0 OR array_ndims(retry_on) <> 1
             OR EXISTS (SELECT 1 FROM unnest(retry_on) AS c (code)
                         WHERE c.code IS NULL OR c.code = '')) THEN
-        RAISE EXCEPTION 'df.retry: retry_on must list error codes (SQLSTATE codes or classes, or http, http_5xx, http_timeout, http_connection, timeout)'
+        RAISE EXCEPTION 'df.retry: retry_on must list error codes (SQLSTATE codes or classes, or http, http_5xx, http_timeout, http_connection, timeout, python)'
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     RETURN df._envelope('RETRY', df._ensure(step), NULL, NULL, NULL,
