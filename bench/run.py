@@ -104,6 +104,7 @@ class Shape:
     description: str
     operator: str | None  # None: a single step
     step_sql: str = STEP_SQL  # each step's statement; {n} is the step's number
+    expression: bool = False  # step_sql is a DSL expression (a df.call), not a statement
 
 
 SHAPES = [
@@ -120,7 +121,20 @@ TRIGGER_SHAPE = Shape(
     None,
     TRIGGER_STEP_SQL,
 )
-ALL_SHAPES = [*SHAPES, TRIGGER_SHAPE]
+# Python steps (docs/python.md), run only when asked for: one that does nothing, and one that
+# runs sql1's statement through ctx.conn (bench/bench_steps.py).
+CALL_SHAPES = [
+    Shape("call1", 1, "one Python step that does nothing", None, "df.call('bench.noop')", True),
+    Shape(
+        "callsql1",
+        1,
+        "one Python step that runs sql1's INSERT",
+        None,
+        """df.call('bench.insert', '{{"v": {n}}}')""",
+        True,
+    ),
+]
+ALL_SHAPES = [*SHAPES, TRIGGER_SHAPE, *CALL_SHAPES]
 
 
 @dataclass(frozen=True)
@@ -496,6 +510,7 @@ class Server:
             schema.install(conn)
             conn.execute(f"CREATE ROLE {self.role} LOGIN")
             conn.execute("SELECT df.grant_usage(%s)", (self.role,))
+            conn.execute("SELECT df.grant_call(%s, 'bench.*')", (self.role,))
             self.create_tables(conn)
 
     def create_tables(self, conn: psycopg.Connection[Any]) -> None:
@@ -716,7 +731,9 @@ class Workers:
         return [self.proxy.pid] if self.proxy else []
 
     def start(self) -> None:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
+        # Every worker has the Python steps of the call shapes (bench/bench_steps.py).
+        path = os.pathsep.join(filter(None, [str(REPO / "bench"), os.environ.get("PYTHONPATH")]))
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200", "PYTHONPATH": path}
         for log in self.logs:
             with log.open("wb") as out:
                 self.procs.append(
@@ -730,6 +747,8 @@ class Workers:
                             self.dsn,
                             "--concurrency",
                             str(self.concurrency),
+                            "--import",
+                            "bench_steps",
                         ],
                         stdout=out,
                         stderr=subprocess.STDOUT,
@@ -845,7 +864,10 @@ def run_pgbench(server: Server, base: Path, clients: int, seconds: int) -> Pgben
 
 def build_graph(server: Server, shape: Shape) -> str:
     """The workflow's text, built once with the DSL operators (df.start gets it as a value)."""
-    steps = [pgsql.Literal(shape.step_sql.format(n=i + 1)) for i in range(shape.steps)]
+    steps: list[pgsql.Composable] = [
+        pgsql.SQL(text) if shape.expression else pgsql.Literal(text)
+        for text in (shape.step_sql.format(n=i + 1) for i in range(shape.steps))
+    ]
     expr: pgsql.Composable = steps[0]
     if shape.operator is not None:
         expr = pgsql.SQL(" " + shape.operator + " ").join(steps)
@@ -1585,7 +1607,8 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="workflow shapes to run, comma-separated, of "
         + ", ".join(s.name for s in ALL_SHAPES)
-        + " (default: all; --smoke: all but trigger1)",
+        + " (default: sql1, seq10, join10, trigger1; --smoke: all but trigger1; the call"
+        " shapes, Python steps, only when named)",
     )
     parser.add_argument(
         "--trigger-rates",
@@ -1612,7 +1635,7 @@ def main(argv: list[str] | None = None) -> int:
 
     mode = MODES["smoke" if args.smoke else "quick" if args.quick else "full"]
     processes = [int(x) for x in args.workers.split(",") if x.strip()]
-    defaults = [s.name for s in (ALL_SHAPES if mode.trigger_by_default else SHAPES)]
+    defaults = [s.name for s in ([*SHAPES, TRIGGER_SHAPE] if mode.trigger_by_default else SHAPES)]
     names = [n.strip() for n in (args.shapes or ",".join(defaults)).split(",")]
     unknown = [n for n in names if n and n not in {s.name for s in ALL_SHAPES}]
     if unknown:

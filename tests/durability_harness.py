@@ -274,14 +274,31 @@ def loop_with_break(iterations: int) -> tuple[str, set[int]]:
     return f"(@> {body})", {LOOP_BASE + k for k in range(1, iterations + 1)}
 
 
+def map_of_effects(
+    first: int, count: int, parallel: int, sleep: float = 0.0
+) -> tuple[str, set[int]]:
+    """A df.map over the rows first .. first+count-1 whose body inserts effect <row>, at most
+    ``parallel`` at once."""
+    source = lit(f"SELECT g AS n FROM generate_series({first}, {first + count - 1}) g")
+    pause = f"WITH pause AS (SELECT pg_sleep({sleep})) " if sleep else ""
+    body = lit(
+        f"{pause}INSERT INTO public.effects (instance, step)"
+        f" SELECT '{{sys_instance_id}}', $item.n" + (" FROM pause" if sleep else "")
+    )
+    graph = f"(({source} |=> 'items') ~> df.map('items', {body}, {parallel}))"
+    return graph, set(range(first, first + count))
+
+
 def full_workflow(
     sleep_seconds: int, loop_iterations: int = 3, step_sleep: float = 0.0
 ) -> tuple[str, set[int]]:
-    """Sequence, JOIN of JOINs, a RACE won by SQL, a loop with df.break, a sleep, a sequence.
+    """Sequence, JOIN of JOINs, a RACE won by SQL, a loop with df.break, a df.map, a sleep,
+    a sequence.
 
     ``step_sleep`` makes the plain steps (not the loop's) take that long inside their statement.
     """
     loop, loop_steps = loop_with_break(loop_iterations)
+    mapped, map_steps = map_of_effects(20, 6, 2, step_sleep)
 
     def step(n: int) -> str:
         return effect(n, step_sleep)
@@ -294,12 +311,13 @@ def full_workflow(
         join(step(5), seq(step(6), step(7)), step(8)),
         race(step(9), sleep(600)),
         loop,
+        mapped,
         sleep(sleep_seconds),
         step(10),
         step(11),
         step(12),
     )
-    return graph, set(range(1, 13)) | loop_steps
+    return graph, set(range(1, 13)) | loop_steps | map_steps
 
 
 def start(app: Conn, graph: str, label: str | None = None) -> str:

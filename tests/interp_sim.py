@@ -18,6 +18,7 @@ from pgdurable.core.state import (
     ForkActivation,
     InstanceState,
     LoopActivation,
+    MapActivation,
     from_json,
     to_json,
 )
@@ -144,8 +145,16 @@ class Sim:
         assert payload is not None
         return str(payload["sql"])
 
-    def complete(self, node_id: str, result: str | None = None) -> None:
-        task = self.task(node_id)
+    def tasks_of(self, node_id: str) -> list[interp.TaskSpec]:
+        """The node's tasks, in activation order (a df.map body runs once per item)."""
+        return sorted(
+            (t for t in self.tasks.values() if t.node_id == node_id), key=lambda t: t.activation
+        )
+
+    def complete(
+        self, node_id: str, result: str | None = None, task: interp.TaskSpec | None = None
+    ) -> None:
+        task = task or self.task(node_id)
         del self.tasks[task.activation]
         self._apply(
             interp.step_succeeded(
@@ -159,8 +168,14 @@ class Sim:
             )
         )
 
-    def fail(self, node_id: str, error: str, code: str | None = None) -> None:
-        task = self.task(node_id)
+    def fail(
+        self,
+        node_id: str,
+        error: str,
+        code: str | None = None,
+        task: interp.TaskSpec | None = None,
+    ) -> None:
+        task = task or self.task(node_id)
         del self.tasks[task.activation]
         self._apply(
             interp.step_failed(
@@ -202,5 +217,8 @@ def _check_ownership(state: InstanceState) -> None:
             envs.update(act.branch_envs)
         if isinstance(act, LoopActivation):
             execs.add(act.loop_exec)
+        if isinstance(act, MapActivation):
+            execs.update(e for _, e, _ in act.running)
+            envs.update(v for _, _, v in act.running)
     assert set(state.execs) == execs, (sorted(state.execs), sorted(execs))
     assert set(state.envs) == envs, (sorted(state.envs), sorted(envs))

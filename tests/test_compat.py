@@ -147,6 +147,8 @@ WORKFLOW = """
 ~> @> (('INSERT INTO log (step, v) VALUES (''loop'', nextval(''loops'')) RETURNING v::int AS n'
         |=> 'it')
        ~> ('SELECT $it.n >= 2' ?> df.break('two') !> 'SELECT 1'))
+~> ('SELECT g AS n FROM generate_series(1, 3) g' |=> 'ns')
+~> df.map('ns', 'INSERT INTO log (step, v) VALUES (''map'', $item.n)', 1)
 ~> df.retry('SELECT 1 / (nextval(''failures'') - 1) AS one', 2, 0, 0, ARRAY['22012'])
 ~> df.retry(df.timeout('SELECT pg_sleep(CASE nextval(''slow_attempts'') WHEN 1 THEN 60 ELSE 0 END)',
                        1),
@@ -254,6 +256,9 @@ def run_every_node_kind(pg: EmbeddedPostgres, url: str, upload_url: str) -> None
             ("if_rows", "no rows"),
             ("loop", "1"),
             ("loop", "2"),
+            ("map", "1"),
+            ("map", "2"),
+            ("map", "3"),
         ]
         # Each retry failed once: a division by zero, and a statement that df.timeout cancelled
         # (the later attempts sleep 0 s; five of them leave room for a busy machine).

@@ -40,6 +40,7 @@ from durability_harness import (
     join,
     lit,
     loop_with_break,
+    map_of_effects,
     orphaned_tasks,
     race,
     seq,
@@ -260,6 +261,7 @@ def test_postgres_crash_and_restart_same_worker_recovers(
             # At least 10 x 8 x 0.3 s / 4 = 6 s of step time: more than three crash cycles let
             # the worker do (each crash comes at most 0.6 s after the first new effect).
             tail = [effect(step, 0.3) for step in range(9, 17)]
+            mapped, map_steps = map_of_effects(30, 6, 3, 0.2)
             graph = seq(
                 effect(1, 0.1),
                 join(effect(2, 0.1), effect(3, 0.1), seq(effect(4), sleep(1), effect(5))),
@@ -267,9 +269,10 @@ def test_postgres_crash_and_restart_same_worker_recovers(
                 loop,
                 race(effect(7), sleep(600)),
                 effect(8, 0.1),
+                mapped,
                 *tail,
             )
-            expected[start(app, graph, f"crash-{n}")] = set(range(1, 17)) | loop_steps
+            expected[start(app, graph, f"crash-{n}")] = set(range(1, 17)) | loop_steps | map_steps
     ids = list(expected)
 
     worker = workers.start(dsn, concurrency=4, lease_seconds=2)

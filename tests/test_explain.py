@@ -26,7 +26,7 @@ CANNOT = (
 )
 TYPES = (
     "SQL, THEN, IF, JOIN, LOOP, BREAK, RACE, SLEEP, WAIT_SCHEDULE, HTTP, HTTP_MULTIPART, SIGNAL,"
-    " RETRY, TIMEOUT, CALL"
+    " RETRY, TIMEOUT, CALL, MAP"
 )
 TOO_DEEP = (
     "Graph exceeds maximum nesting depth of 256. Simplify the workflow or break it into"

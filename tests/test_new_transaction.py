@@ -208,7 +208,7 @@ def test_errors_of_the_start_come_back_readable(app: App, conn: Conn) -> None:
             '{"node_type":"NOPE"}',
             "Invalid durable function: Unknown node_type 'NOPE'. Valid types: SQL, THEN, IF, "
             "JOIN, LOOP, BREAK, RACE, SLEEP, WAIT_SCHEDULE, HTTP, HTTP_MULTIPART, SIGNAL, "
-            "RETRY, TIMEOUT, CALL",
+            "RETRY, TIMEOUT, CALL, MAP",
         ),
     ]
     for fut, message in cases:

@@ -71,6 +71,12 @@ SAME_GRAPHS: list[tuple[str, df.Node, str]] = [
     ),
     ("timeout", df.timeout("SELECT pg_sleep(9)", 1.5), "df.timeout('SELECT pg_sleep(9)', 1.5)"),
     ("call", df.call("billing.charge"), "df.call('billing.charge')"),
+    ("map", df.map_("rows", "SELECT $item.id"), "df.map('rows', 'SELECT $item.id')"),
+    (
+        "map full",
+        df.map_("rows", df.call("x.y", {"id": "$r.id"}), 3, "r", collect_errors=True),
+        "df.map('rows', df.call('x.y', '{\"id\": \"$r.id\"}'), 3, 'r', true)",
+    ),
     (
         "call args",
         df.call(
@@ -122,6 +128,7 @@ def test_the_builder_makes_what_the_sql_builders_make(su: Conn, python: df.Node,
         (lambda: df.wait_for_signal(""), "df.wait_for_signal('')"),
         (lambda: df.sql("SELECT 1").named("1x"), "'SELECT 1' |=> '1x'"),
         (lambda: df.call("no spaces"), "df.call('no spaces')"),
+        (lambda: df.map_("r", "SELECT 1", 0), "df.map('r', 'SELECT 1', 0)"),
     ],
 )
 def test_the_builder_refuses_what_the_sql_builders_refuse_with_their_message(

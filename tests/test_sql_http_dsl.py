@@ -22,7 +22,7 @@ from pgdurable.embedded import EmbeddedPostgres
 
 TYPES = (
     "SQL, THEN, IF, JOIN, LOOP, BREAK, RACE, SLEEP, WAIT_SCHEDULE, HTTP, HTTP_MULTIPART, SIGNAL,"
-    " RETRY, TIMEOUT, CALL"
+    " RETRY, TIMEOUT, CALL, MAP"
 )
 RETRY_ON = (
     "df.retry: retry_on must list error codes (SQLSTATE codes or classes, or http, http_5xx,"

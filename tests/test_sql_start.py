@@ -22,7 +22,7 @@ from pgdurable.embedded import EmbeddedPostgres
 
 TYPES = (
     "SQL, THEN, IF, JOIN, LOOP, BREAK, RACE, SLEEP, WAIT_SCHEDULE, HTTP, HTTP_MULTIPART, SIGNAL, "
-    "RETRY, TIMEOUT, CALL"
+    "RETRY, TIMEOUT, CALL, MAP"
 )
 HEX8 = re.compile(r"^[0-9a-f]{8}$")
 

@@ -44,6 +44,7 @@ __all__ = [
     "if_rows",
     "join",
     "loop",
+    "map_",
     "race",
     "retry",
     "seq",
@@ -277,6 +278,29 @@ def loop(body: Step, condition: Step | None = None) -> Node:
     return Node(
         "LOOP", left=as_node(body), condition=None if condition is None else as_node(condition)
     )
+
+
+def map_(
+    source: str,
+    body: Step,
+    max_parallel: int = 10,
+    item_name: str = "item",
+    collect_errors: bool = False,
+) -> Node:
+    """Run ``body`` for each row of the named result ``source`` (or each element of a JSON
+    array), at most ``max_parallel`` at once, the item named ``item_name`` inside it
+    (``df.map``)."""
+    if not _RESULT_NAME.fullmatch(source or ""):
+        raise ValueError("df.map: source must be the name of an earlier result")
+    if not _RESULT_NAME.fullmatch(item_name or ""):
+        raise ValueError("df.map: item_name must be a valid result name")
+    if not 1 <= max_parallel <= 1000:
+        raise ValueError("df.map: max_parallel must be an integer from 1 to 1000")
+    config = (
+        f'{{"source":{_string(source)},"item":{_string(item_name)},'
+        f'"max_parallel":{int(max_parallel)},"collect_errors":{_jsonb(bool(collect_errors))}}}'
+    )
+    return Node("MAP", left=as_node(body), query=config)
 
 
 def retry(

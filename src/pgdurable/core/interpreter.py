@@ -40,6 +40,7 @@ from .state import (
     InstanceState,
     JoinActivation,
     LoopActivation,
+    MapActivation,
     RetryActivation,
     Slot,
     TimeoutActivation,
@@ -49,6 +50,8 @@ from .substitute import SubstitutionError, substitute_json, substitute_sql
 from .truth import is_true
 
 MAX_LOOP_ITERATIONS = 100_000
+MAX_MAP_ITEMS = 10_000
+"""The most items a df.map runs (as many as $name.* expands into a SQL VALUES list)."""
 # A loop iteration takes at least this long; a quick one waits on a timer before the next,
 # so a loop without a sleep cannot spin through its iteration limit in a burst of checkpoints.
 MIN_ITERATION_SECONDS = 1.0
@@ -493,6 +496,10 @@ class _Run:
                 del self.envs[eid]
         elif isinstance(act, LoopActivation) and not act.inline:
             del self.execs[act.loop_exec]
+        elif isinstance(act, MapActivation):
+            for _, eid, vid in act.running:
+                del self.execs[eid]
+                del self.envs[vid]
         return act
 
     def _children(self) -> dict[int, list[tuple[int, Slot]]]:
@@ -746,7 +753,7 @@ class _Run:
         # A loop at the root of an execution (the instance, or a JOIN/RACE branch) iterates that
         # execution, whose generation counts the iterations; any other loop gets an execution
         # of its own, so its iterations do not re-stamp the nodes around it.
-        inline = parent is None or self.graph[parent.node].type in ("JOIN", "RACE")
+        inline = parent is None or self.graph[parent.node].type in ("JOIN", "RACE", "MAP")
         loop = LoopActivation(
             *_fields(act),
             loop_exec=act.exec_id if inline else self._new_exec(act.exec_id, node.id),
@@ -891,6 +898,103 @@ class _Run:
         else:
             self._begin_iteration(aid, loop)
 
+    # -- df.map ----------------------------------------------------------------------------
+
+    def _start_map(self, aid: int, act: Activation, node: Node) -> None:
+        items = self._map_items(aid, act, node)
+        if items is None:
+            return
+        done: tuple[Ended | None, ...] = (None,) * len(items)
+        self.acts[aid] = MapActivation(*_fields(act), len(items), 0, (), done)
+        if not items:
+            self.finish(aid, Ended("ok", "[]"))
+            return
+        self._start_items(aid, node, items)
+
+    def _map_items(self, aid: int, act: Activation, node: Node) -> list[str] | None:
+        """The JSON texts of the items of df.map ``aid``: the rows of its source result, or
+        the elements of a JSON array; None (the map failed) if there are none to be had."""
+        source = str(node.config.get("source"))
+        env = self.envs[act.env_id]
+        if source not in env:
+            self.finish(aid, Ended("fail", f"df.map: result '{source}' not found"))
+            return None
+        value = _parse(env[source])
+        if isinstance(value, dict) and isinstance(value.get("rows"), list):
+            value = value["rows"]
+        if not isinstance(value, list):
+            error = f"df.map: result '{source}' is neither a row set nor a JSON array"
+            self.finish(aid, Ended("fail", error))
+            return None
+        if len(value) > MAX_MAP_ITEMS:
+            error = (
+                f"df.map: result '{source}' has {len(value)} items, more than the maximum of"
+                f" {MAX_MAP_ITEMS}"
+            )
+            self.finish(aid, Ended("fail", error))
+            return None
+        return [_compact(v) for v in value]
+
+    def _start_items(self, aid: int, node: Node, items: list[str]) -> None:
+        """Start the next items of df.map ``aid``, up to its max_parallel running."""
+        limit = int(node.config.get("max_parallel", 10))
+        name = str(node.config.get("item", "item"))
+        body = node.left
+        assert body
+        while aid in self.acts:  # an item that ends at once may end the map
+            m = _expect(self.acts[aid], MapActivation)
+            if m.started >= m.count or len(m.running) >= limit:
+                return
+            index = m.started
+            exec_id = self._new_exec(m.exec_id, f"{body}#{index + 1}")
+            env_id = self._new_env(m.env_id)
+            self._bind(env_id, {name: items[index]})
+            running = (*m.running, (index, exec_id, env_id))
+            self.acts[aid] = replace(m, started=index + 1, running=running)
+            self.activate(body, aid, index, exec_id, env_id)
+
+    def _child_of_map(self, aid: int, act: Activation, node: Node, slot: Slot, end: Ended) -> None:
+        m = _expect(act, MapActivation)
+        assert isinstance(slot, int)
+        for index, exec_id, env_id in m.running:
+            if index == slot:  # the item's scopes go with it
+                del self.execs[exec_id]
+                del self.envs[env_id]
+        running = tuple(r for r in m.running if r[0] != slot)
+        done = (*m.done[:slot], end, *m.done[slot + 1 :])
+        m = replace(m, running=running, done=done)
+        self.acts[aid] = m
+        collect = node.config.get("collect_errors") is True
+        if end.kind == "brk" or (end.kind == "fail" and not collect):
+            children = self._children()
+            for child, _ in children.get(aid, ()):
+                self._drop_subtree(child, children)
+            if end.kind == "brk":
+                self.finish(aid, end)
+            else:
+                error = f"df.map item {slot + 1} failed: {end.value}"
+                self.finish(aid, Ended("fail", error, end.code))
+            return
+        if m.started < m.count:
+            items = self._map_items(aid, m, node)
+            if items is None or aid not in self.acts:
+                return
+            self._start_items(aid, node, items)
+            m = _expect(self.acts[aid], MapActivation) if aid in self.acts else m
+        if aid not in self.acts or m.running or m.started < m.count:
+            return
+        ends = [d for d in m.done if d is not None]
+        if collect:
+            results: list[Any] = [
+                {"ok": True, "result": _parse(d.value)}
+                if d.kind == "ok"
+                else {"ok": False, "error": d.value}
+                for d in ends
+            ]
+        else:
+            results = [_parse(d.value) for d in ends]
+        self.finish(aid, Ended("ok", _compact(results)))
+
     def _child_of_retry(
         self, aid: int, act: Activation, node: Node, slot: Slot, end: Ended
     ) -> None:
@@ -973,5 +1077,6 @@ NODE_HANDLERS: Mapping[str, NodeHandlers] = {
     "LOOP": NodeHandlers(_Run._start_loop, _Run._child_of_loop, timer=_Run._loop_timer),
     "RETRY": NodeHandlers(_Run._start_retry, _Run._child_of_retry, timer=_Run._retry_timer),
     "TIMEOUT": NodeHandlers(_Run._start_timeout, _Run._child_of_timeout, timer=_Run._time_out),
+    "MAP": NodeHandlers(_Run._start_map, _Run._child_of_map),
 }
 """Each node type's handlers; a type missing here fails when it activates."""

@@ -36,6 +36,8 @@ NODE_TYPES = (
     "TIMEOUT",
     # A Python step, called by name (docs/python.md).
     "CALL",
+    # A body run for each row of a named result (df.map).
+    "MAP",
 )
 MAX_NODES = 10_000
 """The most nodes a graph may have (df.start's limit)."""
@@ -56,6 +58,7 @@ CONFIG_TYPES = frozenset(
         "RETRY",
         "TIMEOUT",
         "CALL",
+        "MAP",
     }
 )
 # Node types whose result is never bound to their |=> name (docs/reference.md#named-results).
@@ -185,7 +188,7 @@ def _check_node(node: Node) -> None:
     needs_two = t in ("THEN", "IF", "JOIN", "RACE")
     if needs_two and not (node.left and node.right):
         raise GraphError(f"{t} node {node.id} needs left and right children")
-    if t in ("LOOP", "RETRY", "TIMEOUT") and not node.left:
+    if t in ("LOOP", "RETRY", "TIMEOUT", "MAP") and not node.left:
         raise GraphError(f"{t} node {node.id} needs a body")
     if t == "IF" and not node.condition and node.config.get("condition_type") is None:
         raise GraphError(f"IF node {node.id} has no condition")
@@ -215,6 +218,8 @@ def _check_node(node: Node) -> None:
         is_step_name(node.config.get("name")) and isinstance(node.config.get("args", {}), dict)
     ):
         raise GraphError(f"CALL node {node.id}: invalid config {node.query!r}")
+    if t == "MAP" and not _valid_map(node.config):
+        raise GraphError(f"MAP node {node.id}: invalid config {node.query!r}")
     if t in LEAF_TYPES and node.query is None:
         raise GraphError(f"{t} node {node.id} has no query")
 
@@ -240,6 +245,26 @@ def _number(value: Any) -> bool:
 
 def _positive(value: Any) -> bool:
     return _number(value) and value > 0
+
+
+MAX_MAP_PARALLEL = 1000
+"""The most items of a df.map that may run at once."""
+_RESULT_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _valid_map(config: Mapping[str, Any]) -> bool:
+    source, item = config.get("source"), config.get("item", "item")
+    parallel = config.get("max_parallel", 10)
+    return (
+        isinstance(source, str)
+        and _RESULT_NAME.fullmatch(source) is not None
+        and isinstance(item, str)
+        and _RESULT_NAME.fullmatch(item) is not None
+        and isinstance(parallel, int)
+        and not isinstance(parallel, bool)
+        and 1 <= parallel <= MAX_MAP_PARALLEL
+        and isinstance(config.get("collect_errors", False), bool)
+    )
 
 
 def _valid_retry(config: Mapping[str, Any]) -> bool:

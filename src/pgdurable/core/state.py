@@ -140,6 +140,18 @@ class TimeoutActivation(Activation):
 
 
 @dataclass(frozen=True, slots=True)
+class MapActivation(Activation):
+    """A df.map over ``count`` items: how many it started so far, the execution and
+    environment of each item running (``running``: item index, execution id, environment id;
+    this activation owns them), and each item's outcome once it ended (None: not yet)."""
+
+    count: int
+    started: int
+    running: tuple[tuple[int, int, int], ...]
+    done: tuple[Ended | None, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class InstanceState:
     """Everything the interpreter keeps between two events of an instance."""
 
@@ -243,6 +255,12 @@ def _activation_to_json(act: Activation) -> dict[str, Any]:
     elif isinstance(act, TimeoutActivation):
         out["kind"] = "timeout"
         out["deadline"] = act.deadline
+    elif isinstance(act, MapActivation):
+        out["kind"] = "map"
+        out["count"] = act.count
+        out["started"] = act.started
+        out["running"] = [list(r) for r in act.running]
+        out["done"] = [None if d is None else [d.kind, d.value, d.code] for d in act.done]
     return out
 
 
@@ -303,6 +321,18 @@ def _activation_from_json(doc: Mapping[str, Any]) -> Activation:
         deadline = doc["deadline"]
         _check(type(deadline) in (int, float), "timeout", doc)
         return TimeoutActivation(*common, deadline=float(deadline))
+    if kind == "map":
+        count, started = doc["count"], doc["started"]
+        running = tuple(tuple(r) for r in doc["running"])
+        _check(
+            type(count) is int
+            and type(started) is int
+            and all(len(r) == 3 and _ints(r) for r in running),
+            "map",
+            doc,
+        )
+        done = tuple(None if d is None else _ended(d) for d in doc["done"])
+        return MapActivation(*common, count, started, running, done)
     raise StateFormatError(f"unknown activation kind {kind!r}")
 
 

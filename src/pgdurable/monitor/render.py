@@ -178,7 +178,7 @@ def _add_node(parent: Tree, node: Node, graph: _Graph) -> None:
             _add_sequence(group, child, graph)
 
 
-_COMPOUND = frozenset({"IF", "LOOP", "JOIN", "RACE", "RETRY", "TIMEOUT", "THEN"})
+_COMPOUND = frozenset({"IF", "LOOP", "JOIN", "RACE", "RETRY", "TIMEOUT", "THEN", "MAP"})
 
 
 def _groups(node: Node) -> list[tuple[str, str]]:
@@ -195,6 +195,8 @@ def _groups(node: Node) -> list[tuple[str, str]]:
         return [("attempt:", node.left)]
     if t == "TIMEOUT" and node.left:
         return [("within:", node.left)]
+    if t == "MAP" and node.left:
+        return [("each item:", node.left)]
     return []
 
 
@@ -235,6 +237,8 @@ def describe(node: Node) -> str:
         return f"HTTP {c.get('method')} {_cut(str(c.get('url')), 60)}"
     if t == "CALL":
         return f"call {c.get('name')}"
+    if t == "MAP":
+        return f"map over '{c.get('source')}' (max {c.get('max_parallel', 10)} at once)"
     if t == "BREAK":
         value = c.get("break_value")
         return "break" + (f" '{_cut(str(value), 30)}'" if value is not None else "")

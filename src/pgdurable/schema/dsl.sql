@@ -431,7 +431,65 @@ END;
 $$;
 
 -- ---------------------------------------------------------------------------------------------
--- df.start's checks for hand-written RETRY/TIMEOUT envelopes.
+-- df.map: run body once for each row of the named result source (or each element, if it is
+-- a JSON array), at most max_parallel at once; the result is the array of the items'
+-- results, in row order. Inside body, the item is the named result item_name. A failing item
+-- fails the map (the others are cancelled), unless collect_errors: then every item runs, and
+-- each entry of the result is {"ok": true, "result": ...} or {"ok": false, "error": ...}.
+--
+--   df.map('rows', 'INSERT ... $item.id') -> {"node_type":"MAP","left_node":<body>,
+--       "query":"{\"source\":\"rows\",\"item\":\"item\",\"max_parallel\":10,
+--                \"collect_errors\":false}"}
+--
+-- pgdurable's own (pg_durable has no map). The names are checked here and again by df.start
+-- (df._map_config_error); whether source exists is known only when the map starts.
+-- ---------------------------------------------------------------------------------------------
+CREATE OR REPLACE FUNCTION df.map(
+    source text, body text, max_parallel integer DEFAULT 10, item_name text DEFAULT 'item',
+    collect_errors boolean DEFAULT false)
+RETURNS text
+LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    v_config text;
+    v_err    text;
+BEGIN
+    IF body IS NULL THEN
+        RETURN NULL;
+    END IF;
+    v_config := '{"source":' || coalesce(to_json(source)::text, 'null')
+        || ',"item":' || coalesce(to_json(item_name)::text, 'null')
+        || ',"max_parallel":' || coalesce(max_parallel::text, 'null')
+        || ',"collect_errors":' || coalesce(collect_errors::text, 'null') || '}';
+    v_err := df._map_config_error(v_config::json);
+    IF v_err IS NOT NULL THEN
+        RAISE EXCEPTION 'df.map: %', v_err USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    RETURN df._envelope('MAP', df._ensure(body), NULL, NULL, NULL, v_config, NULL);
+END;
+$$;
+
+-- What is wrong with a MAP node's config, or NULL: accepts what the worker's loader
+-- (pgdurable.core.model) can run; item, max_parallel and collect_errors have defaults there.
+CREATE OR REPLACE FUNCTION df._map_config_error(config json) RETURNS text
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE
+        WHEN json_typeof(config -> 'source') IS DISTINCT FROM 'string'
+          OR (config ->> 'source') !~ '^[a-zA-Z_][a-zA-Z0-9_]*$' THEN
+            'source must be the name of an earlier result'
+        WHEN coalesce(json_typeof(config -> 'item'), 'string') <> 'string'
+          OR coalesce(config ->> 'item', 'item') !~ '^[a-zA-Z_][a-zA-Z0-9_]*$' THEN
+            'item_name must be a valid result name'
+        WHEN coalesce(json_typeof(config -> 'max_parallel'), 'number') <> 'number'
+          OR coalesce(config ->> 'max_parallel', '10') !~ '^[0-9]+$'
+          OR coalesce(config ->> 'max_parallel', '10')::numeric NOT BETWEEN 1 AND 1000 THEN
+            'max_parallel must be an integer from 1 to 1000'
+        WHEN coalesce(json_typeof(config -> 'collect_errors'), 'boolean') <> 'boolean' THEN
+            'collect_errors must be true or false'
+    END;
+$$;
+
+-- ---------------------------------------------------------------------------------------------
+-- df.start's checks for hand-written RETRY/TIMEOUT/MAP envelopes.
 -- ---------------------------------------------------------------------------------------------
 
 -- Why a RETRY/TIMEOUT node's config (its query, present) is unacceptable, or NULL. Accepts what
@@ -452,6 +510,10 @@ BEGIN
     END;
     IF json_typeof(config) <> 'object' THEN
         RETURN format('query in %s must be a JSON config object', node_type);
+    END IF;
+
+    IF node_type = 'MAP' THEN
+        RETURN df._map_config_error(config);
     END IF;
 
     IF node_type = 'TIMEOUT' THEN

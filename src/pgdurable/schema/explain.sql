@@ -96,6 +96,7 @@ $$;
 --   RETRY (max <n> attempts)  or RETRY (max <n> attempts, on <retry_on, ...>)
 --   TIMEOUT <seconds>s
 --   CALL <name>               a Python step
+--   MAP '<source>' (max <n> at once)
 -- A node whose config cannot be read shows its type and its raw query, cut like SQL.
 -- ---------------------------------------------------------------------------------------------
 CREATE OR REPLACE FUNCTION df._explain_entry(
@@ -128,7 +129,7 @@ BEGIN
 
     -- The label.
     IF node_type IN ('WAIT_SCHEDULE', 'SIGNAL', 'HTTP', 'HTTP_MULTIPART', 'BREAK', 'RETRY',
-                     'TIMEOUT', 'CALL') AND config IS NULL THEN
+                     'TIMEOUT', 'CALL', 'MAP') AND config IS NULL THEN
         label := node_type || ' '
             || df._explain_cut(df._explain_flat(coalesce(query, '')), 50, 47);
     ELSIF node_type IN ('HTTP', 'HTTP_MULTIPART') THEN
@@ -164,6 +165,9 @@ BEGIN
                             df._explain_flat((config -> 'break_value')::text), 20, 17) || ''''
                 END
             WHEN 'CALL' THEN 'CALL ' || df._explain_flat(coalesce(config ->> 'name', '?'))
+            WHEN 'MAP' THEN
+                'MAP ''' || df._explain_flat(coalesce(config ->> 'source', '?')) || ''' (max '
+                    || coalesce(config ->> 'max_parallel', '10') || ' at once)'
             WHEN 'IF' THEN 'IF'
             WHEN 'JOIN' THEN 'JOIN (' || cardinality(branches) || ')'
             WHEN 'RACE' THEN 'RACE'
@@ -216,6 +220,9 @@ BEGIN
     WHEN 'TIMEOUT' THEN
         children := jsonb_build_array(
             jsonb_build_object('id', left_node, 'h', '⏱ within:', 'c', '└─'));
+    WHEN 'MAP' THEN
+        children := jsonb_build_array(
+            jsonb_build_object('id', left_node, 'h', '∀ each item:', 'c', '└─'));
     ELSE
         children := '[]';
     END CASE;

@@ -195,11 +195,12 @@ AS $$
             WHEN t.node_type IN ('THEN', 'IF', 'JOIN', 'RACE')
              AND NOT (t.has_left AND t.has_right) THEN
                 t.node_type || ' nodes require left_node and right_node'
-            WHEN t.node_type IN ('LOOP', 'RETRY', 'TIMEOUT') AND NOT t.has_left THEN
+            WHEN t.node_type IN ('LOOP', 'RETRY', 'TIMEOUT', 'MAP') AND NOT t.has_left THEN
                 t.node_type || ' nodes require left_node'
-            WHEN t.node_type IN ('LOOP', 'RETRY', 'TIMEOUT') AND t.has_right THEN
+            WHEN t.node_type IN ('LOOP', 'RETRY', 'TIMEOUT', 'MAP') AND t.has_right THEN
                 'right_node is not valid for ' || t.node_type || ' nodes'
-            WHEN t.node_type NOT IN ('THEN', 'IF', 'JOIN', 'RACE', 'LOOP', 'RETRY', 'TIMEOUT')
+            WHEN t.node_type NOT IN ('THEN', 'IF', 'JOIN', 'RACE', 'LOOP', 'RETRY', 'TIMEOUT',
+                                     'MAP')
              AND (t.has_left OR t.has_right) THEN
                 CASE WHEN t.has_left THEN 'left_node' ELSE 'right_node' END
                     || ' is not valid for ' || t.node_type || ' nodes'
@@ -212,7 +213,7 @@ AS $$
                 df._config_error(t.node_type, t.query,
                                  CASE t.node_type WHEN 'JOIN' THEN t.has_extras
                                                   ELSE t.has_condition END)
-            WHEN t.node_type IN ('RETRY', 'TIMEOUT') THEN
+            WHEN t.node_type IN ('RETRY', 'TIMEOUT', 'MAP') THEN
                 df._wrapper_config_error(t.node_type, t.query)
             -- Also whether the caller (the submitter) may call the step.
             WHEN t.node_type = 'CALL' THEN
@@ -347,6 +348,8 @@ LANGUAGE sql IMMUTABLE AS $$
                                     AND query IS NOT NULL
                   WHEN 'TIMEOUT' THEN left_node IS NOT NULL AND right_node IS NULL
                                       AND query IS NOT NULL
+                  WHEN 'MAP' THEN left_node IS NOT NULL AND right_node IS NULL
+                                  AND query IS NOT NULL
                   ELSE left_node IS NULL AND right_node IS NULL AND query IS NOT NULL
               END) IS FALSE THEN 'nodes_structure_chk'
     END;

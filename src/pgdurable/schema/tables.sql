@@ -34,7 +34,7 @@ CREATE TABLE df._schema (
 CREATE FUNCTION df._node_types() RETURNS text[]
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     SELECT ARRAY['SQL', 'THEN', 'IF', 'JOIN', 'LOOP', 'BREAK', 'RACE', 'SLEEP', 'WAIT_SCHEDULE',
-                 'HTTP', 'HTTP_MULTIPART', 'SIGNAL', 'RETRY', 'TIMEOUT', 'CALL'];
+                 'HTTP', 'HTTP_MULTIPART', 'SIGNAL', 'RETRY', 'TIMEOUT', 'CALL', 'MAP'];
 $$;
 
 -- ---------------------------------------------------------------------------------------------

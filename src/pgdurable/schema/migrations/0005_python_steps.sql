@@ -1,9 +1,9 @@
 -- Python steps (docs/python.md): the CALL node type, call tasks queued by step name, the
--- step names each worker has, and who may call what.
+-- step names each worker has, and who may call what; and the MAP node type (df.map).
 CREATE OR REPLACE FUNCTION df._node_types() RETURNS text[]
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     SELECT ARRAY['SQL', 'THEN', 'IF', 'JOIN', 'LOOP', 'BREAK', 'RACE', 'SLEEP', 'WAIT_SCHEDULE',
-                 'HTTP', 'HTTP_MULTIPART', 'SIGNAL', 'RETRY', 'TIMEOUT', 'CALL'];
+                 'HTTP', 'HTTP_MULTIPART', 'SIGNAL', 'RETRY', 'TIMEOUT', 'CALL', 'MAP'];
 $$;
 
 ALTER TABLE df._tasks
