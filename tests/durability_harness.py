@@ -289,16 +289,24 @@ def map_of_effects(
     return graph, set(range(first, first + count))
 
 
+def continue_with_effects(first: int, sleep: float = 0.0) -> tuple[str, set[int]]:
+    """A SQL step that returns the rest of the workflow (df.continue_with): effect ``first``,
+    then effects first+1 and first+2 in parallel."""
+    rest = seq(effect(first, sleep), join(effect(first + 1, sleep), effect(first + 2, sleep)))
+    return lit(f"SELECT df.continue_with({rest})"), {first, first + 1, first + 2}
+
+
 def full_workflow(
     sleep_seconds: int, loop_iterations: int = 3, step_sleep: float = 0.0
 ) -> tuple[str, set[int]]:
-    """Sequence, JOIN of JOINs, a RACE won by SQL, a loop with df.break, a df.map, a sleep,
-    a sequence.
+    """Sequence, JOIN of JOINs, a RACE won by SQL, a loop with df.break, a df.map, a step
+    that returns the rest of the workflow, a sleep, a sequence.
 
     ``step_sleep`` makes the plain steps (not the loop's) take that long inside their statement.
     """
     loop, loop_steps = loop_with_break(loop_iterations)
     mapped, map_steps = map_of_effects(20, 6, 2, step_sleep)
+    continued, continued_steps = continue_with_effects(30, step_sleep)
 
     def step(n: int) -> str:
         return effect(n, step_sleep)
@@ -312,12 +320,13 @@ def full_workflow(
         race(step(9), sleep(600)),
         loop,
         mapped,
+        continued,
         sleep(sleep_seconds),
         step(10),
         step(11),
         step(12),
     )
-    return graph, set(range(1, 13)) | loop_steps | map_steps
+    return graph, set(range(1, 13)) | loop_steps | map_steps | continued_steps
 
 
 def start(app: Conn, graph: str, label: str | None = None) -> str:

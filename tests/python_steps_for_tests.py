@@ -164,3 +164,28 @@ def _log_call(ctx: StepContext, note: str) -> None:
     }
     with open(path, "a") as log:
         log.write(json.dumps(line) + "\n")
+
+
+@step("util.plan")
+async def plan(ctx: StepContext, count: int) -> Any:
+    """Returns the rest of the workflow: ``count`` SQL steps in parallel, then their sum."""
+    from pgdurable import dsl
+
+    if count == 0:
+        return {"nothing": "to do"}
+    branches = [dsl.sql(f"SELECT {i} AS n") for i in range(1, count + 1)]
+    work: dsl.Node = branches[0]
+    for branch in branches[1:]:
+        work = work & branch
+    return work.named("parts") >> dsl.call("util.echo", {"parts": "$parts"})
+
+
+@step("util.too_deep")
+async def too_deep(ctx: StepContext, depth: int) -> Any:
+    """Returns a graph nested ``depth`` levels deep."""
+    from pgdurable import dsl
+
+    node = dsl.sql("SELECT 1")
+    for _ in range(depth):
+        node = dsl.timeout(node, 60)
+    return node

@@ -31,6 +31,7 @@ from durability_harness import (
     Workers,
     active_steps,
     assert_exactly_once,
+    continue_with_effects,
     create_app_role,
     diagnose,
     drop_app_role,
@@ -262,6 +263,7 @@ def test_postgres_crash_and_restart_same_worker_recovers(
             # the worker do (each crash comes at most 0.6 s after the first new effect).
             tail = [effect(step, 0.3) for step in range(9, 17)]
             mapped, map_steps = map_of_effects(30, 6, 3, 0.2)
+            continued, continued_steps = continue_with_effects(40, 0.2)
             graph = seq(
                 effect(1, 0.1),
                 join(effect(2, 0.1), effect(3, 0.1), seq(effect(4), sleep(1), effect(5))),
@@ -270,9 +272,11 @@ def test_postgres_crash_and_restart_same_worker_recovers(
                 race(effect(7), sleep(600)),
                 effect(8, 0.1),
                 mapped,
+                continued,
                 *tail,
             )
-            expected[start(app, graph, f"crash-{n}")] = set(range(1, 17)) | loop_steps | map_steps
+            steps = set(range(1, 17)) | loop_steps | map_steps | continued_steps
+            expected[start(app, graph, f"crash-{n}")] = steps
     ids = list(expected)
 
     worker = workers.start(dsn, concurrency=4, lease_seconds=2)

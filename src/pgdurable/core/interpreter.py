@@ -30,7 +30,7 @@ from typing import Any, Literal, TypeVar
 
 from .cron import cron_error, next_tick
 from .http_request import build_request, idempotency_key
-from .model import UNNAMED_RESULT_TYPES, Graph, Node
+from .model import UNNAMED_RESULT_TYPES, Graph, GraphError, Node, continuation_of, expand
 from .state import (
     ROOT,
     Activation,
@@ -78,7 +78,9 @@ _BACKSTOPS = frozenset({"57014", "http_timeout", "call_timeout"})
 # Failures that no df.retry retries, whatever its retry_on: running the step again cannot
 # change them (a Python step's arguments that do not bind, a result that is not JSON, a step
 # its submitter may not call).
-NEVER_RETRIED = frozenset({"call_invalid", "call_forbidden"})
+NEVER_RETRIED = frozenset({"call_invalid", "call_forbidden", "graph_invalid"})
+# The steps whose result may be the rest of the workflow (df.continue_with).
+_CONTINUABLE = frozenset({"SQL", "CALL"})
 # Timers further away than this (a century) are set at this distance: PostgreSQL's
 # timestamps end in the year 294276.
 MAX_WAIT_SECONDS = 100 * 365 * 86400.0
@@ -153,6 +155,11 @@ class Transition:
     dropped: list[int] = field(default_factory=list)  # activations whose tasks must go
     outcome: Outcome | None = None
     ended_execution: EndedExecution | None = None
+    # A step returned the rest of the workflow (df.continue_with): the graph with its nodes,
+    # the nodes to record, and the steps each generated graph runs in place of (step, root).
+    graph: Graph | None = None
+    new_nodes: list[Node] = field(default_factory=list)
+    continued: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def state(self) -> dict[str, Any]:
@@ -291,7 +298,20 @@ def chain(first: Transition, second: Transition, ran: int) -> Transition:
         dropped=[*first.dropped, *(d for d in second.dropped if d not in queued)],
         outcome=second.outcome,
         ended_execution=second.ended_execution or first.ended_execution,
+        graph=second.graph or first.graph,
+        new_nodes=[*first.new_nodes, *second.new_nodes],
+        continued=[*first.continued, *second.continued],
     )
+
+
+class GraphOutdated(LookupError):
+    """The state runs nodes the graph does not have: a step returned the rest of the workflow
+    (df.continue_with) since the graph was read. Read it again."""
+
+
+def covers(graph: Graph, state: InstanceState | None) -> bool:
+    """Whether ``graph`` has every node ``state`` runs (see :class:`GraphOutdated`)."""
+    return state is None or all(act.node in graph.nodes for act in state.acts.values())
 
 
 def is_waiting(state: InstanceState | None, activation: int) -> bool:
@@ -350,7 +370,13 @@ def _leaf_finished(
 ) -> Transition:
     run = _Run(graph, state, variables, now, max_statement_bytes)
     if activation in run.acts:  # else a stale event: the activation is gone
-        run.finish(activation, ended)
+        graph_next = None
+        if ended.kind == "ok" and graph[run.acts[activation].node].type in _CONTINUABLE:
+            graph_next = continuation_of(ended.value)
+        if graph_next is None:
+            run.finish(activation, ended)
+        else:
+            run.continue_with(activation, graph_next)
     return run.finish_transition()
 
 
@@ -432,6 +458,8 @@ class _Run:
         now: float,
         max_statement_bytes: int = DEFAULT_MAX_BYTES,
     ):
+        if not covers(graph, state):
+            raise GraphOutdated(f"instance {graph.instance_id} has nodes this graph lacks")
         self.graph = graph
         self.variables = variables
         self.now = now
@@ -447,6 +475,8 @@ class _Run:
         self.dropped: list[int] = []
         self.outcome: Outcome | None = None
         self.ended_execution: EndedExecution | None = None
+        self.new_nodes: list[Node] = []
+        self.continued: list[tuple[str, str]] = []
 
     # -- bookkeeping ---------------------------------------------------------------------------
 
@@ -518,8 +548,38 @@ class _Run:
         tasks = [t for t in self.tasks if t.activation in self.acts]
         state = InstanceState(self.next_id, self.acts, self.execs, self.envs)
         return Transition(
-            state, self.writes, tasks, self.dropped, self.outcome, self.ended_execution
+            state,
+            self.writes,
+            tasks,
+            self.dropped,
+            self.outcome,
+            self.ended_execution,
+            self.graph if self.new_nodes else None,
+            self.new_nodes,
+            self.continued,
         )
+
+    def continue_with(self, aid: int, envelope: Mapping[str, Any]) -> None:
+        """Step ``aid`` returned the rest of the workflow: run that graph in its place (as
+        its child), and end the step with the graph's outcome."""
+        act = self.acts[aid]
+        node = self.graph[act.node]
+        seed = f"{self.graph.instance_id}:{self._stamp(act.exec_id)}:{node.id}:{self.next_id}"
+        try:
+            root, nodes = expand(envelope, self.graph, node.id, seed)
+        except GraphError as exc:
+            error = f"the graph step {node.id} returned is invalid: {exc}"
+            self.finish(aid, Ended("fail", error, "graph_invalid"))
+            return
+        grown = {**self.graph.nodes, **{n.id: n for n in nodes}, node.id: replace(node, left=root)}
+        self.graph = replace(self.graph, nodes=grown)
+        self.new_nodes += nodes
+        self.continued.append((node.id, root))
+        self.activate(root, aid, "left", act.exec_id, act.env_id)
+
+    def _child_of_step(self, aid: int, act: Activation, node: Node, slot: Slot, end: Ended) -> None:
+        """The graph a step continued with ended: so does the step, as it did."""
+        self.finish(aid, end)
 
     # -- activation ----------------------------------------------------------------------------
 
@@ -1062,10 +1122,10 @@ class NodeHandlers:
 
 
 NODE_HANDLERS: Mapping[str, NodeHandlers] = {
-    "SQL": NodeHandlers(_Run._start_sql),
+    "SQL": NodeHandlers(_Run._start_sql, _Run._child_of_step),
     "HTTP": NodeHandlers(_Run._start_http),
     "HTTP_MULTIPART": NodeHandlers(_Run._start_http),
-    "CALL": NodeHandlers(_Run._start_call),
+    "CALL": NodeHandlers(_Run._start_call, _Run._child_of_step),
     "SIGNAL": NodeHandlers(_Run._start_signal),
     "SLEEP": NodeHandlers(_Run._start_sleep, timer=_Run._sleep_over),
     "WAIT_SCHEDULE": NodeHandlers(_Run._start_wait_schedule, timer=_Run._schedule_reached),

@@ -7,6 +7,7 @@ by hand, so loading checks again (missing children, cycles, bad configs) and rai
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -285,3 +286,157 @@ def _valid_retry(config: Mapping[str, Any]) -> bool:
             or (isinstance(retry_on, list) and all(isinstance(c, str) for c in retry_on))
         )
     )
+
+
+# -- graphs a step returns --------------------------------------------------------------------
+
+CONTINUE_WITH = "df.continue_with"
+"""The key of a step result that is the rest of the workflow: ``{"df.continue_with": <graph>}``
+(df.continue_with in SQL; a Python step returns a pgdurable.dsl.Node)."""
+
+_ENVELOPE_KEYS = ("left_node", "right_node", "condition_node", "extra_nodes")
+
+
+def continuation_of(result: str) -> Mapping[str, Any] | None:
+    """The graph a step's result continues the workflow with, or None if it is a plain
+    result. The result is ``{"df.continue_with": <graph>}``, or a SQL result whose one row
+    has one column holding that (``SELECT df.continue_with(...)``)."""
+    if CONTINUE_WITH not in result:  # the cheap test first: most results are plain
+        return None
+    try:
+        value = json.loads(result)
+    except ValueError:
+        return None
+    if isinstance(value, dict) and isinstance(value.get("rows"), list) and len(value["rows"]) == 1:
+        row = value["rows"][0]
+        if isinstance(row, dict) and len(row) == 1:
+            value = next(iter(row.values()))
+    if isinstance(value, dict) and len(value) == 1 and isinstance(value.get(CONTINUE_WITH), dict):
+        return value[CONTINUE_WITH]  # type: ignore[no-any-return]
+    return None
+
+
+def expand(envelope: Mapping[str, Any], graph: Graph, at: str, seed: str) -> tuple[str, list[Node]]:
+    """The nodes of ``envelope`` (a graph as the DSL builders write it), to run in place of
+    node ``at`` of ``graph``: checked as df.start checks a graph, and within its limits
+    counting the nodes ``graph`` has already. Ids are drawn from ``seed``, none of them taken
+    in ``graph``. Returns the new root's id and the nodes, parents before children. Raises
+    GraphError."""
+    depth = _depth_of(graph, at)
+    taken = set(graph.nodes)
+    made: list[Node] = []
+
+    def new_id(path: str) -> str:
+        counter = 0
+        while True:
+            digest = hashlib.sha256(f"{seed}:{path}:{counter}".encode()).hexdigest()[:8]
+            if digest not in taken:
+                taken.add(digest)
+                return digest
+            counter += 1
+
+    def visit(doc: Any, path: str, level: int) -> str:
+        if len(graph.nodes) + len(made) >= MAX_NODES:
+            raise GraphError(
+                f"Workflow exceeds maximum node count of {MAX_NODES}. Simplify the workflow or"
+                " break it into multiple instances."
+            )
+        if level > MAX_DEPTH:
+            raise GraphError(
+                f"Graph exceeds maximum nesting depth of {MAX_DEPTH}. Simplify the workflow or"
+                " break it into multiple instances."
+            )
+        if not isinstance(doc, dict):
+            raise GraphError(f"{path}: a node must be a JSON object")
+        node_type = doc.get("node_type")
+        if not isinstance(node_type, str) or node_type not in NODE_TYPES:
+            raise GraphError(f"{path}: Unknown node_type '{node_type}'")
+        query, name = doc.get("query"), doc.get("result_name")
+        if not (query is None or isinstance(query, str)):
+            raise GraphError(f"{path}: query must be a string")
+        if not (name is None or (isinstance(name, str) and _RESULT_NAME.fullmatch(name))):
+            raise GraphError(f"{path}: result_name must match [a-zA-Z_][a-zA-Z0-9_]*")
+        present = {k for k in _ENVELOPE_KEYS if doc.get(k) not in (None, [])}
+        allowed = _CHILD_KEYS.get(node_type, set())
+        if present - allowed:
+            raise GraphError(
+                f"{path}: {sorted(present - allowed)[0]} is not valid for {node_type} nodes"
+            )
+        node_id = new_id(path)
+        index = len(made)
+        made.append(Node(node_id, node_type))  # a placeholder: parents before children
+        left = (
+            visit(doc["left_node"], f"{path}.left", level + 1) if "left_node" in present else None
+        )
+        right = (
+            visit(doc["right_node"], f"{path}.right", level + 1)
+            if "right_node" in present
+            else None
+        )
+        config: dict[str, Any] = {}
+        if node_type in CONFIG_TYPES and query is not None:
+            try:
+                parsed = json.loads(query)
+            except ValueError as exc:
+                raise GraphError(f"{path}: query in {node_type} is not JSON") from exc
+            if not isinstance(parsed, dict):
+                raise GraphError(f"{path}: query in {node_type} is not a JSON object")
+            config = parsed
+        if "condition_node" in present:
+            config["condition_node"] = visit(doc["condition_node"], f"{path}.condition", level + 1)
+        if "extra_nodes" in present:
+            extras = doc["extra_nodes"]
+            if not isinstance(extras, list):
+                raise GraphError(f"{path}: extra_nodes must be an array")
+            config["extra_nodes"] = [
+                visit(e, f"{path}.extra[{i}]", level + 1) for i, e in enumerate(extras)
+            ]
+        if node_type in ("THEN", "RACE"):
+            query = None
+        elif config and ("condition_node" in present or "extra_nodes" in present):
+            query = json.dumps(config, separators=(",", ":"), ensure_ascii=False)
+        node = node_from_row(
+            {
+                "id": node_id,
+                "node_type": node_type,
+                "query": query,
+                "result_name": name,
+                "left_node": left,
+                "right_node": right,
+            }
+        )
+        try:
+            _check_node(node)
+        except GraphError as exc:
+            raise GraphError(f"{path}: {exc}") from None
+        made[index] = node
+        return node_id
+
+    root = visit(envelope, "root", depth + 1)
+    return root, made
+
+
+# The children each node type may have in a graph's JSON text.
+_CHILD_KEYS: Mapping[str, set[str]] = {
+    "THEN": {"left_node", "right_node"},
+    "RACE": {"left_node", "right_node"},
+    "JOIN": {"left_node", "right_node", "extra_nodes"},
+    "IF": {"left_node", "right_node", "condition_node"},
+    "LOOP": {"left_node", "condition_node"},
+    "RETRY": {"left_node"},
+    "TIMEOUT": {"left_node"},
+    "MAP": {"left_node"},
+}
+
+
+def _depth_of(graph: Graph, node_id: str) -> int:
+    """How deep ``node_id`` sits below the graph's root."""
+    stack = [(graph.root, 0)]
+    while stack:
+        current, depth = stack.pop()
+        if current == node_id:
+            return depth
+        node = graph.nodes.get(current)
+        if node is not None:
+            stack.extend((child, depth + 1) for child in node.children)
+    return 0

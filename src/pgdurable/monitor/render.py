@@ -197,6 +197,8 @@ def _groups(node: Node) -> list[tuple[str, str]]:
         return [("within:", node.left)]
     if t == "MAP" and node.left:
         return [("each item:", node.left)]
+    if t in ("SQL", "CALL") and node.left:  # the graph the step returned (df.continue_with)
+        return [("continued with:", node.left)]
     return []
 
 

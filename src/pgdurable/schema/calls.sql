@@ -189,3 +189,19 @@ $$;
 REVOKE EXECUTE ON FUNCTION df.grant_call(text, text) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION df.revoke_call(text, text) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION df.call_grants() FROM PUBLIC;
+
+-- ---------------------------------------------------------------------------------------------
+-- df.continue_with: the result of a step that is the rest of the workflow. A SQL step that
+-- returns it (SELECT df.continue_with(<graph>), one row, one column) or a Python step that
+-- returns a graph (pgdurable.dsl) does not end: the graph runs in its place, and the step
+-- ends as the graph does, with its result. The worker checks the graph as df.start does,
+-- counting it against the instance's limits (10,000 nodes, 256 deep); its nodes are recorded
+-- in df.nodes like the others, and the step's left_node points at its root. Plain text is a
+-- SQL step, as everywhere.
+-- ---------------------------------------------------------------------------------------------
+CREATE OR REPLACE FUNCTION df.continue_with(graph text) RETURNS jsonb
+LANGUAGE plpgsql VOLATILE STRICT AS $$
+BEGIN
+    RETURN jsonb_build_object('df.continue_with', df._ensure(graph)::jsonb);
+END;
+$$;

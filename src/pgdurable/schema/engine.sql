@@ -204,6 +204,8 @@ REVOKE ALL ON FUNCTION df._show_started(bigint, uuid, text[]) FROM PUBLIC;
 --   outcome          null, or {"status": "completed"|"failed", "output": text}
 --   ended_execution  null, or {"generation", "output"}: a root loop began its next iteration
 --   version          null, or the checkpoint count the state was computed after (below)
+--   nodes, continued absent, or the nodes a step's result added (df.continue_with, in
+--                    calls.sql) and the steps they run in place of
 -- Up to p_claim of the new SQL and HTTP tasks that can run now are leased to p_worker for
 -- p_lease_seconds and returned, with the instance's checkpoint count after this one, so the
 -- worker goes on with them without another claim.
@@ -288,6 +290,23 @@ BEGIN
             USING ERRCODE = 'PD001',
                   HINT = 'Its lease expired and another worker took it, or the instance was '
                          'cancelled. The step is rolled back.';
+    END IF;
+
+    -- A step returned the rest of the workflow (df.continue_with): its nodes join the graph,
+    -- checked by the worker as df.start checks a graph (and by df._check_new_nodes), and the
+    -- step points at what runs in its place, for monitoring to draw.
+    IF p_change ? 'nodes' THEN
+        INSERT INTO df.nodes (id, instance_id, node_type, query, result_name, left_node,
+                              right_node, submitted_by, database)
+        SELECT x.id, v_instance, x.node_type, x.query, x.result_name, x.left_node, x.right_node,
+               i.submitted_by, i.database
+          FROM jsonb_to_recordset(p_change -> 'nodes')
+               AS x(id varchar(8), node_type text, query text, result_name text,
+                    left_node varchar(8), right_node varchar(8))
+          JOIN df.instances i ON i.id = v_instance;
+        UPDATE df.nodes n SET left_node = c.left_node
+          FROM jsonb_to_recordset(p_change -> 'continued') AS c(id varchar(8), left_node varchar(8))
+         WHERE n.instance_id = v_instance AND n.id = c.id;
     END IF;
 
     UPDATE df.nodes n

@@ -223,6 +223,11 @@ BEGIN
     WHEN 'MAP' THEN
         children := jsonb_build_array(
             jsonb_build_object('id', left_node, 'h', '∀ each item:', 'c', '└─'));
+    WHEN 'SQL', 'CALL' THEN
+        -- The graph the step returned, which runs in its place (df.continue_with).
+        children := CASE WHEN left_node IS NULL THEN '[]' ELSE jsonb_build_array(
+                        jsonb_build_object('id', left_node, 'h', '⤷ continued with:',
+                                           'c', '└─')) END;
     ELSE
         children := '[]';
     END CASE;

@@ -350,6 +350,9 @@ LANGUAGE sql IMMUTABLE AS $$
                                       AND query IS NOT NULL
                   WHEN 'MAP' THEN left_node IS NOT NULL AND right_node IS NULL
                                   AND query IS NOT NULL
+                  -- A step may point at the graph it returned (df.continue_with).
+                  WHEN 'SQL' THEN right_node IS NULL AND query IS NOT NULL
+                  WHEN 'CALL' THEN right_node IS NULL AND query IS NOT NULL
                   ELSE left_node IS NULL AND right_node IS NULL AND query IS NOT NULL
               END) IS FALSE THEN 'nodes_structure_chk'
     END;

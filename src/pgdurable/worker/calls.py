@@ -22,6 +22,8 @@ from typing import Any
 
 import psycopg
 
+from ..core.model import CONTINUE_WITH
+from ..dsl import Node
 from ..python_steps import StepContext, StepDefinition
 
 # How much of a traceback an error keeps: its last frames, and at most this many characters.
@@ -49,7 +51,9 @@ def bind_error(name: str, exc: TypeError) -> str:
 
 def encode_result(name: str, value: Any, limit: int) -> CallOutcome:
     """The function's return value as the step's result: JSON text of at most ``limit``
-    bytes."""
+    bytes. A graph (pgdurable.dsl.Node) is the rest of the workflow (df.continue_with)."""
+    if isinstance(value, Node):
+        value = {CONTINUE_WITH: json.loads(value.to_json())}
     try:
         text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError) as exc:

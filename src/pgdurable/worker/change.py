@@ -18,6 +18,11 @@
     version          null, or the instance's checkpoint count the state was computed after,
                      when the worker knew it from its own last checkpoint instead of reading
                      it under df._checkpoint_begin's lock (df._checkpoint checks it)
+    nodes            absent, or [{"id", "node_type", "query", "result_name", "left_node",
+                     "right_node"}]: nodes a step's result added to the graph
+                     (df.continue_with), parents first
+    continued        with nodes: [{"id", "left_node"}]: the steps those graphs run in place
+                     of, and each graph's root (stored as the step's left_node)
 
 :func:`change_of` builds it from an interpreter transition; :meth:`Change.to_json` is its one
 serializer. Everything SQL learns of a transition is here: SQL never reads the state itself.
@@ -30,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from ..core.interpreter import EndedExecution, NodeWrite, Outcome, TaskSpec, Transition
+from ..core.model import Node
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,8 @@ class Change:
     outcome: Outcome | None
     ended_execution: EndedExecution | None
     version: int | None = None
+    new_nodes: tuple[Node, ...] = ()
+    continued: tuple[tuple[str, str], ...] = ()
 
     def to_json(self) -> str:
         """The JSON text df._checkpoint reads: compact, UTF-8 as is."""
@@ -101,6 +109,19 @@ class Change:
             ),
             "version": self.version,
         }
+        if self.new_nodes:
+            document["nodes"] = [
+                {
+                    "id": n.id,
+                    "node_type": n.type,
+                    "query": n.query,
+                    "result_name": n.result_name,
+                    "left_node": n.left,
+                    "right_node": n.right,
+                }
+                for n in self.new_nodes
+            ]
+            document["continued"] = [{"id": s, "left_node": r} for s, r in self.continued]
         return json.dumps(document, separators=(",", ":"), ensure_ascii=False)
 
 
@@ -129,6 +150,8 @@ def change_of(transition: Transition, version: int | None = None) -> Change:
         outcome=transition.outcome,
         ended_execution=transition.ended_execution,
         version=version,
+        new_nodes=tuple(transition.new_nodes),
+        continued=tuple(transition.continued),
     )
 
 

@@ -283,6 +283,8 @@ class StepRunner:
                 cp = queries.checkpoint_from_row(locked[0] if locked else None)
                 if cp is None or not cp.role_exists:
                     raise Undone(f"task {task.id} was taken away, or its role dropped")
+                if not interpreter.covers(graph, cp.state):
+                    raise Undone(f"the graph of {task.instance_id} grew since it was read")
                 state, variables, now, version = _state(cp), cp.variables, cp.now, None
             transition = interpreter.step_succeeded(
                 graph, state, variables, task.activation, result, now, **self._limits
@@ -547,6 +549,8 @@ class StepRunner:
                 return [], False
             error = f"Instance {task.instance_id}: submitted_by role no longer exists in pg_roles"
             return await self.fail(task, error, claim_limit), False
+        if not interpreter.covers(graph, cp.state):
+            graph = await self._graph(task, reload=True)
         transition = interpreter.step_succeeded(
             graph, _state(cp), cp.variables, task.activation, result, cp.now, **self._limits
         )
@@ -602,6 +606,8 @@ class StepRunner:
             if cp is None or not cp.role_exists:
                 await conn.execute("ROLLBACK")
                 raise psycopg.Rollback()
+            if not interpreter.covers(graph, cp.state):
+                graph = await self._graph(task, reload=True)
             transition = interpreter.step_succeeded(
                 graph, _state(cp), cp.variables, task.activation, result, cp.now, **self._limits
             )
@@ -1209,7 +1215,12 @@ class StepRunner:
         if decide is None:
             transition = self._start(task, cp, results[2], results[3])
         else:
-            if graph is None:
+            if graph is None or not interpreter.covers(graph, cp.state):
+                if graph is not None:  # it grew since it was cached: read it again
+                    results[2:] = await run_queries(
+                        conn,
+                        queries.graph_queries(task.instance_id, self.settings.max_state_bytes),
+                    )
                 graph = self._loaded_graph(task, results[2], results[3])
             decided = await decide(conn, graph, cp)
             if decided is None:
@@ -1232,7 +1243,10 @@ class StepRunner:
     def _checkpoint_params(
         self, task: Task, transition: Transition, claim: int, version: int | None = None
     ) -> tuple[Any, ...]:
-        """queries.checkpoint_params with this worker's id, lease and state limit."""
+        """queries.checkpoint_params with this worker's id, lease and state limit. A graph
+        that grew (df.continue_with) replaces the one cached."""
+        if transition.graph is not None:
+            self._remember(transition.graph, task.created_at)
         return queries.checkpoint_params(
             task,
             transition,
@@ -1326,9 +1340,10 @@ class StepRunner:
             self._graphs.move_to_end(key)
         return graph
 
-    async def _graph(self, task: Task) -> Graph:
-        """The task's instance's graph, from the cache or read on the worker's connection."""
-        graph = self._cached_graph(task)
+    async def _graph(self, task: Task, reload: bool = False) -> Graph:
+        """The task's instance's graph, from the cache (unless ``reload``: it grew) or read on
+        the worker's connection."""
+        graph = None if reload else self._cached_graph(task)
         if graph is not None:
             return graph
         async with self.conns.worker.connection() as conn:

@@ -1,10 +1,11 @@
-"""Pure tests of df.map in the interpreter: no database."""
+"""Pure tests of workflows that grow at run time, df.map and df.continue_with: no database."""
 
 from __future__ import annotations
 
 import json
 from typing import Any
 
+import pytest
 from interp_sim import G, Sim, rows
 
 from pgdurable.core import interpreter as interp
@@ -139,3 +140,67 @@ def test_names_bound_inside_an_item_stay_in_it() -> None:
     for task in list(sim.tasks.values()):
         sim.complete(task.node_id, rows(), task=task)
     assert sim.sql_of(after) == "SELECT $v?"  # no result of that name out here
+
+
+# -- steps that return the rest of the workflow ------------------------------------------------
+
+
+def continued(graph: dict[str, Any]) -> str:
+    return json.dumps({"df.continue_with": graph})
+
+
+def test_a_step_that_returns_a_graph_runs_it_in_its_place() -> None:
+    g = G()
+    step = g.sql("SELECT plan", name="planned")
+    after = g.sql("SELECT $planned.total")
+    sim = Sim(g.graph(g.then(step, after)))
+    rest = {
+        "node_type": "JOIN",
+        "left_node": {"node_type": "SQL", "query": "SELECT 1"},
+        "right_node": {"node_type": "SQL", "query": "SELECT 2"},
+    }
+    # A SQL step's one row and one column holding it, as SELECT df.continue_with(...) gives.
+    transition = interp.step_succeeded(
+        sim.graph, sim.state, {}, sim.task(step).activation,
+        rows({"continue_with": json.loads(continued(rest))}), sim.now,
+    )  # fmt: skip
+    assert transition.graph is not None and len(transition.new_nodes) == 3
+    join_id = transition.continued[0][1]
+    assert transition.continued == [(step, join_id)]
+    assert transition.graph[step].left == join_id
+    new_sql = [n.id for n in transition.new_nodes if n.type == "SQL"]
+    assert sorted(t.node_id for t in transition.tasks) == sorted(new_sql)
+    # The graph must be read again by a worker that had it before.
+    assert not interp.covers(sim.graph, transition.next_state)
+    assert interp.covers(transition.graph, transition.next_state)
+
+
+def test_continuation_results_are_recognised_only_in_their_two_forms() -> None:
+    from pgdurable.core.model import continuation_of
+
+    graph = {"node_type": "SQL", "query": "SELECT 1"}
+    assert continuation_of(continued(graph)) == graph
+    assert continuation_of(rows({"c": json.loads(continued(graph))})) == graph
+    assert continuation_of(rows({"c": 1}, {"c": 2})) is None
+    assert continuation_of(json.dumps({"df.continue_with": graph, "other": 1})) is None
+    assert continuation_of('"df.continue_with"') is None
+
+
+def test_generated_ids_are_new_and_limits_count_the_existing_graph() -> None:
+    from pgdurable.core.model import MAX_NODES, GraphError, expand
+
+    g = G()
+    step = g.sql("SELECT 1")
+    graph = g.graph(step)
+    chain: dict[str, Any] = {"node_type": "SQL", "query": "SELECT 0"}
+    for _ in range(5):
+        chain = {"node_type": "THEN", "left_node": chain, "right_node": chain}
+    root, nodes = expand(chain, graph, step, "seed")
+    assert len(nodes) == 63 and len({n.id for n in nodes} | set(graph.nodes)) == 64
+    assert nodes[0].id == root
+    big = dict(graph.nodes) | {f"{i:08x}x": graph.nodes[step] for i in range(MAX_NODES - 10)}
+    with pytest.raises(GraphError, match="maximum node count"):
+        expand(chain, interp.Graph(graph.instance_id, graph.root, big), step, "seed")
+    with pytest.raises(GraphError, match=r"root\.left: left_node is not valid for SQL nodes"):
+        bad_leaf = {"node_type": "SQL", "query": "x", "left_node": chain}
+        expand({"node_type": "THEN", "left_node": bad_leaf, "right_node": chain}, graph, step, "s")
