@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import threading
 import time
 from typing import Any
 
@@ -189,3 +190,18 @@ async def too_deep(ctx: StepContext, depth: int) -> Any:
     for _ in range(depth):
         node = dsl.timeout(node, 60)
     return node
+
+
+RELEASE_STUBBORN = threading.Event()
+"""What util.sync_stubborn waits for (a test sets it)."""
+
+
+@step("util.sync_stubborn")
+def sync_stubborn(ctx: StepContext) -> str:
+    """Writes, then waits for RELEASE_STUBBORN without looking at ctx.cancelled."""
+    ctx.conn.execute(
+        "INSERT INTO public.py_effects (instance, note, attempt) VALUES (%s, 'stubborn', %s)",
+        (ctx.instance_id, ctx.attempt),
+    )
+    RELEASE_STUBBORN.wait(60)
+    return "late"

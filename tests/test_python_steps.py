@@ -255,6 +255,39 @@ def test_a_cancelled_sync_step_sees_ctx_cancelled(
     assert py_app.wait(instance) == "cancelled"
 
 
+def test_a_cancelled_sync_step_that_ignores_it_is_abandoned_and_its_writes_never_count(
+    py_app: App, conn: Conn, dsn: str
+) -> None:
+    steps.RELEASE_STUBBORN.clear()
+    lone = ThreadWorker(dsn, concurrency=1, steps=registered())
+    try:
+        instance = py_app.start("df.call('util.sync_stubborn')")
+        _running_call(conn, instance)
+        py_app.conn.execute("SELECT df.cancel(%s)", (instance,))
+        assert py_app.wait(instance) == "cancelled"
+        # The worker's one slot is free again while the function still runs.
+        assert py_app.run("'SELECT 1'")[1] == "completed"
+        assert conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = %s"
+            " AND state = 'idle in transaction'",
+            (py_app.role,),
+        ).fetchone() == (1,)
+        # Once the function returns, its connection is closed with its transaction.
+        steps.RELEASE_STUBBORN.set()
+        wait_until(
+            lambda: (
+                not conn.execute(
+                    "SELECT 1 FROM pg_stat_activity WHERE usename = %s AND state LIKE 'idle in%%'",
+                    (py_app.role,),
+                ).fetchone()
+            )
+        )
+        assert effects(conn, instance) == []
+    finally:
+        steps.RELEASE_STUBBORN.set()
+        lone.stop()
+
+
 # -- outside a transaction --------------------------------------------------------------------
 
 

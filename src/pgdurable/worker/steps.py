@@ -39,7 +39,7 @@ from ..core.state import InstanceState
 from ..python_steps import StepContext, StepDefinition
 from . import calls, http, queries
 from .batch import DEFAULT_BATCH_SIZE, Batches, Checkpointer, Followups, Running, Undone
-from .connections import RESET_SESSION, Connections, is_transient
+from .connections import RESET_SESSION, Connections, StepPool, is_transient
 from .egress import EgressPolicy
 from .queries import AsyncConn, Checkpoint, Task
 from .results import DEFAULT_MAX_RESULT_BYTES, MAX_RESULT_BYTES_SETTING, ResultError
@@ -168,7 +168,7 @@ class StepRunner:
         self._statements: dict[int, Running] = {}  # task id -> its statement in flight
         # HTTP requests and Python steps in flight, by task id: a cancel cancels the future.
         self._requests: dict[int, tuple[Task, asyncio.Future[Any]]] = {}
-        self._background: set[asyncio.Future[None]] = set()  # see _show_started
+        self._background: set[asyncio.Future[None]] = set()  # see _in_background
         self._sql_running: Counter[str] = Counter()  # instance id -> its SQL steps running
         self._batches = Batches(
             conns, self._statements, settings.max_result_bytes, settings.batch_size, busy
@@ -851,9 +851,13 @@ class StepRunner:
         """The first step has run for SHOW_STARTED_AFTER: show its instance and the nodes the
         start began as running (df._show_started), on the worker's connection, in the
         background; they would read pending until the step commits."""
-        shown = asyncio.ensure_future(self._show_started_now(task, started))
-        self._background.add(shown)
-        shown.add_done_callback(self._background.discard)
+        self._in_background(self._show_started_now(task, started))
+
+    def _in_background(self, work: Awaitable[None]) -> None:
+        """Run ``work`` without waiting for it (kept referenced until it ends)."""
+        future = asyncio.ensure_future(work)
+        self._background.add(future)
+        future.add_done_callback(self._background.discard)
 
     async def _show_started_now(self, task: Task, started: Transition) -> None:
         nodes = sorted({w.node_id for w in started.writes if w.status == "running"})
@@ -1056,7 +1060,7 @@ class StepRunner:
             if error is None:
                 raise
             return await self.fail(task, error, claim_limit)
-        reusable, clean = False, False
+        reusable, clean, handed_off = False, False, False
         try:
             await conn.execute(BEGIN.sql)
             with contextlib.ExitStack() as stack:
@@ -1067,8 +1071,11 @@ class StepRunner:
                 outcome = await self._invoke(task, invocation, limit)
                 if outcome is None:  # interrupted: whatever it runs now is cancelled
                     await _cancel_request(conn)
-                    await invocation.settled()
-                    return []  # the connection is closed, its transaction with it
+                    # An abandoned sync function may still use the connection: it is closed
+                    # (its transaction with it) once the function returns, not before.
+                    handed_off = True
+                    self._in_background(self._close_after(invocation, pool, conn))
+                    return []
             if conn.closed or conn.broken:
                 if outcome.exception is not None and is_transient(outcome.exception):
                     raise outcome.exception
@@ -1103,7 +1110,13 @@ class StepRunner:
             reusable = True
             return followups
         finally:
-            await pool.release(conn, reusable and not conn.closed, clean)
+            if not handed_off:
+                await pool.release(conn, reusable and not conn.closed, clean)
+
+    @staticmethod
+    async def _close_after(invocation: calls.Invocation, pool: StepPool, conn: AsyncConn) -> None:
+        await invocation.settled()
+        await pool.release(conn, False, False)
 
     def _recorded(self, task: Task, outcome: calls.CallOutcome) -> Decision:
         """The transition that records a Python step's outcome."""
