@@ -428,6 +428,12 @@ def _break_value(node: Node) -> str:
         return _compact(raw)
 
 
+def _item_scope(body: str, index: int) -> str:
+    """The last part of a df.map item's execution scope: 8 hex digits, like the node id that
+    ends a JOIN branch's, for monitoring to read scopes the same way."""
+    return hashlib.sha256(f"{body}#{index}".encode()).hexdigest()[:8]
+
+
 _A = TypeVar("_A", bound=Activation)
 
 
@@ -1006,7 +1012,7 @@ class _Run:
             if m.started >= m.count or len(m.running) >= limit:
                 return
             index = m.started
-            exec_id = self._new_exec(m.exec_id, f"{body}#{index + 1}")
+            exec_id = self._new_exec(m.exec_id, _item_scope(body, index))
             env_id = self._new_env(m.env_id)
             self._bind(env_id, {name: items[index]})
             running = (*m.running, (index, exec_id, env_id))
