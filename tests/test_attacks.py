@@ -278,10 +278,10 @@ def test_dblink_cannot_log_in_as_another_role(
 # PostgreSQL checks against that login's memberships, and calls one of two fixed functions
 # with quoted arguments; df._admin_setting returns what an administrator set a pg_durable.*
 # setting to (and nothing for other names, whose values the configuration files may keep
-# secret); df._call_has_worker says whether some live worker has a Python step of a given
+# secret); df._step_has_worker says whether some live worker has a Python step of a given
 # name, nothing else of the workers. A new one must be reviewed and added here.
 REVIEWED_DEFINERS = {
-    "df._call_has_worker(text,text,text)",
+    "df._step_has_worker(text)",
     "df._checkpoint(bigint,uuid,jsonb,uuid,integer,double precision)",
     "df._checkpoint_begin(bigint,uuid)",
     "df._task_facts(bigint,uuid)",

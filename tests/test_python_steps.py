@@ -370,6 +370,10 @@ def test_a_call_waits_for_a_worker_that_has_its_name(
     shown = {r["node_type"]: r["has_worker"] for r in monitor_queries.nodes(py_app.conn, instance)}
     assert shown["CALL"] is False and shown["SQL"] is None
     assert conn.execute("SELECT step_names FROM df.workers()").fetchall() == [([],)]
+    waiting = py_app.conn.execute(
+        "SELECT instance_id, step_name, waiting_since IS NOT NULL FROM df.waiting_calls()"
+    ).fetchall()
+    assert waiting == [(instance, "util.add", True)]
     other = ThreadWorker(dsn, concurrency=2, steps=registered())
     try:
         assert py_app.wait(instance) == "completed"
@@ -377,6 +381,7 @@ def test_a_call_waits_for_a_worker_that_has_its_name(
             "SELECT step_names FROM df._worker_epoch WHERE 'util.add' = ANY (step_names)"
         ).fetchall()
         assert len(names) == 1 and "billing.charge" in names[0][0]  # type: ignore[operator]
+        assert py_app.conn.execute("SELECT * FROM df.waiting_calls()").fetchall() == []
     finally:
         other.stop()
     assert py_app.result(instance) == 4
@@ -469,3 +474,15 @@ def test_a_worker_whose_step_module_fails_to_import_stops_at_start(
     broken = workers.start(dsn, extra=["--import", "no_such_module_anywhere"])
     assert broken.wait_exit(30) != 0
     assert "cannot import Python steps from 'no_such_module_anywhere'" in broken.log()
+
+
+def test_the_modules_may_come_from_pgdurable_imports(
+    conn: Conn, dsn: str, workers: Workers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PGDURABLE_IMPORTS", "json, python_steps_for_tests")
+    worker = workers.start(dsn)
+    worker_id = worker.wait_ready()
+    row = conn.execute(
+        "SELECT step_names FROM df.workers() WHERE worker_id = %s", (worker_id,)
+    ).fetchone()
+    assert row is not None and {"util.add", "billing.charge"} <= set(row[0])  # type: ignore[arg-type]

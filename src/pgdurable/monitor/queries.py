@@ -51,7 +51,8 @@ def nodes(conn: Conn, instance_id: str) -> list[Row]:
     cur.execute(
         "SELECT n.node_id, n.node_type, n.query, n.result_name, n.left_node, n.right_node,"
         "       n.status, n.inferred_status, n.result, d.error, d.started_at, n.updated_at,"
-        "       df._call_has_worker(n.node_type, n.query, n.inferred_status) AS has_worker"
+        "       CASE WHEN n.node_type = 'CALL' AND n.inferred_status = 'running'"
+        "            THEN df._step_has_worker(df._call_name(n.query)) END AS has_worker"
         "  FROM df.instance_nodes(%s) n"
         "  JOIN df.nodes d ON d.instance_id = %s AND d.id = n.node_id",
         (instance_id, instance_id),

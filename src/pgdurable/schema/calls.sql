@@ -117,6 +117,26 @@ BEGIN
 END;
 $$;
 
+-- The step name of a CALL node's config (its query), or NULL if it has none.
+CREATE OR REPLACE FUNCTION df._call_name(config text) RETURNS text
+LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE AS $$
+BEGIN
+    RETURN config::jsonb ->> 'name';
+EXCEPTION WHEN data_exception THEN
+    RETURN NULL;
+END;
+$$;
+
+-- Whether a live worker (one seen in the last 30 s) has the Python step p_name: a call that
+-- none has waits (df.waiting_calls, df.explain, `pgdurable show`). SECURITY DEFINER: users may
+-- not read df._worker_epoch; this tells only whether some worker has a step of that name.
+CREATE OR REPLACE FUNCTION df._step_has_worker(p_name text) RETURNS boolean
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT EXISTS (SELECT 1 FROM df._worker_epoch w
+                    WHERE w.last_seen_at > now() - interval '30 seconds'
+                      AND p_name = ANY (w.step_names));
+$$;
+
 -- A grant pattern: a step name, a name prefix ending in '.*', or '*'.
 CREATE OR REPLACE FUNCTION df._is_call_pattern(pattern text) RETURNS boolean
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$

@@ -411,21 +411,6 @@ END;
 $$;
 
 -- ---------------------------------------------------------------------------------------------
--- For a running CALL node (the node's type, query and inferred status): whether a live
--- worker (one seen in the last 30 s) has its step; NULL for any other node. df.explain and
--- `pgdurable show` mark a call that waits for such a worker. SECURITY DEFINER: users may not
--- read df._worker_epoch; this tells only whether some worker has a step of that name.
--- ---------------------------------------------------------------------------------------------
-CREATE OR REPLACE FUNCTION df._call_has_worker(node_type text, query text, status text)
-RETURNS boolean
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT EXISTS (SELECT 1 FROM df._worker_epoch w
-                    WHERE w.last_seen_at > now() - interval '30 seconds'
-                      AND df._explain_config(query) ->> 'name' = ANY (w.step_names))
-     WHERE node_type = 'CALL' AND status = 'running';
-$$;
-
--- ---------------------------------------------------------------------------------------------
 -- Live mode: an instance of the caller's, with a header and the inferred status of every
 -- node (df.instance_nodes: an untaken IF arm shows ⊘ skipped, not ○ pending).
 -- ---------------------------------------------------------------------------------------------
@@ -454,7 +439,8 @@ BEGIN
 
     -- A running Python step that no live worker has says so: it waits for one.
     SELECT jsonb_object_agg(n.node_id, CASE
-               WHEN df._call_has_worker(n.node_type, n.query, n.inferred_status) IS FALSE
+               WHEN n.node_type = 'CALL' AND n.inferred_status = 'running'
+                AND NOT df._step_has_worker(df._call_name(n.query))
                THEN jsonb_set(e.entry, '{l}',
                               to_jsonb((e.entry ->> 'l') || ' (waiting for a worker that has this step)'))
                ELSE e.entry END)

@@ -282,6 +282,20 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
      ORDER BY t.lease_owner, t.id;
 $$;
 
+-- The caller's Python steps that wait for a worker: running CALL nodes whose step no live
+-- worker has (docs/python.md). Run as the caller: another role's instances are not seen.
+CREATE OR REPLACE FUNCTION df.waiting_calls()
+RETURNS TABLE (instance_id text, node_id text, step_name text, waiting_since timestamptz)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT n.instance_id::text, n.id::text, df._call_name(n.query), n.started_at
+      FROM df.nodes n
+      JOIN df.instances i ON i.id = n.instance_id
+     WHERE n.node_type = 'CALL' AND n.status = 'running'
+       AND i.status IN ('pending', 'running')
+       AND NOT df._step_has_worker(df._call_name(n.query))
+     ORDER BY n.started_at, n.instance_id, n.id;
+$$;
+
 REVOKE EXECUTE ON FUNCTION df.workers(interval) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION df.worker_tasks() FROM PUBLIC;
 
