@@ -387,6 +387,22 @@ def test_a_call_waits_for_a_worker_that_has_its_name(
     assert py_app.result(instance) == 4
 
 
+def test_a_worker_that_has_the_next_step_takes_it_over_without_a_claim(
+    py_app: App, conn: Conn, py_worker: ThreadWorker
+) -> None:
+    """A checkpoint leases the Python step that follows to its worker if that worker has it,
+    in the row of the task it retires (as for a SQL step), not through the queue."""
+    instance = py_app.start("'SELECT 1' ~> df.call('util.sleep_forever')")
+    first = conn.execute("SELECT id FROM df._tasks WHERE instance_id = %s", (instance,)).fetchone()
+    _running_call(conn, instance)
+    row = conn.execute(
+        "SELECT id, call_name, lease_owner IS NOT NULL FROM df._tasks WHERE instance_id = %s",
+        (instance,),
+    ).fetchone()
+    assert first is not None and row == (first[0], "util.sleep_forever", True)
+    py_app.conn.execute("SELECT df.cancel(%s)", (instance,))
+
+
 def test_df_call_checks_its_arguments(py_app: App) -> None:
     with pytest.raises(psycopg.errors.InvalidParameterValue, match="invalid step name"):
         py_app.conn.execute("SELECT df.call('no spaces')")

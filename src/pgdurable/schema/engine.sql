@@ -206,9 +206,11 @@ REVOKE ALL ON FUNCTION df._show_started(bigint, uuid, text[]) FROM PUBLIC;
 --   version          null, or the checkpoint count the state was computed after (below)
 --   nodes, continued absent, or the nodes a step's result added (df.continue_with, in
 --                    calls.sql) and the steps they run in place of
--- Up to p_claim of the new SQL and HTTP tasks that can run now are leased to p_worker for
--- p_lease_seconds and returned, with the instance's checkpoint count after this one, so the
--- worker goes on with them without another claim.
+--   callable         absent, or the Python steps among the tasks that p_worker has
+-- Up to p_claim of the new SQL and HTTP tasks that can run now (and Python steps the worker
+-- has: p_change's "callable") are leased to p_worker for p_lease_seconds and returned, with
+-- the instance's checkpoint count after this one, so the worker goes on with them without
+-- another claim.
 --
 -- A version means the worker did not call df._checkpoint_begin: it knew the state from its
 -- own checkpoint that leased it this task, the instance's only task then (a sequence; no
@@ -237,15 +239,20 @@ DECLARE
     v_outcome  jsonb := nullif(p_change -> 'outcome', 'null'::jsonb);
     v_ended    jsonb := nullif(p_change -> 'ended_execution', 'null'::jsonb);
     v_unclaimed integer;
+    v_elsewhere integer;  -- Python steps queued for workers that have them
     v_first    boolean;   -- the instance's first checkpoint: it is running from now on
     v_now      timestamptz := clock_timestamp();  -- the nodes' one time (started <= updated)
     v_notified integer;   -- the count that makes each cancel notification run
+    -- The Python steps the caller has, of those queued here: they may be leased to it.
+    v_callable jsonb := coalesce(p_change -> 'callable', '[]');
     -- The one next task, when this checkpoint leases it to the caller (a sequence's next
     -- step): it takes over this task's row rather than a new one.
     v_next     jsonb := CASE WHEN p_claim > 0
                               AND jsonb_array_length(p_change -> 'tasks') = 1
                               AND jsonb_array_length(p_change -> 'dropped') = 0
-                              AND p_change #>> '{tasks,0,kind}' IN ('sql', 'http')
+                              AND (p_change #>> '{tasks,0,kind}' IN ('sql', 'http')
+                                   OR (p_change #>> '{tasks,0,kind}' = 'call'
+                                       AND v_callable ? (p_change #>> '{tasks,0,payload,name}')))
                               AND jsonb_typeof(p_change #> '{tasks,0,run_at}')
                                   IS DISTINCT FROM 'number'
                          THEN p_change #> '{tasks,0}' END;
@@ -276,7 +283,9 @@ BEGIN
                attempts = 1,
                deferrals = 0,
                created_at = clock_timestamp(),
-               call_name = ''  -- the next is a SQL or HTTP step (unchanged: still HOT)
+               -- '' for a SQL or HTTP step: unchanged, so still HOT.
+               call_name = CASE WHEN v_next ->> 'kind' = 'call'
+                                THEN v_next #>> '{payload,name}' ELSE '' END
          WHERE t.id = p_task AND t.token = p_token
         RETURNING t.* INTO v_reused;
         v_instance := v_reused.instance_id;
@@ -419,14 +428,19 @@ BEGIN
         RETURN;
     END IF;
     RETURN QUERY
-    WITH new_task AS (
-        SELECT n.activation, n.kind, n.node_id, n.payload, n.run_at,
-               n.kind IN ('sql', 'http') AND n.run_at IS NULL
-               AND row_number() OVER (PARTITION BY n.kind IN ('sql', 'http') AND n.run_at IS NULL
-                                      ORDER BY n.activation) <= p_claim AS claimed
+    WITH leasable AS (
+        SELECT n.*,
+               (n.kind IN ('sql', 'http') OR (n.kind = 'call' AND v_callable ? (n.payload ->> 'name')))
+               AND n.run_at IS NULL AS now_here
           FROM jsonb_to_recordset(p_change -> 'tasks')
                AS n(activation integer, kind text, node_id varchar(8), payload jsonb,
                     run_at double precision)
+    ), new_task AS (
+        SELECT n.activation, n.kind, n.node_id, n.payload, n.run_at,
+               n.now_here
+               AND row_number() OVER (PARTITION BY n.now_here ORDER BY n.activation) <= p_claim
+                   AS claimed
+          FROM leasable n
     ), inserted AS (
         INSERT INTO df._tasks AS t
                (instance_id, role_oid, activation, kind, node_id, payload, visible_at,
@@ -455,15 +469,20 @@ BEGIN
       FROM inserted i
      WHERE i.lease_owner IS NOT NULL;
 
-    -- Wake idle workers only for work nobody holds yet; timers are found by polling. Python
-    -- steps are never leased here: this worker may not have them.
-    IF jsonb_path_exists(p_change, '$.tasks[*] ? (@.kind == "call")') THEN
-        PERFORM pg_notify('pgdurable_tasks', '');
-    ELSIF jsonb_array_length(p_change -> 'tasks') > p_claim THEN
-        SELECT count(*) INTO v_unclaimed
-          FROM jsonb_to_recordset(p_change -> 'tasks') AS n(kind text, run_at double precision)
-         WHERE n.kind IN ('sql', 'http') AND n.run_at IS NULL;
-        IF v_unclaimed > p_claim THEN
+    -- Wake idle workers only for work nobody holds yet; timers are found by polling. A Python
+    -- step this worker does not have is for another worker.
+    IF jsonb_array_length(p_change -> 'tasks') > p_claim
+       OR jsonb_path_exists(p_change, '$.tasks[*] ? (@.kind == "call")') THEN
+        SELECT count(*) FILTER (WHERE n.run_at IS NULL
+                                  AND (n.kind IN ('sql', 'http')
+                                       OR (n.kind = 'call' AND v_callable ? n.name))),
+               count(*) FILTER (WHERE n.run_at IS NULL AND n.kind = 'call'
+                                  AND NOT v_callable ? n.name)
+          INTO v_unclaimed, v_elsewhere
+          FROM (SELECT x.kind, x.run_at, x.payload ->> 'name' AS name
+                  FROM jsonb_to_recordset(p_change -> 'tasks')
+                       AS x(kind text, run_at double precision, payload jsonb)) n;
+        IF v_unclaimed > p_claim OR v_elsewhere > 0 THEN
             PERFORM pg_notify('pgdurable_tasks', '');
         END IF;
     END IF;

@@ -23,6 +23,8 @@
                      (df.continue_with), parents first
     continued        with nodes: [{"id", "left_node"}]: the steps those graphs run in place
                      of, and each graph's root (stored as the step's left_node)
+    callable         absent, or the names of the Python steps among the tasks that the
+                     worker writing the checkpoint has: those may be leased to it
 
 :func:`change_of` builds it from an interpreter transition; :meth:`Change.to_json` is its one
 serializer. Everything SQL learns of a transition is here: SQL never reads the state itself.
@@ -31,6 +33,7 @@ serializer. Everything SQL learns of a transition is here: SQL never reads the s
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -65,6 +68,7 @@ class Change:
     version: int | None = None
     new_nodes: tuple[Node, ...] = ()
     continued: tuple[tuple[str, str], ...] = ()
+    callable: tuple[str, ...] = ()
 
     def to_json(self) -> str:
         """The JSON text df._checkpoint reads: compact, UTF-8 as is."""
@@ -122,12 +126,17 @@ class Change:
                 for n in self.new_nodes
             ]
             document["continued"] = [{"id": s, "left_node": r} for s, r in self.continued]
+        if self.callable:
+            document["callable"] = list(self.callable)
         return json.dumps(document, separators=(",", ":"), ensure_ascii=False)
 
 
-def change_of(transition: Transition, version: int | None = None) -> Change:
+def change_of(
+    transition: Transition, version: int | None = None, steps: Collection[str] = ()
+) -> Change:
     """The change that records ``transition`` (computed from the state of checkpoint
-    ``version``, if given): one write per node, its errors folded."""
+    ``version``, if given): one write per node, its errors folded. ``steps``: the Python
+    steps the writing worker has."""
     by_node: dict[str, list[NodeWrite]] = {}
     for w in transition.writes:
         by_node.setdefault(w.node_id, []).append(w)
@@ -152,6 +161,12 @@ def change_of(transition: Transition, version: int | None = None) -> Change:
         version=version,
         new_nodes=tuple(transition.new_nodes),
         continued=tuple(transition.continued),
+        callable=tuple(
+            sorted(
+                {str((t.payload or {}).get("name")) for t in transition.tasks if t.kind == "call"}
+                & set(steps)
+            )
+        ),
     )
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import socket
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -247,12 +247,14 @@ def checkpoint_params(
     lease: float,
     max_bytes: int = DEFAULT_MAX_STATE_BYTES,
     version: int | None = None,
+    steps: Collection[str] = (),
 ) -> tuple[Any, ...]:
-    """Parameters of CHECKPOINT: write ``transition``, retire ``task``, lease follow-ups;
-    ``version``: the instance's checkpoint count the transition was computed after, when it was
-    computed from ``task.known`` rather than under df._checkpoint_begin's lock. Raises
+    """Parameters of CHECKPOINT: write ``transition``, retire ``task``, lease follow-ups
+    (Python steps only if ``steps``, the worker's, has them); ``version``: the instance's
+    checkpoint count the transition was computed after, when it was computed from
+    ``task.known`` rather than under df._checkpoint_begin's lock. Raises
     :class:`StateTooLarge` if the change is larger than ``max_bytes``."""
-    text = change_of(transition, version).to_json()  # once, here, to check its size
+    text = change_of(transition, version, steps).to_json()  # once, here, to check its size
     if len(text) > max_bytes or (not text.isascii() and len(text.encode()) > max_bytes):
         raise StateTooLarge(max_bytes)
     change = Jsonb(None, dumps=lambda _: text)

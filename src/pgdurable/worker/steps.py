@@ -1268,6 +1268,7 @@ class StepRunner:
             self.settings.lease_seconds,
             self.settings.max_state_bytes,
             version,
+            self.settings.steps,
         )
 
     async def _write(
