@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from typing import Any
 
 import pytest
@@ -97,3 +98,31 @@ def test_call_nodes_need_a_name_and_object_arguments() -> None:
     for bad in ('{"name": "a b"}', '{"name": "a.b", "args": [1]}', '{"args": {}}'):
         with pytest.raises(GraphError, match="CALL node 00000001: invalid config"):
             graph(bad)
+
+
+def test_a_timeout_the_function_raises_itself_is_its_own_failure() -> None:
+    async def impatient(ctx: StepContext) -> None:
+        raise TimeoutError("the service did not answer")
+
+    outcome = run(impatient, limit=30)
+    assert outcome.code == "python" and "TimeoutError: the service did not answer" in outcome.value
+
+
+def test_a_sync_step_past_its_deadline_is_abandoned() -> None:
+    release = threading.Event()
+
+    def stuck(ctx: StepContext) -> None:
+        release.wait(10)
+
+    definition = StepDefinition("t.stuck", stuck)
+    c = ctx()
+    invocation = calls.Invocation(definition, c, definition.bind(c, {}), 100)
+
+    async def scenario() -> None:
+        outcome = await invocation.run(0.05)
+        assert outcome.code == "call_timeout" and c.cancelled and invocation.abandoned
+        release.set()
+        await invocation.settled()
+        assert not invocation.abandoned
+
+    asyncio.run(scenario())

@@ -123,8 +123,9 @@ class Invocation:
         awaiting task interrupts an async function, and abandons a sync one
         (``ctx.cancelled`` tells it); CancelledError is raised either way."""
         name = self.definition.name
+        scope = asyncio.timeout(limit)
         try:
-            async with asyncio.timeout(limit):
+            async with scope:
                 if self.definition.is_async:
                     value = await self.definition.function(*self.bound.args, **self.bound.kwargs)
                 else:
@@ -133,7 +134,9 @@ class Invocation:
                         f"pgdurable-step-{name}",
                     )
                     value = await asyncio.wrap_future(self._thread)
-        except TimeoutError:
+        except TimeoutError as exc:
+            if not scope.expired():  # the function's own, not the deadline's
+                return failure(name, exc)
             self.ctx._cancelled.set()
             return timed_out(name)
         except asyncio.CancelledError:
@@ -142,6 +145,11 @@ class Invocation:
         except Exception as exc:
             return failure(name, exc)
         return encode_result(name, value, self.max_result_bytes)
+
+    @property
+    def abandoned(self) -> bool:
+        """Whether a sync function still runs though the worker stopped waiting for it."""
+        return self._thread is not None and not self._thread.done()
 
     async def settled(self) -> None:
         """Wait until an abandoned sync function has returned (its thread may still use the

@@ -1069,13 +1069,16 @@ class StepRunner:
                 else:
                     invocation.ctx.conn = stack.enter_context(calls.blocking_view(conn))
                 outcome = await self._invoke(task, invocation, limit)
-                if outcome is None:  # interrupted: whatever it runs now is cancelled
+                if outcome is None or invocation.abandoned:
+                    # Interrupted (cancelled, or past its deadline): whatever it runs now is
+                    # cancelled. An abandoned sync function may still use the connection: it
+                    # is closed (its transaction with it) once the function returns.
                     await _cancel_request(conn)
-                    # An abandoned sync function may still use the connection: it is closed
-                    # (its transaction with it) once the function returns, not before.
                     handed_off = True
                     self._in_background(self._close_after(invocation, pool, conn))
-                    return []
+                    if outcome is None:
+                        return []
+                    return await self.fail(task, outcome.value, claim_limit, outcome.code)
             if conn.closed or conn.broken:
                 if outcome.exception is not None and is_transient(outcome.exception):
                     raise outcome.exception
