@@ -279,9 +279,12 @@ def test_dblink_cannot_log_in_as_another_role(
 # with quoted arguments; df._admin_setting returns what an administrator set a pg_durable.*
 # setting to (and nothing for other names, whose values the configuration files may keep
 # secret); df._step_has_worker says whether some live worker has a Python step of a given
-# name, nothing else of the workers. A new one must be reviewed and added here.
+# name, nothing else of the workers; df.continue_with signs a graph for the caller's own
+# session_user only (what it signs runs only in that role's instances, as that role). A new one
+# must be reviewed and added here.
 REVIEWED_DEFINERS = {
     "df._step_has_worker(text)",
+    "df.continue_with(text)",
     "df._checkpoint(bigint,uuid,jsonb,uuid,integer,double precision)",
     "df._checkpoint_begin(bigint,uuid)",
     "df._task_facts(bigint,uuid)",

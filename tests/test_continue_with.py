@@ -82,11 +82,30 @@ def test_a_graph_past_the_limits_fails_the_step_and_is_not_retried(
 
 def test_a_malformed_graph_fails_the_step(app: App, py_worker: ThreadWorker) -> None:
     half_a_then = {"node_type": "THEN", "left_node": {"node_type": "SQL", "query": "SELECT 1"}}
-    returned = json.dumps({"df.continue_with": half_a_then})
-    instance, status = app.run(f"$$SELECT '{returned}'::jsonb AS next$$")
+    instance, status = app.run(f"$$SELECT df.continue_with('{json.dumps(half_a_then)}')$$")
     assert status == "failed"
     assert "root: THEN node" in str(app.failure(instance))
     assert "needs left and right children" in str(app.failure(instance))
+
+
+def test_data_that_only_looks_like_a_graph_is_a_plain_result(
+    app: App, conn: Conn, py_worker: ThreadWorker
+) -> None:
+    """Only what df.continue_with signed for the submitter runs. A row of a table (a webhook's
+    payload, say) shaped like its result, unsigned or signed for another role, and a Python
+    step's data of that shape, are results like any other."""
+    payload = {"node_type": "SQL", "query": "CREATE TABLE app.pwned (x int)"}
+    row = conn.execute("SELECT df.continue_with(%s)", (json.dumps(payload),)).fetchone()
+    assert row is not None  # signed, but for the superuser
+    app.conn.execute("CREATE TABLE app.inbox (n int, payload jsonb)")
+    for n, stored in enumerate(({"df.continue_with": payload}, row[0])):
+        app.conn.execute("INSERT INTO app.inbox VALUES (%s, %s)", (n, json.dumps(stored)))
+    for n in range(2):
+        assert app.run(f"'SELECT payload FROM app.inbox WHERE n = {n}'")[1] == "completed"
+    args = json.dumps({"df.continue_with": payload}).replace("'", "''")
+    instance, status = app.run(f"df.call('util.echo', '{args}')")
+    assert status == "completed" and app.result(instance) == {"df.continue_with": payload}
+    assert app.conn.execute("SELECT to_regclass('app.pwned')").fetchone() == (None,)
 
 
 # -- several workers: the graph grows under one worker, its steps run on the other ------------

@@ -145,10 +145,6 @@ def test_names_bound_inside_an_item_stay_in_it() -> None:
 # -- steps that return the rest of the workflow ------------------------------------------------
 
 
-def continued(graph: dict[str, Any]) -> str:
-    return json.dumps({"df.continue_with": graph})
-
-
 def test_a_step_that_returns_a_graph_runs_it_in_its_place() -> None:
     g = G()
     step = g.sql("SELECT plan", name="planned")
@@ -159,11 +155,9 @@ def test_a_step_that_returns_a_graph_runs_it_in_its_place() -> None:
         "left_node": {"node_type": "SQL", "query": "SELECT 1"},
         "right_node": {"node_type": "SQL", "query": "SELECT 2"},
     }
-    # A SQL step's one row and one column holding it, as SELECT df.continue_with(...) gives.
     transition = interp.step_succeeded(
-        sim.graph, sim.state, {}, sim.task(step).activation,
-        rows({"continue_with": json.loads(continued(rest))}), sim.now,
-    )  # fmt: skip
+        sim.graph, sim.state, {}, sim.task(step).activation, rows(), sim.now, continue_with=rest
+    )
     assert transition.graph is not None and len(transition.new_nodes) == 3
     join_id = transition.continued[0][1]
     assert transition.continued == [(step, join_id)]
@@ -175,15 +169,23 @@ def test_a_step_that_returns_a_graph_runs_it_in_its_place() -> None:
     assert interp.covers(transition.graph, transition.next_state)
 
 
-def test_continuation_results_are_recognised_only_in_their_two_forms() -> None:
-    from pgdurable.core.model import continuation_of
+def test_only_a_graph_signed_for_the_role_continues_a_sql_step() -> None:
+    from pgdurable.core.model import continuation_signature, signed_continuation
 
-    graph = {"node_type": "SQL", "query": "SELECT 1"}
-    assert continuation_of(continued(graph)) == graph
-    assert continuation_of(rows({"c": json.loads(continued(graph))})) == graph
-    assert continuation_of(rows({"c": 1}, {"c": 2})) is None
-    assert continuation_of(json.dumps({"df.continue_with": graph, "other": 1})) is None
-    assert continuation_of('"df.continue_with"') is None
+    text = json.dumps({"node_type": "SQL", "query": "SELECT 1"})
+
+    def result(signature: str, graph: object = text) -> str:
+        return rows({"c": {"df.continue_with": graph, "signature": signature}})
+
+    good = continuation_signature("k", "app", text)
+    assert signed_continuation(result(good), "app", "k") == json.loads(text)
+    assert signed_continuation(result(good), "other", "k") is None  # another role's
+    assert signed_continuation(result(good), "app", "other key") is None
+    assert signed_continuation(result(good), "app", "") is None  # no key: nothing continues
+    assert signed_continuation(result("0" * 64), "app", "k") is None
+    assert signed_continuation(result(good, json.loads(text)), "app", "k") is None
+    two_rows = json.dumps({"rows": [{"c": 1}, {"c": 2}], "row_count": 2})
+    assert signed_continuation(two_rows, "app", "k") is None
 
 
 def test_generated_ids_are_new_and_limits_count_the_existing_graph() -> None:
@@ -204,3 +206,14 @@ def test_generated_ids_are_new_and_limits_count_the_existing_graph() -> None:
     with pytest.raises(GraphError, match=r"root\.left: left_node is not valid for SQL nodes"):
         bad_leaf = {"node_type": "SQL", "query": "x", "left_node": chain}
         expand({"node_type": "THEN", "left_node": bad_leaf, "right_node": chain}, graph, step, "s")
+
+
+def test_a_map_of_items_that_end_as_they_start_does_not_recurse() -> None:
+    g = G()
+    first = g.sql("SELECT ids", name="rows")
+    body = map_(g, "nothing", g.sql("SELECT 1"))  # fails at once: no result 'nothing'
+    sim = Sim(g.graph(g.then(first, map_(g, "rows", body, parallel=5, collect_errors=True))))
+    sim.complete(first, source_rows(3000))
+    assert sim.outcome is not None and sim.outcome.status == "completed"
+    results = json.loads(sim.outcome.output)
+    assert len(results) == 3000 and all(r["ok"] is False for r in results)

@@ -502,3 +502,19 @@ def test_the_modules_may_come_from_pgdurable_imports(
         "SELECT step_names FROM df.workers() WHERE worker_id = %s", (worker_id,)
     ).fetchone()
     assert row is not None and {"util.add", "billing.charge"} <= set(row[0])  # type: ignore[arg-type]
+
+
+def test_grants_of_a_dropped_role_go_and_a_nul_in_a_call_is_refused_cleanly(
+    conn: Conn, py_app: App
+) -> None:
+    conn.execute("CREATE ROLE pgd_gone_role")
+    conn.execute("SELECT df.grant_call('pgd_gone_role', 'util.*')")
+    conn.execute("DROP ROLE pgd_gone_role")
+    assert conn.execute("SELECT df.revoke_call('pgd_gone_role')").fetchone() == (1,)
+    grantees = conn.execute("SELECT grantee FROM df.call_grants()").fetchall()
+    assert grantees == [(py_app.role,)] * 3
+    bad = json.dumps(
+        {"node_type": "CALL", "query": '{"name": "util.add", "args": {"a": "\\u0000"}}'}
+    )
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="CALL config is not valid JSON"):
+        py_app.start("%s", (bad,))

@@ -379,7 +379,7 @@ def _jsonb(value: Any) -> str:
     if isinstance(value, float):
         if not math.isfinite(value):
             raise ValueError(f"{value} cannot be written in JSON")
-        return format(Decimal(repr(value)), "f")
+        return format(Decimal(repr(value + 0.0)), "f")  # + 0.0: -0.0 is 0.0, as in jsonb
     if isinstance(value, str):
         return _string(value)
     raise TypeError(f"{type(value).__name__} cannot be written in JSON")

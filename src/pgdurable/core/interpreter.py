@@ -30,7 +30,7 @@ from typing import Any, Literal, TypeVar
 
 from .cron import cron_error, next_tick
 from .http_request import build_request, idempotency_key
-from .model import UNNAMED_RESULT_TYPES, Graph, GraphError, Node, continuation_of, expand
+from .model import UNNAMED_RESULT_TYPES, Graph, GraphError, Node, expand
 from .state import (
     ROOT,
     Activation,
@@ -200,11 +200,15 @@ def step_succeeded(
     now: float,
     *,
     max_statement_bytes: int = DEFAULT_MAX_BYTES,
+    continue_with: Mapping[str, Any] | None = None,
 ) -> Transition:
-    """A SQL step's statement ran; ``result`` is its result JSON."""
+    """A SQL step's statement ran; ``result`` is its result JSON. With ``continue_with`` (a
+    graph the step returned, which the worker checked came from df.continue_with or a Python
+    step), the step runs that graph in its place instead of ending."""
     return _leaf_finished(
-        graph, state, variables, activation, Ended("ok", result), now, max_statement_bytes
-    )
+        graph, state, variables, activation, Ended("ok", result), now, max_statement_bytes,
+        continue_with,
+    )  # fmt: skip
 
 
 def step_failed(
@@ -367,16 +371,14 @@ def _leaf_finished(
     ended: Ended,
     now: float,
     max_statement_bytes: int,
+    continue_with: Mapping[str, Any] | None = None,
 ) -> Transition:
     run = _Run(graph, state, variables, now, max_statement_bytes)
     if activation in run.acts:  # else a stale event: the activation is gone
-        graph_next = None
-        if ended.kind == "ok" and graph[run.acts[activation].node].type in _CONTINUABLE:
-            graph_next = continuation_of(ended.value)
-        if graph_next is None:
-            run.finish(activation, ended)
+        if continue_with is not None and graph[run.acts[activation].node].type in _CONTINUABLE:
+            run.continue_with(activation, continue_with)
         else:
-            run.continue_with(activation, graph_next)
+            run.finish(activation, ended)
     return run.finish_transition()
 
 
@@ -483,6 +485,7 @@ class _Run:
         self.ended_execution: EndedExecution | None = None
         self.new_nodes: list[Node] = []
         self.continued: list[tuple[str, str]] = []
+        self._filling: set[int] = set()  # df.maps starting items now (see _fill)
 
     # -- bookkeeping ---------------------------------------------------------------------------
 
@@ -972,10 +975,7 @@ class _Run:
             return
         done: tuple[Ended | None, ...] = (None,) * len(items)
         self.acts[aid] = MapActivation(*_fields(act), len(items), 0, (), done)
-        if not items:
-            self.finish(aid, Ended("ok", "[]"))
-            return
-        self._start_items(aid, node, items)
+        self._fill(aid, node, items)
 
     def _map_items(self, aid: int, act: Activation, node: Node) -> list[str] | None:
         """The JSON texts of the items of df.map ``aid``: the rows of its source result, or
@@ -1041,14 +1041,27 @@ class _Run:
                 error = f"df.map item {slot + 1} failed: {end.value}"
                 self.finish(aid, Ended("fail", error, end.code))
             return
-        if m.started < m.count:
-            items = self._map_items(aid, m, node)
-            if items is None or aid not in self.acts:
-                return
+        if aid in self._filling:
+            return  # an item that ended as it started: _fill goes on from here
+        items = self._map_items(aid, m, node) if m.started < m.count else []
+        if items is not None:
+            self._fill(aid, node, items)
+
+    def _fill(self, aid: int, node: Node, items: list[str]) -> None:
+        """Start items of df.map ``aid`` while it has room, then end it if all have ended.
+        Items that end as they start are recorded by _child_of_map, which returns to this
+        loop rather than calling it again: a map of many such items must not recurse."""
+        self._filling.add(aid)
+        try:
             self._start_items(aid, node, items)
-            m = _expect(self.acts[aid], MapActivation) if aid in self.acts else m
-        if aid not in self.acts or m.running or m.started < m.count:
+        finally:
+            self._filling.discard(aid)
+        if aid not in self.acts:
             return
+        m = _expect(self.acts[aid], MapActivation)
+        if m.running or m.started < m.count:
+            return
+        collect = node.config.get("collect_errors") is True
         ends = [d for d in m.done if d is not None]
         if collect:
             results: list[Any] = [

@@ -8,6 +8,7 @@ by hand, so loading checks again (missing children, cycles, bad configs) and rai
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import math
 import re
@@ -291,29 +292,47 @@ def _valid_retry(config: Mapping[str, Any]) -> bool:
 # -- graphs a step returns --------------------------------------------------------------------
 
 CONTINUE_WITH = "df.continue_with"
-"""The key of a step result that is the rest of the workflow: ``{"df.continue_with": <graph>}``
-(df.continue_with in SQL; a Python step returns a pgdurable.dsl.Node)."""
+"""The key of a step result that is the rest of the workflow, as df.continue_with (SQL) makes
+it: ``{"df.continue_with": <the graph's JSON text>, "signature": <hex>}``."""
 
 _ENVELOPE_KEYS = ("left_node", "right_node", "condition_node", "extra_nodes")
 
 
-def continuation_of(result: str) -> Mapping[str, Any] | None:
-    """The graph a step's result continues the workflow with, or None if it is a plain
-    result. The result is ``{"df.continue_with": <graph>}``, or a SQL result whose one row
-    has one column holding that (``SELECT df.continue_with(...)``)."""
-    if CONTINUE_WITH not in result:  # the cheap test first: most results are plain
+def continuation_signature(key: str, role: str, graph_text: str) -> str:
+    """What df._continuation_signature (calls.sql) computes: a keyed SHA-256 of the role and
+    the graph's text, with the database's secret key."""
+    return hashlib.sha256(f"{key}:{role}:{graph_text}:{key}".encode()).hexdigest()
+
+
+def signed_continuation(result: str, role: str, key: str) -> Mapping[str, Any] | None:
+    """The graph a SQL step's result continues the workflow with, or None if it is a plain
+    result: its one row's one column is what df.continue_with returned for ``role`` (signed
+    with the database's ``key``). Data that only looks like it, read from a table or an API,
+    is a plain result: without the key, nobody can sign a graph."""
+    if not key or CONTINUE_WITH not in result:  # the cheap test first: most results are plain
         return None
     try:
         value = json.loads(result)
     except ValueError:
         return None
-    if isinstance(value, dict) and isinstance(value.get("rows"), list) and len(value["rows"]) == 1:
-        row = value["rows"][0]
-        if isinstance(row, dict) and len(row) == 1:
-            value = next(iter(row.values()))
-    if isinstance(value, dict) and len(value) == 1 and isinstance(value.get(CONTINUE_WITH), dict):
-        return value[CONTINUE_WITH]  # type: ignore[no-any-return]
-    return None
+    rows = value.get("rows") if isinstance(value, dict) else None
+    if not (isinstance(rows, list) and len(rows) == 1 and isinstance(rows[0], dict)):
+        return None
+    if len(rows[0]) != 1:
+        return None
+    marker = next(iter(rows[0].values()))
+    if not (isinstance(marker, dict) and set(marker) == {CONTINUE_WITH, "signature"}):
+        return None
+    text, signature = marker[CONTINUE_WITH], marker["signature"]
+    if not (isinstance(text, str) and isinstance(signature, str)):
+        return None
+    if not hmac.compare_digest(signature, continuation_signature(key, role, text)):
+        return None
+    try:
+        graph = json.loads(text)
+    except ValueError:
+        return None
+    return graph if isinstance(graph, dict) else None
 
 
 def expand(envelope: Mapping[str, Any], graph: Graph, at: str, seed: str) -> tuple[str, list[Node]]:

@@ -100,7 +100,7 @@ DECLARE
 BEGIN
     BEGIN
         v_config := query::jsonb;
-    EXCEPTION WHEN invalid_text_representation THEN
+    EXCEPTION WHEN data_exception THEN  -- not JSON, or JSON jsonb cannot hold (\u0000)
         RETURN 'CALL config is not valid JSON';
     END;
     IF jsonb_typeof(v_config) <> 'object' THEN
@@ -172,11 +172,25 @@ BEGIN
                   HINT = 'A pattern is a step name (''billing.charge''), a prefix ending in '
                          '''.*'' (''billing.*''), or ''*''.';
     END IF;
+    PERFORM df._forget_dropped_grantees();
     INSERT INTO df._call_grants (grantee, pattern, granted_by)
     VALUES (df._call_grantee(p_role), p_pattern, session_user::regrole)
     ON CONFLICT (grantee, pattern) DO NOTHING;
 END;
 $$;
+
+-- Grants whose grantee was dropped grant nothing (df._may_call), and nobody can name them to
+-- revoke them; they go whenever grants change, before a new role could get their oid.
+CREATE OR REPLACE FUNCTION df._forget_dropped_grantees() RETURNS integer
+LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+    WITH gone AS (
+        DELETE FROM df._call_grants g
+         WHERE g.grantee <> 0 AND NOT EXISTS (SELECT 1 FROM pg_roles r WHERE r.oid = g.grantee)
+        RETURNING 1
+    )
+    SELECT count(*)::integer FROM gone;
+$$;
+REVOKE ALL ON FUNCTION df._forget_dropped_grantees() FROM PUBLIC;
 
 -- Take back a df.grant_call (p_pattern NULL: every pattern granted to p_role). Steps already
 -- started fail when they next run.
@@ -184,8 +198,13 @@ CREATE OR REPLACE FUNCTION df.revoke_call(p_role text, p_pattern text DEFAULT NU
 RETURNS integer
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    v_count integer;
+    v_count   integer;
+    v_dropped integer := df._forget_dropped_grantees();
 BEGIN
+    IF df._grantee(p_role) <> 'PUBLIC'
+       AND NOT EXISTS (SELECT 1 FROM pg_roles r WHERE r.rolname = p_role) THEN
+        RETURN v_dropped;  -- a dropped role: its grants just went
+    END IF;
     DELETE FROM df._call_grants g
      WHERE g.grantee = df._call_grantee(p_role)
        AND (p_pattern IS NULL OR g.pattern = p_pattern);
@@ -219,9 +238,21 @@ REVOKE EXECUTE ON FUNCTION df.call_grants() FROM PUBLIC;
 -- in df.nodes like the others, and the step's left_node points at its root. Plain text is a
 -- SQL step, as everywhere.
 -- ---------------------------------------------------------------------------------------------
+--
+-- The graph comes back signed, for the session's login role, with a key only the engine
+-- reads (df._keys): the worker runs a result as a graph only if the signature holds for the
+-- instance's submitter. So data that merely looks like such a result (a row read from a
+-- table, an API's answer) is a plain result, whoever wrote it. SECURITY DEFINER: it reads the
+-- key; it signs only for session_user, whom the caller already is.
 CREATE OR REPLACE FUNCTION df.continue_with(graph text) RETURNS jsonb
-LANGUAGE plpgsql VOLATILE STRICT AS $$
+LANGUAGE plpgsql VOLATILE STRICT SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_graph text := df._ensure(graph);
+    v_key   text := (SELECT k.secret FROM df._keys k WHERE k.name = 'continue_with');
 BEGIN
-    RETURN jsonb_build_object('df.continue_with', df._ensure(graph)::jsonb);
+    RETURN jsonb_build_object(
+        'df.continue_with', v_graph,
+        'signature', encode(sha256(convert_to(
+            v_key || ':' || session_user || ':' || v_graph || ':' || v_key, 'UTF8')), 'hex'));
 END;
 $$;

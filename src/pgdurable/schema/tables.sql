@@ -261,6 +261,17 @@ CREATE TABLE df._call_grants (
     PRIMARY KEY (grantee, pattern)
 );
 
+-- Secrets of the engine's: 'continue_with' signs the graphs df.continue_with returns, so that a
+-- step's result that merely looks like one (data read from a table or an API) is never run
+-- (calls.sql). The owner's alone; made once, at install.
+CREATE TABLE df._keys (
+    name    text PRIMARY KEY,
+    secret  text NOT NULL
+);
+INSERT INTO df._keys (name, secret)
+VALUES ('continue_with', replace(gen_random_uuid()::text || gen_random_uuid()::text, '-', ''));
+
+
 -- One purger at a time. Its transaction holds this row; others skip it and do nothing. A row
 -- of an engine table rather than an advisory lock: any role can take any advisory lock, and
 -- could then stop retention (and let the tables grow) for as long as it liked. The row also

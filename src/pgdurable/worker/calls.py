@@ -14,18 +14,20 @@ import concurrent.futures
 import contextlib
 import inspect
 import json
+import re
 import threading
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import psycopg
 
-from ..core.model import CONTINUE_WITH
 from ..dsl import Node
 from ..python_steps import StepContext, StepDefinition
 
+# An escaped NUL character in JSON text (an odd number of backslashes before u0000).
+_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 # How much of a traceback an error keeps: its last frames, and at most this many characters.
 _TRACEBACK_FRAMES = 5
 _MAX_ERROR_CHARS = 4000
@@ -42,6 +44,7 @@ class CallOutcome:
     value: str
     code: str | None = None
     exception: BaseException | None = None
+    graph: Mapping[str, Any] | None = None  # the rest of the workflow, if it returned one
 
 
 def bind_error(name: str, exc: TypeError) -> str:
@@ -52,14 +55,20 @@ def bind_error(name: str, exc: TypeError) -> str:
 def encode_result(name: str, value: Any, limit: int) -> CallOutcome:
     """The function's return value as the step's result: JSON text of at most ``limit``
     bytes. A graph (pgdurable.dsl.Node) is the rest of the workflow (df.continue_with)."""
-    if isinstance(value, Node):
-        value = {CONTINUE_WITH: json.loads(value.to_json())}
+    if isinstance(value, Node):  # a graph object, which data read from elsewhere never is
+        return CallOutcome(True, "null", graph=json.loads(value.to_json()))
     try:
         text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError) as exc:
         return CallOutcome(
             False, f"Python step '{name}' returned a value that is not JSON: {exc}", "call_invalid"
         )
+    if "\\u0000" in text and _NUL.search(text):
+        error = (
+            f"Python step '{name}' returned a NUL character (\\u0000), which PostgreSQL's"
+            " jsonb cannot hold"
+        )
+        return CallOutcome(False, error, "call_invalid")
     if len(text.encode()) > limit:
         error = (
             f"Python step '{name}' returned more than {limit} bytes of JSON"

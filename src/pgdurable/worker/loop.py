@@ -292,6 +292,7 @@ class Worker:
             max_state_bytes=max_state,
             batch_size=self.config.batch_size,
             steps=self.config.steps,
+            continuation_key=await queries.continuation_key(conn),
         )
 
     # -- claiming ------------------------------------------------------------------------------

@@ -432,6 +432,13 @@ async def purge_finished(conn: AsyncConn, retention_days: int, keep: int, batch:
     return None if row is None or row[0] is None else int(row[0])
 
 
+async def continuation_key(conn: AsyncConn) -> str:
+    """The key df.continue_with signs graphs with (df._keys; the owner's alone)."""
+    cur = await conn.execute("SELECT secret FROM df._keys WHERE name = 'continue_with'")
+    row = await cur.fetchone()
+    return str(row[0]) if row else ""
+
+
 async def register_worker(
     conn: AsyncConn,
     worker: uuid.UUID,

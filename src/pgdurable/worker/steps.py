@@ -32,7 +32,7 @@ from typing import Any, TypedDict
 import psycopg
 from psycopg.pq import TransactionStatus
 
-from ..core import interpreter
+from ..core import interpreter, model
 from ..core.interpreter import TaskSpec, Transition
 from ..core.model import Graph, GraphError
 from ..core.state import InstanceState
@@ -154,6 +154,7 @@ class StepSettings:
     max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES  # pg_durable.max_result_bytes
     batch_size: int = DEFAULT_BATCH_SIZE  # the most steps in a batch (batch.py)
     steps: Mapping[str, StepDefinition] = field(default_factory=dict)  # Python steps, by name
+    continuation_key: str = ""  # what df.continue_with signs with (df._keys)
 
 
 class StepRunner:
@@ -287,8 +288,9 @@ class StepRunner:
                     raise Undone(f"the graph of {task.instance_id} grew since it was read")
                 state, variables, now, version = _state(cp), cp.variables, cp.now, None
             transition = interpreter.step_succeeded(
-                graph, state, variables, task.activation, result, now, **self._limits
-            )
+                graph, state, variables, task.activation, result, now, **self._limits,
+                continue_with=self._continuation(task, result),
+            )  # fmt: skip
             params = self._checkpoint_params(task, transition, claim_limit(), version)
             return [Query(queries.CHECKPOINT, params)], partial(
                 queries.followups, previous=task, transition=transition, variables=variables
@@ -339,14 +341,15 @@ class StepRunner:
                     await conn.execute("ROLLBACK")
                 reusable = not conn.closed
                 return await self.fail(task, str(exc), claim_limit)
+            graph_next = self._continuation(task, result)
             if elsewhere:
                 followups, clean = await self._commit_elsewhere(
-                    conn, graph, task, result, claim_limit
+                    conn, graph, task, result, claim_limit, graph_next
                 )
             else:
                 version = task.known.version if task.known is not None else None
                 followups, clean = await self._commit_step(
-                    conn, graph, task, result, cp, claim_limit, version
+                    conn, graph, task, result, cp, claim_limit, version, graph_next
                 )
             reusable = True
             return followups
@@ -504,8 +507,9 @@ class StepRunner:
 
             async def succeeded(own: AsyncConn, graph: Graph, cp: Checkpoint) -> Transition:
                 return interpreter.step_succeeded(
-                    graph, _state(cp), cp.variables, task.activation, result, cp.now, **self._limits
-                )
+                    graph, _state(cp), cp.variables, task.activation, result, cp.now,
+                    **self._limits, continue_with=self._continuation(task, result),
+                )  # fmt: skip
 
             return await self._advance(task, succeeded, claim_limit)
         await conn.execute(BEGIN.sql)
@@ -518,7 +522,10 @@ class StepRunner:
             if _checkpoint_busy(exc):
                 raise CheckpointBusy(_message(exc)) from None
             raise
-        followups, _ = await self._commit_step(conn, graph, task, result, cp, claim_limit)
+        graph_next = self._continuation(task, result)
+        followups, _ = await self._commit_step(
+            conn, graph, task, result, cp, claim_limit, continue_with=graph_next
+        )
         return followups
 
     async def _commit_step(
@@ -530,9 +537,11 @@ class StepRunner:
         cp: Checkpoint | None,
         claim_limit: Callable[[], int],
         version: int | None = None,
+        continue_with: Mapping[str, Any] | None = None,
     ) -> tuple[list[Task], bool]:
         """Checkpoint a successful statement in the open transaction and commit both
-        (``version``: of the state ``cp`` holds, when it was known rather than locked and read).
+        (``version``: of the state ``cp`` holds, when it was known rather than locked and read;
+        ``continue_with``: the graph the step returned, if any: see _continuation).
 
         Returns the follow-up tasks, and whether the session was reset in the transaction.
         Rolls back instead when the task is no longer ours (taken over, cancelled, a lost
@@ -552,8 +561,9 @@ class StepRunner:
         if not interpreter.covers(graph, cp.state):
             graph = await self._graph(task, reload=True)
         transition = interpreter.step_succeeded(
-            graph, _state(cp), cp.variables, task.activation, result, cp.now, **self._limits
-        )
+            graph, _state(cp), cp.variables, task.activation, result, cp.now, **self._limits,
+            continue_with=continue_with,
+        )  # fmt: skip
         try:
             params = self._checkpoint_params(task, transition, claim_limit(), version)
         except queries.StateTooLarge as exc:
@@ -582,8 +592,10 @@ class StepRunner:
         task: Task,
         result: str,
         claim_limit: Callable[[], int],
+        continue_with: Mapping[str, Any] | None = None,
     ) -> tuple[list[Task], bool]:
-        """Checkpoint a successful statement that ran in another database, and commit both.
+        """Checkpoint a successful statement that ran in another database, and commit both
+        (``continue_with``: as for _commit_step).
 
         No transaction spans two databases (two-phase commit needs max_prepared_transactions,
         off by default and on most managed services), so: the checkpoint is written on the
@@ -609,8 +621,9 @@ class StepRunner:
             if not interpreter.covers(graph, cp.state):
                 graph = await self._graph(task, reload=True)
             transition = interpreter.step_succeeded(
-                graph, _state(cp), cp.variables, task.activation, result, cp.now, **self._limits
-            )
+                graph, _state(cp), cp.variables, task.activation, result, cp.now, **self._limits,
+                continue_with=continue_with,
+            )  # fmt: skip
             try:
                 followups = await self._write(own, task, transition, cp.variables, claim_limit())
             except queries.StateTooLarge as exc:
@@ -741,7 +754,7 @@ class StepRunner:
                 raise Undone(f"task {task.id} was taken away")
             step = interpreter.step_succeeded(
                 graph, _state_of(started), cp.variables, first.activation, result, now,
-                **self._limits,
+                **self._limits, continue_with=self._continuation(task, result),
             )  # fmt: skip
             chained = interpreter.chain(started, step, first.activation)
             params = self._checkpoint_params(task, chained, claim_limit())
@@ -836,7 +849,7 @@ class StepRunner:
             return _Failed(first.activation, str(exc), None)
         step = interpreter.step_succeeded(
             graph, _state_of(started), cp.variables, first.activation, result,
-            float(rows[0]["now"]), **self._limits,
+            float(rows[0]["now"]), **self._limits, continue_with=self._continuation(task, result),
         )  # fmt: skip
         chained = interpreter.chain(started, step, first.activation)
         try:
@@ -981,6 +994,12 @@ class StepRunner:
             f"EXECUTE ON FUNCTION {signature} TO {task.role} to allow HTTP requests."
         ), float(row[1])
 
+    def _continuation(self, task: Task, result: str) -> Mapping[str, Any] | None:
+        """The graph a SQL step's result continues the workflow with: only what
+        df.continue_with returned for the submitter (signed with the database's key), never
+        data that looks like it."""
+        return model.signed_continuation(result, task.role, self.settings.continuation_key)
+
     # -- Python steps --------------------------------------------------------------------------
 
     async def _run_call(self, task: Task, claim_limit: Callable[[], int]) -> list[Task]:
@@ -1068,7 +1087,14 @@ class StepRunner:
                     invocation.ctx.conn = conn
                 else:
                     invocation.ctx.conn = stack.enter_context(calls.blocking_view(conn))
-                outcome = await self._invoke(task, invocation, limit)
+                try:
+                    outcome = await self._invoke(task, invocation, limit)
+                except asyncio.CancelledError:  # the worker stops
+                    if invocation.abandoned:  # its thread may still use the connection
+                        await _cancel_request(conn)
+                        handed_off = True
+                        self._in_background(self._close_after(invocation, pool, conn))
+                    raise
                 if outcome is None or invocation.abandoned:
                     # Interrupted (cancelled, or past its deadline): whatever it runs now is
                     # cancelled. An abandoned sync function may still use the connection: it
@@ -1093,7 +1119,7 @@ class StepRunner:
                 return await self.fail(task, outcome.value, claim_limit, outcome.code)
             if not self.conns.is_own_database(task.database):
                 followups, clean = await self._commit_elsewhere(
-                    conn, graph, task, outcome.value, claim_limit
+                    conn, graph, task, outcome.value, claim_limit, outcome.graph
                 )
                 reusable = True
                 return followups
@@ -1108,7 +1134,7 @@ class StepRunner:
                     raise CheckpointBusy(_message(exc)) from None
                 raise
             followups, clean = await self._commit_step(
-                conn, graph, task, outcome.value, cp, claim_limit
+                conn, graph, task, outcome.value, cp, claim_limit, continue_with=outcome.graph
             )
             reusable = True
             return followups
@@ -1128,7 +1154,7 @@ class StepRunner:
             if outcome.succeeded:
                 return interpreter.step_succeeded(
                     graph, _state(cp), cp.variables, task.activation, outcome.value, cp.now,
-                    **self._limits,
+                    **self._limits, continue_with=outcome.graph,
                 )  # fmt: skip
             return interpreter.step_failed(
                 graph, _state(cp), cp.variables, task.activation, outcome.value, cp.now,

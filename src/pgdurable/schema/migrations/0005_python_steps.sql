@@ -23,3 +23,14 @@ CREATE TABLE df._call_grants (
     granted_at  timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (grantee, pattern)
 );
+
+-- Secrets of the engine's: 'continue_with' signs the graphs df.continue_with returns, so that a
+-- step's result that merely looks like one (data read from a table or an API) is never run
+-- (calls.sql). The owner's alone; made once, at install.
+CREATE TABLE df._keys (
+    name    text PRIMARY KEY,
+    secret  text NOT NULL
+);
+INSERT INTO df._keys (name, secret)
+VALUES ('continue_with', replace(gen_random_uuid()::text || gen_random_uuid()::text, '-', ''));
+
