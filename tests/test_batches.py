@@ -164,28 +164,36 @@ def test_a_cancel_in_a_batch_stops_only_its_instance(
     app: App, dsn: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The second step sleeps, so the cancel finds the batch in flight: it rolls back, and
-    its other steps run again, alone."""
+    its other steps run again, alone. (On a loaded machine the cancelled step may have run in
+    a batch of its own, which shows nothing of this: then the scenario runs again, up to
+    three times, and must have shown it once.)"""
     slow = " ~> ".join([step(0), "'SELECT pg_sleep(0.5)'", step(2)])
     w = started_worker(dsn, app, concurrency=6)
     try:
-        instances = start_all(app, 6, slow)
-        deadline = time.monotonic() + 20
-        while app.conn.execute(
-            "SELECT (SELECT count(*) FROM effects) < 6 OR NOT EXISTS (SELECT FROM pg_stat_activity"
-            " WHERE state = 'active' AND query = 'SELECT pg_sleep(0.5)')"
-        ).fetchone() != (False,):
-            assert time.monotonic() < deadline, "the slow steps never ran"
-            time.sleep(0.01)
-        app.conn.execute("SELECT df.cancel(%s)", (instances[3],))
-        statuses = [app.wait(i) for i in instances]
+        for _ in range(3):
+            caplog.clear()
+            app.conn.execute("DELETE FROM effects")
+            instances = start_all(app, 6, slow)
+            deadline = time.monotonic() + 20
+            while app.conn.execute(
+                "SELECT (SELECT count(*) FROM effects) < 6 OR NOT EXISTS (SELECT FROM"
+                " pg_stat_activity WHERE state = 'active' AND query = 'SELECT pg_sleep(0.5)')"
+            ).fetchone() != (False,):
+                assert time.monotonic() < deadline, "the slow steps never ran"
+                time.sleep(0.01)
+            app.conn.execute("SELECT df.cancel(%s)", (instances[3],))
+            statuses = [app.wait(i) for i in instances]
+            assert statuses == ["completed"] * 3 + ["cancelled"] + ["completed"] * 2
+            rows, _ = effects(app)
+            expected = Counter({(f"w{i}", 0): 1 for i in range(6)})
+            expected.update({(f"w{i}", 2): 1 for i in range(6) if i != 3})
+            assert Counter((r[0], r[1]) for r in rows) == expected
+            if any("canceling statement" in why for why in rolled_back(caplog)):
+                break
+        else:
+            pytest.fail("the cancel never found the cancelled step's batch in flight")
     finally:
         w.stop()
-    assert statuses == ["completed"] * 3 + ["cancelled"] + ["completed"] * 2
-    assert any("canceling statement" in why for why in rolled_back(caplog))
-    rows, _ = effects(app)
-    expected = Counter({(f"w{i}", 0): 1 for i in range(6)})
-    expected.update({(f"w{i}", 2): 1 for i in range(6) if i != 3})
-    assert Counter((r[0], r[1]) for r in rows) == expected
 
 
 @pytest.mark.usefixtures("always_batch")
