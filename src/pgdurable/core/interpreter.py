@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, TypeVar
 
@@ -673,26 +673,23 @@ class _Run:
         self._add_deadline(act, payload)
         self.tasks.append(TaskSpec(aid, "call", node.id, payload))
 
-    def _retry_attempt(self, act: Activation) -> int:
-        """The attempt of the nearest enclosing df.retry (1 without one)."""
+    def _ancestors(self, act: Activation) -> Iterator[Activation]:
+        """The activations enclosing ``act``, nearest first."""
         parent = act.parent
         while parent is not None:
             ancestor = self.acts[parent]
-            if isinstance(ancestor, RetryActivation):
-                return ancestor.attempt
+            yield ancestor
             parent = ancestor.parent
-        return 1
+
+    def _retry_attempt(self, act: Activation) -> int:
+        """The attempt of the nearest enclosing df.retry (1 without one)."""
+        attempts = (a.attempt for a in self._ancestors(act) if isinstance(a, RetryActivation))
+        return next(attempts, 1)
 
     def _add_deadline(self, act: Activation, payload: dict[str, Any]) -> None:
         """Tell the worker when the nearest enclosing df.timeout expires, so a statement or
         request cannot outlive it even if the cancel that the timeout sends is lost."""
-        deadlines = []
-        parent = act.parent
-        while parent is not None:
-            ancestor = self.acts[parent]
-            if isinstance(ancestor, TimeoutActivation):
-                deadlines.append(ancestor.deadline)
-            parent = ancestor.parent
+        deadlines = [a.deadline for a in self._ancestors(act) if isinstance(a, TimeoutActivation)]
         if deadlines:
             payload["deadline"] = min(deadlines)
 

@@ -45,6 +45,14 @@ MAX_NODES = 10_000
 """The most nodes a graph may have (df.start's limit)."""
 MAX_DEPTH = 256
 """The deepest a node may sit below the root (df.start's limit)."""
+TOO_MANY_NODES = (
+    f"Workflow exceeds maximum node count of {MAX_NODES}. Simplify the workflow or break it"
+    " into multiple instances."
+)
+TOO_DEEP = (
+    f"Graph exceeds maximum nesting depth of {MAX_DEPTH}. Simplify the workflow or break it"
+    " into multiple instances."
+)
 
 # Node types whose query is a JSON config object.
 CONFIG_TYPES = frozenset(
@@ -115,15 +123,7 @@ def node_from_row(row: Mapping[str, Any]) -> Node:
     """Build a Node from a ``df.nodes`` row (a mapping with the table's column names)."""
     node_type = row["node_type"]
     query = row.get("query")
-    config: dict[str, Any] = {}
-    if node_type in CONFIG_TYPES and query is not None:
-        try:
-            parsed = json.loads(query)
-        except ValueError as exc:
-            raise GraphError(f"node {row['id']}: query in {node_type} is not JSON") from exc
-        if not isinstance(parsed, dict):
-            raise GraphError(f"node {row['id']}: query in {node_type} is not a JSON object")
-        config = parsed
+    config = _config_of(node_type, query, f"node {row['id']}")
     condition = config.get("condition_node") if node_type in ("IF", "LOOP") else None
     extras = (config.get("extra_nodes") or []) if node_type == "JOIN" else []
     # Rows may have been written by hand: child ids must be ids.
@@ -144,6 +144,20 @@ def node_from_row(row: Mapping[str, Any]) -> Node:
     )
 
 
+def _config_of(node_type: str, query: str | None, where: str) -> dict[str, Any]:
+    """The JSON config a node of ``node_type`` keeps in ``query`` ({} for other types);
+    ``where`` names the node in the error."""
+    if node_type not in CONFIG_TYPES or query is None:
+        return {}
+    try:
+        parsed = json.loads(query)
+    except ValueError as exc:
+        raise GraphError(f"{where}: query in {node_type} is not JSON") from exc
+    if not isinstance(parsed, dict):
+        raise GraphError(f"{where}: query in {node_type} is not a JSON object")
+    return parsed
+
+
 def graph_from_rows(
     instance_id: str, root: str, rows: Iterable[Mapping[str, Any]], label: str | None = None
 ) -> Graph:
@@ -160,10 +174,7 @@ def _check(graph: Graph) -> None:
     if graph.root not in graph.nodes:
         raise GraphError(f"root node {graph.root} not found")
     if len(graph.nodes) > MAX_NODES:
-        raise GraphError(
-            f"Workflow exceeds maximum node count of {MAX_NODES}. Simplify the workflow or"
-            " break it into multiple instances."
-        )
+        raise GraphError(TOO_MANY_NODES)
     seen: set[str] = set()
     stack = [(graph.root, 0)]
     while stack:
@@ -171,10 +182,7 @@ def _check(graph: Graph) -> None:
         if node_id in seen:
             raise GraphError(f"node {node_id} is reachable twice (graphs must be trees)")
         if depth > MAX_DEPTH:
-            raise GraphError(
-                f"Graph exceeds maximum nesting depth of {MAX_DEPTH}. Simplify the workflow or"
-                " break it into multiple instances."
-            )
+            raise GraphError(TOO_DEEP)
         seen.add(node_id)
         node = graph.nodes.get(node_id)
         if node is None:
@@ -356,15 +364,9 @@ def expand(envelope: Mapping[str, Any], graph: Graph, at: str, seed: str) -> tup
 
     def visit(doc: Any, path: str, level: int) -> str:
         if len(graph.nodes) + len(made) >= MAX_NODES:
-            raise GraphError(
-                f"Workflow exceeds maximum node count of {MAX_NODES}. Simplify the workflow or"
-                " break it into multiple instances."
-            )
+            raise GraphError(TOO_MANY_NODES)
         if level > MAX_DEPTH:
-            raise GraphError(
-                f"Graph exceeds maximum nesting depth of {MAX_DEPTH}. Simplify the workflow or"
-                " break it into multiple instances."
-            )
+            raise GraphError(TOO_DEEP)
         if not isinstance(doc, dict):
             raise GraphError(f"{path}: a node must be a JSON object")
         node_type = doc.get("node_type")
@@ -392,15 +394,7 @@ def expand(envelope: Mapping[str, Any], graph: Graph, at: str, seed: str) -> tup
             if "right_node" in present
             else None
         )
-        config: dict[str, Any] = {}
-        if node_type in CONFIG_TYPES and query is not None:
-            try:
-                parsed = json.loads(query)
-            except ValueError as exc:
-                raise GraphError(f"{path}: query in {node_type} is not JSON") from exc
-            if not isinstance(parsed, dict):
-                raise GraphError(f"{path}: query in {node_type} is not a JSON object")
-            config = parsed
+        config = _config_of(node_type, query, path)
         if "condition_node" in present:
             config["condition_node"] = visit(doc["condition_node"], f"{path}.condition", level + 1)
         if "extra_nodes" in present:
