@@ -1,4 +1,5 @@
-"""The ``pgdurable`` command: up | install | worker | ls | show | watch | cancel | signal.
+"""The ``pgdurable`` command: up | install | worker | dashboard | ls | show | watch | cancel |
+signal.
 Thin: parses flags, calls the library."""
 
 from __future__ import annotations
@@ -17,12 +18,15 @@ from typing import Any, TypeVar
 
 import click
 import psycopg
+import uvicorn
 from rich.console import Console
 from rich.live import Live
 from rich.logging import RichHandler
 from rich.markup import escape
 
 from . import __version__, schema
+from .dashboard import server as dashboard_server
+from .dashboard.app import DashboardConfig
 from .embedded import EmbeddedPostgres, EmbeddedPostgresError, bin_path
 from .monitor import queries, render
 from .python_steps import import_steps
@@ -235,6 +239,67 @@ def worker(dsn: str, verbose: bool, **options: Any) -> None:
 
 @main.command()
 @click.option(
+    "--dsn",
+    envvar="PGDURABLE_DSN",
+    required=True,
+    help="Database to show; the dashboard queries as its role (with --login: its host, port "
+    "and database only).",
+)
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on. Anything but loopback needs --login, unless you also pass "
+    "--no-login-ok.",
+)
+@click.option("--port", default=dashboard_server.DEFAULT_PORT, show_default=True)
+@click.option(
+    "--login",
+    is_flag=True,
+    envvar="PGDURABLE_DASHBOARD_LOGIN",
+    help="Visitors log in with a PostgreSQL role and password, and see what that role sees.",
+)
+@click.option(
+    "--no-login-ok",
+    is_flag=True,
+    help="Serve a non-loopback address without --login (everyone who reaches it acts as "
+    "the DSN's role).",
+)
+@click.option(
+    "--refresh",
+    default=2.0,
+    show_default=True,
+    type=click.FloatRange(min=0.2),
+    help="Seconds between refreshes of live pages.",
+)
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def dashboard(
+    dsn: str,
+    host: str,
+    port: int,
+    login: bool,
+    no_login_ok: bool,
+    refresh: float,
+    verbose: bool,
+) -> None:
+    """Serve the web dashboard (docs/dashboard.md) until SIGTERM/SIGINT."""
+    _setup_logging(verbose)
+    if not dashboard_server.is_loopback(host) and not login and not no_login_ok:
+        raise click.UsageError(
+            f"--host {host} is reachable from other machines: pass --login (or --no-login-ok)"
+        )
+    config = DashboardConfig(
+        dsn,
+        login=login,
+        allowed_hosts=dashboard_server.allowed_hosts(host),
+        refresh_seconds=refresh,
+    )
+    console.print(f"dashboard: {dashboard_server.url(host, port)}", highlight=False)
+    dashboard_server.make_server(config, host, port).run()
+
+
+@main.command()
+@click.option(
     "--data-dir",
     default=".pgdurable",
     show_default=True,
@@ -248,15 +313,25 @@ def worker(dsn: str, verbose: bool, **options: Any) -> None:
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="Once ready, submit the workflow in this SQL file (it returns an id) and show it run.",
 )
+@click.option(
+    "--dashboard-port",
+    default=dashboard_server.DEFAULT_PORT,
+    show_default=True,
+    help="The dashboard's TCP port on 127.0.0.1, as the application role.",
+)
+@click.option("--no-dashboard", is_flag=True, help="Do not serve the dashboard.")
 @_worker_options
 def up(
     data_dir: Path,
     port: int,
     run_file: Path | None,
+    dashboard_port: int,
+    no_dashboard: bool,
     verbose: bool,
     **options: Any,
 ) -> None:
-    """Start an embedded PostgreSQL with the schema installed, and a worker in the foreground."""
+    """Start an embedded PostgreSQL with the schema installed, a worker in the foreground, and
+    the dashboard."""
     _setup_logging(verbose)
     pg = EmbeddedPostgres(data_dir, port)
     try:
@@ -282,10 +357,18 @@ def up(
             soft_wrap=True,
         )
         config = _config(dsn, options)
-        if run_file:
-            _run_worker(config, demo=lambda: _show_run(app_dsn, run_file))
-        else:
-            _run_worker(config)
+        dashboard = None
+        if not no_dashboard:
+            dashboard = dashboard_server.make_server(
+                DashboardConfig(app_dsn), "127.0.0.1", dashboard_port, embedded=True
+            )
+            console.print(
+                f"dashboard: {dashboard_server.url('127.0.0.1', dashboard_port)}"
+                f" (as role {APP_ROLE})",
+                highlight=False,
+            )
+        demo = (lambda: _show_run(app_dsn, run_file)) if run_file else None
+        _run_worker(config, demo=demo, dashboard=dashboard)
     finally:
         console.print("stopping PostgreSQL ...")
         pg.stop()
@@ -309,17 +392,34 @@ def _ensure_app_role(conn: psycopg.Connection[Any]) -> None:
     conn.execute("SELECT df.grant_usage(%s)", (APP_ROLE,))
 
 
-def _run_worker(config: WorkerConfig, demo: object = None) -> None:
-    """Run a worker until a signal; exit 0 after a clean stop."""
+def _run_worker(
+    config: WorkerConfig, demo: object = None, dashboard: uvicorn.Server | None = None
+) -> None:
+    """Run a worker (and the dashboard server, if given) until a signal; exit 0 after a clean
+    stop."""
 
     async def main() -> None:
         worker = Worker(config)
         loop = asyncio.get_running_loop()
+
+        def stop() -> None:
+            worker.request_stop()
+            if dashboard is not None:
+                dashboard.should_exit = True
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, worker.request_stop)
+            loop.add_signal_handler(sig, stop)
         if callable(demo):
             loop.run_in_executor(None, demo)
-        await worker.run()
+        if dashboard is None:
+            await worker.run()
+            return
+        serving = asyncio.create_task(dashboard.serve())
+        try:
+            await worker.run()
+        finally:
+            dashboard.should_exit = True
+            await serving
 
     try:
         asyncio.run(main())
