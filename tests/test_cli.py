@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import psycopg
 
 from pgdurable.embedded import EmbeddedPostgres, free_port
@@ -57,17 +58,32 @@ class Process:
 def test_up_runs_a_first_workflow_stops_cleanly_and_reuses_its_data(tmp_path: Path) -> None:
     data = tmp_path / "data"
     port = str(free_port())
-    proc = Process("up", "--data-dir", str(data), "--port", port, "--run", "examples/hello.sql")
+    web = free_port()
+    proc = Process(
+        "up",
+        "--data-dir",
+        str(data),
+        "--port",
+        port,
+        "--run",
+        "examples/hello.sql",
+        "--dashboard-port",
+        str(web),
+    )
     try:
         out = proc.wait_for("the worker keeps running")
         assert "installed the schema of release" in out
         assert f"'postgresql://app@127.0.0.1:{port}/postgres'" in out
         assert "completed:" in out and '"greetings": 2' in out
+        # The dashboard, as the application role: it sees the hello instance.
+        assert f"dashboard: http://127.0.0.1:{web}/ (as role app)" in out
+        listing = httpx.get(f"http://127.0.0.1:{web}/instances?label=hello", timeout=10)
+        assert listing.status_code == 200 and "completed" in listing.text
     finally:
         assert proc.stop(signal.SIGINT) == 0, proc.output
     assert not (data / "postmaster.pid").exists()  # PostgreSQL was stopped too
 
-    proc = Process("up", "--data-dir", str(data), "--port", port)
+    proc = Process("up", "--data-dir", str(data), "--port", port, "--no-dashboard")
     try:
         out = proc.wait_for("ready: concurrency")
         assert "installed schema" not in out  # the same data, already installed
@@ -126,3 +142,73 @@ def test_worker_rejects_a_malformed_dsn() -> None:
     )
     assert result.returncode != 0
     assert "invalid DSN" in result.stderr
+
+
+def get_when_up(url: str) -> httpx.Response:
+    """GET ``url`` once its server accepts connections (it prints its address first)."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            return httpx.get(url, timeout=5)
+        except httpx.ConnectError:
+            assert time.monotonic() < deadline, f"{url} never answered"
+            time.sleep(0.1)
+
+
+def test_dashboard_serves_until_a_signal_and_refuses_what_it_cannot_do(
+    cluster: EmbeddedPostgres, dsn: str
+) -> None:
+    port = free_port()
+    proc = Process("dashboard", "--dsn", dsn, "--port", str(port))
+    try:
+        proc.wait_for(f"dashboard: http://127.0.0.1:{port}/")
+        page = get_when_up(f"http://127.0.0.1:{port}/")
+        assert page.status_code == 200 and "Overview" in page.text
+        assert httpx.get(f"http://127.0.0.1:{port}/", headers={"host": "evil"}).status_code == 400
+        # The same port again: a clear error at once.
+        taken = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pgdurable",
+                "dashboard",
+                "--dsn",
+                cluster.dsn(),
+                "--port",
+                str(port),
+            ],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=60,
+        )
+        assert taken.returncode == 1 and f"cannot listen on 127.0.0.1:{port}" in taken.stderr
+    finally:
+        assert proc.stop(signal.SIGTERM) == 0, proc.output
+    assert dsn not in proc.output  # no secrets in its output
+    # A database without the schema: a page that says so.
+    proc = Process("dashboard", "--dsn", cluster.dsn(), "--port", str(port))
+    try:
+        proc.wait_for("dashboard: ")
+        page = get_when_up(f"http://127.0.0.1:{port}/instances")
+        assert page.status_code == 503 and "pgdurable install" in page.text
+    finally:
+        assert proc.stop(signal.SIGINT) == 0, proc.output
+    # Reachable from other machines only with a login.
+    exposed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pgdurable",
+            "dashboard",
+            "--dsn",
+            cluster.dsn(),
+            "--host",
+            "0.0.0.0",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert exposed.returncode == 2 and "pass --login" in exposed.stderr

@@ -334,7 +334,7 @@ def test_schedules_show_the_next_tick(tenants: Any, dsn: str) -> None:
                 break
             time.sleep(0.1)
         assert instance in page and "every-five" in page and "*/5 * * * *" in page
-        ticks = re.findall(r"(\d{4}-\d\d-\d\d \d\d:(\d\d):00 UTC)", page)
+        ticks = re.findall(r"(\d{4}-\d\d-\d\d \d\d:(\d\d):00)", page)
         assert ticks and int(ticks[-1][1]) % 5 == 0
     finally:
         worker.stop()

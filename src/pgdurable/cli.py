@@ -8,6 +8,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -294,8 +295,17 @@ def dashboard(
         allowed_hosts=dashboard_server.allowed_hosts(host),
         refresh_seconds=refresh,
     )
+    sock = _listen(host, port)
+    server = dashboard_server.make_server(config, host, port, embedded=True)
     console.print(f"dashboard: {dashboard_server.url(host, port)}", highlight=False)
-    dashboard_server.make_server(config, host, port).run()
+
+    async def serve() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
+        await server.serve(sockets=[sock])
+
+    asyncio.run(serve())
 
 
 @main.command()
@@ -359,8 +369,11 @@ def up(
         config = _config(dsn, options)
         dashboard = None
         if not no_dashboard:
-            dashboard = dashboard_server.make_server(
-                DashboardConfig(app_dsn), "127.0.0.1", dashboard_port, embedded=True
+            dashboard = (
+                dashboard_server.make_server(
+                    DashboardConfig(app_dsn), "127.0.0.1", dashboard_port, embedded=True
+                ),
+                _listen("127.0.0.1", dashboard_port),
             )
             console.print(
                 f"dashboard: {dashboard_server.url('127.0.0.1', dashboard_port)}"
@@ -392,8 +405,20 @@ def _ensure_app_role(conn: psycopg.Connection[Any]) -> None:
     conn.execute("SELECT df.grant_usage(%s)", (APP_ROLE,))
 
 
+def _listen(host: str, port: int) -> socket.socket:
+    """The dashboard's socket, or a clear error if the port is taken."""
+    try:
+        return dashboard_server.bind(host, port)
+    except OSError as exc:
+        raise click.ClickException(
+            f"the dashboard cannot listen on {host}:{port}: {exc.strerror or exc}"
+        ) from None
+
+
 def _run_worker(
-    config: WorkerConfig, demo: object = None, dashboard: uvicorn.Server | None = None
+    config: WorkerConfig,
+    demo: object = None,
+    dashboard: tuple[uvicorn.Server, socket.socket] | None = None,
 ) -> None:
     """Run a worker (and the dashboard server, if given) until a signal; exit 0 after a clean
     stop."""
@@ -405,7 +430,7 @@ def _run_worker(
         def stop() -> None:
             worker.request_stop()
             if dashboard is not None:
-                dashboard.should_exit = True
+                dashboard[0].should_exit = True
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop)
@@ -414,11 +439,12 @@ def _run_worker(
         if dashboard is None:
             await worker.run()
             return
-        serving = asyncio.create_task(dashboard.serve())
+        server, sock = dashboard
+        serving = asyncio.create_task(server.serve(sockets=[sock]))
         try:
             await worker.run()
         finally:
-            dashboard.should_exit = True
+            server.should_exit = True
             await serving
 
     try:

@@ -46,6 +46,11 @@ PAGE_SIZE = 50
 MAX_BULK = 500
 """The most instances one bulk cancel takes (a page of the list is 50)."""
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+MISSING_SCHEMA = (
+    psycopg.errors.InvalidSchemaName,
+    psycopg.errors.UndefinedTable,
+    psycopg.errors.UndefinedFunction,
+)
 
 # Sent with every page: no script but the dashboard's own file, no framing, no referrer.
 SECURITY_HEADERS = {
@@ -210,11 +215,25 @@ class Dashboard:
                 response = self._error(request, session, exc.status, exc.message)
             except psycopg.errors.InsufficientPrivilege as exc:
                 response = self._error(request, session, 403, _db_message(exc))
-            except psycopg.OperationalError as exc:
-                response = self._error(request, session, 503, _db_message(exc))
+            except psycopg.Error as exc:
+                response = self._database_error(request, session, exc)
         if new:
             _set_cookie(request, response, session)
         return response
+
+    def _database_error(self, request: Request, session: Session, exc: psycopg.Error) -> Response:
+        """A page for a database error no handler expected: 503 when the database is
+        unreachable or has no df schema, else 500; the server's message either way."""
+        if isinstance(exc, MISSING_SCHEMA):
+            return self._error(
+                request,
+                session,
+                503,
+                f"This database has no pgdurable schema ({_db_message(exc)}): "
+                "run `pgdurable install` on it.",
+            )
+        status = 503 if isinstance(exc, psycopg.OperationalError) else 500
+        return self._error(request, session, status, _db_message(exc))
 
     async def _action(
         self,
@@ -243,8 +262,8 @@ class Dashboard:
                 response = RedirectResponse(back, status_code=303)
             except Problem as exc:
                 response = self._error(request, session, exc.status, exc.message)
-            except psycopg.OperationalError as exc:
-                response = self._error(request, session, 503, _db_message(exc))
+            except psycopg.Error as exc:
+                response = self._database_error(request, session, exc)
         if new:
             _set_cookie(request, response, session)
         return response
@@ -643,7 +662,7 @@ def _signal(node: queries.Row) -> dict[str, Any]:
 
 
 def _when(value: datetime | None) -> str:
-    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC") if value else "—"
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S") if value else "—"
 
 
 def _took(start: datetime | None, end: datetime | None) -> str:

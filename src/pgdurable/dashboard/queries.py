@@ -168,8 +168,9 @@ async def list_instances(
         after = cursor_before(filters.created_to)
     cur = await conn.cursor(row_factory=dict_row).execute(
         "SELECT l.instance_id, l.label, l.status, l.execution_count, l.created_at,"
-        "       l.completed_at, left(l.output, 200) AS output, l.next_cursor"
-        "  FROM df.list_instances(%s, %s, %s, %s) l",
+        "       r.finished_at, left(l.output, 200) AS output, l.next_cursor"
+        "  FROM df.list_instances(%s, %s, %s, %s) l"
+        "  LEFT JOIN df._runs r ON r.instance_id = l.instance_id",
         (filters.status, limit, filters.label, after),
     )
     rows = await cur.fetchall()
