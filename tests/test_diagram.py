@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import sys
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable
@@ -868,14 +869,52 @@ def test_hand_written_graphs_nested_deeper_than_any_valid_one(node_type: str) ->
     assert "Nodes nested more than" in d.notes[-1]
 
 
+def nested(depth: int) -> df.Node:
+    """A graph ``depth`` levels deep, every kind of compound node on the way down."""
+    wrappers = [
+        lambda g: df.loop(g),
+        lambda g: df.retry(g, 2),
+        lambda g: df.timeout(g, 5),
+        lambda g: df.map_("r", g),
+        lambda g: df.if_("SELECT true", g, "SELECT 'else'"),
+        lambda g: df.join(g, "SELECT 'other'"),
+        lambda g: df.race("SELECT 'other'", g),
+    ]
+    graph = df.as_node("SELECT 'deepest'")
+    for i in range(depth):
+        graph = wrappers[i % len(wrappers)](graph)
+    return graph
+
+
 def test_a_valid_graph_at_the_depth_limit_is_drawn_whole() -> None:
-    graph: df.Node = df.as_node("SELECT 0")
-    for i in range(1, 128):  # 127 nested JOINs, each under a THEN: 254 levels
-        graph = df.join(graph, f"SELECT {i}") >> f"SELECT 'after {i}'"
-    root, nodes = build(graph)
+    root, nodes = build(nested(255))  # the deepest expand (df.start) accepts
     d = layout(root, nodes, 1)
     assert d.notes == () and d.drawn == len(nodes)
+    assert the(d.boxes, label="SQL: SELECT 'deepest'")
     check_geometry(d)
+
+
+def test_the_layout_recurses_little() -> None:
+    """A web server calls it with a stack of its own: at the nesting limit, the layout needs
+    fewer than 600 frames of Python's default 1,000."""
+    root, nodes = build(nested(255))
+    continued = graph_of(
+        *(row(f"{i:08x}", "SQL", "SELECT 1", left_node=f"{i + 1:08x}") for i in range(400))
+    )
+
+    def depth() -> int:
+        frame, n = sys._getframe(), 0
+        while frame.f_back is not None:
+            frame, n = frame.f_back, n + 1
+        return n
+
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(depth() + 600)
+    try:
+        draw(root, nodes, 1)
+        draw(f"{0:08x}", continued, 1)
+    finally:
+        sys.setrecursionlimit(limit)
 
 
 # -- a real instance ----------------------------------------------------------------------------

@@ -34,10 +34,9 @@ from ..monitor.render import MARKERS, format_duration
 
 MAX_DRAWN = 2_000
 """The most nodes one diagram draws; the rest is summed up in a note."""
-MAX_NESTING = 200
-"""The deepest nesting of compound nodes drawn. df.start allows 256 levels counting the THEN
-nodes of sequences, which are drawn flat; hand-written rows may nest deeper, and the layout
-recurses once per level."""
+MAX_NESTING = 256
+"""The deepest nesting drawn (df.start's limit: a valid graph is always drawn whole).
+Hand-written rows may nest deeper, and the layout recurses about twice per level."""
 
 # Sizes in px. Widths are even so that centring a block in another never rounds: every block
 # is entered and left at its exact middle, and edges stay straight.
@@ -56,6 +55,7 @@ FONT = 12  # labels, monospace: one character is 0.6 em wide in the usual monosp
 SMALL_FONT = 10
 FRAME_FONT = 11
 TITLE_MAX = 2_000  # characters of a tooltip taken from one text of the graph
+MAX_ERROR_LINES = 50  # of a retry's history in its tooltip
 
 
 # -- the input ----------------------------------------------------------------------------------
@@ -148,11 +148,11 @@ class Box:
 
     kind: str
     node_id: str | None  # the node drawn, or referred to by a placeholder
-    node_type: str
-    status: str
-    label: str  # as drawn, cut to fit
+    node_type: str  # "" for a placeholder
+    status: str  # the status shown (inferred); "" for a placeholder
+    label: str  # uncut: to_svg cuts it to fit the box
     detail: str  # a second, smaller line ("" for none)
-    title: str  # the tooltip: everything, uncut
+    title: str  # the tooltip: the label uncut, the status, a retry's failed attempts
     rect: Rect
     muted: bool = False  # in the arm of an IF that was not taken
 
@@ -160,8 +160,9 @@ class Box:
 @dataclass(frozen=True)
 class Frame:
     """A compound node drawn around its body: ``kind`` is ``loop``, ``retry``, ``timeout``,
-    ``map``, or ``continued`` (the graph a step continued with; ``node_id`` is the step's,
-    which its box already carries, so the frame has no element id)."""
+    ``map``, or ``continued``: the graph a step continued with (df.continue_with), or what a
+    node of an unknown type points at; ``node_id`` is then the node's, whose box already
+    carries it, so the frame has no element id."""
 
     kind: str
     node_id: str
@@ -377,6 +378,7 @@ _FRAMED = {"LOOP": "loop", "RETRY": "retry", "TIMEOUT": "timeout", "MAP": "map"}
 _INLINE_LOOP_PARENTS = frozenset({"JOIN", "RACE", "MAP"})
 _FINISHED = frozenset({"completed", "failed"})
 _STARTED = frozenset({"running", "completed", "failed"})
+_ORIGIN = Rect(0, 0, 0, 0)  # where a box or frame is made, before it is placed
 _PLACEHOLDER_TITLES = {
     "missing": "No row has this node's id.",
     "repeat": "Reached a second time: a node is drawn once.",
@@ -386,7 +388,7 @@ _PLACEHOLDER_TITLES = {
 
 def _placeholder(kind: str, node_id: str | None, label: str) -> _Leaf:
     title = f"{label}\n{_PLACEHOLDER_TITLES[kind]}"
-    return _Leaf(Box(kind, node_id, "", kind, label, "", title, Rect(0, 0, STEP_W, SMALL_H)))
+    return _Leaf(Box(kind, node_id, "", "", label, "", title, Rect(0, 0, STEP_W, SMALL_H)))
 
 
 def _cut() -> _Leaf:
@@ -550,7 +552,10 @@ class _Builder:
         if start is None or status not in _STARTED:
             return ""
         end = self.now if status == "running" else view.updated_at
-        return format_duration(start, end) if end is not None else ""
+        try:
+            return format_duration(start, end) if end is not None else ""
+        except TypeError:  # a naive time against an aware one: no duration, not a failure
+            return ""
 
     def _title(self, view: NodeView, label: str) -> str:
         """The tooltip: the label uncut, the name, the status, a retry's failed attempts."""
@@ -566,10 +571,6 @@ class _Builder:
         lines += [_cap(line) for line in (view.error or "").splitlines()[:MAX_ERROR_LINES]]
         lines.append(f"node {_cap(view.node_id)}")
         return "\n".join(lines)
-
-
-_ORIGIN = Rect(0, 0, 0, 0)  # the rectangle of a frame not yet placed
-MAX_ERROR_LINES = 50  # of a retry's history in its tooltip
 
 
 def _condition(view: NodeView, config: Mapping[str, Any] | None) -> str | None:
