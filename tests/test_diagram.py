@@ -272,13 +272,8 @@ def test_nesting_join_inside_loop_inside_retry_inside_timeout() -> None:
 
 def test_statuses_become_classes_the_inferred_one_first() -> None:
     root, nodes = build(df.sql("SELECT 1") >> df.retry(df.sleep(1), 2) >> "SELECT 2" >> "SELECT 3")
-    by_label = {
-        layout(root, nodes, 1).boxes[i].label: b for i, b in enumerate(layout(root, nodes, 1).boxes)
-    }
-    one, sleep, two, three = (
-        by_label[k].node_id for k in ("SQL: SELECT 1", "SLEEP 1s", "SQL: SELECT 2", "SQL: SELECT 3")
-    )
-    assert one and sleep and two and three
+    by_query = {v.query: v.node_id for v in nodes.values()}
+    one, sleep, two, three = (by_query[q] for q in ("SELECT 1", "1", "SELECT 2", "SELECT 3"))
     retry = next(v.node_id for v in nodes.values() if v.node_type == "RETRY")
     nodes[one] = replace(nodes[one], status="completed")
     nodes[sleep] = replace(nodes[sleep], status="failed")
@@ -759,20 +754,19 @@ def test_long_text_is_cut_to_fit_its_box() -> None:
     root, nodes = build(df.sql(long_sql).named("n" * 60) >> wide >> df.retry(df.sleep(1), 3))
     d = layout(root, nodes, 1)
     svg = parse(to_svg(d))
+    sizes = {"label": 12, "detail": 10, "frame-label": 11}  # px, as the style sets them
+    rects = [*(b.rect for b in d.boxes), *(f.rect for f in d.frames)]
     for text in svg.iter(f"{SVG}text"):
-        if "label" in text.attrib.get("class", "") or "detail" in text.attrib.get("class", ""):
-            content = text.text or ""
-            size = 10 if "detail" in text.attrib["class"] or "frame" in text.attrib["class"] else 12
-            width = sum(1.2 if "\u4e00" <= c <= "\u9fff" else 0.6 for c in content) * size
-            x = float(text.attrib["x"])
-            box = next(
-                b
-                for b in [*d.boxes, *d.frames]
-                if b.rect.x < x < b.rect.right
-                and b.rect.y < float(text.attrib["y"]) < b.rect.bottom
-                and b.rect.w < 400
-            )
-            assert x + width <= box.rect.right, content
+        size = sizes.get(text.attrib["class"])
+        if size is None:
+            continue
+        content = text.text or ""
+        width = sum(1.2 if "\u4e00" <= c <= "\u9fff" else 0.6 for c in content) * size
+        x, y = float(text.attrib["x"]), float(text.attrib["y"])
+        within = min(
+            (r for r in rects if r.x < x < r.right and r.y < y < r.bottom), key=lambda r: r.w
+        )
+        assert x + width <= within.right, content
     cut = [t.text for t in svg.iter(f"{SVG}text") if (t.text or "").endswith("…")]
     assert len(cut) == 3  # the long statement, the wide one, the long name
     title = the(d.boxes, node_type="SQL", label=f"SQL: {long_sql}").title
