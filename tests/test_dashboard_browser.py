@@ -197,7 +197,12 @@ def test_every_view_renders(
             " ~> df.if('SELECT $o.id > 2', 'SELECT ''big''', 'SELECT ''small''')",
             "orders",
         )
-    failed = start(role, "'SELECT 1 AS ok' ~> 'SELECT 1/0'", "broken")
+    failed = start(
+        role,
+        "'SELECT 1 AS ok' |=> 'first'"
+        " ~> ('SELECT pg_sleep(0.3)' & df.retry('SELECT 1/0', 2, 0.1)) ~> 'SELECT 2'",
+        "broken",
+    )
     start(role, "df.loop(df.wait_for_schedule('*/5 * * * *') ~> 'SELECT now()')", "every-5")
     start(role, "df.wait_for_signal('approve', 3600)", "approval")
     deadline = time.monotonic() + 20
@@ -214,7 +219,13 @@ def test_every_view_renders(
     screenshot(page, "instances")
     page.goto(served.url(f"/instances/{failed}"))
     expect(page.locator("pre.output")).to_contain_text("division by zero")
+    expect(page.locator(".diagram")).to_contain_text("attempt 2 of 2")
     screenshot(page, "instance-failed")
+    page.goto(served.url("/instances?label=orders"))
+    page.locator("table.instances a.mono").first.click()
+    expect(page.locator("#instance-status")).to_have_text("completed")
+    expect(page.locator(".diagram g.untaken").first).to_be_attached()
+    screenshot(page, "instance-completed")
     page.goto(served.url("/workers"))
     expect(page.locator("table.workers")).to_contain_text("yes")
     screenshot(page, "workers")

@@ -38,7 +38,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
-from . import charts, queries
+from . import charts, diagram, queries
 from .sessions import COOKIE, Session, Sessions
 
 INSTANCE_ID = re.compile(r"^[0-9a-f]{8}$")
@@ -190,6 +190,7 @@ class Dashboard:
             login=self.config.login,
             version=__version__,
             refresh_ms=int(self.config.refresh_seconds * 1000),
+            text_limit=queries.TEXT_LIMIT,
             flash=session.take_flash() if not context.get("partial") else [],
             **context,
         )
@@ -398,7 +399,9 @@ class Dashboard:
             partial=partial,
             instance=row,
             terminal=terminal,
-            diagram=Markup(""),
+            diagram=Markup(
+                diagram.draw(row["root_node"], diagram.views(nodes), row["generation"] or 0, now)
+            ),
             steps=[n for n in nodes if n["node_type"] in charts.STEP_TYPES],
             awaited=[_signal(n) for n in nodes if n["node_type"] == "SIGNAL"],
             timeline=Markup(charts.timeline(spans, row["created_at"], now)) if spans else None,
@@ -646,9 +649,13 @@ def _db_message(exc: psycopg.Error) -> str:
 
 
 def _step_label(node: queries.Row) -> str:
-    """A short name for a step: its result name, or its type and id."""
-    name = node.get("result_name")
-    return f"{node['node_type']} {name or node['node_id']}"
+    """A short name for a step: its type and result name, else the first line of its SQL,
+    else its id."""
+    if node.get("result_name"):
+        return f"{node['node_type']} {node['result_name']}"
+    if node["node_type"] == "SQL" and node.get("query"):
+        return "SQL: " + node["query"].strip().splitlines()[0]
+    return f"{node['node_type']} {node['node_id']}"
 
 
 def _signal(node: queries.Row) -> dict[str, Any]:

@@ -202,13 +202,19 @@ async def instance(conn: Conn, instance_id: str) -> Row | None:
 
 async def nodes(conn: Conn, instance_id: str) -> list[Row]:
     """Every node of the instance with its inferred status (df.instance_nodes), timings, and
-    its SQL, result and error cut to :data:`TEXT_LIMIT` with their full lengths."""
+    its result and error cut to :data:`TEXT_LIMIT`, with their full lengths. A SQL step's
+    statement is cut too; other nodes' JSON configs are whole (the diagram reads them), and so
+    is a df.retry's error, one line per failed attempt (the diagram counts them)."""
     cur = await conn.cursor(row_factory=dict_row).execute(
-        "SELECT n.node_id, n.node_type, left(n.query, %(limit)s) AS query,"
+        "SELECT n.node_id, n.node_type,"
+        "       CASE WHEN n.node_type = 'SQL' THEN left(n.query, %(limit)s) ELSE n.query END"
+        "           AS query,"
         "       length(n.query) AS query_length, n.result_name, n.left_node, n.right_node,"
         "       n.status, n.inferred_status, n.status_details,"
         "       left(n.result, %(limit)s) AS result, length(n.result) AS result_length,"
-        "       left(d.error, %(limit)s) AS error, length(d.error) AS error_length,"
+        "       CASE WHEN n.node_type = 'RETRY' THEN d.error ELSE left(d.error, %(limit)s) END"
+        "           AS error,"
+        "       length(d.error) AS error_length,"
         "       d.started_at, n.updated_at"
         "  FROM df.instance_nodes(%(id)s) n"
         "  JOIN df.nodes d ON d.instance_id = %(id)s AND d.id = n.node_id"
