@@ -18,12 +18,14 @@ from typing import Any
 
 import psycopg
 import pytest
+import python_steps_for_tests  # noqa: F401  (the Python steps the worker has)
 import uvicorn
 from conftest import Role, RoleFactory, ThreadWorker, quote
 
 from pgdurable.dashboard.app import DashboardConfig
 from pgdurable.dashboard.server import make_server
 from pgdurable.embedded import EmbeddedPostgres, free_port
+from pgdurable.python_steps import registered
 
 CHROMIUM = "/usr/bin/chromium"
 # As root in a container, without a network: no sandbox, and no background connections.
@@ -86,7 +88,7 @@ def site(
     """A role with a schema of its own, a worker, and the dashboard as that role."""
     role = make_role()
     conn.execute(f"CREATE SCHEMA {quote(role.name)} AUTHORIZATION {quote(role.name)}")
-    worker = ThreadWorker(dsn, concurrency=4)
+    worker = ThreadWorker(dsn, concurrency=4, steps=registered())
     served = Served(cluster.dsn(dbname, user=role.name))
     try:
         yield role, served
@@ -226,8 +228,14 @@ def test_every_view_renders(
     expect(page.locator("#instance-status")).to_have_text("completed")
     expect(page.locator(".diagram g.untaken").first).to_be_attached()
     screenshot(page, "instance-completed")
+    start(role, "'SELECT pg_sleep(5)'", "slow")
     page.goto(served.url("/workers"))
-    expect(page.locator("table.workers")).to_contain_text("yes")
+    expect(page.locator("table.workers")).to_contain_text("util.echo")
+    deadline = time.monotonic() + 10
+    while not page.locator("table.tasks").count():  # the page does not refresh by itself
+        assert time.monotonic() < deadline, "the slow step never showed on the workers page"
+        time.sleep(0.2)
+        page.reload()
     screenshot(page, "workers")
     page.goto(served.url("/schedules"))
     expect(page.locator("table.schedules")).to_contain_text("*/5 * * * *")
@@ -237,4 +245,4 @@ def test_every_view_renders(
     page.on("dialog", lambda d: d.accept())
     page.check("input.select-all")
     page.click("text=Cancel selected")
-    expect(page.locator(".flash.ok")).to_contain_text("Cancel requested for 2 instance(s).")
+    expect(page.locator(".flash.ok")).to_contain_text("Cancel requested for 3 instance(s).")
