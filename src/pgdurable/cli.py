@@ -1,4 +1,4 @@
-"""The ``pgdurable`` command: up | install | worker | ls | show | watch | cancel | signal.
+"""The ``pgdurable`` command: up | install | worker | ls | show | watch | cancel | restart | signal.
 Thin: parses flags, calls the library."""
 
 from __future__ import annotations
@@ -357,7 +357,7 @@ def _watch(dsn: str, path: Path) -> None:
         console.print("the worker keeps running; press Ctrl-C to stop")
 
 
-# -- monitoring: ls, show, watch, cancel, signal ----------------------------------------------
+# -- monitoring: ls, show, watch, cancel, restart, signal -------------------------------------
 
 _dsn_option = click.option(
     "--dsn",
@@ -490,6 +490,16 @@ def cancel(dsn: str, instance_id: str, reason: str) -> None:
         answer = queries.cancel(conn, instance_id, reason)
     if answer.startswith("Failed to cancel"):
         raise click.ClickException(answer)
+    console.print(answer, highlight=False, markup=False)
+
+
+@main.command()
+@_dsn_option
+@click.argument("instance_id")
+def restart(dsn: str, instance_id: str) -> None:
+    """Restart a failed or cancelled instance from where it ended: what completed is kept."""
+    with _session(dsn) as conn:
+        answer = queries.restart(conn, instance_id)
     console.print(answer, highlight=False, markup=False)
 
 
