@@ -306,7 +306,7 @@ REVOKE EXECUTE ON FUNCTION df.worker_tasks() FROM PUBLIC;
 -- only by explicit grant (df.grant_usage(role, with_grant => true), or GRANT EXECUTE).
 -- running_instances counts pending ones too: the engine holds them as started. Cancelled
 -- instances count in total_instances only. total_executions is the sum of the instances'
--- generations (root loop iterations); total_events the committed checkpoints, pgdurable's
+-- executions (root loop iterations and df.restart's runs); total_events the committed checkpoints, pgdurable's
 -- counterpart of history events.
 -- ---------------------------------------------------------------------------------------------
 CREATE OR REPLACE FUNCTION df.metrics()
