@@ -121,6 +121,8 @@ def test_a_sequence_restarts_at_its_failed_step_and_shows_both_runs(
         " FROM df.instances i JOIN df._runs r ON r.instance_id = i.id WHERE i.id = %s",
         (instance,),
     ).fetchone() == ("running", None, None, 2, 1)
+    conn.execute("SELECT df._purge_finished(0, 0, 500)")  # removes every finished instance
+    assert app.conn.execute("SELECT df.status(%s)", (instance,)).fetchone() == ("running",)
     wait_until(lambda: inferred(app, instance).get("SIGNAL") == "running")
 
     nodes = inferred(app, instance)
