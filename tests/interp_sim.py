@@ -193,6 +193,16 @@ class Sim:
             interp.timer_fired(self.graph, self.state, self.variables, task.activation, self.now)
         )
 
+    def cancel(self) -> None:
+        """df.cancel: the tasks go, the state stays as it is."""
+        self.tasks.clear()
+
+    def restart(self) -> None:
+        """df.restart: the state the instance kept when it failed or was cancelled runs on."""
+        self.outcome = None
+        self.tasks.clear()
+        self._apply(interp.resume(self.graph, self.state, self.variables, self.now, **self.limit))
+
     def status(self, node_id: str) -> str | None:
         found = [w.status for w in self.writes if w.node_id == node_id]
         return found[-1] if found else None

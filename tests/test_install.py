@@ -181,7 +181,8 @@ def test_triggers_remain_only_where_users_write(
 ) -> None:
     """A checkpoint does its own bookkeeping: no trigger fires on the engine's own tables, and
     those on the users' tables guard identities, statuses and the shape of inserted nodes, or
-    do the engine's part of df.start, df.cancel and df.signal, which run as the user."""
+    do the engine's part of df.start, df.cancel, df.restart and df.signal, which run as the
+    user."""
     found = conn.execute(
         "SELECT tgrelid::regclass::text, array_agg(tgname::text ORDER BY tgname)"
         " FROM pg_trigger WHERE NOT tgisinternal"
@@ -196,6 +197,7 @@ def test_triggers_remain_only_where_users_write(
                 "instances_created",
                 "instances_identity",
                 "instances_owner",
+                "instances_restarted",
                 "instances_status",
             ],
         ),

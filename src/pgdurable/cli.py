@@ -1,5 +1,5 @@
 """The ``pgdurable`` command: up | install | worker | dashboard | ls | show | watch | cancel |
-signal.
+restart | signal.
 Thin: parses flags, calls the library."""
 
 from __future__ import annotations
@@ -483,7 +483,7 @@ def _watch(dsn: str, path: Path) -> None:
         console.print("the worker keeps running; press Ctrl-C to stop")
 
 
-# -- monitoring: ls, show, watch, cancel, signal ----------------------------------------------
+# -- monitoring: ls, show, watch, cancel, restart, signal -------------------------------------
 
 _dsn_option = click.option(
     "--dsn",
@@ -616,6 +616,16 @@ def cancel(dsn: str, instance_id: str, reason: str) -> None:
         answer = queries.cancel(conn, instance_id, reason)
     if answer.startswith("Failed to cancel"):
         raise click.ClickException(answer)
+    console.print(answer, highlight=False, markup=False)
+
+
+@main.command()
+@_dsn_option
+@click.argument("instance_id")
+def restart(dsn: str, instance_id: str) -> None:
+    """Restart a failed or cancelled instance from where it ended: what completed is kept."""
+    with _session(dsn) as conn:
+        answer = queries.restart(conn, instance_id)
     console.print(answer, highlight=False, markup=False)
 
 

@@ -85,6 +85,7 @@ _STATE = (
 )
 _RESULT = "SELECT df.result(%s)"
 _CANCEL = "SELECT df.cancel(%s, %s)"
+_RESTART = "SELECT df.restart(%s)"
 _SIGNAL = "SELECT df.signal(%s, %s, %s)"
 _LIST = (
     "SELECT instance_id, label, status, created_at, completed_at, output, next_cursor"
@@ -201,6 +202,13 @@ class Client:
         row = self.conn.execute(_CANCEL, (instance_id, reason)).fetchone()
         return str(row[0]) if row else ""
 
+    def restart(self, instance_id: str) -> str:
+        """Restart a failed or cancelled instance from where it ended (df.restart); its
+        answer. Raises psycopg's ObjectNotInPrerequisiteState for an instance in any other
+        status, NoDataFound for an unknown one (or another role's)."""
+        row = self.conn.execute(_RESTART, (instance_id,)).fetchone()
+        return str(row[0]) if row else ""
+
     def signal(self, instance_id: str, name: str, data: Any = None) -> None:
         """Send signal ``name`` with ``data`` (any JSON value) to the instance (df.signal)."""
         self.conn.execute(_SIGNAL, (instance_id, name, _signal_data(data)))
@@ -282,6 +290,12 @@ class AsyncClient:
     async def cancel(self, instance_id: str, reason: str = "Cancelled by user") -> str:
         """See :meth:`Client.cancel`."""
         cur = await self.conn.execute(_CANCEL, (instance_id, reason))
+        row = await cur.fetchone()
+        return str(row[0]) if row else ""
+
+    async def restart(self, instance_id: str) -> str:
+        """See :meth:`Client.restart`."""
+        cur = await self.conn.execute(_RESTART, (instance_id,))
         row = await cur.fetchone()
         return str(row[0]) if row else ""
 

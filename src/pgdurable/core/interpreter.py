@@ -43,6 +43,7 @@ from .state import (
     MapActivation,
     RetryActivation,
     Slot,
+    Suspended,
     TimeoutActivation,
     to_json,
 )
@@ -66,6 +67,11 @@ LOOP_LIMIT = (
 )
 
 TIMED_OUT = "Timed out after {seconds}s (df.timeout)"
+RESTARTED = "restarted: attempts counted afresh"
+NOTHING_TO_RESTART = (
+    "df.restart: this instance ended without a state to restart from (it ended under an "
+    "earlier pgdurable release); start it again instead"
+)
 CANCELLED_BY_TIMEOUT = "Cancelled: the enclosing df.timeout expired after {seconds}s"
 
 # The failure classes a df.retry 'http' entry stands for: transient ones only, never a
@@ -147,7 +153,8 @@ class EndedExecution:
 @dataclass
 class Transition:
     """Everything one event changed. ``next_state`` is the state to pass with the next event
-    (None: the instance failed before it had one)."""
+    (None: the instance failed before it had one). For an instance that failed, it is the
+    state just before the failure, which :func:`resume` runs again (df.restart)."""
 
     next_state: InstanceState | None
     writes: list[NodeWrite] = field(default_factory=list)
@@ -284,6 +291,32 @@ def signal_timed_out(
     return _leaf_finished(
         graph, state, variables, activation, Ended("ok", _compact(result)), now, max_statement_bytes
     )
+
+
+def resume(
+    graph: Graph,
+    state: InstanceState | None,
+    variables: dict[str, str],
+    now: float,
+    *,
+    max_statement_bytes: int = DEFAULT_MAX_BYTES,
+) -> Transition:
+    """Restart a failed or cancelled instance (df.restart) from ``state``, the state it kept
+    when it ended: for a failure, the state just before it (see :class:`Transition`); for a
+    cancel, the state it had. Every activation in it runs on from where it was: the steps
+    that were running or waiting run again (their statements and arguments substituted
+    anew, the same idempotency keys: same step, same execution), a SLEEP, a signal wait or
+    a schedule wait starts waiting anew, a df.timeout gets its whole duration again, a
+    df.retry counts its attempts afresh, a JOIN runs its failed branches again from where
+    they failed (:class:`state.Suspended`). What completed stays completed. None (the
+    instance failed before it ran) starts it from the beginning."""
+    if state is None:
+        return start(graph, variables, now, max_statement_bytes=max_statement_bytes)
+    if not state.acts:
+        return fail_instance(state, NOTHING_TO_RESTART)
+    run = _Run(graph, state, variables, now, max_statement_bytes)
+    run.resume()
+    return run.finish_transition()
 
 
 def chain(first: Transition, second: Transition, ran: int) -> Transition:
@@ -486,6 +519,11 @@ class _Run:
         self.new_nodes: list[Node] = []
         self.continued: list[tuple[str, str]] = []
         self._filling: set[int] = set()  # df.maps starting items now (see _fill)
+        # A failure (or a df.break) on its way up, whose origin was remembered (see finish),
+        # and the state just before that origin: what the instance keeps to restart from,
+        # should the failure end it.
+        self._unwinding = False
+        self._before_failure: InstanceState | None = None
 
     # -- bookkeeping ---------------------------------------------------------------------------
 
@@ -555,7 +593,11 @@ class _Run:
         # A RACE decided while its branches were still starting dropped activations that
         # had already asked for work; that work must never be queued.
         tasks = [t for t in self.tasks if t.activation in self.acts]
-        state = InstanceState(self.next_id, self.acts, self.execs, self.envs)
+        if self.outcome is not None and self.outcome.status == "failed":
+            assert self._before_failure is not None
+            state = self._before_failure
+        else:
+            state = InstanceState(self.next_id, self.acts, self.execs, self.envs)
         return Transition(
             state,
             self.writes,
@@ -590,6 +632,70 @@ class _Run:
         """The graph a step continued with ended: so does the step, as it did."""
         self.finish(aid, end)
 
+    # -- restart -------------------------------------------------------------------------------
+
+    def resume(self) -> None:
+        """Run on every activation of the state from where it was (see :func:`resume`)."""
+        # A JOIN's failed branches come back as they were when they failed, and with them
+        # any failed branches of the JOINs inside them.
+        joins = [aid for aid, a in self.acts.items() if isinstance(a, JoinActivation)]
+        while joins:
+            aid = joins.pop()
+            join = _expect(self.acts[aid], JoinActivation)
+            if not join.suspended:
+                continue
+            done = list(join.done)
+            for slot, branch in join.suspended:
+                self.acts.update(branch.acts)
+                self.execs.update(branch.execs)
+                self.envs.update(branch.envs)
+                done[slot] = None
+                joins += [b for b, a in branch.acts.items() if isinstance(a, JoinActivation)]
+            self.acts[aid] = replace(join, done=tuple(done), suspended=())
+        # Parents before their children: a step reads its enclosing df.timeout's deadline and
+        # df.retry's attempt, which are renewed first.
+        children = self._children()
+        order = [aid for aid, a in self.acts.items() if a.parent is None]
+        i = 0
+        while i < len(order):
+            order += (child for child, _ in children.get(order[i], ()))
+            i += 1
+        for aid in order:
+            if self.outcome is not None:
+                return
+            act = self.acts.get(aid)
+            if act is not None:  # else a step that failed again at once took it along
+                self._resume_one(aid, act, aid in children)
+
+    def _resume_one(self, aid: int, act: Activation, has_children: bool) -> None:
+        node = self.graph[act.node]
+        if isinstance(act, TimeoutActivation):
+            limit = min(float(node.config["timeout_seconds"]), MAX_WAIT_SECONDS)
+            act = replace(act, deadline=self.now + limit)
+            self.acts[aid] = act
+            self.tasks.append(TaskSpec(aid, "timer", node.id, None, act.deadline))
+        elif isinstance(act, RetryActivation):
+            self._write(act, "running", None, ("append", RESTARTED))
+            if act.phase == "backoff":
+                self._begin_attempt(aid, replace(act, attempt=0))
+            else:
+                self.acts[aid] = replace(act, attempt=1)
+            return
+        elif isinstance(act, LoopActivation) and act.phase == "pad":
+            due = act.started + MIN_ITERATION_SECONDS
+            self.tasks.append(TaskSpec(aid, "timer", node.id, None, due))
+        elif type(act) is Activation and not has_children:
+            # A step (or a node that failed as it began): it begins again.
+            self._write(act, "running", None)
+            handlers = NODE_HANDLERS.get(node.type)
+            if handlers is None:
+                error = f"{node.type} steps are not supported by this pgdurable worker yet"
+                self.finish(aid, Ended("fail", error))
+            else:
+                handlers.start(self, aid, act, node)
+            return
+        self._write(act, "running", None)
+
     # -- activation ----------------------------------------------------------------------------
 
     def activate(
@@ -599,6 +705,7 @@ class _Run:
         node = self.graph[node_id]
         aid = self._new_id()
         act = Activation(node_id, parent, slot, exec_id, env_id)
+        self._unwinding = False  # new work: whatever failed before was handled
         self.acts[aid] = act
         self._write(act, "running", None)
         handlers = NODE_HANDLERS.get(node.type)
@@ -752,11 +859,14 @@ class _Run:
 
     def _time_out(self, aid: int, act: Activation, node: Node) -> None:
         """df.timeout ``aid`` expired before its step finished: abandon the step."""
+        if not self._unwinding:  # the timer fired: the failure starts here, not in the step
+            self._before_failure = self._snapshot()
         seconds = _number_text(node.config["timeout_seconds"])
         children = self._children()
         for child, _ in children.get(aid, ()):
             self._drop_subtree(child, children, CANCELLED_BY_TIMEOUT.format(seconds=seconds))
         self.dropped.append(aid)  # its timer, unless that is what fired
+        self._unwinding = True
         self.finish(aid, Ended("fail", TIMED_OUT.format(seconds=seconds), "timeout"))
 
     def _start_then(self, aid: int, act: Activation, node: Node) -> None:
@@ -861,7 +971,14 @@ class _Run:
     # -- completion ----------------------------------------------------------------------------
 
     def finish(self, aid: int, ended: Ended) -> None:
-        """Activation ``aid`` ended; stamp it, bind its name, and tell its parent."""
+        """Activation ``aid`` ended; stamp it, bind its name, and tell its parent.
+
+        A failure or a break that starts here (rather than one a child passes up) remembers
+        the state before it: should it end the instance, that is the state df.restart runs
+        again. Success does nothing of the kind: it costs what it did."""
+        if ended.kind != "ok" and not self._unwinding:
+            self._before_failure = self._snapshot()
+        self._unwinding = False
         act = self._remove(aid)
         node = self.graph[act.node]
         if ended.kind == "fail":
@@ -877,7 +994,13 @@ class _Run:
             parent_node = self.graph[parent.node]
             on_child = NODE_HANDLERS[parent_node.type].child_ended
             assert on_child is not None, f"{parent_node.type} nodes have no children"
+            self._unwinding = ended.kind != "ok"
             on_child(self, act.parent, parent, parent_node, act.slot, ended)
+            self._unwinding = False
+
+    def _snapshot(self) -> InstanceState:
+        """The state as it is now (its tables copied: the transition goes on changing them)."""
+        return InstanceState(self.next_id, dict(self.acts), dict(self.execs), dict(self.envs))
 
     def _finish_instance(self, act: Activation, ended: Ended) -> None:
         if ended.kind == "ok":
@@ -907,10 +1030,16 @@ class _Run:
         done = (*join.done[:slot], end, *join.done[slot + 1 :])
         ends = [d for d in done if d is not None]
         if len(ends) < len(done):
+            if end.kind == "fail":
+                suspended = (*join.suspended, (slot, self._suspend(aid, slot)))
+                join = replace(join, suspended=suspended)
             self.acts[aid] = replace(join, done=done)
             return
         for i, d in enumerate(ends, start=1):
             if d.kind == "fail":
+                # Ended, as the state df.restart runs again should the failure end the
+                # instance: the branch that just succeeded is done with.
+                self.acts[aid] = replace(join, done=done)
                 self.finish(aid, Ended("fail", f"JOIN branch {i} failed: {d.value}", d.code))
                 return
         merged: dict[str, str] = {}
@@ -922,6 +1051,38 @@ class _Run:
                 self.finish(aid, Ended("brk", d.value))
                 return
         self.finish(aid, Ended("ok", _compact([_parse(d.value) for d in ends])))
+
+    def _suspend(self, aid: int, slot: int) -> Suspended:
+        """What branch ``slot`` of JOIN ``aid`` was running before the failure that ended it:
+        its activations and what they owned, from the state remembered at the failure."""
+        before = self._before_failure
+        assert before is not None  # a failure on its way up remembered it
+        children: dict[int, list[int]] = {}
+        for child, a in before.acts.items():
+            if a.parent is not None:
+                children.setdefault(a.parent, []).append(child)
+        branch = [c for c in children.get(aid, ()) if before.acts[c].slot == slot]
+        acts: dict[int, Activation] = {}
+        while branch:
+            child = branch.pop()
+            acts[child] = before.acts[child]
+            branch += children.get(child, ())
+        execs: set[int] = set()
+        envs: set[int] = set()
+        for a in acts.values():
+            if isinstance(a, ForkActivation):
+                execs.update(a.branch_execs)
+                envs.update(a.branch_envs)
+            elif isinstance(a, LoopActivation) and not a.inline:
+                execs.add(a.loop_exec)
+            elif isinstance(a, MapActivation):
+                execs.update(e for _, e, _ in a.running)
+                envs.update(v for _, _, v in a.running)
+        return Suspended(
+            acts,
+            {e: before.execs[e] for e in execs},
+            {v: before.envs[v] for v in envs},
+        )
 
     def _child_of_race(self, aid: int, act: Activation, node: Node, slot: Slot, end: Ended) -> None:
         race = _expect(act, ForkActivation)

@@ -98,10 +98,25 @@ class ForkActivation(Activation):
 
 
 @dataclass(frozen=True, slots=True)
+class Suspended:
+    """What a JOIN branch was running when it failed: its activations, and the executions and
+    environments they owned, as they were just before the failure. The JOIN keeps them until
+    it ends, so that a restart (df.restart) runs the failed branch again from where it failed
+    rather than from its start. Only a failure writes one: a branch that succeeds costs
+    nothing."""
+
+    acts: Mapping[int, Activation]
+    execs: Mapping[int, Execution]
+    envs: Mapping[int, Mapping[str, str]]
+
+
+@dataclass(frozen=True, slots=True)
 class JoinActivation(ForkActivation):
-    """A JOIN also keeps how each branch ended (None: still running) until all have."""
+    """A JOIN also keeps how each branch ended (None: still running) until all have, and
+    what each failed branch was running (``suspended``, by branch index)."""
 
     done: tuple[Ended | None, ...]
+    suspended: tuple[tuple[int, Suspended], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,6 +251,8 @@ def _activation_to_json(act: Activation) -> dict[str, Any]:
         if isinstance(act, JoinActivation):
             out["kind"] = "join"
             out["done"] = [None if d is None else [d.kind, d.value, d.code] for d in act.done]
+            if act.suspended:
+                out["suspended"] = {str(i): _suspended_to_json(b) for i, b in act.suspended}
         else:
             out["kind"] = "race"
     elif isinstance(act, LoopActivation):
@@ -286,7 +303,10 @@ def _activation_from_json(doc: Mapping[str, Any]) -> Activation:
         if kind == "race":
             return ForkActivation(*common, execs, envs)
         done = tuple(None if d is None else _ended(d) for d in doc["done"])
-        return JoinActivation(*common, execs, envs, done)
+        suspended = tuple(
+            (int(i), _suspended_from_json(b)) for i, b in doc.get("suspended", {}).items()
+        )
+        return JoinActivation(*common, execs, envs, done, suspended)
     if kind == "loop":
         loop_exec, iteration, phase, started = (
             doc["loop_exec"],
@@ -334,6 +354,22 @@ def _activation_from_json(doc: Mapping[str, Any]) -> Activation:
         done = tuple(None if d is None else _ended(d) for d in doc["done"])
         return MapActivation(*common, count, started, running, done)
     raise StateFormatError(f"unknown activation kind {kind!r}")
+
+
+def _suspended_to_json(branch: Suspended) -> dict[str, Any]:
+    return {
+        "acts": {str(aid): _activation_to_json(act) for aid, act in branch.acts.items()},
+        "execs": {str(eid): {"scope": e.scope, "gen": e.gen} for eid, e in branch.execs.items()},
+        "envs": {str(eid): dict(env) for eid, env in branch.envs.items()},
+    }
+
+
+def _suspended_from_json(doc: Mapping[str, Any]) -> Suspended:
+    return Suspended(
+        acts={int(k): _activation_from_json(v) for k, v in doc["acts"].items()},
+        execs={int(k): _execution_from_json(v) for k, v in doc["execs"].items()},
+        envs={int(k): _names(v) for k, v in doc["envs"].items()},
+    )
 
 
 def _execution_from_json(doc: Mapping[str, Any]) -> Execution:

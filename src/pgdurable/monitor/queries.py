@@ -66,6 +66,13 @@ def cancel(conn: Conn, instance_id: str, reason: str) -> str:
     return str(row[0]) if row else ""
 
 
+def restart(conn: Conn, instance_id: str) -> str:
+    """df.restart's answer; raises for an unknown instance, or one neither failed nor
+    cancelled."""
+    row = conn.execute("SELECT df.restart(%s)", (instance_id,)).fetchone()
+    return str(row[0]) if row else ""
+
+
 def signal(conn: Conn, instance_id: str, name: str, data: str) -> str:
     """df.signal's answer ('OK'); raises for an unknown or finished instance."""
     row = conn.execute("SELECT df.signal(%s, %s, %s)", (instance_id, name, data)).fetchone()

@@ -110,6 +110,35 @@ BEGIN
 END;
 $$;
 
+-- Restart a failed or cancelled instance from where it ended (pgdurable's own; pg_durable has
+-- none): the steps that completed keep their results and effects, the work the failure or the
+-- cancel interrupted runs again (docs/reference.md#dfrestart). Setting the status back to
+-- 'running' is the whole request, as for df.cancel: the engine's trigger on df.instances
+-- does the rest (engine.sql). Only one of two concurrent restarts finds the instance still
+-- failed or cancelled: the other waits for its row lock, then finds it running, and says so.
+CREATE OR REPLACE FUNCTION df.restart(instance_id text) RETURNS text
+LANGUAGE plpgsql VOLATILE STRICT AS $$
+DECLARE
+    v_status text;
+BEGIN
+    UPDATE df.instances i
+       SET status = 'running', updated_at = now()
+     WHERE i.id = restart.instance_id AND i.status IN ('failed', 'cancelled');
+    IF FOUND THEN
+        RETURN format('Instance %s restarted', instance_id);
+    END IF;
+    -- Under RLS, someone else's instance looks exactly like a missing one.
+    SELECT i.status INTO v_status FROM df.instances i WHERE i.id = restart.instance_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'Instance not found or access denied: %', instance_id
+            USING ERRCODE = 'no_data_found';
+    END IF;
+    RAISE EXCEPTION 'Instance % is %: only a failed or cancelled instance can be restarted',
+        instance_id, v_status
+        USING ERRCODE = 'object_not_in_prerequisite_state';
+END;
+$$;
+
 -- A no-op kept for compatibility: workers pick up new instances by themselves.
 CREATE OR REPLACE FUNCTION df.run(instance_id text DEFAULT NULL) RETURNS text
 LANGUAGE sql VOLATILE AS $$

@@ -31,6 +31,9 @@
 --     each df._checkpoint, one COMMIT
 --   df._release_dead_workers        the tasks of a worker whose session ended are due again
 --   df.cancel → trigger instances_cancelled: the tasks go, NOTIFY pgdurable_cancel
+--   df.restart → trigger instances_restarted: the ended run joins the execution history, a
+--                                   'restart' task (the worker resumes the state the
+--                                   instance kept: interpreter.resume), NOTIFY
 --   df.signal → trigger signals_sent: NOTIFY pgdurable_signals; after the commit a worker
 --                                   makes the waits due (df._wake_signal_waits, signals.sql)
 --
@@ -115,6 +118,52 @@ CREATE OR REPLACE TRIGGER instances_cancelled AFTER UPDATE OF status ON df.insta
     FOR EACH ROW WHEN (NEW.status = 'cancelled' AND OLD.status IS DISTINCT FROM 'cancelled')
     EXECUTE FUNCTION df._instance_cancelled();
 
+-- df.restart() sets a failed or cancelled instance's status back to 'running'
+-- (client.sql): the run that ended goes into the execution history as 'Failed' or
+-- 'Cancelled', with its output; the instance counts one more execution and one more restart,
+-- is no longer finished (retention leaves it alone), and gets a 'restart' task, which a
+-- worker claims like any other: it runs on the interpreter state the instance kept when it
+-- ended (for a failure, the state just before it; none: from the beginning). (df.restart
+-- runs as the user, who may not write df._runs, df._executions or df._tasks.)
+CREATE OR REPLACE FUNCTION df._instance_restarted() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_generation integer;
+BEGIN
+    DELETE FROM df._tasks WHERE instance_id = NEW.id;  -- none is left, short of a bug
+    INSERT INTO df._executions (instance_id, generation, status, started_at, finished_at,
+                                first_event, events, output, restarted_at)
+    SELECT r.instance_id, r.generation, initcap(OLD.status),
+           coalesce(p.restarted_at, p.finished_at, NEW.created_at, clock_timestamp()),
+           coalesce(r.finished_at, clock_timestamp()),
+           coalesce(p.first_event + p.events, 0),
+           r.checkpoints - coalesce(p.first_event + p.events, 0),
+           r.output, clock_timestamp()
+      FROM df._runs r
+      LEFT JOIN df._executions p
+             ON p.instance_id = r.instance_id AND p.generation = r.generation - 1
+     WHERE r.instance_id = NEW.id
+    ON CONFLICT (instance_id, generation) DO NOTHING;
+    UPDATE df._runs r
+       SET generation = r.generation + 1, restarts = r.restarts + 1, output = NULL,
+           finished_at = NULL
+     WHERE r.instance_id = NEW.id
+    RETURNING r.generation INTO v_generation;
+    DELETE FROM df._executions e
+     WHERE e.instance_id = NEW.id AND e.generation <= v_generation - 1000;
+    INSERT INTO df._tasks (instance_id, role_oid, activation, kind)
+    VALUES (NEW.id, NEW.submitted_by, 0, 'restart');
+    PERFORM pg_notify('pgdurable_tasks', '');
+    RETURN NULL;
+END;
+$$;
+
+REVOKE ALL ON FUNCTION df._instance_restarted() FROM PUBLIC;
+
+CREATE OR REPLACE TRIGGER instances_restarted AFTER UPDATE OF status ON df.instances
+    FOR EACH ROW WHEN (NEW.status = 'running' AND OLD.status IN ('failed', 'cancelled'))
+    EXECUTE FUNCTION df._instance_restarted();
+
 -- ---------------------------------------------------------------------------------------------
 -- df._checkpoint_begin: lock the instance and return what the interpreter needs, provided the
 -- caller still holds the task. No row back means the task is gone (its instance was cancelled,
@@ -195,7 +244,8 @@ REVOKE ALL ON FUNCTION df._show_started(bigint, uuid, text[]) FROM PUBLIC;
 --
 -- p_change is the transition as JSON, the contract written down in worker/change.py:
 --   state            the new interpreter state (stored as is, never read here)
---   generation       root execution number
+--   generation       root execution number (the interpreter's; df._runs.generation adds
+--                    the instance's restarts to it, and so do the history's rows)
 --   writes           [{"id", "status", "result" (JSON text or null), "execution_id",
 --                      "error_op" ('set' | 'append' | null), "error", "started" (it became
 --                      running)}], one per node
@@ -243,6 +293,7 @@ DECLARE
     v_first    boolean;   -- the instance's first checkpoint: it is running from now on
     v_now      timestamptz := clock_timestamp();  -- the nodes' one time (started <= updated)
     v_notified integer;   -- the count that makes each cancel notification run
+    v_restarts integer;   -- df.restart's: executions the interpreter does not count
     -- The Python steps the caller has, of those queued here: they may be leased to it.
     v_callable jsonb := coalesce(p_change -> 'callable', '[]');
     -- The one next task, when this checkpoint leases it to the caller (a sequence's next
@@ -344,16 +395,19 @@ BEGIN
 
     -- An execution a root loop ended goes into the history before df._runs counts this
     -- checkpoint, which belongs to the next execution. It began when the one before it ended
-    -- (or with the instance), at that one's last checkpoint count (or 0). Only the newest
-    -- 1,000 of an instance are kept.
+    -- or was restarted (or with the instance), at that one's last checkpoint count (or 0).
+    -- Its number counts the instance's restarts too. Only the newest 1,000 of an instance
+    -- are kept.
     IF v_ended IS NOT NULL THEN
+        SELECT r.restarts INTO v_restarts FROM df._runs r WHERE r.instance_id = v_instance;
         INSERT INTO df._executions (instance_id, generation, status, started_at, finished_at,
                                     first_event, events, output)
         SELECT v_instance, g.generation, 'ContinuedAsNew',
-               coalesce(p.finished_at, i.created_at, clock_timestamp()), clock_timestamp(),
+               coalesce(p.restarted_at, p.finished_at, i.created_at, clock_timestamp()),
+               clock_timestamp(),
                coalesce(p.first_event + p.events, 0),
                r.checkpoints - coalesce(p.first_event + p.events, 0), v_ended ->> 'output'
-          FROM (SELECT (v_ended ->> 'generation')::integer AS generation) AS g
+          FROM (SELECT (v_ended ->> 'generation')::integer + v_restarts AS generation) AS g
           JOIN df.instances i ON i.id = v_instance
           JOIN df._runs r ON r.instance_id = v_instance
           LEFT JOIN df._executions p
@@ -361,12 +415,13 @@ BEGIN
         ON CONFLICT (instance_id, generation) DO NOTHING;
         DELETE FROM df._executions e
          WHERE e.instance_id = v_instance
-           AND e.generation <= (p_change ->> 'generation')::integer - 1000;
+           AND e.generation <= (p_change ->> 'generation')::integer + v_restarts - 1000;
     END IF;
 
     UPDATE df._runs r
        SET state = p_change -> 'state',
-           generation = coalesce((p_change ->> 'generation')::integer, r.generation),
+           generation = coalesce((p_change ->> 'generation')::integer + r.restarts,
+                                 r.generation),
            output = CASE WHEN v_outcome IS NULL THEN r.output ELSE v_outcome ->> 'output' END,
            -- When the instance ended: retention dates it by this.
            finished_at = CASE WHEN v_outcome IS NULL THEN r.finished_at

@@ -419,6 +419,7 @@ LANGUAGE plpgsql STABLE AS $$
 DECLARE
     v_instance record;
     v_output   text;
+    v_restarts integer;
     v_nodes    jsonb;
     v_tree     record;
     v_lines    text[];
@@ -435,6 +436,12 @@ BEGIN
     -- read for their own instances; a role granted less simply sees no Output line.
     IF has_column_privilege('df._runs', 'output', 'SELECT') THEN
         SELECT r.output INTO v_output FROM df._runs r WHERE r.instance_id = v_instance.id;
+    END IF;
+    -- pgdurable's df.restart: how often the instance was run again (each ended run is an
+    -- execution of df.instance_executions). Only a restarted instance has the line.
+    IF has_column_privilege('df._runs', 'restarts', 'SELECT') THEN
+        SELECT nullif(r.restarts, 0) INTO v_restarts
+          FROM df._runs r WHERE r.instance_id = v_instance.id;
     END IF;
 
     -- A running Python step that no live worker has says so: it waits for one.
@@ -473,6 +480,9 @@ BEGIN
                             ELSE '○'
                         END
             || ' ' || initcap(v_instance.status)];
+    IF v_restarts IS NOT NULL THEN
+        v_lines := v_lines || ('Restarts: ' || v_restarts);
+    END IF;
     IF v_output IS NOT NULL THEN
         v_lines := v_lines || ('Output:   ' || df._explain_cut(df._explain_flat(v_output), 60, 57));
     END IF;

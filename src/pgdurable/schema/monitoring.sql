@@ -187,7 +187,9 @@ $$;
 
 -- Newest first; limit_count is capped at 10,000, NULL means the default 5. The
 -- current execution comes from df._runs (its finished_at) and df.instances, the
--- ended ones from the history; run as the caller, under row-level security on all three.
+-- ended ones from the history (a root loop's iterations, and the runs df.restart ran again,
+-- 'Failed' or 'Cancelled'); run as the caller, under row-level security on all three. An
+-- execution after a restarted one began with the restart.
 CREATE OR REPLACE FUNCTION df.instance_executions(instance_id text, limit_count integer DEFAULT 5)
 RETURNS TABLE (execution_id bigint, status text, event_count bigint, duration_ms bigint,
                output text)
@@ -205,7 +207,7 @@ BEGIN
                                  WHEN 'failed' THEN 'Failed'
                                  WHEN 'cancelled' THEN 'Cancelled'
                                  ELSE 'Running' END AS status,
-                   coalesce(p.finished_at, i.created_at) AS started_at,
+                   coalesce(p.restarted_at, p.finished_at, i.created_at) AS started_at,
                    CASE WHEN i.status IN ('completed', 'failed', 'cancelled')
                         THEN r.finished_at END AS finished_at,
                    r.checkpoints - coalesce(p.first_event + p.events, 0) AS events,
@@ -304,7 +306,7 @@ REVOKE EXECUTE ON FUNCTION df.worker_tasks() FROM PUBLIC;
 -- only by explicit grant (df.grant_usage(role, with_grant => true), or GRANT EXECUTE).
 -- running_instances counts pending ones too: the engine holds them as started. Cancelled
 -- instances count in total_instances only. total_executions is the sum of the instances'
--- generations (root loop iterations); total_events the committed checkpoints, pgdurable's
+-- executions (root loop iterations and df.restart's runs); total_events the committed checkpoints, pgdurable's
 -- counterpart of history events.
 -- ---------------------------------------------------------------------------------------------
 CREATE OR REPLACE FUNCTION df.metrics()

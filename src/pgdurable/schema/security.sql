@@ -4,7 +4,7 @@
 -- with BYPASSRLS, and its column grants let a role set its own instance's status to
 -- anything. The triggers below close both holes for every role that is neither a superuser
 -- nor the owner of the df schema (the worker): such a role can write rows only under its own
--- name, and can change an instance's status only by cancelling it. df.grant_usage hands a
+-- name, and can change an instance's status only by cancelling or restarting it. df.grant_usage hands a
 -- role what it needs to use pg_durable's interface, and no more.
 
 -- ---------------------------------------------------------------------------------------------
@@ -142,10 +142,11 @@ CREATE OR REPLACE TRIGGER signals_owner BEFORE INSERT ON df._signals
 
 -- ---------------------------------------------------------------------------------------------
 -- Statuses are the engine's. Users hold UPDATE (status, updated_at) on their own instances
--- because that is how df.cancel, which runs as the caller, cancels; with it they
--- could also mark a running instance 'completed', or revive a finished one. The only change
--- left to them is the cancel of their own pending or running instance (a BYPASSRLS role sees
--- the others' too).
+-- because that is how df.cancel and df.restart, which run as the caller, cancel and restart;
+-- with it they could also mark a running instance 'completed', or revive a completed one. The
+-- only changes left to them are the cancel of their own pending or running instance, and the
+-- restart (back to 'running') of their own failed or cancelled one, whose engine part the
+-- trigger instances_restarted does (engine.sql) (a BYPASSRLS role sees the others' too).
 -- ---------------------------------------------------------------------------------------------
 CREATE OR REPLACE FUNCTION df._refuse_status_change() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
@@ -156,8 +157,9 @@ BEGIN
     RAISE EXCEPTION 'permission denied to change the status of instance % from % to %',
         OLD.id, OLD.status, NEW.status
         USING ERRCODE = 'insufficient_privilege',
-              HINT = 'A user can only cancel a pending or running instance (df.cancel); '
-                     'every other status is set by the engine.';
+              HINT = 'A user can only cancel a pending or running instance (df.cancel) and '
+                     'restart a failed or cancelled one (df.restart); every other status is '
+                     'set by the engine.';
 END;
 $$;
 
@@ -175,8 +177,10 @@ BEGIN
         CREATE OR REPLACE TRIGGER instances_status BEFORE UPDATE OF status ON df.instances
             FOR EACH ROW WHEN (NEW.status IS DISTINCT FROM OLD.status
                                AND quote_ident(current_user)::regrole::oid <> %s::oid
-                               AND NOT coalesce(NEW.status = 'cancelled'
-                                                AND OLD.status IN ('pending', 'running')
+                               AND NOT coalesce(((NEW.status = 'cancelled'
+                                                  AND OLD.status IN ('pending', 'running'))
+                                                 OR (NEW.status = 'running'
+                                                     AND OLD.status IN ('failed', 'cancelled')))
                                                 AND OLD.submitted_by
                                                     = quote_ident(current_user)::regrole,
                                                 false))
@@ -228,6 +232,7 @@ LANGUAGE sql IMMUTABLE AS $$
            ('SELECT (instance_id, generation, output)', 'df._runs'),
            ('SELECT (checkpoints)', 'df._runs'),
            ('SELECT (finished_at)', 'df._runs'),
+           ('SELECT (restarts)', 'df._runs'),
            ('SELECT', 'df._executions'),
            -- df.signal: signals to the role's own instances.
            ('INSERT (instance_id, name, data)', 'df._signals'),

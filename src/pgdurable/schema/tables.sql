@@ -142,7 +142,10 @@ CREATE TABLE df._runs (
     checkpoints  bigint NOT NULL DEFAULT 0,    -- how many checkpoints were committed
     -- When the instance became terminal; NULL while pending or running. Retention dates
     -- instances by it, never by updated_at, which their owners may write.
-    finished_at  timestamptz
+    finished_at  timestamptz,
+    -- How often df.restart ran it again. generation counts them too: it is the interpreter's
+    -- root generation plus this (each restart is an execution of its own).
+    restarts     integer NOT NULL DEFAULT 0
 );
 
 -- Oldest finished first, for the purge; newest first, for the count limit. Partial: only
@@ -175,7 +178,7 @@ CREATE TABLE df._tasks (
     -- step of this name claims it. '' for every other task, which any worker runs.
     call_name    text NOT NULL DEFAULT '',
     CONSTRAINT _tasks_kind_check
-        CHECK (kind IN ('start', 'sql', 'http', 'timer', 'signal', 'call'))
+        CHECK (kind IN ('start', 'sql', 'http', 'timer', 'signal', 'call', 'restart'))
 );
 -- (No index on (instance_id, activation): activations are unique per instance by
 -- construction, and a sequence's next step takes over its task's row (df._checkpoint), an
@@ -210,16 +213,19 @@ CREATE INDEX signals_pending_idx ON df._signals (instance_id, name, id)
 CREATE INDEX signals_instance_idx ON df._signals (instance_id);
 
 -- Executions of an instance that ended because its root loop began its next iteration
--- (continue-as-new, in pg_durable's words). The current execution is not here: it is derived
--- from df._runs and df.instances when read, so a workflow without a root loop writes no row
+-- (continue-as-new, in pg_durable's words), or because the instance failed or was cancelled
+-- and df.restart ran it again. The current execution is not here: it is derived from df._runs
+-- and df.instances when read, so a workflow without a root loop or a restart writes no row
 -- here at all. Only the newest 1,000 of an instance are kept.
 --
---   status       'ContinuedAsNew'
---   started_at   the start of the instance for the first; the end of the one before for the
---                others
---   first_event  df._runs.checkpoints when it began (0 for the first)
---   events       its checkpoints (the one that begins an iteration counts in the new one)
---   output       the iteration's body result
+--   status        'ContinuedAsNew', 'Failed' or 'Cancelled'
+--   started_at    the start of the instance for the first; for the others, when the one
+--                 before was restarted, or else when it ended
+--   finished_at   when it ended
+--   first_event   df._runs.checkpoints when it began (0 for the first)
+--   events        its checkpoints (the one that begins an iteration counts in the new one)
+--   output        the iteration's body result; the error or NULL of a failed or cancelled one
+--   restarted_at  when df.restart ran a failed or cancelled one again (NULL for the others)
 CREATE TABLE df._executions (
     instance_id  varchar(8) NOT NULL REFERENCES df._runs (instance_id) ON DELETE CASCADE,
     generation   integer NOT NULL,
@@ -229,6 +235,7 @@ CREATE TABLE df._executions (
     first_event  bigint NOT NULL,
     events       bigint,
     output       text,
+    restarted_at timestamptz,
     PRIMARY KEY (instance_id, generation)
 );
 

@@ -43,7 +43,7 @@ class Task:
 
     id: int
     token: uuid.UUID
-    kind: str  # 'start' | 'sql' | 'http' | 'timer' | 'signal'
+    kind: str  # 'start' | 'sql' | 'http' | 'call' | 'timer' | 'signal' | 'restart'
     activation: int
     node_id: str | None
     payload: dict[str, Any] | None

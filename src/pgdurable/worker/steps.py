@@ -195,6 +195,8 @@ class StepRunner:
             return await self._advance(task, self._signal_wait(task), claim_limit)
         if task.kind == "start":
             return await self._start_with_first_step(task, claim_limit)
+        if task.kind == "restart":  # df.restart: admitted as a start is, then resumed
+            return await self._advance(task, None, claim_limit)
         raise ValueError(f"unknown task kind {task.kind!r}")
 
     async def fail(
@@ -208,8 +210,10 @@ class StepRunner:
         df.retry: a SQLSTATE or an ``http_*`` class)."""
 
         async def failed(conn: AsyncConn, graph: Graph, cp: Checkpoint) -> Transition:
-            if cp.state is None:  # the instance never started (its start task failed)
-                return interpreter.fail_instance(None, error)
+            # The instance never started (its start task failed), or its restart failed: it
+            # keeps the state it has, to be restarted again.
+            if cp.state is None or task.kind == "restart":
+                return interpreter.fail_instance(cp.state, error)
             return interpreter.step_failed(
                 graph,
                 _state(cp),
@@ -1227,8 +1231,8 @@ class StepRunner:
         in two round trips: [BEGIN, df._checkpoint_begin, and the graph if it is not cached],
         then [df._checkpoint, COMMIT].
 
-        ``decide`` None means the task starts the instance; ``decide`` returning None means
-        there is nothing to do yet: the task goes back to waiting.
+        ``decide`` None means the task starts (or restarts) the instance; ``decide`` returning
+        None means there is nothing to do yet: the task goes back to waiting.
         """
         async with self.conns.worker.connection() as conn, _busy_on_lock_timeout():
             try:
@@ -1334,7 +1338,8 @@ class StepRunner:
         node_rows: list[dict[str, Any]],
     ) -> Transition:
         """Admit the instance's graph, read by queries.graph_queries (its submitter must still
-        exist, and may be a superuser only if allowed), then activate its root."""
+        exist, and may be a superuser only if allowed), then activate its root; or, for a
+        restart task (df.restart), run on the state the instance kept when it ended."""
         try:
             graph, facts = queries.graph_from_rows_of(
                 task.instance_id, facts_rows, node_rows, self.settings.max_state_bytes
@@ -1367,6 +1372,8 @@ class StepRunner:
                 f'"{facts["role"]}"',
             )
         self._remember(graph, facts["created_at"])
+        if task.kind == "restart":
+            return interpreter.resume(graph, cp.state, cp.variables, cp.now, **self._limits)
         return interpreter.start(graph, cp.variables, cp.now, **self._limits)
 
     # -- graphs --------------------------------------------------------------------------------
