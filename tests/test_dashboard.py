@@ -443,3 +443,41 @@ def test_hosts_headers_and_static_files(tenants: Any) -> None:
     ):
         assert web.get(path).status_code == 200, path
     assert "nothing to log in to" in web.get("/login").text
+
+
+def test_restart_from_the_page(tenants: Any, dsn: str, conn: psycopg.Connection[Any]) -> None:
+    a, _, web, web_b = tenants
+    conn.execute("CREATE TABLE public.gate (open boolean)")
+    conn.execute("GRANT SELECT ON public.gate TO PUBLIC")
+    worker = ThreadWorker(dsn, concurrency=2)
+    try:
+        instance = start(
+            a,
+            "'SELECT 7 AS seven' |=> 's'"
+            " ~> 'SELECT $s.seven / (SELECT count(*)::int FROM gate) AS x'",
+        )
+        assert wait(a, instance) == "failed"
+        page = web.get(f"/instances/{instance}").text
+        assert 'id="restart"' in page
+        # Not for B, and not without the token.
+        assert web_b.get(f"/instances/{instance}").status_code == 404
+        token_b = csrf(web_b.get("/instances").text)
+        assert (
+            web_b.post(f"/instances/{instance}/restart", data={"csrf": token_b}).status_code == 404
+        )
+        assert web.post(f"/instances/{instance}/restart", data={}).status_code == 403
+        assert status(a, instance) == "failed"
+
+        conn.execute("INSERT INTO public.gate VALUES (true)")
+        done = web.post(f"/instances/{instance}/restart", data={"csrf": csrf(page)})
+        assert done.status_code == 200 and 'class="flash ok"' in done.text
+        assert wait(a, instance) == "completed"
+        row = a.conn.execute("SELECT df.result(%s)::jsonb", (instance,)).fetchone()
+        assert row and row[0]["rows"] == [{"x": 7}]
+        after = web.get(f"/instances/{instance}").text
+        assert 'id="restart"' not in after and "Failed" in after  # the ended run, in executions
+        # A completed instance cannot restart: the error is said on the page.
+        again = web.post(f"/instances/{instance}/restart", data={"csrf": csrf(page)})
+        assert 'class="flash error"' in again.text and "only a failed or cancelled" in again.text
+    finally:
+        worker.stop()
