@@ -4,8 +4,8 @@
 -- with BYPASSRLS, and its column grants let a role set its own instance's status to
 -- anything. The triggers below close both holes for every role that is neither a superuser
 -- nor the owner of the df schema (the worker): such a role can write rows only under its own
--- name, and can change an instance's status only by cancelling or restarting it. df.grant_usage hands a
--- role what it needs to use pg_durable's interface, and no more.
+-- name, and can change an instance's status only by cancelling or restarting it.
+-- df.grant_usage hands a role what it needs to use pg_durable's interface, and no more.
 
 -- ---------------------------------------------------------------------------------------------
 -- Row-level security: a role sees and changes only its own rows. The owner (the worker) and
