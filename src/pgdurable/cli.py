@@ -267,6 +267,14 @@ def worker(dsn: str, verbose: bool, **options: Any) -> None:
     "the DSN's role).",
 )
 @click.option(
+    "--allowed-host",
+    "allowed",
+    multiple=True,
+    metavar="NAME",
+    help="Also answer requests for this host name (e.g. the public name a TLS proxy forwards "
+    "with); repeatable. On loopback, only the loopback names are answered otherwise.",
+)
+@click.option(
     "--refresh",
     default=2.0,
     show_default=True,
@@ -280,6 +288,7 @@ def dashboard(
     port: int,
     login: bool,
     no_login_ok: bool,
+    allowed: tuple[str, ...],
     refresh: float,
     verbose: bool,
 ) -> None:
@@ -292,7 +301,7 @@ def dashboard(
     config = DashboardConfig(
         dsn,
         login=login,
-        allowed_hosts=dashboard_server.allowed_hosts(host),
+        allowed_hosts=dashboard_server.allowed_hosts(host, allowed),
         refresh_seconds=refresh,
     )
     sock = _listen(host, port)

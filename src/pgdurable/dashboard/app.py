@@ -15,6 +15,7 @@ sessions.py for the cookies, and docs/dashboard.md.
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -27,6 +28,7 @@ from urllib.parse import urlencode
 import psycopg
 from jinja2 import Environment, PackageLoader, select_autoescape
 from markupsafe import Markup
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import AsyncConnectionPool
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -46,6 +48,10 @@ PAGE_SIZE = 50
 MAX_BULK = 500
 """The most instances one bulk cancel takes (a page of the list is 50)."""
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+APPLICATION_NAME = "pgdurable dashboard"
+STATEMENT_TIMEOUT_MS = 15_000
+MAX_STEPS_SHOWN = 500
+"""The most steps an instance's page lists (and draws on its timeline)."""
 MISSING_SCHEMA = (
     psycopg.errors.InvalidSchemaName,
     psycopg.errors.UndefinedTable,
@@ -140,7 +146,10 @@ class Dashboard:
                 self.config.dsn,
                 min_size=1,
                 max_size=4,
-                kwargs={"autocommit": True, "application_name": "pgdurable dashboard"},
+                kwargs={"autocommit": True, "application_name": APPLICATION_NAME},
+                configure=_configure,
+                # A database that is down gets its error page in seconds, not after 30.
+                timeout=5,
                 open=False,
             )
             await self.pool.open()
@@ -160,17 +169,13 @@ class Dashboard:
             async with self.pool.connection() as conn:
                 yield conn
             return
-        if session.role is None:
+        if session.role is None or session.password is None:
             raise Problem(401, "Log in first.")
         conn = await psycopg.AsyncConnection.connect(
-            self.config.dsn,
-            user=session.role,
-            password=session.password,
-            autocommit=True,
-            connect_timeout=10,
-            application_name="pgdurable dashboard",
+            login_conninfo(self.config.dsn, session.role, session.password), autocommit=True
         )
         async with conn:
+            await _configure(conn)
             yield conn
 
     def _session(self, request: Request) -> tuple[Session, bool]:
@@ -205,9 +210,12 @@ class Dashboard:
         failures a visitor can cause into error pages."""
         session, new = self._session(request)
         if self.config.login and session.role is None:
+            target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
             response: Response = RedirectResponse(
-                "/login?" + urlencode({"next": request.url.path}), status_code=303
+                "/login?" + urlencode({"next": target}), status_code=303
             )
+            if request.query_params.get("partial") == "1":  # a refresh: no login page in it
+                response = Response("Log in again.", status_code=401)
         else:
             try:
                 async with self._connect(session) as conn:
@@ -263,6 +271,8 @@ class Dashboard:
                 response = RedirectResponse(back, status_code=303)
             except Problem as exc:
                 response = self._error(request, session, exc.status, exc.message)
+            except psycopg.errors.InsufficientPrivilege as exc:
+                response = self._error(request, session, 403, _db_message(exc))
             except psycopg.Error as exc:
                 response = self._database_error(request, session, exc)
         if new:
@@ -313,7 +323,7 @@ class Dashboard:
         if wanted:
             return RedirectResponse(f"/instances/{_instance_path(wanted)}", status_code=303)
         filters, problems = _filters(params)
-        after = params.get("after") or None
+        after = (params.get("after") or None) if not problems else None
         rows: list[queries.Row] = []
         cursor = None
         if not problems:
@@ -351,16 +361,23 @@ class Dashboard:
         elif len(ids) > MAX_BULK:
             session.say("error", f"At most {MAX_BULK} instances can be cancelled at once.")
         else:
-            cancelled, missing = 0, []
+            cancelled, finished, missing = 0, [], []
             for instance_id in ids:
-                try:
-                    if not INSTANCE_ID.match(instance_id):
-                        raise psycopg.errors.NoDataFound(instance_id)
+                before = (
+                    await queries.status(conn, instance_id)
+                    if INSTANCE_ID.match(instance_id)
+                    else None
+                )
+                if before is None:
+                    missing.append(instance_id)
+                elif before in queries.TERMINAL:
+                    finished.append(instance_id)
+                else:
                     await queries.cancel(conn, instance_id)
                     cancelled += 1
-                except psycopg.errors.NoDataFound:
-                    missing.append(instance_id)
             session.say("ok", f"Cancel requested for {cancelled} instance(s).")
+            if finished:
+                session.say("error", f"Already finished: {', '.join(finished[:20])}")
             if missing:
                 session.say("error", f"Not found: {', '.join(missing[:20])}")
         return _local(_text(form.get("back")), "/instances")
@@ -377,6 +394,7 @@ class Dashboard:
         if row is None:
             raise Problem(404, f"Instance {instance_id} was not found (or is another role's).")
         nodes = await queries.nodes(conn, instance_id)
+        steps = [n for n in nodes if n["node_type"] in charts.STEP_TYPES]
         now = datetime.now(UTC)
         spans = [
             charts.Span(
@@ -386,8 +404,8 @@ class Dashboard:
                 n["started_at"],
                 None if n["inferred_status"] == "running" else n["updated_at"],
             )
-            for n in nodes
-            if n["node_type"] in charts.STEP_TYPES and n["started_at"] is not None
+            for n in steps[:MAX_STEPS_SHOWN]
+            if n["started_at"] is not None
         ]
         allowed = await queries.privileges(conn)
         terminal = row["status"] in queries.TERMINAL
@@ -402,7 +420,8 @@ class Dashboard:
             diagram=Markup(
                 diagram.draw(row["root_node"], diagram.views(nodes), row["generation"] or 0, now)
             ),
-            steps=[n for n in nodes if n["node_type"] in charts.STEP_TYPES],
+            steps=steps[:MAX_STEPS_SHOWN],
+            steps_left_out=max(len(steps) - MAX_STEPS_SHOWN, 0),
             awaited=[_signal(n) for n in nodes if n["node_type"] == "SIGNAL"],
             timeline=Markup(charts.timeline(spans, row["created_at"], now)) if spans else None,
             explain=await queries.explain(conn, instance_id),
@@ -419,10 +438,13 @@ class Dashboard:
         self, request: Request, session: Session, conn: queries.Conn, form: dict[str, Any]
     ) -> str:
         instance_id = _instance_id(request)
-        try:
+        before = await queries.status(conn, instance_id)
+        if before is None:
+            raise Problem(404, f"Instance {instance_id} was not found (or is another role's).")
+        if before in queries.TERMINAL:
+            session.say("error", f"Instance {instance_id} is already {before}.")
+        else:
             session.say("ok", await queries.cancel(conn, instance_id))
-        except psycopg.errors.NoDataFound as exc:
-            raise Problem(404, _db_message(exc)) from None
         return f"/instances/{instance_id}"
 
     async def signal(self, request: Request) -> Response:
@@ -440,7 +462,7 @@ class Dashboard:
             return f"/instances/{instance_id}"
         try:
             json.loads(data or "null")
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             session.say("error", f"The signal's data is not JSON: {exc}")
             return f"/instances/{instance_id}"
         try:
@@ -460,6 +482,8 @@ class Dashboard:
         self, request: Request, session: Session, conn: queries.Conn, form: dict[str, Any]
     ) -> str:
         instance_id = _instance_id(request)
+        if not (await queries.privileges(conn)).restart:
+            raise Problem(404, "This database's pgdurable has no df.restart: upgrade it.")
         try:
             session.say("ok", await queries.restart(conn, instance_id))
         except psycopg.errors.NoDataFound as exc:
@@ -534,13 +558,18 @@ class Dashboard:
         if not self.config.login:
             return RedirectResponse(back, status_code=303)
         try:
+            if not role or not password:
+                raise ValueError("a role and a password are both required")
             conn = await psycopg.AsyncConnection.connect(
-                self.config.dsn, user=role, password=password, connect_timeout=10
+                login_conninfo(self.config.dsn, role, password)
             )
             await conn.close()
-        except psycopg.Error:
+        except (psycopg.Error, ValueError):
             # The server's message may say which of role and password was wrong; say neither.
-            session.say("error", "Login failed: unknown role or wrong password.")
+            session.say(
+                "error",
+                "Login failed: unknown role or wrong password (or the database is unreachable).",
+            )
             return RedirectResponse("/login?" + urlencode({"next": back}), status_code=303)
         fresh = self.sessions.log_in(session, role, password)
         response = RedirectResponse(back, status_code=303)
@@ -583,6 +612,32 @@ class _SecurityHeaders:
 # -- helpers -----------------------------------------------------------------------------------
 
 
+def login_conninfo(dsn: str, role: str, password: str) -> str:
+    """The DSN's server and database, with the visitor's role and password and nothing of
+    the dashboard's own credentials: no password file, service file entry, client
+    certificate or Kerberos ticket, and PostgreSQL must ask for the password (a server that
+    trusts the role without one refuses the login, rather than letting anyone in)."""
+    params = conninfo_to_dict(dsn)
+    for key in ("passfile", "service", "sslcert", "sslkey", "sslpassword"):
+        params.pop(key, None)
+    params.update(
+        user=role,
+        password=password,
+        passfile=os.devnull,
+        gssencmode="disable",
+        require_auth="password,md5,scram-sha-256",
+        application_name=APPLICATION_NAME,
+    )
+    params.setdefault("connect_timeout", 10)
+    return make_conninfo("", **params)
+
+
+async def _configure(conn: queries.Conn) -> None:
+    """Every dashboard connection: a query that runs too long is cut short, rather than
+    holding one of the few connections."""
+    await conn.execute(f"SET statement_timeout = {STATEMENT_TIMEOUT_MS}")
+
+
 def _set_cookie(request: Request, response: Response, session: Session) -> None:
     response.set_cookie(
         COOKIE,
@@ -609,6 +664,9 @@ def _instance_path(text: str) -> str:
 
 def _filters(params: Any) -> tuple[queries.Filters, list[str]]:
     problems: list[str] = []
+    if any("\x00" in value for value in params.values()):
+        problems.append("A filter holds a NUL character.")
+        return queries.Filters(), problems
     status = params.get("status") or None
     if status is not None and status not in queries.STATUSES:
         problems.append(f"Unknown status {status!r}.")
@@ -653,8 +711,9 @@ def _step_label(node: queries.Row) -> str:
     else its id."""
     if node.get("result_name"):
         return f"{node['node_type']} {node['result_name']}"
-    if node["node_type"] == "SQL" and node.get("query"):
-        return "SQL: " + node["query"].strip().splitlines()[0]
+    lines = (node.get("query") or "").strip().splitlines()
+    if node["node_type"] == "SQL" and lines:
+        return "SQL: " + lines[0]
     return f"{node['node_type']} {node['node_id']}"
 
 
@@ -689,7 +748,7 @@ def _pretty(text: str | None) -> str:
         return ""
     try:
         return json.dumps(json.loads(text), indent=2, ensure_ascii=False)
-    except ValueError:
+    except (ValueError, RecursionError):
         return text
 
 

@@ -26,6 +26,9 @@ TERMINAL = frozenset({"completed", "failed", "cancelled"})
 STATUSES = ("pending", "running", "completed", "failed", "cancelled")
 TEXT_LIMIT = 4000
 """The most characters of one step's SQL, result or error the dashboard reads."""
+CONFIG_LIMIT = 65_536
+"""The most characters of a node's JSON config, or of a df.retry's failed attempts, read for
+the diagram (an HTTP step's config holds its body: one cut there shows as raw text)."""
 
 # The time windows of the overview: its length and the width of one bar of the chart.
 WINDOWS = {
@@ -170,7 +173,8 @@ async def list_instances(
         "SELECT l.instance_id, l.label, l.status, l.execution_count, l.created_at,"
         "       r.finished_at, left(l.output, 200) AS output, l.next_cursor"
         "  FROM df.list_instances(%s, %s, %s, %s) l"
-        "  LEFT JOIN df._runs r ON r.instance_id = l.instance_id",
+        "  LEFT JOIN df._runs r ON r.instance_id = l.instance_id"
+        " ORDER BY l.created_at DESC, l.instance_id",
         (filters.status, limit, filters.label, after),
     )
     rows = await cur.fetchall()
@@ -185,6 +189,13 @@ async def list_instances(
 
 
 # -- one instance ------------------------------------------------------------------------------
+
+
+async def status(conn: Conn, instance_id: str) -> str | None:
+    """The instance's status (None if it does not exist or is another role's)."""
+    cur = await conn.execute("SELECT status FROM df.instances WHERE id = %s", (instance_id,))
+    row = await cur.fetchone()
+    return str(row[0]) if row else None
 
 
 async def instance(conn: Conn, instance_id: str) -> Row | None:
@@ -203,23 +214,24 @@ async def instance(conn: Conn, instance_id: str) -> Row | None:
 async def nodes(conn: Conn, instance_id: str) -> list[Row]:
     """Every node of the instance with its inferred status (df.instance_nodes), timings, and
     its result and error cut to :data:`TEXT_LIMIT`, with their full lengths. A SQL step's
-    statement is cut too; other nodes' JSON configs are whole (the diagram reads them), and so
-    is a df.retry's error, one line per failed attempt (the diagram counts them)."""
+    statement is cut too; other nodes' JSON configs (which the diagram reads) and a df.retry's
+    error (one line per failed attempt, which the diagram counts) are cut at
+    :data:`CONFIG_LIMIT`."""
     cur = await conn.cursor(row_factory=dict_row).execute(
         "SELECT n.node_id, n.node_type,"
-        "       CASE WHEN n.node_type = 'SQL' THEN left(n.query, %(limit)s) ELSE n.query END"
-        "           AS query,"
+        "       left(n.query, CASE WHEN n.node_type = 'SQL' THEN %(limit)s"
+        "                          ELSE %(config_limit)s END) AS query,"
         "       length(n.query) AS query_length, n.result_name, n.left_node, n.right_node,"
         "       n.status, n.inferred_status, n.status_details,"
         "       left(n.result, %(limit)s) AS result, length(n.result) AS result_length,"
-        "       CASE WHEN n.node_type = 'RETRY' THEN d.error ELSE left(d.error, %(limit)s) END"
-        "           AS error,"
+        "       left(d.error, CASE WHEN n.node_type = 'RETRY' THEN %(config_limit)s"
+        "                          ELSE %(limit)s END) AS error,"
         "       length(d.error) AS error_length,"
         "       d.started_at, n.updated_at"
         "  FROM df.instance_nodes(%(id)s) n"
         "  JOIN df.nodes d ON d.instance_id = %(id)s AND d.id = n.node_id"
         " ORDER BY d.started_at NULLS LAST, n.node_id",
-        {"id": instance_id, "limit": TEXT_LIMIT},
+        {"id": instance_id, "limit": TEXT_LIMIT, "config_limit": CONFIG_LIMIT},
     )
     return await cur.fetchall()
 

@@ -34,10 +34,14 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def allowed_hosts(host: str) -> tuple[str, ...] | None:
-    """The Host headers to answer when bound to ``host``: the loopback names on loopback (so a
-    web page elsewhere cannot reach the dashboard by DNS rebinding), any on another address."""
-    return LOOPBACK_HOSTS if is_loopback(host) else None
+def allowed_hosts(host: str, extra: tuple[str, ...] = ()) -> tuple[str, ...] | None:
+    """The Host headers to answer when bound to ``host``: on loopback, the loopback names,
+    ``host`` itself and the ``extra`` names (a TLS proxy's public name, say), so that a web
+    page elsewhere cannot reach the dashboard by DNS rebinding; on another address, the
+    ``extra`` names if any were given, else any."""
+    if is_loopback(host):
+        return tuple(dict.fromkeys((*LOOPBACK_HOSTS, host, *extra)))
+    return extra or None
 
 
 def make_server(

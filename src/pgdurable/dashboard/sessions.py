@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 COOKIE = "pgdurable_session"
 IDLE_SECONDS = 12 * 3600
 """A session nobody used for this long is forgotten."""
+MAX_FLASH = 10
 MAX_SESSIONS = 10_000
 """Beyond this many sessions the least recently used are forgotten, so anonymous visitors
 cannot fill the server's memory."""
@@ -43,8 +44,9 @@ class Session:
         return token is not None and hmac.compare_digest(token.encode(), self.csrf.encode())
 
     def say(self, kind: str, text: str) -> None:
-        """Show ``text`` on the next page (kind: 'ok' or 'error')."""
-        self.flash.append((kind, text))
+        """Show ``text`` on the next page (kind: 'ok' or 'error'); only the latest
+        :data:`MAX_FLASH` messages are kept."""
+        self.flash = [*self.flash[-(MAX_FLASH - 1) :], (kind, text)]
 
     def take_flash(self) -> list[tuple[str, str]]:
         """The messages to show now, forgotten once taken."""
@@ -74,7 +76,9 @@ class Sessions:
         """A new anonymous session."""
         now = time.time() if now is None else now
         if len(self._by_id) >= MAX_SESSIONS:
-            oldest = sorted(self._by_id.values(), key=lambda s: s.last_used)
+            # Anonymous sessions go first, so that visitors who need no password cannot log
+            # out those who gave one.
+            oldest = sorted(self._by_id.values(), key=lambda s: (s.role is not None, s.last_used))
             for session in oldest[: len(oldest) // 10 + 1]:
                 del self._by_id[session.id]
         session = Session(

@@ -15,7 +15,14 @@ function startRefresh(region) {
       return;
     }
     try {
-      const response = await fetch(url, { credentials: "same-origin", cache: "no-store" });
+      const response = await fetch(url, {
+        credentials: "same-origin",
+        cache: "no-store",
+        redirect: "error",
+      });
+      if (response.status === 401) {
+        return; // logged out: the page's next load asks to log in again
+      }
       if (response.ok) {
         region.innerHTML = await response.text();
         wireSelectAll(region);
