@@ -55,6 +55,11 @@ class Process:
         return code
 
 
+def _server_log(data: Path) -> str:
+    log = data / "server.log"
+    return f"\n--- {log} ---\n{log.read_text(errors='replace')[-3000:]}" if log.exists() else ""
+
+
 def test_up_runs_a_first_workflow_stops_cleanly_and_reuses_its_data(tmp_path: Path) -> None:
     data = tmp_path / "data"
     port = str(free_port())
@@ -81,7 +86,8 @@ def test_up_runs_a_first_workflow_stops_cleanly_and_reuses_its_data(tmp_path: Pa
         assert listing.status_code == 200 and "completed" in listing.text
     finally:
         assert proc.stop(signal.SIGINT) == 0, proc.output
-    assert not (data / "postmaster.pid").exists()  # PostgreSQL was stopped too
+    # PostgreSQL was stopped too
+    assert not (data / "postmaster.pid").exists(), proc.output + _server_log(data)
 
     proc = Process("up", "--data-dir", str(data), "--port", port, "--no-dashboard")
     try:
