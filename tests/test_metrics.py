@@ -5,6 +5,7 @@ and checked to have moved by exactly what they did."""
 from __future__ import annotations
 
 import signal
+import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -24,7 +25,7 @@ from pgdurable import cli
 from pgdurable.embedded import EmbeddedPostgres, free_port
 from pgdurable.python_steps import registered
 from pgdurable.worker.egress import EgressPolicy
-from pgdurable.worker.loop import WorkerConfig
+from pgdurable.worker.loop import WorkerConfig, WorkerError
 
 Conn = psycopg.Connection[tuple[object, ...]]
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -234,6 +235,16 @@ def test_two_workers_in_one_process_have_their_own_metrics(dsn: str) -> None:
     finally:
         for w in workers:
             w.stop()
+
+
+def test_a_port_in_use_stops_the_worker_at_once(dsn: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        worker = ThreadWorker(dsn, metrics_port=taken.getsockname()[1])
+        worker.thread.join(timeout=30)
+        with pytest.raises(WorkerError, match="cannot serve metrics"):
+            worker.stop()
 
 
 def test_a_worker_without_a_metrics_port_serves_nothing(dsn: str, app: App) -> None:

@@ -149,6 +149,13 @@ def _worker_options(f: F) -> F:
         show_default=True,
         help="The address the metrics are served on (0.0.0.0: every interface).",
     )(f)
+    f = click.option(
+        "--trace",
+        envvar="PGDURABLE_TRACE",
+        is_flag=True,
+        help="Emit OpenTelemetry traces of instances and steps, as the OTEL_* variables say "
+        "(needs the extra pgdurable[tracing]).",
+    )(f)
     f = click.option("--verbose", "-v", is_flag=True, help="Debug logging.")(f)
     return _egress_options(f)
 
@@ -237,6 +244,7 @@ def _config(dsn: str, options: dict[str, Any]) -> WorkerConfig:
         steps=steps,
         metrics_port=options["metrics_port"],
         metrics_host=options["metrics_host"],
+        trace=options["trace"],
     )
 
 

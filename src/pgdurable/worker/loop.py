@@ -21,6 +21,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg import AsyncConnection
@@ -37,6 +38,9 @@ from .queries import AsyncConn, Task
 from .results import MAX_RESULT_BYTES_SETTING, parse_size
 from .steps import CheckpointBusy, StepRunner, StepSettings
 from .telemetry import Telemetry
+
+if TYPE_CHECKING:
+    from .tracing import Tracing
 
 log = logging.getLogger("pgdurable.worker")
 # What df's triggers send on the cancel channel: "<instance>" or "<instance>:<activation>".
@@ -101,6 +105,10 @@ class WorkerConfig:
     # Serve Prometheus metrics on this port (None: keep none; worker/metrics.py).
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
+    # Emit OpenTelemetry traces (worker/tracing.py): to ``tracer_provider`` if given (an SDK
+    # TracerProvider), else to one the OTEL_* variables configure.
+    trace: bool = False
+    tracer_provider: Any = None
 
 
 def parse_interval(text: str | None, default: float, unit: str = "ms") -> float:
@@ -182,12 +190,17 @@ class Worker:
         self._runner: StepRunner | None = None
         self._telemetry: Telemetry | None = None
         self._metrics: MetricsServer | None = None
+        metrics = tracing = None
         if config.metrics_port is not None:
             metrics = WorkerMetrics(
                 self.id, config.concurrency, lambda: len(self._inflight), config.dsn
             )
             self._metrics = MetricsServer(metrics, config.metrics_host, config.metrics_port)
-            self._telemetry = Telemetry(metrics)
+        self._tracer_provider: Any = None  # one this worker made, to flush when it stops
+        if config.trace or config.tracer_provider is not None:
+            tracing = self._tracing()
+        if metrics is not None or tracing is not None:
+            self._telemetry = Telemetry(metrics, tracing)
         self._cancels: set[asyncio.Task[int]] = set()  # cancels checking which tasks went
         self._inflight: dict[int, asyncio.Task[None]] = {}
         self._roles: dict[int, int] = {}  # task id in flight -> its role's oid
@@ -213,6 +226,22 @@ class Worker:
         # handlers take for a failed round; so each loop checks this as well.
         self._closing = False
 
+    def _tracing(self) -> Tracing:
+        """The worker's traces; OpenTelemetry is imported only now."""
+        try:
+            from . import tracing
+        except ImportError as exc:
+            raise WorkerError(
+                f"tracing needs OpenTelemetry: pip install 'pgdurable[tracing]' ({exc})"
+            ) from None
+        provider = self.config.tracer_provider
+        if provider is None:
+            try:
+                provider = self._tracer_provider = tracing.provider_from_env()
+            except tracing.TracingUnavailable as exc:
+                raise WorkerError(f"cannot trace: {exc}") from None
+        return tracing.Tracing(provider, self.id)
+
     # -- lifecycle -----------------------------------------------------------------------------
 
     def request_stop(self) -> None:
@@ -232,6 +261,8 @@ class Worker:
         finally:
             if self._metrics is not None:
                 self._metrics.stop()
+            if self._tracer_provider is not None:  # export what is left
+                await asyncio.to_thread(self._tracer_provider.shutdown)
 
     async def _run(self) -> None:
         await self._connect()
