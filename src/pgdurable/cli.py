@@ -140,6 +140,27 @@ def _worker_options(f: F) -> F:
         help="A module whose Python steps (@pgdurable.step) this worker runs (repeat, or "
         "comma-separate).",
     )(f)
+    f = click.option(
+        "--metrics-port",
+        envvar="PGDURABLE_METRICS_PORT",
+        type=click.IntRange(min=1, max=65535),
+        default=None,
+        help="Serve Prometheus metrics at http://HOST:PORT/metrics [default: none].",
+    )(f)
+    f = click.option(
+        "--metrics-host",
+        envvar="PGDURABLE_METRICS_HOST",
+        default="127.0.0.1",
+        show_default=True,
+        help="The address the metrics are served on (0.0.0.0: every interface).",
+    )(f)
+    f = click.option(
+        "--trace",
+        envvar="PGDURABLE_TRACE",
+        is_flag=True,
+        help="Emit OpenTelemetry traces of instances and steps, as the OTEL_* variables say "
+        "(needs the extra pgdurable[tracing]).",
+    )(f)
     f = click.option("--verbose", "-v", is_flag=True, help="Debug logging.")(f)
     return _egress_options(f)
 
@@ -226,6 +247,9 @@ def _config(dsn: str, options: dict[str, Any]) -> WorkerConfig:
         role_slots=options["role_slots"],
         batch_size=options["batch_size"],
         steps=steps,
+        metrics_port=options["metrics_port"],
+        metrics_host=options["metrics_host"],
+        trace=options["trace"],
     )
 
 

@@ -686,12 +686,17 @@ CREATE OR REPLACE FUNCTION df._claim(p_worker uuid, p_limit integer, p_lease dou
 RETURNS TABLE (id bigint, token uuid, kind text, activation integer, node_id varchar(8),
                payload jsonb, attempts integer, instance_id varchar(8), role text,
                role_oid oid, database text, label text, created_at timestamptz,
-               deferrals integer, start jsonb)
+               deferrals integer, start jsonb, waited double precision, lease_expired boolean)
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET plan_cache_mode = force_generic_plan
 AS $$
 #variable_conflict use_column
 DECLARE
     v_picked bigint[];
+    -- Of each task picked, as it was before the claim: when it became due (visible_at), and
+    -- whether a lease of another claim had run out on it. The worker's metrics report both
+    -- (waited: seconds from due to this claim; docs/monitoring.md#prometheus-metrics).
+    v_due    timestamptz[];
+    v_leased boolean[];
 BEGIN
     WITH due AS (
         SELECT w.role_oid, array_agg(w.call_name) AS queues, coalesce(max(h.slots), 0) AS held
@@ -702,16 +707,18 @@ BEGIN
     ), level AS (
         SELECT ceil((p_limit + sum(d.held)) / count(*)::numeric)::integer AS slots FROM due d
     ), offered AS (
-        SELECT o.id, o.visible_at, d.held + o.rank AS turn
+        SELECT o.id, o.visible_at, o.leased, d.held + o.rank AS turn
           FROM due d CROSS JOIN level l
          CROSS JOIN LATERAL (
                SELECT greatest(least(l.slots - d.held, p_limit, p_cap - d.held), 0) AS share
                ) s
          CROSS JOIN LATERAL (
-               SELECT k.id, k.visible_at, row_number() OVER (ORDER BY k.visible_at, k.id) AS rank
+               SELECT k.id, k.visible_at, k.leased,
+                      row_number() OVER (ORDER BY k.visible_at, k.id) AS rank
                  FROM unnest(d.queues) AS q (call_name)
                 CROSS JOIN LATERAL (
-                      SELECT t.id, t.visible_at FROM df._tasks t
+                      SELECT t.id, t.visible_at, t.lease_owner IS NOT NULL AS leased
+                        FROM df._tasks t
                        WHERE t.role_oid = d.role_oid AND t.call_name = q.call_name
                          AND t.visible_at <= now()
                        ORDER BY t.visible_at
@@ -720,8 +727,10 @@ BEGIN
                ) o
          WHERE o.rank <= s.share
     )
-    SELECT array_agg(p.id) INTO v_picked
-      FROM (SELECT o.id FROM offered o ORDER BY o.turn, o.visible_at, o.id LIMIT p_limit) p;
+    SELECT array_agg(p.id), array_agg(p.visible_at), array_agg(p.leased)
+      INTO v_picked, v_due, v_leased
+      FROM (SELECT o.id, o.visible_at, o.leased FROM offered o
+             ORDER BY o.turn, o.visible_at, o.id LIMIT p_limit) p;
     IF v_picked IS NULL THEN
         RETURN;
     END IF;
@@ -742,8 +751,10 @@ BEGIN
            -- role leaves its number, which fails the login as it should.
            coalesce(a.rolname, i.submitted_by::text)::text, i.submitted_by::oid, i.database,
            i.label, i.created_at, c.deferrals,
-           CASE WHEN c.kind = 'start' THEN df._start_facts(c.instance_id) END
+           CASE WHEN c.kind = 'start' THEN df._start_facts(c.instance_id) END,
+           extract(epoch FROM now() - p.due_at)::double precision, p.leased
       FROM claimed c JOIN df.instances i ON i.id = c.instance_id
+      JOIN unnest(v_picked, v_due, v_leased) AS p (id, due_at, leased) ON p.id = c.id
       LEFT JOIN pg_roles a ON a.oid = i.submitted_by;
 END;
 $$;

@@ -65,3 +65,19 @@ BEGIN
     END IF;
 END
 $$;
+
+-- 0.2: df._claim also returns how long each task waited since it became due, and whether a
+-- lease had run out on it (the worker's metrics).
+DO $$
+DECLARE
+    v_old regprocedure := to_regprocedure(
+        'df._claim(uuid, integer, double precision, integer, oid[], integer[], text[])');
+BEGIN
+    IF v_old IS NOT NULL
+       AND NOT EXISTS (SELECT 1 FROM pg_proc p
+                        WHERE p.oid = v_old AND 'lease_expired' = ANY (p.proargnames)) THEN
+        DROP FUNCTION df._claim(uuid, integer, double precision, integer, oid[], integer[],
+                                text[]);
+    END IF;
+END
+$$;

@@ -21,6 +21,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg import AsyncConnection
@@ -32,9 +33,14 @@ from . import queries
 from .batch import DEFAULT_BATCH_SIZE
 from .connections import Connections, is_transient
 from .egress import EgressPolicy
+from .metrics import MetricsServer, WorkerMetrics
 from .queries import AsyncConn, Task
 from .results import MAX_RESULT_BYTES_SETTING, parse_size
 from .steps import CheckpointBusy, StepRunner, StepSettings
+from .telemetry import Telemetry
+
+if TYPE_CHECKING:
+    from .tracing import Tracing
 
 log = logging.getLogger("pgdurable.worker")
 # What df's triggers send on the cancel channel: "<instance>" or "<instance>:<activation>".
@@ -96,6 +102,13 @@ class WorkerConfig:
     signal_sweep_interval: float = SIGNAL_SWEEP_INTERVAL
     # The Python steps this worker runs, by name (python_steps.import_steps).
     steps: Mapping[str, StepDefinition] = field(default_factory=dict)
+    # Serve Prometheus metrics on this port (None: keep none; worker/metrics.py).
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+    # Emit OpenTelemetry traces (worker/tracing.py): to ``tracer_provider`` if given (an SDK
+    # TracerProvider), else to one the OTEL_* variables configure.
+    trace: bool = False
+    tracer_provider: Any = None
 
 
 def parse_interval(text: str | None, default: float, unit: str = "ms") -> float:
@@ -175,6 +188,19 @@ class Worker:
         )
         self.poll_interval = config.poll_interval or 0.1
         self._runner: StepRunner | None = None
+        self._telemetry: Telemetry | None = None
+        self._metrics: MetricsServer | None = None
+        metrics = tracing = None
+        if config.metrics_port is not None:
+            metrics = WorkerMetrics(
+                self.id, config.concurrency, lambda: len(self._inflight), config.dsn
+            )
+            self._metrics = MetricsServer(metrics, config.metrics_host, config.metrics_port)
+        self._tracer_provider: Any = None  # one this worker made, to flush when it stops
+        if config.trace or config.tracer_provider is not None:
+            tracing = self._tracing()
+        if metrics is not None or tracing is not None:
+            self._telemetry = Telemetry(metrics, tracing)
         self._cancels: set[asyncio.Task[int]] = set()  # cancels checking which tasks went
         self._inflight: dict[int, asyncio.Task[None]] = {}
         self._roles: dict[int, int] = {}  # task id in flight -> its role's oid
@@ -200,6 +226,22 @@ class Worker:
         # handlers take for a failed round; so each loop checks this as well.
         self._closing = False
 
+    def _tracing(self) -> Tracing:
+        """The worker's traces; OpenTelemetry is imported only now."""
+        try:
+            from . import tracing
+        except ImportError as exc:
+            raise WorkerError(
+                f"tracing needs OpenTelemetry: pip install 'pgdurable[tracing]' ({exc})"
+            ) from None
+        provider = self.config.tracer_provider
+        if provider is None:
+            try:
+                provider = self._tracer_provider = tracing.provider_from_env()
+            except tracing.TracingUnavailable as exc:
+                raise WorkerError(f"cannot trace: {exc}") from None
+        return tracing.Tracing(provider, self.id)
+
     # -- lifecycle -----------------------------------------------------------------------------
 
     def request_stop(self) -> None:
@@ -209,6 +251,20 @@ class Worker:
 
     async def run(self) -> None:
         """Connect, then work until asked to stop."""
+        if self._metrics is not None:
+            try:
+                self._metrics.start()
+            except OSError as exc:
+                raise WorkerError(f"cannot serve metrics: {exc}") from None
+        try:
+            await self._run()
+        finally:
+            if self._metrics is not None:
+                self._metrics.stop()
+            if self._tracer_provider is not None:  # export what is left
+                await asyncio.to_thread(self._tracer_provider.shutdown)
+
+    async def _run(self) -> None:
         await self._connect()
         helpers = [
             asyncio.create_task(self._listen(), name="pgdurable-listen"),
@@ -252,7 +308,7 @@ class Worker:
                     await asyncio.wait_for(self._stopping.wait(), delay)
                 delay = min(delay * 2, 10.0)
         await self.conns.open()
-        self._runner = StepRunner(self.conns, settings, self._busy)
+        self._runner = StepRunner(self.conns, settings, self._busy, self._telemetry)
         async with self.conns.worker.connection() as conn:
             await queries.register_worker(
                 conn, self.id, self.config.concurrency, names=sorted(self.config.steps)
@@ -372,6 +428,8 @@ class Worker:
                 finally:
                     self._reserved -= free
                 self._backlogged = len(tasks) == free
+                if self._telemetry is not None:
+                    self._telemetry.claimed(tasks)
                 for task in tasks:
                     self._spawn(task)
                 if len(tasks) == free:
@@ -446,6 +504,8 @@ class Worker:
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 5.0)
         finally:
+            if self._telemetry is not None:
+                self._telemetry.settled(task, followups)
             for followup in followups:
                 self._spawn(followup)
             if self._inflight.get(task.id) is asyncio.current_task():
@@ -559,6 +619,8 @@ class Worker:
                 continue
             if released:
                 log.info("gave back %d task(s) of workers that died", released)
+                if self._telemetry is not None:
+                    self._telemetry.released(released)
 
     def _cancel(self, payload: str) -> None:
         """A NOTIFY on the cancel channel: ``<instance>`` or ``<instance>:<activation>``."""

@@ -64,6 +64,10 @@ class Task:
     # A start task's instance as df._start_facts read it at the claim (the facts and nodes of
     # graph_queries, the variables, the time), or None: read them the usual way.
     start: dict[str, Any] | None = None
+    # Of a claimed task (None, False for one a checkpoint leased): the seconds from when it
+    # became due to the claim, and whether a lease had run out on it. For the metrics.
+    waited: float | None = None
+    lease_expired: bool = False
 
 
 @dataclass(frozen=True)
@@ -91,7 +95,7 @@ class Checkpoint:
 # parameter values otherwise, which cost more than running it).
 _CLAIM = """
 SELECT id, token, kind, activation, node_id, payload, attempts, instance_id, role, role_oid,
-       database, label, created_at, deferrals, start
+       database, label, created_at, deferrals, start, waited, lease_expired
   FROM df._claim(%(worker)s, %(limit)s, %(lease)s, %(cap)s, %(held_roles)s::oid[],
                  %(held_slots)s::int[], %(names)s::text[])
 """

@@ -44,6 +44,7 @@ from .egress import EgressPolicy
 from .queries import AsyncConn, Checkpoint, Task
 from .results import DEFAULT_MAX_RESULT_BYTES, MAX_RESULT_BYTES_SETTING, ResultError
 from .statement import BEGIN, COMMIT, Query, run_queries, run_statement
+from .telemetry import Telemetry
 
 log = logging.getLogger("pgdurable.worker")
 
@@ -160,9 +161,16 @@ class StepSettings:
 class StepRunner:
     """Executes tasks; returns the follow-up tasks their checkpoints leased to this worker."""
 
-    def __init__(self, conns: Connections, settings: StepSettings, busy: Callable[[], bool]):
+    def __init__(
+        self,
+        conns: Connections,
+        settings: StepSettings,
+        busy: Callable[[], bool],
+        telemetry: Telemetry | None = None,
+    ):
         self.conns = conns
         self.settings = settings
+        self.telemetry = telemetry  # metrics and traces, if the worker keeps any
         # What every interpreter call needs to know of the worker's settings.
         self._limits = _Limits(max_statement_bytes=settings.max_result_bytes)
         self._graphs: OrderedDict[tuple[str, datetime | None], Graph] = OrderedDict()
@@ -177,6 +185,8 @@ class StepRunner:
 
     async def run(self, task: Task, claim_limit: Callable[[], int]) -> list[Task]:
         """Run ``task`` to its checkpoint."""
+        if self.telemetry is not None:
+            task = self.telemetry.began(task)
         if task.kind == "sql":
             return await self._run_sql(task, claim_limit)
         if task.kind == "http":
@@ -297,7 +307,7 @@ class StepRunner:
             )  # fmt: skip
             params = self._checkpoint_params(task, transition, claim_limit(), version)
             return [Query(queries.CHECKPOINT, params)], partial(
-                queries.followups, previous=task, transition=transition, variables=variables
+                self._followups, task=task, transition=transition, variables=variables
             )
 
         return checkpoint
@@ -587,7 +597,7 @@ class StepRunner:
                 raise _Stale() from None
             # Else the user's own error at COMMIT (a deferred constraint or trigger).
             return await self.fail(task, _sql_error(exc), claim_limit, exc.sqlstate), False
-        return queries.followups(rows, task, transition, cp.variables), True
+        return self._followups(rows, task, transition, cp.variables), True
 
     async def _commit_elsewhere(
         self,
@@ -613,6 +623,7 @@ class StepRunner:
         commit_error: psycopg.Error | None = None
         too_large: queries.StateTooLarge | None = None
         followups: list[Task] = []
+        transition: Transition | None = None
         async with (
             self.conns.worker.connection() as own,
             _busy_on_lock_timeout(),
@@ -656,6 +667,9 @@ class StepRunner:
                 task, _sql_error(commit_error), claim_limit, commit_error.sqlstate
             )
             return failed, False
+        if self.telemetry is not None and transition is not None:
+            known = self._graphs.get((task.instance_id, task.created_at))
+            self.telemetry.committed(task, transition, known)
         return followups, False  # no df._reset_session in that database: DISCARD ALL
 
     # -- the start and the first step together ------------------------------------------------
@@ -750,6 +764,8 @@ class StepRunner:
         if first is None or graph is None or "deadline" in (first.payload or {}):
             return None
         sql = str((first.payload or {}).get("sql", ""))
+        if self.telemetry is not None:
+            sql = self.telemetry.sql_began(task, first.node_id, sql)
 
         def checkpoint(
             result: str, now: float, locked: list[dict[str, Any]]
@@ -763,7 +779,7 @@ class StepRunner:
             chained = interpreter.chain(started, step, first.activation)
             params = self._checkpoint_params(task, chained, claim_limit())
             return [Query(queries.CHECKPOINT, params)], partial(
-                queries.followups, previous=task, transition=chained, variables=cp.variables
+                self._followups, task=task, transition=chained, variables=cp.variables
             )
 
         show = asyncio.get_running_loop().call_later(
@@ -842,6 +858,8 @@ class StepRunner:
         transaction is open already."""
         payload = first.payload or {}
         sql, deadline = str(payload.get("sql", "")), payload.get("deadline")
+        if self.telemetry is not None:
+            sql = self.telemetry.sql_began(task, first.node_id, sql)
         try:
             before = [] if begun else [BEGIN]
             result, rows = await self._statement(conn, task, sql, deadline, before, _NOW)
@@ -912,7 +930,7 @@ class StepRunner:
             COMMIT,
         ]
         rows = (await run_queries(conn, commit))[len(head) + 1]
-        return queries.followups(rows, task, transition, variables)
+        return self._followups(rows, task, transition, variables)
 
     # -- HTTP steps ----------------------------------------------------------------------------
 
@@ -973,7 +991,10 @@ class StepRunner:
             # The backstop of an enclosing df.timeout, as for SQL, on the database clock.
             left = float(deadline) + _DEADLINE_GRACE_SECONDS - db_now
             payload["timeout_seconds"] = max(min(float(timeout), left), 0.001)
-        return await http.perform(payload, self.settings.egress)
+        outcome = await http.perform(payload, self.settings.egress)
+        if outcome.code == "http_blocked" and self.telemetry is not None:
+            self.telemetry.egress_refused()
+        return outcome
 
     async def _http_refusal(self, task: Task, node_type: str) -> tuple[str | None, float]:
         """Why the submitter may not send this request, checked on every run:
@@ -1318,6 +1339,22 @@ class StepRunner:
         params = self._checkpoint_params(task, transition, claim)
         sent = [Query(queries.CHECKPOINT, params), *([COMMIT] if commit else [])]
         rows = (await run_queries(conn, sent))[0]
+        if not commit:  # the caller commits, and tells the telemetry (_commit_elsewhere)
+            return queries.followups(rows, task, transition, variables)
+        return self._followups(rows, task, transition, variables)
+
+    def _followups(
+        self,
+        rows: list[dict[str, Any]],
+        task: Task,
+        transition: Transition,
+        variables: dict[str, str],
+    ) -> list[Task]:
+        """queries.followups of ``task``'s checkpoint of ``transition``, which committed:
+        every path of a step ends here."""
+        if self.telemetry is not None:
+            graph = self._graphs.get((task.instance_id, task.created_at))
+            self.telemetry.committed(task, transition, graph)
         return queries.followups(rows, task, transition, variables)
 
     async def _fail_instance(
