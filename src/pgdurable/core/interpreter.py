@@ -687,12 +687,7 @@ class _Run:
         elif type(act) is Activation and not has_children:
             # A step (or a node that failed as it began): it begins again.
             self._write(act, "running", None)
-            handlers = NODE_HANDLERS.get(node.type)
-            if handlers is None:
-                error = f"{node.type} steps are not supported by this pgdurable worker yet"
-                self.finish(aid, Ended("fail", error))
-            else:
-                handlers.start(self, aid, act, node)
+            self._begin(aid, act, node)
             return
         self._write(act, "running", None)
 
@@ -708,6 +703,10 @@ class _Run:
         self._unwinding = False  # new work: whatever failed before was handled
         self.acts[aid] = act
         self._write(act, "running", None)
+        self._begin(aid, act, node)
+
+    def _begin(self, aid: int, act: Activation, node: Node) -> None:
+        """Run what ``node``'s type does when it starts (its handler)."""
         handlers = NODE_HANDLERS.get(node.type)
         if handlers is None:
             error = f"{node.type} steps are not supported by this pgdurable worker yet"
