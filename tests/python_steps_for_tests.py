@@ -112,7 +112,8 @@ async def sleep_forever(ctx: StepContext) -> None:
 @step("util.sync_until_cancelled", transaction=False)
 def sync_until_cancelled(ctx: StepContext) -> str:
     """A sync step outside a transaction that returns once it sees it was cancelled, and
-    says so in the call log."""
+    says so in the call log (after saying it started)."""
+    _log_call(ctx, "started")
     deadline = time.monotonic() + 60
     while not ctx.cancelled and time.monotonic() < deadline:
         time.sleep(0.02)

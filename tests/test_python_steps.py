@@ -248,10 +248,17 @@ def test_a_cancelled_sync_step_sees_ctx_cancelled(
     py_app: App, conn: Conn, py_worker: ThreadWorker, call_log: Path
 ) -> None:
     instance = py_app.start("df.call('util.sync_until_cancelled')")
-    _running_call(conn, instance)
+    # The function runs (a task leased to the worker may not have started it yet, and a
+    # cancel then means it never runs at all).
+    wait_until(lambda: calls_logged(call_log, instance))
     py_app.conn.execute("SELECT df.cancel(%s)", (instance,))
-    logged = wait_until(lambda: calls_logged(call_log, instance))
-    assert [c["note"] for c in logged] == ["noticed cancel"]
+
+    def both_logged() -> list[dict[str, Any]]:
+        found = calls_logged(call_log, instance)
+        return found if len(found) == 2 else []
+
+    logged = wait_until(both_logged)
+    assert [c["note"] for c in logged] == ["started", "noticed cancel"]
     assert py_app.wait(instance) == "cancelled"
 
 
@@ -262,7 +269,14 @@ def test_a_cancelled_sync_step_that_ignores_it_is_abandoned_and_its_writes_never
     lone = ThreadWorker(dsn, concurrency=1, steps=registered())
     try:
         instance = py_app.start("df.call('util.sync_stubborn')")
-        _running_call(conn, instance)
+        # The function runs: its INSERT is done, its transaction left open.
+        wait_until(
+            lambda: conn.execute(
+                "SELECT 1 FROM pg_stat_activity WHERE usename = %s"
+                " AND state = 'idle in transaction' AND query LIKE '%%py_effects%%'",
+                (py_app.role,),
+            ).fetchone()
+        )
         py_app.conn.execute("SELECT df.cancel(%s)", (instance,))
         assert py_app.wait(instance) == "cancelled"
         # The worker's one slot is free again while the function still runs.
