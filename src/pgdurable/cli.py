@@ -559,7 +559,9 @@ def ls(
         return
     output.print(render.instances_table(rows))
     if cursor:
-        console.print(f"more: pgdurable ls --after {cursor}", highlight=False, markup=False)
+        console.print(
+            f"more: pgdurable ls --after {cursor}", highlight=False, markup=False, soft_wrap=True
+        )
 
 
 def _snapshot(conn: psycopg.Connection[Any], instance_id: str) -> tuple[dict[str, Any], list[Any]]:
