@@ -40,6 +40,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
+from ..core.cron import CronError, next_tick
 from . import charts, diagram, queries
 from .sessions import COOKIE, Session, Sessions
 
@@ -522,8 +523,6 @@ class Dashboard:
         return await self._page(request, self._schedules)
 
     async def _schedules(self, request: Request, session: Session, conn: queries.Conn) -> Response:
-        from ..core.cron import CronError, next_tick
-
         now = datetime.now(UTC)
         waits = await queries.schedule_waits(conn)
         for wait in waits:
