@@ -364,17 +364,12 @@ class Dashboard:
         else:
             cancelled, finished, missing = 0, [], []
             for instance_id in ids:
-                before = (
-                    await queries.status(conn, instance_id)
-                    if INSTANCE_ID.match(instance_id)
-                    else None
-                )
+                before, _ = await _cancel_live(conn, instance_id)
                 if before is None:
                     missing.append(instance_id)
                 elif before in queries.TERMINAL:
                     finished.append(instance_id)
                 else:
-                    await queries.cancel(conn, instance_id)
                     cancelled += 1
             session.say("ok", f"Cancel requested for {cancelled} instance(s).")
             if finished:
@@ -395,12 +390,13 @@ class Dashboard:
         if row is None:
             raise Problem(404, f"Instance {instance_id} was not found (or is another role's).")
         nodes = await queries.nodes(conn, instance_id)
+        views = diagram.views(nodes)
         steps = [n for n in nodes if n["node_type"] in charts.STEP_TYPES]
         now = datetime.now(UTC)
         spans = [
             charts.Span(
                 n["node_id"],
-                _step_label(n),
+                diagram.label(views[n["node_id"]]),
                 n["inferred_status"],
                 n["started_at"],
                 None if n["inferred_status"] == "running" else n["updated_at"],
@@ -418,9 +414,7 @@ class Dashboard:
             partial=partial,
             instance=row,
             terminal=terminal,
-            diagram=Markup(
-                diagram.draw(row["root_node"], diagram.views(nodes), row["generation"] or 0, now)
-            ),
+            diagram=Markup(diagram.draw(row["root_node"], views, row["generation"] or 0, now)),
             steps=steps[:MAX_STEPS_SHOWN],
             steps_left_out=max(len(steps) - MAX_STEPS_SHOWN, 0),
             awaited=[_signal(n) for n in nodes if n["node_type"] == "SIGNAL"],
@@ -439,13 +433,13 @@ class Dashboard:
         self, request: Request, session: Session, conn: queries.Conn, form: dict[str, Any]
     ) -> str:
         instance_id = _instance_id(request)
-        before = await queries.status(conn, instance_id)
+        before, answer = await _cancel_live(conn, instance_id)
         if before is None:
             raise Problem(404, f"Instance {instance_id} was not found (or is another role's).")
         if before in queries.TERMINAL:
             session.say("error", f"Instance {instance_id} is already {before}.")
         else:
-            session.say("ok", await queries.cancel(conn, instance_id))
+            session.say("ok", answer)
         return f"/instances/{instance_id}"
 
     async def signal(self, request: Request) -> Response:
@@ -466,13 +460,8 @@ class Dashboard:
         except (ValueError, RecursionError) as exc:
             session.say("error", f"The signal's data is not JSON: {exc}")
             return f"/instances/{instance_id}"
-        try:
-            await queries.signal(conn, instance_id, name, data or "null")
-            session.say("ok", f"Signal {name!r} sent.")
-        except psycopg.errors.NoDataFound as exc:
-            raise Problem(404, _db_message(exc)) from None
-        except psycopg.Error as exc:
-            session.say("error", _db_message(exc))
+        sent = queries.signal(conn, instance_id, name, data or "null")
+        await _say_answer(session, sent, f"Signal {name!r} sent.")
         return f"/instances/{instance_id}"
 
     async def restart(self, request: Request) -> Response:
@@ -485,12 +474,7 @@ class Dashboard:
         instance_id = _instance_id(request)
         if not (await queries.privileges(conn)).restart:
             raise Problem(404, "This database's pgdurable has no df.restart: upgrade it.")
-        try:
-            session.say("ok", await queries.restart(conn, instance_id))
-        except psycopg.errors.NoDataFound as exc:
-            raise Problem(404, _db_message(exc)) from None
-        except psycopg.Error as exc:
-            session.say("error", _db_message(exc))
+        await _say_answer(session, queries.restart(conn, instance_id))
         return f"/instances/{instance_id}"
 
     # -- workers and schedules -----------------------------------------------------------------
@@ -705,15 +689,26 @@ def _db_message(exc: psycopg.Error) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
-def _step_label(node: queries.Row) -> str:
-    """A short name for a step: its type and result name, else the first line of its SQL,
-    else its id."""
-    if node.get("result_name"):
-        return f"{node['node_type']} {node['result_name']}"
-    lines = (node.get("query") or "").strip().splitlines()
-    if node["node_type"] == "SQL" and lines:
-        return "SQL: " + lines[0]
-    return f"{node['node_type']} {node['node_id']}"
+async def _cancel_live(conn: queries.Conn, instance_id: str) -> tuple[str | None, str]:
+    """Cancel the instance if it has not finished: its status before (None: no instance of
+    this role's has this id) and df.cancel's answer ('' when it was not called)."""
+    before = await queries.status(conn, instance_id) if INSTANCE_ID.match(instance_id) else None
+    if before is None or before in queries.TERMINAL:
+        return before, ""
+    return before, await queries.cancel(conn, instance_id)
+
+
+async def _say_answer(session: Session, call: Awaitable[str], done: str | None = None) -> None:
+    """Show what a df function answered (or ``done``), or the error it raised; an instance
+    it does not find (no_data_found) makes the page a 404."""
+    try:
+        answer = await call
+    except psycopg.errors.NoDataFound as exc:
+        raise Problem(404, _db_message(exc)) from None
+    except psycopg.Error as exc:
+        session.say("error", _db_message(exc))
+        return
+    session.say("ok", done or answer)
 
 
 def _signal(node: queries.Row) -> dict[str, Any]:

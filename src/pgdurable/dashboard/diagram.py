@@ -664,6 +664,11 @@ def _attempt(view: NodeView, config: Mapping[str, Any] | None) -> str:
     return f"attempt {current}{of}" + (" (gave up)" if status == "failed" else "")
 
 
+def label(view: NodeView) -> str:
+    """The node in one line, in df.explain's words, uncut (as its box in the diagram says)."""
+    return _label(view, _config(view))
+
+
 def _config(view: NodeView) -> Mapping[str, Any] | None:
     """The JSON object a node of a config type keeps in its query; None if it has none or
     it cannot be read (a hand-written row may hold anything)."""
