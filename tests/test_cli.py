@@ -105,49 +105,35 @@ def test_install_is_idempotent_and_reports_errors(cluster: EmbeddedPostgres) -> 
         admin.execute("DROP DATABASE IF EXISTS cli_install")
         admin.execute("CREATE DATABASE cli_install")
     dsn = cluster.dsn("cli_install")
-    first = subprocess.run(
-        [sys.executable, "-m", "pgdurable", "install", "--dsn", dsn],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    first = run_pgdurable("install", "--dsn", dsn)
     assert first.returncode == 0, first.stderr
     assert "applied" in first.stderr
-    again = subprocess.run(
-        [sys.executable, "-m", "pgdurable", "install"],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PGDURABLE_DSN": dsn},
-        check=False,
-    )
+    again = run_pgdurable("install", env={**os.environ, "PGDURABLE_DSN": dsn})
     assert again.returncode == 0
     assert "up to date" in again.stderr
-    bad = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pgdurable",
-            "install",
-            "--dsn",
-            "postgresql://nobody@127.0.0.1:1/x",
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    bad = run_pgdurable("install", "--dsn", "postgresql://nobody@127.0.0.1:1/x")
     assert bad.returncode != 0
     assert "install failed" in bad.stderr
 
 
 def test_worker_rejects_a_malformed_dsn() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "pgdurable", "worker", "--dsn", "host=x port=notaport bogus"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    result = run_pgdurable("worker", "--dsn", "host=x port=notaport bogus")
     assert result.returncode != 0
     assert "invalid DSN" in result.stderr
+
+
+def run_pgdurable(
+    *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``pgdurable ARGS`` run to its end, its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "pgdurable", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=60,
+    )
 
 
 def get_when_up(url: str) -> httpx.Response:
@@ -172,22 +158,7 @@ def test_dashboard_serves_until_a_signal_and_refuses_what_it_cannot_do(
         assert page.status_code == 200 and "Overview" in page.text
         assert httpx.get(f"http://127.0.0.1:{port}/", headers={"host": "evil"}).status_code == 400
         # The same port again: a clear error at once.
-        taken = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pgdurable",
-                "dashboard",
-                "--dsn",
-                cluster.dsn(),
-                "--port",
-                str(port),
-            ],
-            capture_output=True,
-            text=True,
-            cwd=ROOT,
-            timeout=60,
-        )
+        taken = run_pgdurable("dashboard", "--dsn", cluster.dsn(), "--port", str(port))
         assert taken.returncode == 1 and f"cannot listen on 127.0.0.1:{port}" in taken.stderr
     finally:
         assert proc.stop(signal.SIGTERM) == 0, proc.output
@@ -201,20 +172,5 @@ def test_dashboard_serves_until_a_signal_and_refuses_what_it_cannot_do(
     finally:
         assert proc.stop(signal.SIGINT) == 0, proc.output
     # Reachable from other machines only with a login.
-    exposed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pgdurable",
-            "dashboard",
-            "--dsn",
-            cluster.dsn(),
-            "--host",
-            "0.0.0.0",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=60,
-    )
+    exposed = run_pgdurable("dashboard", "--dsn", cluster.dsn(), "--host", "0.0.0.0")
     assert exposed.returncode == 2 and "pass --login" in exposed.stderr
