@@ -667,9 +667,8 @@ class StepRunner:
                 task, _sql_error(commit_error), claim_limit, commit_error.sqlstate
             )
             return failed, False
-        if self.telemetry is not None and transition is not None:
-            known = self._graphs.get((task.instance_id, task.created_at))
-            self.telemetry.committed(task, transition, known)
+        if transition is not None:
+            self._committed(task, transition)
         return followups, False  # no df._reset_session in that database: DISCARD ALL
 
     # -- the start and the first step together ------------------------------------------------
@@ -1351,11 +1350,15 @@ class StepRunner:
         variables: dict[str, str],
     ) -> list[Task]:
         """queries.followups of ``task``'s checkpoint of ``transition``, which committed:
-        every path of a step ends here."""
+        every path of a step ends here (or at :meth:`_committed`)."""
+        self._committed(task, transition)
+        return queries.followups(rows, task, transition, variables)
+
+    def _committed(self, task: Task, transition: Transition) -> None:
+        """Tell the telemetry, if any, that ``task``'s checkpoint of ``transition`` committed."""
         if self.telemetry is not None:
             graph = self._graphs.get((task.instance_id, task.created_at))
             self.telemetry.committed(task, transition, graph)
-        return queries.followups(rows, task, transition, variables)
 
     async def _fail_instance(
         self, task: Task, error: str, claim_limit: Callable[[], int]
